@@ -259,6 +259,8 @@ class ArchSpec(ABC):
     timing: ClassVar[TimingDefaults]
     options: ClassVar[Mapping[str, str]] = {}   # option name -> one-line help
     root_register_name: ClassVar[str] = "root"
+    sw_bits: ClassVar[frozenset[str]] = frozenset()   # Linux software bits the arch has:
+                                                      # "special", "soft_dirty", "uffd_wp"
     page_shift: ClassVar[int] = PAGE_SHIFT
     stack_align: ClassVar[int] = 16
 
