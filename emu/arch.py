@@ -221,6 +221,7 @@ class SyscallABI:
     ret_reg: int
     pc_advance: int = 0
     numbers: Mapping[str, int] = field(default_factory=dict)
+    old_mmap: bool = False      # mmap takes one pointer to six longs (s390x old_mmap)
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ class ArchSpec(ABC):
     root_register_name: ClassVar[str] = "root"
     sw_bits: ClassVar[frozenset[str]] = frozenset()   # Linux software bits the arch has:
                                                       # "special", "soft_dirty", "uffd_wp"
+    uname_machine: ClassVar[str] = ""   # utsname.machine (defaults to name)
     page_shift: ClassVar[int] = PAGE_SHIFT
     stack_align: ClassVar[int] = 16
 
