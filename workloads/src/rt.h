@@ -1,0 +1,218 @@
+/*
+ * rt.h - a tiny freestanding runtime for emu's guest workloads.
+ *
+ * Raw Linux syscalls through inline asm for x86-64, arm64, s390x and ppc64
+ * (big-endian, ELFv2), plus a few output and memory helpers.  No libc.
+ *
+ * Every sys_* wrapper follows the Linux kernel convention on every arch:
+ * a result in [-4095, -1] is -errno.  ppc64 reports errors as a positive
+ * errno with CR0.SO set; rt_syscall6 negates it so C code never sees that.
+ *
+ * Output is line-buffered (one write(2) per line, flushed on '\n' and at
+ * exit) and must be byte-identical across arches: print values, never
+ * pointers, type sizes or memory bytes whose order depends on endianness.
+ */
+#ifndef EMU_RT_H
+#define EMU_RT_H
+
+typedef unsigned long      u64;   /* all four targets are LP64 */
+typedef long               s64;
+typedef unsigned int       u32;
+typedef unsigned char      u8;
+typedef unsigned long      size_t;
+
+/* ---- syscall numbers (see /work/shared/spec/syscalls.md) ---------------- */
+#if defined(__x86_64__)
+#define NR_write        1
+#define NR_mmap         9
+#define NR_mprotect    10
+#define NR_munmap      11
+#define NR_brk         12
+#define NR_getpid      39
+#define NR_uname       63
+#define NR_exit_group 231
+#elif defined(__aarch64__)
+#define NR_write       64
+#define NR_exit_group  94
+#define NR_uname      160
+#define NR_getpid     172
+#define NR_brk        214
+#define NR_munmap     215
+#define NR_mmap       222
+#define NR_mprotect   226
+#elif defined(__s390x__)
+#define NR_write        4
+#define NR_getpid      20
+#define NR_brk         45
+#define NR_mmap        90   /* old_mmap: one argument, a pointer to six longs */
+#define NR_munmap      91
+#define NR_uname      122
+#define NR_mprotect   125
+#define NR_exit_group 248
+#elif defined(__powerpc64__)
+#define NR_write        4
+#define NR_getpid      20
+#define NR_brk         45
+#define NR_mmap        90
+#define NR_munmap      91
+#define NR_uname      122
+#define NR_mprotect   125
+#define NR_exit_group 234
+#else
+#error "emu workloads: unsupported architecture"
+#endif
+
+/* mmap constants: the same values on all four arches */
+#define PROT_NONE      0
+#define PROT_READ      1
+#define PROT_WRITE     2
+#define MAP_PRIVATE    0x02
+#define MAP_ANONYMOUS  0x20
+
+#define PAGE_SIZE      4096UL
+
+/* ---- the raw syscall instruction ---------------------------------------- */
+static inline long rt_syscall6(long n, long a, long b, long c, long d, long e, long f)
+{
+#if defined(__x86_64__)
+    register long r10 __asm__("r10") = d;
+    register long r8  __asm__("r8")  = e;
+    register long r9  __asm__("r9")  = f;
+    long ret;
+    __asm__ __volatile__("syscall"
+                         : "=a"(ret)
+                         : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                         : "rcx", "r11", "memory");
+    return ret;
+#elif defined(__aarch64__)
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    register long x4 __asm__("x4") = e;
+    register long x5 __asm__("x5") = f;
+    __asm__ __volatile__("svc #0"
+                         : "+r"(x0)
+                         : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
+                         : "memory");
+    return x0;
+#elif defined(__s390x__)
+    /* svc 0: the number is taken from r1; arguments r2..r7, result r2 */
+    register long r1 __asm__("r1") = n;
+    register long r2 __asm__("r2") = a;
+    register long r3 __asm__("r3") = b;
+    register long r4 __asm__("r4") = c;
+    register long r5 __asm__("r5") = d;
+    register long r6 __asm__("r6") = e;
+    register long r7 __asm__("r7") = f;
+    __asm__ __volatile__("svc 0"
+                         : "+r"(r2)
+                         : "r"(r1), "r"(r3), "r"(r4), "r"(r5), "r"(r6), "r"(r7)
+                         : "memory");
+    return r2;
+#elif defined(__powerpc64__)
+    /* sc: number in r0, arguments r3..r8, result r3; on error CR0.SO is set
+     * and r3 holds a positive errno, which we negate.  The kernel may clobber
+     * r0, r4..r12, cr0, ctr and xer. */
+    register long r0 __asm__("r0") = n;
+    register long r3 __asm__("r3") = a;
+    register long r4 __asm__("r4") = b;
+    register long r5 __asm__("r5") = c;
+    register long r6 __asm__("r6") = d;
+    register long r7 __asm__("r7") = e;
+    register long r8 __asm__("r8") = f;
+    __asm__ __volatile__("sc\n\t"
+                         "bns+ 1f\n\t"
+                         "neg %1, %1\n"
+                         "1:"
+                         : "+r"(r0), "+r"(r3), "+r"(r4), "+r"(r5), "+r"(r6), "+r"(r7), "+r"(r8)
+                         :
+                         : "r9", "r10", "r11", "r12", "cr0", "ctr", "xer", "memory");
+    return r3;
+#endif
+}
+
+#define rt_syscall0(n)             rt_syscall6((n), 0, 0, 0, 0, 0, 0)
+#define rt_syscall1(n, a)          rt_syscall6((n), (long)(a), 0, 0, 0, 0, 0)
+#define rt_syscall2(n, a, b)       rt_syscall6((n), (long)(a), (long)(b), 0, 0, 0, 0)
+#define rt_syscall3(n, a, b, c)    rt_syscall6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
+
+/* true for a raw result that encodes -errno */
+static inline int rt_is_err(long r) { return (unsigned long)r >= (unsigned long)-4095; }
+
+/* ---- syscall wrappers (Linux kernel return convention) ------------------ */
+static inline long sys_write(int fd, const void *buf, size_t len)
+{
+    return rt_syscall3(NR_write, fd, buf, len);
+}
+
+static inline __attribute__((noreturn)) void sys_exit_group(int status)
+{
+    for (;;)
+        rt_syscall1(NR_exit_group, status);
+}
+
+/* Returns the mapping address, or -errno. */
+static inline long sys_mmap(void *addr, size_t len, int prot, int flags, int fd, long off)
+{
+#if defined(__s390x__)
+    /* old_mmap(struct mmap_arg_struct *): addr, len, prot, flags, fd, offset (bytes) */
+    volatile long args[6] = { (long)addr, (long)len, prot, flags, fd, off };
+    return rt_syscall1(NR_mmap, args);
+#else
+    return rt_syscall6(NR_mmap, (long)addr, (long)len, prot, flags, fd, off);
+#endif
+}
+
+static inline long sys_munmap(void *addr, size_t len)
+{
+    return rt_syscall2(NR_munmap, addr, len);
+}
+
+static inline long sys_mprotect(void *addr, size_t len, int prot)
+{
+    return rt_syscall3(NR_mprotect, addr, len, prot);
+}
+
+/* The raw brk: returns the new break, or the unchanged one on failure. */
+static inline u64 sys_brk(u64 addr)
+{
+    return (u64)rt_syscall1(NR_brk, addr);
+}
+
+static inline long sys_getpid(void)
+{
+    return rt_syscall0(NR_getpid);
+}
+
+struct utsname {
+    char sysname[65], nodename[65], release[65], version[65], machine[65], domainname[65];
+};
+
+static inline long sys_uname(struct utsname *u)
+{
+    return rt_syscall1(NR_uname, u);
+}
+
+/* ---- helpers (rt.c) ------------------------------------------------------ */
+void put_char(char c);
+void put_str(const char *s);
+void put_udec(u64 v);          /* unsigned decimal */
+void put_hex(u64 v);           /* "0x" + 16 lower-case hex digits */
+void put_flush(void);          /* also done on '\n' and at exit */
+void put_kv_dec(const char *key, u64 v);   /* "key v\n" */
+void put_kv_hex(const char *key, u64 v);   /* "key 0x...\n" */
+
+size_t strlen(const char *s);
+u64 parse_udec(const char *s, u64 dflt);   /* dflt if s is empty or not all digits */
+
+/* The compiler may emit calls to these even with -ffreestanding -fno-builtin. */
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+void *memmove(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+
+int main(int argc, char **argv);
+
+#endif /* EMU_RT_H */
