@@ -1,0 +1,77 @@
+"""Processes and threads as the Linux user ABI sees them."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+SIGILL, SIGTRAP, SIGBUS, SIGKILL, SIGSEGV = 4, 5, 7, 9, 11
+SIGNAL_NAMES = {SIGILL: "SIGILL", SIGTRAP: "SIGTRAP", SIGBUS: "SIGBUS", SIGKILL: "SIGKILL", SIGSEGV: "SIGSEGV"}
+
+
+@dataclass
+class SignalReport:
+    """Why a process died of a signal, for the user."""
+
+    signal: int
+    code: str             # SEGV_MAPERR, SEGV_ACCERR, ILL_ILLOPC, ...
+    address: int | None
+    pc: int
+    access: str
+    instruction: str      # capstone disassembly of the instruction at pc
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return SIGNAL_NAMES.get(self.signal, f"signal {self.signal}")
+
+    def format(self) -> str:
+        where = f" at address {self.address:#x}" if self.address is not None else ""
+        lines = [f"{self.name} ({self.code}){where}: {self.access} by instruction at pc {self.pc:#x}",
+                 f"  {self.pc:#x}: {self.instruction}"]
+        if self.detail:
+            lines.append(f"  {self.detail}")
+        return "\n".join(lines)
+
+
+@dataclass(eq=False)
+class Thread:
+    tid: int
+    process: Process
+    vcpu: object = None
+    task: object = None
+    exited: bool = False
+
+
+@dataclass(eq=False)
+class Process:
+    pid: int
+    path: str
+    argv: list[str]
+    mm: object
+    threads: list[Thread] = field(default_factory=list)
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    exit_code: int | None = None
+    signal: SignalReport | None = None
+    unknown_syscalls: Counter = field(default_factory=Counter)
+    syscalls: Counter = field(default_factory=Counter)
+    on_output: Callable[[int, bytes], None] | None = None
+
+    @property
+    def exited(self) -> bool:
+        return self.exit_code is not None
+
+    def exit(self, code: int) -> None:
+        if self.exit_code is None:
+            self.exit_code = code & 0xFF
+
+    def kill(self, report: SignalReport) -> None:
+        if self.exit_code is None:
+            self.signal = report
+            self.exit_code = 128 + report.signal
+
+    def output(self, fd: int, data: bytes) -> None:
+        (self.stdout if fd == 1 else self.stderr).extend(data)
+        if self.on_output is not None:
+            self.on_output(fd, data)

@@ -1,0 +1,163 @@
+"""The Linux system calls emu implements, by name. Each arch plugin maps its own numbers
+to these names (ArchSpec.syscall_abi.numbers); anything else returns -ENOSYS and is
+counted in the run summary."""
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+
+from emu.linux.uaccess import EFault, copy_from_user, copy_to_user
+from mm_core import mmap as mm_mmap
+from mm_core import mprotect as mm_mprotect
+from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
+
+ENOTTY = 25
+Handler = Callable[..., Awaitable[int]]
+SYSCALLS: dict[str, Handler] = {}
+
+
+def syscall(name: str):
+    def register(fn: Handler) -> Handler:
+        SYSCALLS[name] = fn
+        return fn
+    return register
+
+
+class SyscallContext:
+    """What a handler needs: the machine, the calling thread and its process."""
+
+    def __init__(self, machine, thread) -> None:
+        self.machine = machine
+        self.thread = thread
+        self.proc = thread.process
+        self.mm = self.proc.mm
+        self.k = machine.kernel
+        self.arch = machine.arch
+
+    def words(self, data: bytes) -> list[int]:
+        fmt = (">" if self.arch.big_endian else "<") + f"{len(data) // 8}Q"
+        return list(struct.unpack(fmt, data))
+
+
+async def dispatch(ctx: SyscallContext, nr: int, args: list[int], names: dict[int, str]) -> int:
+    name = names.get(nr)
+    handler = SYSCALLS.get(name) if name else None
+    if handler is None:
+        ctx.proc.unknown_syscalls[name or f"#{nr}"] += 1
+        return -ENOSYS
+    ctx.proc.syscalls[name] += 1
+    try:
+        return await handler(ctx, *args)
+    except EFault:
+        return -EFAULT
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v & (1 << 63) else v
+
+
+@syscall("write")
+async def sys_write(ctx, fd, buf, count, *_):
+    if fd not in (1, 2):
+        return -EBADF
+    count = min(count, 1 << 20)
+    ctx.proc.output(fd, await copy_from_user(ctx.machine, ctx.mm, buf, count))
+    return count
+
+
+@syscall("writev")
+async def sys_writev(ctx, fd, iov, iovcnt, *_):
+    if fd not in (1, 2):
+        return -EBADF
+    if iovcnt > 1024:
+        return -EINVAL
+    total = 0
+    vec = ctx.words(await copy_from_user(ctx.machine, ctx.mm, iov, 16 * iovcnt))
+    for base, length in zip(vec[0::2], vec[1::2], strict=True):
+        ctx.proc.output(fd, await copy_from_user(ctx.machine, ctx.mm, base, length))
+        total += length
+    return total
+
+
+@syscall("read")
+async def sys_read(ctx, fd, buf, count, *_):
+    return 0 if fd == 0 else -EBADF          # stdin is empty
+
+
+@syscall("exit")
+async def sys_exit(ctx, code, *_):
+    ctx.thread.exited = True
+    if all(t.exited for t in ctx.proc.threads):
+        ctx.proc.exit(code)
+    return 0
+
+
+@syscall("exit_group")
+async def sys_exit_group(ctx, code, *_):
+    for t in ctx.proc.threads:
+        t.exited = True
+    ctx.proc.exit(code)
+    return 0
+
+
+@syscall("mmap")
+async def sys_mmap(ctx, addr, length, prot, flags, fd, offset, *_):
+    if ctx.arch.syscall_abi.old_mmap:        # s390x old_mmap: one pointer to six longs
+        addr, length, prot, flags, fd, offset = ctx.words(
+            await copy_from_user(ctx.machine, ctx.mm, addr, 48))
+    if not flags & mm_mmap.MAP_ANONYMOUS and _signed(fd) >= 0:
+        return -EBADF                        # no file descriptors to map yet
+    if offset % 4096:
+        return -EINVAL
+    return await mm_mmap.do_mmap(ctx.k, ctx.mm, addr, length, prot & 7, flags)
+
+
+@syscall("munmap")
+async def sys_munmap(ctx, addr, length, *_):
+    return await mm_mmap.do_munmap(ctx.k, ctx.mm, addr, length)
+
+
+@syscall("mprotect")
+async def sys_mprotect(ctx, addr, length, prot, *_):
+    if prot & ~7:
+        return -EINVAL
+    return await mm_mprotect.do_mprotect(ctx.k, ctx.mm, addr, length, prot)
+
+
+@syscall("brk")
+async def sys_brk(ctx, brk, *_):
+    return await mm_mmap.do_brk(ctx.k, ctx.mm, brk)
+
+
+@syscall("getpid")
+async def sys_getpid(ctx, *_):
+    return ctx.proc.pid
+
+
+@syscall("gettid")
+async def sys_gettid(ctx, *_):
+    return ctx.thread.tid
+
+
+@syscall("set_tid_address")
+async def sys_set_tid_address(ctx, *_):
+    return ctx.thread.tid
+
+
+@syscall("set_robust_list")
+async def sys_set_robust_list(ctx, *_):
+    return 0
+
+
+@syscall("ioctl")
+async def sys_ioctl(ctx, fd, *_):
+    return -ENOTTY if fd in (0, 1, 2) else -EBADF
+
+
+@syscall("uname")
+async def sys_uname(ctx, buf, *_):
+    machine = ctx.arch.uname_machine or ctx.arch.name
+    fields = ["Linux", "emu", f"{ctx.k.profile.name}.0-emu", "#1 SMP emu", machine, "(none)"]
+    data = b"".join(f.encode()[:64].ljust(65, b"\0") for f in fields)
+    await copy_to_user(ctx.machine, ctx.mm, buf, data)
+    return 0

@@ -1,0 +1,79 @@
+"""The task of one guest thread: user mode is Unicorn, kernel mode is mm_core.
+
+    loop:
+        stop = await run_user(vcpu, quantum)
+        fault   -> do_user_addr_fault(); SIGSEGV/SIGBUS if it cannot be resolved
+        syscall -> the handler in emu.linux.syscalls; result into the ABI's register
+        intr    -> SIGILL / SIGTRAP
+"""
+from __future__ import annotations
+
+from capstone import Cs
+
+from emu.arch import Access
+from emu.linux import syscalls
+from emu.linux.process import SIGBUS, SIGILL, SIGKILL, SIGSEGV, SignalReport
+from emu.sched.traps import run_user
+from mm_core.memory import FaultResult, do_user_addr_fault, exit_mmap
+
+# a fault that mm_core reports fixed but that keeps coming back is a livelock, not progress
+MAX_REPEATED_FAULTS = 16
+_ACCESS_WORDS = {Access.R: "read", Access.W: "write", Access.X: "instruction fetch"}
+
+
+async def guest_thread(machine, thread) -> None:
+    proc, vcpu, arch, k = thread.process, thread.vcpu, machine.arch, machine.kernel
+    abi = arch.syscall_abi
+    names = {nr: name for name, nr in abi.numbers.items()}
+    ctx = syscalls.SyscallContext(machine, thread)
+    last_fault, repeats = None, 0
+    while not thread.exited and not proc.exited:
+        stop = await run_user(vcpu, machine.quantum)
+        if stop.kind == "quantum":
+            continue
+        if stop.kind == "fault":
+            where = (stop.pc, stop.va, stop.access)
+            repeats = repeats + 1 if where == last_fault else 0
+            last_fault = where
+            result = await do_user_addr_fault(k, proc.mm, stop.va, stop.access)
+            if result is FaultResult.OK and repeats < MAX_REPEATED_FAULTS:
+                continue
+            signal = SIGBUS if result is FaultResult.SIGBUS else SIGKILL if result is FaultResult.OOM else SIGSEGV
+            code = "fault loop" if result is FaultResult.OK else result.value
+            proc.kill(_report(machine, vcpu, signal, code, stop.va, stop.pc, stop.access,
+                              f"hardware fault: {stop.fault.kind.value} at level "
+                              f"{arch.levels[stop.fault.level].name}"))
+            break
+        last_fault = None
+        if stop.kind == "syscall":
+            nr, args = arch.syscall_args(vcpu.uc, lambda va, n: machine.read_user(proc.mm, va, n))
+            if abi.pc_advance:
+                vcpu.pc = stop.pc + abi.pc_advance
+            ret = await syscalls.dispatch(ctx, nr, args, names)
+            if not (thread.exited or proc.exited):
+                arch.set_syscall_result(vcpu.uc, ret)
+            continue
+        code = f"interrupt {stop.intno}" if stop.kind == "intr" else stop.error
+        proc.kill(_report(machine, vcpu, SIGILL, code, None, stop.pc, Access.X, ""))
+        break
+    thread.exited = True
+    if all(t.exited for t in proc.threads):
+        await exit_mmap(k, proc.mm)
+
+
+def _report(machine, vcpu, signal: int, code: str, address: int | None, pc: int, access: Access,
+            detail: str) -> SignalReport:
+    return SignalReport(signal, code, address, pc, _ACCESS_WORDS.get(access, str(access)),
+                        disassemble(machine, vcpu.mm, pc), detail)
+
+
+def disassemble(machine, mm, pc: int) -> str:
+    """The instruction at ``pc``, disassembled with capstone (or why it could not be)."""
+    arch = machine.arch
+    code = machine.read_user(mm, pc, 16)
+    if not code:
+        return "(instruction not readable)"
+    md = Cs(arch.cs_arch, arch.cs_mode)
+    for insn in md.disasm(code, pc):
+        return f"{insn.mnemonic} {insn.op_str}".strip() + f"    ({insn.bytes.hex()})"
+    return f"(undecodable bytes {code[:4].hex()})"

@@ -1,0 +1,299 @@
+"""The composition root: guest RAM + vCPUs + processes + scheduler + mm_core."""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from emu import plugins
+from emu.arch import ACCESS_BY_LETTER, PAGE_SIZE, Access, Translation, run_walk
+from emu.linux.process import Process, Thread
+from emu.linux.thread import guest_thread
+from emu.linux.uaccess import copy_to_user
+from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
+from emu.physmem import PhysMem, parse_size
+from emu.sched.loop import Scheduler, run_sync
+from emu.vcpu import VCPU, UserStop
+from mm_core import memory, pgtable
+from mm_core import mmap as mm_mmap
+from mm_core import mprotect as mm_mprotect
+from mm_core.kernel import Kernel
+from mm_core.mm import (
+    VM_EXEC,
+    VM_GROWSDOWN,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYWRITE,
+    VM_READ,
+    VM_WRITE,
+    MMStruct,
+    VMA,
+)
+
+STACK_SIZE = 8 << 20
+DEFAULT_QUANTUM = 20000
+
+
+class GuestAccessError(Exception):
+    """The API touched an address the guest could not access (it would get SIGSEGV)."""
+
+
+@dataclass
+class RunResult:
+    """What ``Machine.run()`` reports for the first spawned process, plus machine totals."""
+
+    stdout: bytes
+    stderr: bytes
+    exit_code: int | None
+    signal: Any
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Machine:
+    """An emulated machine of one architecture.
+
+    >>> m = Machine(arch="arm64", mem="256M")
+    >>> p = m.spawn("workloads/bin/arm64/hello")
+    >>> result = m.run()
+    """
+
+    def __init__(self, arch: str = "x86_64", mem: str | int = "256M", cpus: int = 1,
+                 kernel: str = "6.6", policy: str = "round-robin", quantum: int = DEFAULT_QUANTUM,
+                 **arch_options: Any) -> None:
+        if cpus < 1 or cpus > 64:
+            raise ValueError("cpus must be between 1 and 64")
+        if quantum < 1:
+            raise ValueError("quantum must be positive")
+        self.arch = plugins.get_arch(arch, **arch_options)
+        self.ram = PhysMem(parse_size(mem), self.arch.big_endian)
+        self.kernel = Kernel(self.arch, self.ram, kernel)
+        self.kernel.flush_tlb_range = self._shootdown
+        self.ncpus = cpus
+        self.quantum = quantum
+        self.vcpus: list[VCPU] = []
+        self.scheduler = Scheduler(policy, run_user=self._run_user)
+        self.processes: list[Process] = []
+        task_top = self.arch.task_size & ~(PAGE_SIZE - 1)
+        self.stack_top = task_top - PAGE_SIZE
+        self.sentinel_va = self.stack_top - STACK_SIZE - 2 * PAGE_SIZE
+        self.mmap_base = (self.sentinel_va - (16 << 20)) & ~((2 << 20) - 1)
+        self.wall_seconds = 0.0
+
+    # -- public properties ------------------------------------------------------------------
+    @property
+    def physmem(self) -> memoryview:
+        """All guest RAM, physical address 0 first."""
+        return self.ram.view
+
+    # -- address spaces -----------------------------------------------------------------------
+    def new_mm(self) -> MMStruct:
+        """mm_alloc() + pgd_alloc(): an empty address space."""
+        k = self.kernel
+        mm = MMStruct(k, 0, asid=k.new_asid())
+        mm.pgd = pgtable.pgd_alloc(k, mm).paddr
+        mm.mmap_base = self.mmap_base
+        return mm
+
+    def mmap(self, mm: MMStruct, addr: int, length: int, prot: int, flags: int) -> int:
+        """mmap(2) in ``mm`` (Linux PROT_*/MAP_* values); raises OSError on failure."""
+        return _check(run_sync(mm_mmap.do_mmap(self.kernel, mm, addr, length, prot, flags)))
+
+    def munmap(self, mm: MMStruct, addr: int, length: int) -> None:
+        _check(run_sync(mm_mmap.do_munmap(self.kernel, mm, addr, length)))
+
+    def mprotect(self, mm: MMStruct, addr: int, length: int, prot: int) -> None:
+        _check(run_sync(mm_mprotect.do_mprotect(self.kernel, mm, addr, length, prot)))
+
+    def exit_mm(self, mm: MMStruct) -> None:
+        """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
+        run_sync(memory.exit_mmap(self.kernel, mm))
+
+    def touch(self, mm: MMStruct, va: int, write: bool = False) -> int:
+        """Access ``va`` as the guest would (hardware walk, then the fault handler);
+        returns the physical address. Raises GuestAccessError where the guest would die."""
+        access = Access.W if write else Access.R
+        for _ in range(4):
+            t = self.walk(mm, va, access)
+            if type(t) is Translation:
+                return t.paddr
+            result = run_sync(memory.do_user_addr_fault(self.kernel, mm, va, access))
+            if result is not memory.FaultResult.OK:
+                raise GuestAccessError(f"{'write' if write else 'read'} of {va:#x}: {result.value}")
+        raise GuestAccessError(f"access to {va:#x} keeps faulting")
+
+    def translate(self, mm: MMStruct, va: int, access: str = "r") -> int | None:
+        """Software walk through the plugin, without side effects: the physical address,
+        or None where the hardware would fault."""
+        try:
+            acc = ACCESS_BY_LETTER[access]
+        except KeyError:
+            raise ValueError(f"access must be 'r', 'w' or 'x', not {access!r}") from None
+        t = run_walk(self.arch.walk(self.root_register(mm), va, acc), self.ram.read_entry,
+                     lambda paddr, old, new: True)
+        return t.paddr if type(t) is Translation else None
+
+    def walk(self, mm: MMStruct, va: int, access: Access):
+        """The hardware walk with its side effects (A/D updates): Translation or Fault."""
+        return run_walk(self.arch.walk(self.root_register(mm), va, access), self.ram.read_entry,
+                        self.ram.cmpxchg_entry)
+
+    def pgtable_root(self, mm: MMStruct) -> int:
+        return mm.pgd
+
+    def root_register(self, mm: MMStruct) -> int:
+        return self.arch.root_register(mm.pgd, mm.asid)
+
+    def read_user(self, mm: MMStruct, va: int, n: int) -> bytes:
+        """Read user memory without faulting anything in (b'' where unmapped)."""
+        out = bytearray()
+        while n > 0:
+            pa = self.translate(mm, va, "r")
+            if pa is None:
+                break
+            chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            out += self.ram.read(pa, chunk)
+            va, n = va + chunk, n - chunk
+        return bytes(out)
+
+    # -- processes ------------------------------------------------------------------------------
+    def spawn(self, path: str, argv: list[str] | None = None, env: list[str] | None = None,
+              on_output: Any = None) -> Process:
+        """execve(): load a static ELF into a new mm and make its first thread runnable."""
+        image = read_elf(path)
+        owner = plugins.arch_for_elf(image.e_machine, image.big_endian)
+        if owner != self.arch.name:
+            what = f"an {owner} executable" if owner else f"an executable for {image.e_machine}"
+            raise LoadError(f"{path}: {what}, but this machine is {self.arch.name}"
+                            + (f" (use --arch {owner})" if owner else ""))
+        vcpu = self._free_vcpu()
+        mm = self.new_mm()
+        pid = 1000 + len(self.processes) + 1
+        argv = [path] if argv is None else list(argv)
+        proc = Process(pid, path, argv, mm, on_output=on_output)
+        run_sync(self._exec(mm, image, argv, env if env is not None else ["PATH=/bin", "HOME=/"], vcpu))
+        thread = Thread(pid, proc, vcpu)
+        proc.threads.append(thread)
+        thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(path)}:{pid}")
+        self.processes.append(proc)
+        return proc
+
+    async def _exec(self, mm: MMStruct, image, argv: list[str], env: list[str], vcpu: VCPU) -> None:
+        """load_elf_binary(): map the segments, the stack and the sentinel page."""
+        k = self.kernel
+        may = VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+        for seg in image.segments:
+            flags = ((VM_READ if seg.flags & PF_R else 0) | (VM_WRITE if seg.flags & PF_W else 0)
+                     | (VM_EXEC if seg.flags & PF_X else 0))
+            start = seg.vaddr & ~(PAGE_SIZE - 1)
+            end = mm_mmap.page_align(seg.vaddr + seg.memsz)
+            if end > self.mmap_base:
+                raise LoadError(f"{image.path}: segment at {seg.vaddr:#x} is above the mmap area")
+            for vma in mm_mmap.split_range(mm, start, end):   # segments sharing a page
+                vma.flags |= flags
+            pos = start
+            for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
+                if vma.start > pos:
+                    mm.insert_vma(VMA(mm, pos, vma.start, flags | may))
+                pos = vma.end
+            if pos < end:
+                mm.insert_vma(VMA(mm, pos, end, flags | may))
+        for seg in image.segments:
+            if seg.data:
+                await copy_to_user(self, mm, seg.vaddr, seg.data, force=True)
+        mm.start_brk = mm.brk = mm_mmap.page_align(image.end)
+        mm.insert_vma(VMA(mm, self.stack_top - STACK_SIZE, self.stack_top,
+                          VM_READ | VM_WRITE | VM_GROWSDOWN | may, "[stack]"))
+        mm.insert_vma(VMA(mm, self.sentinel_va, self.sentinel_va + PAGE_SIZE,
+                          VM_READ | VM_EXEC | VM_MAYREAD | VM_MAYEXEC, "[emu-sentinel]"))
+        await copy_to_user(self, mm, self.sentinel_va, self.arch.sentinel_code(), force=True)
+        random_bytes = bytes((i * 37 + 11) & 0xFF for i in range(16))   # AT_RANDOM, deterministic
+        sp, blob = build_stack(image, argv, env, self.stack_top, self.arch.uname_machine or self.arch.name,
+                               random_bytes, self.arch.big_endian)
+        await copy_to_user(self, mm, sp, blob)
+        mm.start_stack = sp
+        vcpu.sentinel = self.sentinel_va + 0x100
+        vcpu.switch_mm(mm)
+        vcpu.flush_code_cache()
+        vcpu.pc = image.entry
+        self.arch.start_registers(vcpu.uc, image.entry, sp)
+
+    def _free_vcpu(self) -> VCPU:
+        busy = {t.vcpu for p in self.processes for t in p.threads if not t.exited}
+        for v in self.vcpus:
+            if v not in busy:
+                return v
+        if len(self.vcpus) >= self.ncpus:
+            raise RuntimeError(f"all {self.ncpus} vCPU(s) are busy; create the Machine with more cpus")
+        v = VCPU(len(self.vcpus), self.arch, self.ram)
+        self.vcpus.append(v)
+        return v
+
+    def _run_user(self, vcpu: VCPU, quantum: int) -> UserStop:
+        return vcpu.run(quantum)
+
+    def _shootdown(self, mm: MMStruct, start: int, end: int) -> None:
+        """flush_tlb_range(): an IPI to every vCPU running ``mm``; each applies it at its
+        next scheduling point."""
+        self.kernel.stats["tlb_shootdowns"] += 1
+        for v in self.vcpus:
+            if v.mm is mm:
+                v.request_flush(start, end)
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """Run every spawned process to its end."""
+        t0 = time.perf_counter()
+        try:
+            self.scheduler.run()
+        finally:
+            self.wall_seconds += time.perf_counter() - t0
+        if not self.processes:
+            raise RuntimeError("nothing to run: spawn a program first")
+        p = self.processes[0]
+        return RunResult(bytes(p.stdout), bytes(p.stderr), p.exit_code, p.signal, self.summary())
+
+    def summary(self) -> dict[str, Any]:
+        k, alloc = self.kernel, self.kernel.alloc
+        insns = sum(v.instructions for v in self.vcpus)
+        hw_faults: Counter[str] = Counter()
+        for v in self.vcpus:
+            hw_faults.update(v.faults_by_kind)
+        unknown: Counter[str] = Counter()
+        for p in self.processes:
+            unknown.update(p.unknown_syscalls)
+        secs = self.wall_seconds
+        return {
+            "arch": self.arch.name,
+            "kernel": k.profile.name,
+            "instructions": insns,
+            "tlb_fills": sum(v.fills for v in self.vcpus),
+            "tlb_hits": sum(v.tlb_hits for v in self.vcpus),
+            "walks": sum(v.walks for v in self.vcpus),
+            "walk_reads": sum(v.walk_reads for v in self.vcpus),
+            "faults": k.stats["faults"],
+            "faults_by_kind": {
+                **{f"hw:{name}": n for name, n in sorted(hw_faults.items())},
+                "anon": k.stats["anon_pages_faulted"],
+                "zero_page": k.stats["zero_page_mapped"],
+                "cow_copy": k.stats["wp_copy"],
+                "cow_reuse": k.stats["wp_reuse"],
+            },
+            "pages_allocated": sum(alloc.allocated.values()),
+            "pages_freed": sum(alloc.freed.values()),
+            "pt_pages_allocated": k.stats["pt_pages_allocated"],
+            "pt_pages_freed": k.stats["pt_pages_freed"],
+            "pt_tables_allocated": k.stats["pt_tables_allocated"],
+            "pt_tables_freed": k.stats["pt_tables_freed"],
+            "tlb_shootdowns": k.stats["tlb_shootdowns"],
+            "unknown_syscalls": dict(unknown),
+            "seconds": round(secs, 4),
+            "mips": round(insns / secs / 1e6, 2) if secs > 0 else 0.0,
+        }
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+    return ret

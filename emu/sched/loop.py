@@ -1,0 +1,159 @@
+"""The deterministic run loop: receive a trap from the current task, act on it, pick who
+runs next.
+
+Policies (who runs next among the runnable tasks):
+  round-robin  rotate through the tasks in spawn order, one trap each
+  timed        the task with the smallest simulated cycle clock (performance runs)
+Everything is a pure function of the tasks and the policy: no threads, no wall clock.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from emu.sched.task import Task, TaskState
+
+POLICIES = ("round-robin", "timed")
+
+
+class Deadlock(Exception):
+    """Every live task is blocked."""
+
+
+class Scheduler:
+    def __init__(self, policy: str = "round-robin",
+                 run_user: Callable[[Any, int], Any] | None = None) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
+        self.policy = policy
+        self.tasks: list[Task] = []
+        self.run_user = run_user
+        self.current: Task | None = None
+        self._rr = 0
+        self.switches = 0
+        self.traps = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> Task:
+        task = Task(len(self.tasks) + 1, name, coro)
+        self.tasks.append(task)
+        return task
+
+    # -- picking ---------------------------------------------------------------------------
+    def _runnable(self) -> list[Task]:
+        return [t for t in self.tasks if t.state is TaskState.RUNNABLE]
+
+    def _pick(self, runnable: list[Task]) -> Task:
+        if self.policy == "timed":
+            return min(runnable, key=lambda t: (t.clock, t.tid))
+        n = len(self.tasks)
+        for i in range(n):
+            t = self.tasks[(self._rr + i) % n]
+            if t.state is TaskState.RUNNABLE:
+                self._rr = (self._rr + i + 1) % n
+                return t
+        raise AssertionError("no runnable task")
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, stop: Callable[[], bool] | None = None) -> None:
+        """Run until every task is done (or ``stop()`` says so)."""
+        while True:
+            if stop is not None and stop():
+                return
+            runnable = self._runnable()
+            if not runnable:
+                blocked = [t for t in self.tasks if t.state is TaskState.BLOCKED]
+                if blocked:
+                    raise Deadlock("deadlock: " + ", ".join(
+                        f"{t.name} waits for {t.blocked_on[0]!r}" for t in blocked if t.blocked_on))
+                return
+            task = self._pick(runnable)
+            if task is not self.current:
+                self.switches += 1
+            self.current = task
+            self.step(task)
+
+    def step(self, task: Task) -> None:
+        """Resume ``task`` until its next trap and act on the trap."""
+        value, task.send_value = task.send_value, None
+        try:
+            if task.throw is not None:
+                exc, task.throw = task.throw, None
+                event = task.coro.throw(exc)
+            else:
+                event = task.coro.send(value)
+        except StopIteration as done:
+            task.state, task.result = TaskState.DONE, done.value
+            return
+        except BaseException as err:  # a bug or a sanitizer report inside the task
+            task.state, task.error = TaskState.DONE, err
+            raise
+        task.steps += 1
+        self.traps += 1
+        self.handle(task, event)
+
+    def handle(self, task: Task, event: tuple) -> None:
+        kind = event[0]
+        if kind == "point":
+            task.clock += event[3]
+        elif kind == "user":
+            stop = self.run_user(event[1], event[2])
+            task.clock += stop.cycles
+            task.send_value = stop
+        elif kind == "lock":
+            lock, mode = event[1], event[2]
+            if lock.try_acquire(task, mode):
+                task.held.append(lock)
+            else:
+                task.state, task.blocked_on = TaskState.BLOCKED, (lock, mode)
+        elif kind == "trylock":
+            ok = event[1].try_acquire(task, event[2])
+            if ok:
+                task.held.append(event[1])
+            task.send_value = ok
+        elif kind == "unlock":
+            lock = event[1]
+            lock.release(task, event[2])
+            task.held.remove(lock)
+            self._wake(lock)
+        elif kind == "sleep":
+            task.clock += event[1]
+        else:
+            raise RuntimeError(f"unknown trap {event!r}")
+
+    def _wake(self, lock: object) -> None:
+        """Waiters retry in tid order; the first whose acquire succeeds gets the lock."""
+        for t in self.tasks:
+            if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[0] is lock:
+                if lock.try_acquire(t, t.blocked_on[1]):
+                    t.held.append(lock)
+                    t.state, t.blocked_on = TaskState.RUNNABLE, None
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Drive a kernel coroutine to completion outside any run (API calls, loading).
+
+    Only uncontended traps are allowed: with no other task alive, a lock that is taken
+    is a bug, and guest code cannot run here.
+    """
+    value: Any = None
+    held: list[object] = []
+    while True:
+        try:
+            event = coro.send(value)
+        except StopIteration as done:
+            return done.value
+        value = None
+        kind = event[0]
+        if kind in ("point", "sleep"):
+            continue
+        if kind in ("lock", "trylock"):
+            ok = event[1].try_acquire(held, event[2])
+            if not ok and kind == "lock":
+                coro.close()
+                raise Deadlock(f"{event[1]!r} is held; cannot wait outside a run")
+            value = ok if kind == "trylock" else None
+        elif kind == "unlock":
+            event[1].release(held, event[2])
+        else:
+            coro.close()
+            raise RuntimeError(f"trap {kind!r} cannot be served outside a run")

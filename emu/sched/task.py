@@ -1,0 +1,33 @@
+"""Tasks: a coroutine plus the state the scheduler keeps for it."""
+from __future__ import annotations
+
+import enum
+from collections.abc import Coroutine
+from typing import Any
+
+
+class TaskState(enum.Enum):
+    RUNNABLE = "runnable"
+    BLOCKED = "blocked"
+    DONE = "done"
+
+
+class Task:
+    """One schedulable activity: a guest thread, a kernel daemon, a scenario step."""
+
+    def __init__(self, tid: int, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        self.tid = tid
+        self.name = name
+        self.coro = coro
+        self.state = TaskState.RUNNABLE
+        self.send_value: Any = None
+        self.throw: BaseException | None = None
+        self.blocked_on: tuple[object, str] | None = None
+        self.clock = 0             # simulated cycles consumed
+        self.steps = 0
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.held: list[object] = []   # locks held, in acquisition order
+
+    def __repr__(self) -> str:
+        return f"<task {self.tid} {self.name} {self.state.value}>"

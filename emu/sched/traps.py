@@ -1,0 +1,51 @@
+"""Traps: the only place in emu that yields to the scheduler.
+
+Kernel code (mm_core) and guest-thread tasks are ``async def`` coroutines. Every racy
+action awaits one of the functions below; each yields one event tuple
+``(kind, *args)`` to the scheduler loop and returns what the loop sends back. Code
+between two awaits runs atomically, so every preemption point is visible as an
+``await`` in the source (the curio model).
+
+Event kinds:
+    ("point", what, resource, cost)    a scheduling point: table read/write, retry, ...
+    ("lock", lock, mode)               acquire; the task blocks until it is granted
+    ("trylock", lock, mode)            acquire if free; returns bool
+    ("unlock", lock, mode)             release; wakes waiters
+    ("user", vcpu, quantum)            run guest code on a vCPU; returns a UserStop
+    ("sleep", cycles)                  let simulated time pass (daemons)
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+
+@types.coroutine
+def _trap(*event: Any) -> Any:
+    return (yield event)
+
+
+async def sched_point(what: str, resource: object = None, cost: int = 0) -> None:
+    """A plain preemption point (e.g. a page-table entry read or write)."""
+    await _trap("point", what, resource, cost)
+
+
+async def lock(lock: object, mode: str = "x") -> None:
+    await _trap("lock", lock, mode)
+
+
+async def trylock(lock: object, mode: str = "x") -> bool:
+    return await _trap("trylock", lock, mode)
+
+
+async def unlock(lock: object, mode: str = "x") -> None:
+    await _trap("unlock", lock, mode)
+
+
+async def run_user(vcpu: object, quantum: int) -> Any:
+    """Run guest user code on ``vcpu`` for at most ``quantum`` instructions."""
+    return await _trap("user", vcpu, quantum)
+
+
+async def sleep(cycles: int) -> None:
+    await _trap("sleep", cycles)

@@ -1,0 +1,40 @@
+"""Semantics profiles by kernel version (see docs/profiles.md).
+
+A profile switches the page-table rules mm_core follows, so the same scenario can be run
+under the rules before and after "mm: allow pte_offset_map[_lock]() to fail" (6.5) and
+"mm: free retracted page table by RCU" (6.6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    fallible_pte_map: bool       # 6.5: __pte_offset_map validates the pmd and may fail
+    rcu_pte_map: bool            # 6.6: pte_offset_map holds rcu_read_lock until pte_unmap
+    pte_free_defer: bool         # 6.6: retracted tables are freed after a grace period
+    retract_without_mmap_lock: bool   # 6.6: retract_page_tables under i_mmap + pml + ptl only
+    rw_nolock: bool              # 6.13: pte_offset_map_ro_nolock / _rw_nolock
+    summary: str
+
+
+PROFILES = {
+    "6.4": Profile("6.4", False, False, False, False, False,
+                   "pmd_trans_unstable()-style checks; collapse under mmap_write_lock; immediate free"),
+    "6.5": Profile("6.5", True, False, False, False, False,
+                   "fallible pte_offset_map[_lock]; no RCU around the map yet"),
+    "6.6": Profile("6.6", True, True, True, True, False,
+                   "RCU-protected map, pte_free_defer, retract_page_tables without mmap_lock (default)"),
+    "6.13": Profile("6.13", True, True, True, True, True,
+                    "6.6 plus pte_offset_map_ro_nolock/_rw_nolock with pmd_same rechecks"),
+}
+DEFAULT_PROFILE = "6.6"
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown kernel profile {name!r}; choose from {', '.join(PROFILES)}") from None

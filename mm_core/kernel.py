@@ -1,0 +1,33 @@
+"""Machine-wide kernel state shared by mm_core: the arch, guest RAM, the page allocator,
+the zero page, page-table descriptors and event counters."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from emu.arch import ArchSpec
+from emu.physmem import PhysMem
+from mm_core.config import Profile, get_profile
+from mm_core.page_alloc import PageAllocator, PageUse
+
+
+class Kernel:
+    def __init__(self, arch: ArchSpec, physmem: PhysMem, profile: str | Profile = "6.6") -> None:
+        self.arch = arch
+        self.physmem = physmem
+        self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        self.alloc = PageAllocator(physmem)
+        self.zero_page = self.alloc.alloc_pages(0, PageUse.ZERO)    # ZERO_PAGE(0)
+        self.ptdescs: dict[int, object] = {}     # table paddr -> PageTable (ptdesc)
+        self.stats: Counter[str] = Counter()
+        self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)
+        # set by the machine: TLB shootdown of [start, end) for every vCPU using mm
+        self.flush_tlb_range: Callable[[object, int, int], None] = lambda mm, start, end: None
+        self._next_asid = 1
+
+    def new_asid(self) -> int:
+        asid, self._next_asid = self._next_asid, self._next_asid + 1
+        return asid
+
+    def printk(self, msg: str) -> None:
+        self.log.append(msg)

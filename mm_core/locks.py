@@ -1,0 +1,89 @@
+"""Kernel locks as scheduler resources: spinlocks (ptl, pml, page_table_lock) and the
+mmap_lock rw-semaphore.
+
+Acquisition always goes through a trap, so a contended lock is a scheduling point and
+lock hand-offs are visible to strategies and to the cycle model.
+"""
+from __future__ import annotations
+
+from emu.sched import traps
+
+
+class SpinLock:
+    """spinlock_t: one holder at a time."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.holder: object = None
+
+    def try_acquire(self, task: object, mode: str = "x") -> bool:
+        if self.holder is None:
+            self.holder = task
+            return True
+        return False
+
+    def release(self, task: object, mode: str = "x") -> None:
+        if self.holder is not task:
+            raise RuntimeError(f"{self.name}: released by {task!r} but held by {self.holder!r}")
+        self.holder = None
+
+    @property
+    def locked(self) -> bool:
+        return self.holder is not None
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+    async def __aenter__(self) -> SpinLock:
+        await traps.lock(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await traps.unlock(self)
+
+
+class RwSemaphore:
+    """rw_semaphore (mmap_lock): many readers ("r") or one writer ("w")."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.readers: list[object] = []
+        self.writer: object = None
+
+    def try_acquire(self, task: object, mode: str = "r") -> bool:
+        if mode == "w":
+            if self.writer is None and not self.readers:
+                self.writer = task
+                return True
+            return False
+        if self.writer is None:
+            self.readers.append(task)
+            return True
+        return False
+
+    def release(self, task: object, mode: str = "r") -> None:
+        if mode == "w":
+            if self.writer is not task:
+                raise RuntimeError(f"{self.name}: write-unlocked by a non-owner")
+            self.writer = None
+        else:
+            self.readers.remove(task)
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+async def mmap_read_lock(mm) -> None:
+    await traps.lock(mm.mmap_lock, "r")
+
+
+async def mmap_read_unlock(mm) -> None:
+    await traps.unlock(mm.mmap_lock, "r")
+
+
+async def mmap_write_lock(mm) -> None:
+    await traps.lock(mm.mmap_lock, "w")
+
+
+async def mmap_write_unlock(mm) -> None:
+    await traps.unlock(mm.mmap_lock, "w")

@@ -1,0 +1,128 @@
+"""mm_struct and vm_area_struct (include/linux/mm_types.h), with the VMA-tree operations
+mmap/munmap/mprotect need (find_vma, split, merge)."""
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from emu.arch import PAGE_SIZE
+from mm_core.locks import RwSemaphore, SpinLock
+
+# vm_flags (include/linux/mm.h)
+VM_READ = 0x1
+VM_WRITE = 0x2
+VM_EXEC = 0x4
+VM_SHARED = 0x8
+VM_MAYREAD = 0x10
+VM_MAYWRITE = 0x20
+VM_MAYEXEC = 0x40
+VM_MAYSHARE = 0x80
+VM_GROWSDOWN = 0x100
+VM_LOCKED = 0x2000
+VM_HUGEPAGE = 0x20000000
+VM_NOHUGEPAGE = 0x40000000
+VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
+
+# rss counters (enum of mm_counter)
+MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES = range(4)
+RSS_NAMES = ("MM_FILEPAGES", "MM_ANONPAGES", "MM_SWAPENTS", "MM_SHMEMPAGES")
+
+_mm_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class VMA:
+    """vm_area_struct: [start, end) with vm_flags; anonymous unless ``file`` is set."""
+
+    mm: MMStruct
+    start: int
+    end: int
+    flags: int
+    name: str = ""              # "[heap]", "[stack]", ... as /proc/PID/maps shows
+    file: object = None
+    pgoff: int = 0
+
+    @property
+    def anonymous(self) -> bool:
+        return self.file is None
+
+    def __repr__(self) -> str:
+        return f"<vma {self.start:#x}-{self.end:#x} {vma_flags_str(self.flags)} {self.name}>"
+
+
+def vma_flags_str(flags: int) -> str:
+    return "".join((c if flags & bit else "-") for c, bit in
+                   (("r", VM_READ), ("w", VM_WRITE), ("x", VM_EXEC))) + ("s" if flags & VM_SHARED else "p")
+
+
+@dataclass(eq=False)
+class MMStruct:
+    """struct mm_struct: the VMA set, the page-table root, locks and counters."""
+
+    kernel: object
+    pgd: int                                # physical address of the top-level table
+    asid: int = 0
+    id: int = field(default_factory=lambda: next(_mm_ids))
+    vmas: list[VMA] = field(default_factory=list)     # sorted by start, non-overlapping
+    rss: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    pgtables_bytes: int = 0
+    start_brk: int = 0
+    brk: int = 0
+    mmap_base: int = 0
+    start_stack: int = 0
+    users: int = 1                          # mm_users
+    frag_pool: list = field(default_factory=list)     # pages with free table fragments
+    dead: bool = False
+
+    def __post_init__(self) -> None:
+        self.mmap_lock = RwSemaphore(f"mm{self.id}.mmap_lock")
+        self.page_table_lock = SpinLock(f"mm{self.id}.page_table_lock")
+
+    # -- VMA tree ----------------------------------------------------------------------------
+    def find_vma(self, addr: int) -> VMA | None:
+        """find_vma(): the first VMA with end > addr (it may start above addr)."""
+        i = bisect.bisect_right([v.end for v in self.vmas], addr)
+        return self.vmas[i] if i < len(self.vmas) else None
+
+    def vma_lookup(self, addr: int) -> VMA | None:
+        vma = self.find_vma(addr)
+        return vma if vma is not None and vma.start <= addr else None
+
+    def overlapping(self, start: int, end: int) -> list[VMA]:
+        return [v for v in self.vmas if v.start < end and v.end > start]
+
+    def insert_vma(self, vma: VMA) -> None:
+        if self.overlapping(vma.start, vma.end):
+            raise RuntimeError(f"inserting {vma} over an existing mapping")
+        bisect.insort(self.vmas, vma, key=lambda v: v.start)
+
+    def remove_vma(self, vma: VMA) -> None:
+        self.vmas.remove(vma)
+
+    def split_vma(self, vma: VMA, addr: int) -> VMA:
+        """__split_vma(): cut ``vma`` at ``addr``; returns the upper part."""
+        assert vma.start < addr < vma.end and addr % PAGE_SIZE == 0
+        upper = VMA(self, addr, vma.end, vma.flags, vma.name, vma.file,
+                    vma.pgoff + ((addr - vma.start) >> 12))
+        vma.end = addr
+        bisect.insort(self.vmas, upper, key=lambda v: v.start)
+        return upper
+
+    def merge_adjacent(self) -> None:
+        """vma_merge(), applied to the whole list: join compatible neighbours."""
+        merged: list[VMA] = []
+        for v in self.vmas:
+            p = merged[-1] if merged else None
+            if (p is not None and p.end == v.start and p.flags == v.flags and p.name == v.name
+                    and p.file is None and v.file is None):
+                p.end = v.end
+            else:
+                merged.append(v)
+        self.vmas = merged
+
+    def get_mm_counter(self, member: int) -> int:
+        return self.rss[member]
+
+    def total_vm(self) -> int:
+        return sum(v.end - v.start for v in self.vmas) >> 12

@@ -1,0 +1,165 @@
+"""mmap, munmap and brk (mm/mmap.c): VMA bookkeeping plus the page-table side."""
+from __future__ import annotations
+
+from emu.arch import PAGE_SIZE, Access
+from mm_core import memory
+from mm_core.locks import mmap_write_lock, mmap_write_unlock
+from mm_core.mm import (
+    VM_EXEC,
+    VM_GROWSDOWN,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+    MMStruct,
+    VMA,
+)
+
+# Linux uapi values (asm-generic/mman-common.h; identical on the four arches for these)
+PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE = 0x1, 0x2, 0x3
+MAP_TYPE = 0xF
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100
+MAP_POPULATE = 0x8000
+MAP_FIXED_NOREPLACE = 0x100000
+
+EPERM, ENOENT, EBADF, ENOMEM, EACCES, EFAULT, EEXIST, EINVAL, ENOSYS = 1, 2, 9, 12, 13, 14, 17, 22, 38
+
+
+def page_align(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def calc_vm_prot_bits(prot: int) -> int:
+    return ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+            | (VM_EXEC if prot & PROT_EXEC else 0))
+
+
+def get_unmapped_area(mm: MMStruct, addr: int, length: int, task_size: int) -> int | None:
+    """arch_get_unmapped_area_topdown(): honour a free hint, else the highest gap below
+    mmap_base."""
+    if addr and addr + length <= task_size and not mm.overlapping(addr, addr + length):
+        return addr
+    top = mm.mmap_base
+    for vma in sorted(mm.vmas, key=lambda v: v.start, reverse=True):
+        if vma.start >= top:
+            continue
+        if vma.end <= top - length:
+            return top - length
+        top = vma.start
+    return top - length if top - length >= PAGE_SIZE * 16 else None
+
+
+async def do_mmap(k, mm: MMStruct, addr: int, length: int, prot: int, flags: int,
+                  file: object = None, pgoff: int = 0, name: str = "") -> int:
+    """do_mmap() + mmap_region(): returns the address or -errno. Takes mmap_write_lock."""
+    await mmap_write_lock(mm)
+    try:
+        return await _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name)
+    finally:
+        await mmap_write_unlock(mm)
+
+
+async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -> int:
+    task_size = k.arch.task_size
+    if length <= 0 or length > task_size:
+        return -EINVAL
+    length = page_align(length)
+    if flags & MAP_TYPE not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
+        return -EINVAL
+    if file is None and not flags & MAP_ANONYMOUS:
+        return -EBADF
+    fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
+    if fixed:
+        if addr % PAGE_SIZE or addr + length > task_size or addr < PAGE_SIZE:
+            return -EINVAL
+        if flags & MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
+            return -EEXIST
+        await _munmap_locked(k, mm, addr, length)
+    else:
+        addr = get_unmapped_area(mm, addr & ~(PAGE_SIZE - 1), length, task_size)
+        if addr is None:
+            return -ENOMEM
+    vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    if flags & MAP_TYPE != MAP_PRIVATE:
+        vm_flags |= VM_SHARED | VM_MAYSHARE
+    if flags & MAP_GROWSDOWN:
+        vm_flags |= VM_GROWSDOWN
+    mm.insert_vma(VMA(mm, addr, addr + length, vm_flags, name, file, pgoff))
+    mm.merge_adjacent()
+    if flags & MAP_POPULATE:
+        await populate(k, mm, addr, addr + length, write=bool(prot & PROT_WRITE))
+    return addr
+
+
+async def populate(k, mm: MMStruct, start: int, end: int, write: bool) -> None:
+    """__mm_populate() / faultin_page(): fault every page in, as get_user_pages would."""
+    access = Access.W if write else Access.R
+    for va in range(start, end, PAGE_SIZE):
+        vma = mm.vma_lookup(va)
+        if vma is None:
+            continue
+        flags = memory.FAULT_FLAG_WRITE if write and vma.flags & VM_WRITE else 0
+        if not memory.access_error(vma, access if flags else Access.R):
+            await memory.handle_mm_fault(k, vma, va, flags)
+
+
+async def do_munmap(k, mm: MMStruct, start: int, length: int) -> int:
+    """do_munmap() / __vm_munmap(): 0 or -errno. Takes mmap_write_lock."""
+    if start % PAGE_SIZE or length <= 0 or start + length > k.arch.task_size:
+        return -EINVAL
+    await mmap_write_lock(mm)
+    try:
+        await _munmap_locked(k, mm, start, page_align(length))
+    finally:
+        await mmap_write_unlock(mm)
+    return 0
+
+
+async def _munmap_locked(k, mm: MMStruct, start: int, length: int) -> None:
+    end = start + length
+    victims = split_range(mm, start, end)
+    if not victims:
+        return
+    for vma in victims:
+        mm.remove_vma(vma)
+    for vma in victims:                          # unmap_region(): zap, then free tables
+        await memory.unmap_page_range(k, mm, vma.start, vma.end)
+    for vma in victims:
+        await memory.free_pgtables(k, mm, vma.start, vma.end)
+
+
+def split_range(mm: MMStruct, start: int, end: int) -> list[VMA]:
+    """Split VMAs at start and end; return the VMAs now lying inside [start, end)."""
+    for vma in mm.overlapping(start, end):
+        if vma.start < start:
+            vma = mm.split_vma(vma, start)
+        if vma.end > end:
+            mm.split_vma(vma, end)
+    return mm.overlapping(start, end)
+
+
+async def do_brk(k, mm: MMStruct, brk: int) -> int:
+    """sys_brk(): move the program break; returns the new (or unchanged) break."""
+    await mmap_write_lock(mm)
+    try:
+        if brk < mm.start_brk:
+            return mm.brk
+        new_end, old_end = page_align(brk), page_align(mm.brk)
+        if new_end < old_end:
+            await _munmap_locked(k, mm, new_end, old_end - new_end)
+        elif new_end > old_end:
+            if mm.overlapping(old_end, new_end + PAGE_SIZE):
+                return mm.brk
+            flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+            mm.insert_vma(VMA(mm, old_end, new_end, flags, "[heap]"))
+            mm.merge_adjacent()
+        mm.brk = brk
+        return brk
+    finally:
+        await mmap_write_unlock(mm)

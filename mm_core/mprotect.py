@@ -1,0 +1,80 @@
+"""mprotect (mm/mprotect.c): change VMA flags and rewrite the PTEs in place."""
+from __future__ import annotations
+
+from emu.arch import PAGE_SIZE, Access, Kind
+from emu.sched.traps import sched_point
+from mm_core import memory, pgtable
+from mm_core.locks import mmap_write_lock, mmap_write_unlock
+from mm_core.mm import (
+    VM_ACCESS_FLAGS, VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_SHARED, VM_WRITE, MMStruct, VMA,
+)
+from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
+from mm_core.page_alloc import PageUse
+
+
+async def do_mprotect(k, mm: MMStruct, start: int, length: int, prot: int) -> int:
+    """do_mprotect_pkey(): 0 or -errno (-ENOMEM when part of the range is unmapped)."""
+    if start % PAGE_SIZE:
+        return -EINVAL
+    end = start + page_align(length)
+    if end <= start:
+        return 0 if length == 0 else -EINVAL
+    newflags = calc_vm_prot_bits(prot)
+    await mmap_write_lock(mm)
+    try:
+        covered, addr = True, start
+        for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
+            covered &= vma.start <= addr
+            addr = vma.end
+        if not covered or addr < end:
+            return -ENOMEM
+        for vma in mm.overlapping(start, end):
+            may = (vma.flags & (VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC)) >> 4
+            if newflags & ~may:
+                return -EACCES
+        for vma in split_range(mm, start, end):     # mprotect_fixup()
+            vma.flags = (vma.flags & ~VM_ACCESS_FLAGS) | newflags
+            await change_protection(k, vma, vma.start, vma.end)
+        mm.merge_adjacent()
+        return 0
+    finally:
+        await mmap_write_unlock(mm)
+
+
+async def change_protection(k, vma: VMA, start: int, end: int) -> None:
+    """change_protection() -> change_pmd_range() -> change_pte_range(), then flush."""
+    async for pmdp, lo, hi in memory.for_each_pmd(k, vma.mm, start, end):
+        await change_pte_range(k, vma, pmdp, lo, hi)
+    k.flush_tlb_range(vma.mm, start, end)
+
+
+async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+    """change_pte_range(): rewrite present PTEs with the VMA's new protection. Write stays
+    only where it needs no fault (shared mapping, or a dirty exclusive anon page:
+    can_change_pte_writable()). A failed map means nothing to change or retry."""
+    mm, arch = vma.mm, k.arch
+    while True:
+        pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+        if pmdval.kind is not Kind.TABLE:
+            return
+        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
+        if locked is not None:
+            break
+        await sched_point("retry", pmdp)
+    ptep, ptl = locked
+    base = memory.vm_get_page_prot(vma.flags)
+    for addr in range(start, end, PAGE_SIZE):
+        entp = ptep + ((addr - start) >> arch.page_shift) * 8
+        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
+        if ent.kind is not Kind.LEAF:
+            continue
+        prot = base
+        if vma.flags & VM_WRITE and not vma.flags & VM_SHARED and ent.dirty and not ent.special:
+            page = k.alloc.page_of(ent.paddr)
+            if page is not None and page.use is PageUse.ANON and page.refcount == 1:
+                prot |= Access.W
+        if ent.special:
+            prot &= ~Access.W
+        if prot != ent.prot:
+            await pgtable.set_entry(k, entp, arch.pte_level, ent.with_(prot=prot))
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
