@@ -26,23 +26,36 @@ class ArchInfo:
     source: str          # "built-in" or "entry point (<distribution>)"
 
 
-def _source(pm: pluggy.PluginManager, plugin: object) -> str:
-    for p, dist in pm.list_plugin_distinfo():
-        if p is plugin:
-            name = dist.metadata["name"] if dist.metadata else dist.project_name
-            return "built-in" if name == BUILTIN_DIST else f"entry point ({name})"
-    return "registered"
+_sources: dict[str, str] = {}          # plugin name -> where it came from
+broken: dict[str, str] = {}            # plugin name -> why it could not be loaded
 
 
 @cache
 def manager() -> pluggy.PluginManager:
+    """The plugin manager, with every plugin of the ``emu`` entry-point group loaded.
+
+    Entry points are loaded one by one (rather than with
+    ``load_setuptools_entrypoints``) so that one broken third-party plugin is reported
+    by ``emu plugins list`` instead of taking the whole command down.
+    """
     pm = pluggy.PluginManager("emu")
     pm.add_hookspecs(hookspecs)
-    try:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
-        pass
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as err:  # noqa: BLE001 - any import failure is the plugin's
+            broken[ep.name] = f"{type(err).__name__}: {err}"
+            continue
+        pm.register(plugin, name=ep.name)
+        dist = ep.dist.name if ep.dist is not None else "?"
+        _sources[ep.name] = "built-in" if dist == BUILTIN_DIST else f"entry point ({dist})"
     return pm
+
+
+def _source(pm: pluggy.PluginManager, plugin_name: str) -> str:
+    return _sources.get(plugin_name, "registered")
 
 
 def arches() -> dict[str, ArchInfo]:
@@ -56,7 +69,7 @@ def arches() -> dict[str, ArchInfo]:
             if cls.name in found:
                 raise PluginError(f"arch {cls.name!r} provided twice "
                                   f"({found[cls.name].plugin}, {impl.plugin_name})")
-            found[cls.name] = ArchInfo(cls.name, cls, impl.plugin_name, _source(pm, impl.plugin))
+            found[cls.name] = ArchInfo(cls.name, cls, impl.plugin_name, _source(pm, impl.plugin_name))
     return dict(sorted(found.items()))
 
 

@@ -90,7 +90,7 @@ class VCPU:
         abi = self.arch.syscall_abi
         if abi.trap == "insn":
             from unicorn.x86_const import UC_X86_INS_SYSCALL
-            self.uc.hook_add(UC_HOOK_INSN, self._on_syscall_insn, arg1=UC_X86_INS_SYSCALL)
+            self.uc.hook_add(UC_HOOK_INSN, self._on_syscall_insn, aux1=UC_X86_INS_SYSCALL)
         self.uc.hook_add(UC_HOOK_INTR, self._on_intr)
 
     def _reset_pending(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 
 from emu.arch import PAGE_SIZE, Access, Entry, Kind, leaf_entry
+from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import pgtable
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
@@ -145,17 +146,19 @@ async def handle_pte_fault(k, vma: VMA, addr: int, flags: int, pmdp: int) -> int
         return VM_FAULT_SIGBUS        # file-backed faults arrive with filemap.py
     if entry.kind is not Kind.LEAF:
         return VM_FAULT_SIGBUS        # swap and migration entries: do_swap_page (swapfile.py)
-    async with ptl:
-        if await pgtable.get_raw(k, ptep) != orig:
-            return 0                  # someone else changed it: the access retries
-        if flags & FAULT_FLAG_WRITE:
-            if not entry.prot & Access.W:
-                return await do_wp_page(k, vma, addr, ptep, entry)
-            entry = entry.with_(dirty=True)
-        new = entry.with_(young=True)
-        if new != entry or arch.encode(pte_level, new) != orig:
-            # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
-            await pgtable.set_entry(k, ptep, pte_level, new)
+    await traps.lock(ptl)
+    if await pgtable.get_raw(k, ptep) != orig:
+        await traps.unlock(ptl)
+        return 0                      # someone else changed it: the access retries
+    if flags & FAULT_FLAG_WRITE:
+        if not entry.prot & Access.W:
+            return await do_wp_page(k, vma, addr, ptep, ptl, entry)
+        entry = entry.with_(dirty=True)
+    new = entry.with_(young=True)
+    if arch.encode(pte_level, new) != orig:
+        # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
+        await pgtable.set_entry(k, ptep, pte_level, new)
+    await traps.unlock(ptl)
     return 0
 
 
@@ -200,9 +203,10 @@ async def do_anonymous_page(k, vma: VMA, addr: int, flags: int, pmdp: int) -> in
     return 0
 
 
-async def do_wp_page(k, vma: VMA, addr: int, ptep: int, entry: Entry) -> int:
-    """do_wp_page(): called with ptl held on a write to a present, write-protected PTE.
-    An exclusive anon page is reused in place; the zero page or a shared page is copied."""
+async def do_wp_page(k, vma: VMA, addr: int, ptep: int, ptl, entry: Entry) -> int:
+    """do_wp_page(): called with ptl held on a write to a present, write-protected PTE;
+    returns with it released. An exclusive anon page is reused in place; the zero page or
+    a shared page is copied."""
     mm, arch = vma.mm, k.arch
     addr &= ~(PAGE_SIZE - 1)
     page = None if entry.special else k.alloc.page_of(entry.paddr)
@@ -211,25 +215,25 @@ async def do_wp_page(k, vma: VMA, addr: int, ptep: int, entry: Entry) -> int:
         k.stats["wp_reuse"] += 1
         await pgtable.set_entry(k, ptep, arch.pte_level,
                                 entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
+        await traps.unlock(ptl)
         return 0
-    return await wp_page_copy(k, vma, addr, ptep, entry, page)
+    return await wp_page_copy(k, vma, addr, ptep, ptl, entry, page)
 
 
-async def wp_page_copy(k, vma: VMA, addr: int, ptep: int, orig: Entry, old_page) -> int:
+async def wp_page_copy(k, vma: VMA, addr: int, ptep: int, ptl, orig: Entry, old_page) -> int:
     """wp_page_copy(): copy into a new page and replace the PTE (ptep_clear_flush),
     rechecking pte_same after the allocation. Called with ptl held; releases it."""
     mm, arch = vma.mm, k.arch
-    ptl = pgtable.pte_lockptr(k, mm, _pmdval_of(k, ptep))
     orig_raw = arch.encode(arch.pte_level, orig)
     try:
         new_page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:
-        await ptl.__aexit__()
+        await traps.unlock(ptl)
         return VM_FAULT_OOM
     if not orig.special:
         k.physmem.copy(new_page.paddr, orig.paddr)
     if await pgtable.get_raw(k, ptep) != orig_raw:
-        await ptl.__aexit__()
+        await traps.unlock(ptl)
         k.alloc.free_pages(new_page)
         return 0
     prot = vm_get_page_prot(vma.flags) | Access.W
@@ -241,13 +245,8 @@ async def wp_page_copy(k, vma: VMA, addr: int, ptep: int, orig: Entry, old_page)
     else:
         mm.rss[MM_ANONPAGES] += 1          # the zero page was never counted
     k.stats["wp_copy"] += 1
-    await ptl.__aexit__()
+    await traps.unlock(ptl)
     return 0
-
-
-def _pmdval_of(k, ptep: int) -> Entry:
-    pt = pgtable.table_of_entry(k, ptep)
-    return pgtable.table_entry(pt.paddr) if pt is not None else Entry(Kind.NONE)
 
 
 def _put_mapped_page(k, mm: MMStruct, page) -> None:
@@ -340,9 +339,10 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
             entp = pgtable.entry_addr(k, table, level, addr)
             ent = await pgtable.get_entry(k, entp, level)
             if ent.kind is Kind.TABLE:
-                if level + 1 < arch.pte_level:
-                    await down(ent.paddr, level + 1, addr, nxt)
-                if not mm.overlapping(base, base + lv.span):
+                unused = not mm.overlapping(base, base + lv.span)
+                if level + 1 < arch.pte_level:     # a table about to go must be emptied whole
+                    await down(ent.paddr, level + 1, *((base, base + lv.span) if unused else (addr, nxt)))
+                if unused:
                     child = k.ptdescs[ent.paddr]
                     await pgtable.clear_entry(k, entp, level)
                     pgtable.free_table(k, child)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SIZE, Entry, Kind, table_entry
+from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core.locks import SpinLock
 from mm_core.page_alloc import OutOfMemory, Page, PageUse
@@ -246,15 +247,15 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
         if ptep is None:
             return None
         ptl = pte_lockptr(k, mm, pmdval)
-        await ptl.__aenter__()
+        await traps.lock(ptl)
         if await get_raw(k, pmdp) == k.arch.encode(k.arch.pmd_level, pmdval):
             return ptep, ptl
-        await ptl.__aexit__()
+        await traps.unlock(ptl)
         await sched_point("retry", pmdp)
 
 
 async def pte_unmap_unlock(k, ptep: int, ptl: SpinLock) -> None:
-    await ptl.__aexit__()
+    await traps.unlock(ptl)
 
 
 async def pte_offset_map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:

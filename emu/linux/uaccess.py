@@ -38,7 +38,7 @@ async def copy_from_user(machine, mm, va: int, n: int) -> bytes:
     while n > 0:
         chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
         pa = await user_paddr(machine, mm, va, Access.R)
-        out += machine.physmem.read(pa, chunk)
+        out += machine.ram.read(pa, chunk)
         va, n = va + chunk, n - chunk
     return bytes(out)
 
@@ -48,7 +48,7 @@ async def copy_to_user(machine, mm, va: int, data: bytes, force: bool = False) -
     while pos < len(data):
         chunk = min(len(data) - pos, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
         pa = await user_paddr(machine, mm, va, Access.W, force)
-        machine.physmem.write(pa, data[pos:pos + chunk])
+        machine.ram.write(pa, data[pos:pos + chunk])
         va, pos = va + chunk, pos + chunk
 
 

@@ -1,0 +1,214 @@
+"""The ``emu`` command."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from emu import plugins
+from emu.loader import LoadError, read_elf
+from emu.physmem import parse_size
+from mm_core.config import DEFAULT_PROFILE, PROFILES
+from mm_core.memory import CheckMMError
+
+ARCH_CHOICES_HELP = "x86_64, arm64, s390x, ppc64 or any plugin's arch"
+DEMO_WORKLOADS = (("hello", []), ("pagetouch", []), ("qsort", []), ("segv", []))
+
+
+class UsageError(click.ClickException):
+    exit_code = 2
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    click.echo(f"emu: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="emu-mmu")
+def cli() -> None:
+    """emu: run guest programs on pluggable MMUs with a Linux mm model."""
+
+
+# -- emu run ---------------------------------------------------------------------------------
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("program")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--arch", help=f"guest architecture ({ARCH_CHOICES_HELP}); default: from the ELF")
+@click.option("--cpus", default=1, show_default=True, help="number of vCPUs")
+@click.option("--mem", default="256M", show_default=True, help="guest RAM size (K/M/G suffix)")
+@click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True,
+              type=click.Choice(list(PROFILES)), help="mm semantics profile (kernel version)")
+@click.option("--quantum", default=20000, show_default=True, help="instructions per scheduling quantum")
+@click.option("--policy", default="round-robin", show_default=True,
+              type=click.Choice(["round-robin", "timed"]), help="scheduling policy")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: str, profile: str,
+        quantum: int, policy: str, as_json: bool) -> None:
+    """Run PROGRAM (a static ELF) with ARGS; exits with the guest's exit status."""
+    from emu.machine import Machine
+    try:
+        parse_size(mem)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        image = read_elf(program)
+        owner = plugins.arch_for_elf(image.e_machine, image.big_endian)
+        if arch is None:
+            if owner is None:
+                _fail(f"{program}: no arch plugin runs {image.e_machine} executables")
+            arch = owner
+        if arch not in plugins.arches():
+            raise UsageError(f"unknown arch {arch!r}; known: {', '.join(plugins.arches())}")
+        live = None if as_json else _live_output
+        m = Machine(arch=arch, mem=mem, cpus=cpus, kernel=profile, quantum=quantum, policy=policy)
+        m.spawn(program, [program, *args], on_output=live)
+        result = m.run()
+    except LoadError as err:
+        _fail(str(err))
+    except CheckMMError as err:
+        _fail(f"mm audit failed at exit: {err}", 70)
+    except (ValueError, plugins.PluginError) as err:
+        _fail(str(err), 2)
+    summary = result.summary
+    if as_json:
+        out = {"program": program, "stdout": result.stdout.decode(errors="replace"),
+               "stderr": result.stderr.decode(errors="replace"), "exit_code": result.exit_code,
+               "signal": _signal_json(result.signal), **summary}
+        click.echo(json.dumps(out, indent=2))
+    else:
+        sys.stdout.flush()
+        if result.signal is not None:
+            click.echo(f"emu: guest killed by {result.signal.name}", err=True)
+            click.echo(result.signal.format(), err=True)
+        _print_summary(summary, result.exit_code)
+    sys.exit(result.exit_code if result.exit_code is not None else 1)
+
+
+def _live_output(fd: int, data: bytes) -> None:
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.buffer.write(data)
+    stream.flush()
+
+
+def _signal_json(sig: Any) -> dict | None:
+    if sig is None:
+        return None
+    return {"signal": sig.name, "code": sig.code, "address": sig.address, "pc": sig.pc,
+            "access": sig.access, "instruction": sig.instruction, "detail": sig.detail}
+
+
+def _print_summary(s: dict[str, Any], exit_code: int | None) -> None:
+    console = Console(stderr=True)
+    t = Table(title=f"emu run summary ({s['arch']}, kernel {s['kernel']})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    faults = ", ".join(f"{k} {v}" for k, v in s["faults_by_kind"].items() if v) or "none"
+    rows = [("exit code", exit_code), ("instructions", f"{s['instructions']:,}"),
+            ("TLB fills (hits)", f"{s['tlb_fills']:,} ({s['tlb_hits']:,})"),
+            ("page walks (table reads)", f"{s['walks']:,} ({s['walk_reads']:,})"),
+            ("faults", f"{s['faults']:,}: {faults}"),
+            ("pages allocated / freed", f"{s['pages_allocated']:,} / {s['pages_freed']:,}"),
+            ("page-table pages allocated / freed", f"{s['pt_pages_allocated']} / {s['pt_pages_freed']}"),
+            ("unknown syscalls", ", ".join(f"{k}x{v}" for k, v in s["unknown_syscalls"].items()) or "none"),
+            ("run time", f"{s['seconds']:.3f} s"), ("guest MIPS", f"{s['mips']:.2f}")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+# -- emu demo --------------------------------------------------------------------------------
+def _workload(arch: str, name: str) -> str | None:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base in (os.getcwd(), here):
+        p = os.path.join(base, "workloads", "bin", arch, name)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
+def demo(as_json: bool) -> None:
+    """Run the built-in workloads on all four arches and compare them side by side."""
+    from emu.machine import Machine
+    arches = ["x86_64", "arm64", "s390x", "ppc64"]
+    results: dict[str, dict[str, Any]] = {}
+    console = Console()
+    with console.status("running workloads") as status:
+        for name, args in DEMO_WORKLOADS:
+            for arch in arches:
+                status.update(f"{name} on {arch}")
+                path = _workload(arch, name)
+                if path is None:
+                    results.setdefault(name, {})[arch] = {"error": "workload ELF not found"}
+                    continue
+                m = Machine(arch=arch)
+                m.spawn(path, [name, *args])
+                r = m.run()
+                results.setdefault(name, {})[arch] = {
+                    "stdout": r.stdout.decode(errors="replace"), "exit_code": r.exit_code,
+                    "signal": r.signal.name if r.signal else None, **r.summary}
+    agree = {n: len({(v.get("stdout"), v.get("exit_code")) for v in per.values()}) == 1
+             for n, per in results.items()}
+    if as_json:
+        click.echo(json.dumps({"results": results, "same_output": agree}, indent=2))
+        return
+    for name, per in results.items():
+        t = Table(title=f"{name}: output identical on all arches: {'yes' if agree[name] else 'NO'}")
+        t.add_column("")
+        for arch in arches:
+            t.add_column(arch, justify="right")
+        keys = [("exit code", "exit_code"), ("instructions", "instructions"), ("TLB fills", "tlb_fills"),
+                ("walks", "walks"), ("faults", "faults"), ("PT pages alloc", "pt_pages_allocated"),
+                ("PT pages freed", "pt_pages_freed"), ("seconds", "seconds"), ("MIPS", "mips")]
+        for label, key in keys:
+            t.add_row(label, *[str(per[a].get(key, per[a].get("error", ""))) for a in arches])
+        console.print(t)
+        first = next(iter(per.values()))
+        console.print("[dim]" + (first.get("stdout") or "").rstrip().replace("[", r"\[") + "[/dim]\n")
+    if not all(agree.values()):
+        sys.exit(1)
+
+
+# -- emu plugins ---------------------------------------------------------------------------------
+@cli.group(name="plugins")
+def plugins_cmd() -> None:
+    """Arch plugins: list them, check one against the contract."""
+
+
+@plugins_cmd.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+def plugins_list(as_json: bool) -> None:
+    """Show every arch plugin, where it comes from, and its page-table geometry."""
+    try:
+        found = plugins.arches()
+    except plugins.PluginError as err:
+        _fail(str(err))
+    if as_json:
+        click.echo(json.dumps({n: {"source": i.source, "plugin": i.plugin,
+                                   "geometry": i.cls().describe()} for n, i in found.items()}, indent=2))
+        return
+    t = Table(title="emu arch plugins")
+    for col in ("arch", "source", "levels (Linux name:index bits)", "VA bits", "root register"):
+        t.add_column(col)
+    for name, info in found.items():
+        spec = info.cls()
+        t.add_row(name, info.source, spec.describe(), str((spec.task_size - 1).bit_length()),
+                  spec.root_register_name)
+    Console().print(t)
+
+
+def main() -> None:
+    for hook in plugins.manager().hook.emu_register_commands.get_hookimpls():
+        hook.function(cli=cli)
+    cli(prog_name="emu")
+
+
+if __name__ == "__main__":
+    main()
