@@ -1,5 +1,37 @@
-"""emu: a plugin-based architecture emulator with pluggable MMUs and a Linux mm model."""
+"""emu: a plugin-based architecture emulator with pluggable MMUs and a Linux mm model.
+
+    import emu
+    m = emu.Machine(arch="arm64", mem="256M")
+    mm = m.new_mm()
+    va = m.mmap(mm, 0, 1 << 20, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS)
+    pa = m.touch(mm, va, write=True)
+"""
+from typing import Any
+
 from emu.hookspecs import hookimpl
+from mm_core.mmap import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE", "PROT_READ",
+           "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_FIXED", "MAP_ANONYMOUS",
+           "MAP_GROWSDOWN", "MAP_POPULATE", "MAP_FIXED_NOREPLACE"]
+
+
+def __getattr__(name: str) -> Any:
+    # The machine pulls in Unicorn and every layer; plugins importing emu.hookimpl must not.
+    if name in ("Machine", "GuestAccessError", "RunResult"):
+        from emu import machine
+        return getattr(machine, name)
+    raise AttributeError(f"module 'emu' has no attribute {name!r}")
