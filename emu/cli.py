@@ -201,7 +201,33 @@ def plugins_list(as_json: bool) -> None:
         spec = info.cls()
         t.add_row(name, info.source, spec.describe(), str((spec.task_size - 1).bit_length()),
                   spec.root_register_name)
+    for name, why in plugins.broken.items():
+        t.add_row(name, "[red]broken[/red]", why, "", "")
     Console().print(t)
+
+
+@plugins_cmd.command(name="check")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def plugins_check(name: str, as_json: bool) -> None:
+    """Run the conformance kit against the arch plugin NAME."""
+    from emu.testing import run_checks
+    try:
+        arch = plugins.get_arch(name)
+    except plugins.PluginError as err:
+        raise UsageError(str(err)) from None
+    results = run_checks(arch)
+    if as_json:
+        click.echo(json.dumps({"arch": name, "ok": all(r.ok for r in results),
+                               "checks": {r.name: list(r.problems) for r in results}}, indent=2))
+    else:
+        for r in results:
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name}")
+            for problem in r.problems:
+                click.echo(f"       {problem}")
+        failed = sum(not r.ok for r in results)
+        click.echo(f"{name}: {len(results) - failed} passed, {failed} failed")
+    sys.exit(0 if all(r.ok for r in results) else 1)
 
 
 def main() -> None:
