@@ -143,6 +143,8 @@ class Machine:
         return mm.pgd
 
     def root_register(self, mm: MMStruct) -> int:
+        if mm.dead:
+            raise ValueError(f"mm {mm.id} has exited: its page tables are gone")
         return self.arch.root_register(mm.pgd, mm.asid)
 
     def read_user(self, mm: MMStruct, va: int, n: int) -> bytes:

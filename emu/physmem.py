@@ -27,6 +27,10 @@ def parse_size(text: str | int) -> int:
     return int(num) * _SIZE_UNITS[unit]
 
 
+class PhysicalAddressError(Exception):
+    """An access beyond guest RAM: on hardware a machine check, here always a bug."""
+
+
 class PhysMem:
     """``size`` bytes of guest RAM. Sizes are rounded up to 2 MiB so huge frames fit."""
 
@@ -62,6 +66,9 @@ class PhysMem:
 
     # -- 8-byte table entries in the guest's byte order --------------------------------------
     def read_entry(self, paddr: int) -> int:
+        if not 0 <= paddr <= self.size - 8:
+            raise PhysicalAddressError(f"table entry read at {paddr:#x}: outside guest RAM "
+                                       f"(0..{self.size:#x}); a page table is corrupt")
         return self.entry.unpack_from(self.buf, paddr)[0]
 
     def write_entry(self, paddr: int, value: int) -> None:

@@ -15,7 +15,7 @@ from emu.machine import Machine
 def test_instruction_count_is_exact_for_any_quantum(arch_name: str, quantum: int) -> None:
     """A Python code hook sees every instruction that started; emu counts the completed
     ones, so the two differ by exactly the faulting attempts (which restart)."""
-    m = Machine(arch=arch_name, quantum=quantum)
+    m = Machine(arch=arch_name, mem="32M", quantum=quantum)
     m.spawn(workload(arch_name, "hello"), ["hello"])
     vcpu = m.vcpus[0]
     started = [0]
@@ -28,7 +28,7 @@ def test_instruction_count_is_exact_for_any_quantum(arch_name: str, quantum: int
 def test_tlb_model_serves_refills_without_a_second_walk() -> None:
     """Unicorn's TLB is only a cache of ours: when it asks again for a page (after its
     own eviction or a flush), the answer comes from our TLB, not from another walk."""
-    m = Machine(arch="x86_64")
+    m = Machine(arch="x86_64", mem="32M")
     mm = m.new_mm()
     va = m.mmap(mm, 0, 4096, 3, 0x22)
     pa = m.touch(mm, va, write=True)
@@ -43,7 +43,7 @@ def test_tlb_model_serves_refills_without_a_second_walk() -> None:
 
 
 def test_clean_page_is_filled_without_write_so_the_store_walks_again() -> None:
-    m = Machine(arch="x86_64")
+    m = Machine(arch="x86_64", mem="32M")
     mm = m.new_mm()
     va = m.mmap(mm, 0, 4096, 3, 0x22)
     m.touch(mm, va, write=True)
