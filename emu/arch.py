@@ -371,7 +371,8 @@ def format_size(n: int) -> str:
     return _size(n)
 
 
-def run_walk(walk: Walk, read: Callable[[int], int], cmpxchg: Callable[[int, int, int], bool]) -> Translation | Fault:
+def run_walk(walk: Walk, read: Callable[[int], int],
+             cmpxchg: Callable[[int, int, int], bool]) -> Translation | Fault:
     """Drive a hardware walk to its end without yielding to a scheduler (fast mode)."""
     try:
         step = next(walk)

@@ -28,8 +28,8 @@ from mm_core.mm import (
     VM_MAYWRITE,
     VM_READ,
     VM_WRITE,
-    MMStruct,
     VMA,
+    MMStruct,
 )
 
 STACK_SIZE = 8 << 20
@@ -183,7 +183,6 @@ class Machine:
 
     async def _exec(self, mm: MMStruct, image, argv: list[str], env: list[str], vcpu: VCPU) -> None:
         """load_elf_binary(): map the segments, the stack and the sentinel page."""
-        k = self.kernel
         may = VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
         for seg in image.segments:
             flags = ((VM_READ if seg.flags & PF_R else 0) | (VM_WRITE if seg.flags & PF_W else 0)

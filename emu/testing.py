@@ -165,8 +165,12 @@ def check_geometry(arch: ArchSpec) -> list[str]:
 
 @check
 def check_empty_tables_decode_as_none(arch: ArchSpec) -> list[str]:
-    return [f"{lv.name}: empty value {arch.empty_value(i):#x} decodes as {arch.decode(i, arch.empty_value(i)).kind}"
-            for i, lv in enumerate(arch.levels) if arch.decode(i, arch.empty_value(i)).kind is not Kind.NONE]
+    p = []
+    for i, lv in enumerate(arch.levels):
+        kind = arch.decode(i, arch.empty_value(i)).kind
+        if kind is not Kind.NONE:
+            p.append(f"{lv.name}: empty value {arch.empty_value(i):#x} decodes as {kind}")
+    return p
 
 
 @check
@@ -204,7 +208,9 @@ def check_root_register(arch: ArchSpec) -> list[str]:
     s = _Scratch(arch)
     try:
         reg = arch.root_register(s.root, 1)
-        return [] if arch.root_table(reg) == s.root else [f"root_table(root_register(t)) != t for {s.root:#x}"]
+        if arch.root_table(reg) != s.root:
+            return [f"root_table(root_register(t)) != t for {s.root:#x}"]
+        return []
     finally:
         s.close()
 

@@ -21,8 +21,8 @@ from mm_core.mm import (
     VM_READ,
     VM_SHARED,
     VM_WRITE,
-    MMStruct,
     VMA,
+    MMStruct,
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
 
@@ -207,7 +207,7 @@ async def do_wp_page(k, vma: VMA, addr: int, ptep: int, ptl, entry: Entry) -> in
     """do_wp_page(): called with ptl held on a write to a present, write-protected PTE;
     returns with it released. An exclusive anon page is reused in place; the zero page or
     a shared page is copied."""
-    mm, arch = vma.mm, k.arch
+    arch = k.arch
     addr &= ~(PAGE_SIZE - 1)
     page = None if entry.special else k.alloc.page_of(entry.paddr)
     if page is not None and page.use is PageUse.ANON and page.refcount == 1:

@@ -14,8 +14,8 @@ from mm_core.mm import (
     VM_READ,
     VM_SHARED,
     VM_WRITE,
-    MMStruct,
     VMA,
+    MMStruct,
 )
 
 # Linux uapi values (asm-generic/mman-common.h; identical on the four arches for these)

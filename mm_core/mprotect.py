@@ -6,7 +6,14 @@ from emu.sched.traps import sched_point
 from mm_core import memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
-    VM_ACCESS_FLAGS, VM_MAYEXEC, VM_MAYREAD, VM_MAYWRITE, VM_SHARED, VM_WRITE, MMStruct, VMA,
+    VM_ACCESS_FLAGS,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYWRITE,
+    VM_SHARED,
+    VM_WRITE,
+    VMA,
+    MMStruct,
 )
 from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
 from mm_core.page_alloc import PageUse

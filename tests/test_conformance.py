@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from arch_plugins.x86_64 import X86_64
 from emu import plugins
 from emu.arch import Entry, Kind
 from emu.testing import ArchConformance, run_checks
-from arch_plugins.x86_64 import X86_64
 
 
 class TestX86_64(ArchConformance):

@@ -38,7 +38,7 @@ async def guest_thread(machine, thread) -> None:
             result = await do_user_addr_fault(k, proc.mm, stop.va, stop.access)
             if result is FaultResult.OK and repeats < MAX_REPEATED_FAULTS:
                 continue
-            signal = SIGBUS if result is FaultResult.SIGBUS else SIGKILL if result is FaultResult.OOM else SIGSEGV
+            signal = {FaultResult.SIGBUS: SIGBUS, FaultResult.OOM: SIGKILL}.get(result, SIGSEGV)
             code = "fault loop" if result is FaultResult.OK else result.value
             proc.kill(_report(machine, vcpu, signal, code, stop.va, stop.pc, stop.access,
                               f"hardware fault: {stop.fault.kind.value} at level "
