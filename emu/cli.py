@@ -47,9 +47,11 @@ def cli() -> None:
 @click.option("--quantum", default=20000, show_default=True, help="instructions per scheduling quantum")
 @click.option("--policy", default="round-robin", show_default=True,
               type=click.Choice(["round-robin", "timed"]), help="scheduling policy")
+@click.option("--walks", default="inline", show_default=True, type=click.Choice(["inline", "stepped"]),
+              help="hardware walks inline (fast) or as scheduled tasks (each table read a scheduling point)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: str, profile: str,
-        quantum: int, policy: str, as_json: bool) -> None:
+        quantum: int, policy: str, walks: str, as_json: bool) -> None:
     """Run PROGRAM (a static ELF) with ARGS; exits with the guest's exit status."""
     from emu.machine import Machine
     try:
@@ -66,7 +68,8 @@ def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: s
         if arch not in plugins.arches():
             raise UsageError(f"unknown arch {arch!r}; known: {', '.join(plugins.arches())}")
         live = None if as_json else _live_output
-        m = Machine(arch=arch, mem=mem, cpus=cpus, kernel=profile, quantum=quantum, policy=policy)
+        m = Machine(arch=arch, mem=mem, cpus=cpus, kernel=profile, quantum=quantum, policy=policy,
+                    walks=walks)
         m.spawn(program, [program, *args], on_output=live)
         result = m.run()
     except LoadError as err:

@@ -61,11 +61,15 @@ class Machine:
 
     def __init__(self, arch: str = "x86_64", mem: str | int = "256M", cpus: int = 1,
                  kernel: str = "6.6", policy: str = "round-robin", quantum: int = DEFAULT_QUANTUM,
-                 **arch_options: Any) -> None:
+                 walks: str = "inline", **arch_options: Any) -> None:
         if cpus < 1 or cpus > 64:
             raise ValueError("cpus must be between 1 and 64")
         if quantum < 1:
             raise ValueError("quantum must be positive")
+        if walks not in ("inline", "stepped"):
+            raise ValueError("walks must be 'inline' (fast) or 'stepped' (each table read is a "
+                             "scheduling point)")
+        self.stepped_walks = walks == "stepped"
         self.arch = plugins.get_arch(arch, **arch_options)
         self.ram = PhysMem(parse_size(mem), self.arch.big_endian)
         self.kernel = Kernel(self.arch, self.ram, kernel)
@@ -227,7 +231,7 @@ class Machine:
                 return v
         if len(self.vcpus) >= self.ncpus:
             raise RuntimeError(f"all {self.ncpus} vCPU(s) are busy; create the Machine with more cpus")
-        v = VCPU(len(self.vcpus), self.arch, self.ram)
+        v = VCPU(len(self.vcpus), self.arch, self.ram, stepped_walks=self.stepped_walks)
         self.vcpus.append(v)
         return v
 

@@ -27,6 +27,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from emu.arch import PAGE_SHIFT, Access, ArchSpec, Fault, ReadEntry, Translation, run_walk
 from emu.physmem import PhysMem
+from emu.sched.traps import sched_point
 from emu.tlb import TLB
 
 _FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
@@ -43,7 +44,7 @@ _COUNTER_GUESS = 1368
 class UserStop:
     """Why a quantum of guest execution ended."""
 
-    kind: str                 # "quantum", "syscall", "fault", "intr", "error"
+    kind: str                 # "quantum", "syscall", "fault", "tlb_miss", "intr", "error"
     pc: int
     instructions: int
     cycles: int
@@ -55,8 +56,12 @@ class UserStop:
 
 
 class VCPU:
-    def __init__(self, index: int, arch: ArchSpec, physmem: PhysMem, sentinel: int = 0) -> None:
+    def __init__(self, index: int, arch: ArchSpec, physmem: PhysMem, sentinel: int = 0,
+                 stepped_walks: bool = False) -> None:
         self.index = index
+        # stepped: a TLB miss stops the quantum and the walk runs as a task, one table
+        # read per scheduling point, so hardware walks can race with kernel table changes
+        self.stepped_walks = stepped_walks
         self.arch = arch
         self.physmem = physmem
         self.sentinel = sentinel          # emu_start's `until`: mapped executable, never run
@@ -133,6 +138,10 @@ class VCPU:
                 tlb.small[vaddr >> PAGE_SHIFT] = hit
                 entry[0], entry[1] = hit[0] | (vaddr & _PAGE_MASK), hit[1]
                 return True
+        if self.stepped_walks and vaddr >> PAGE_SHIFT != self.sentinel >> PAGE_SHIFT:
+            if self.pending_fault is None:
+                self.pending_fault = (vaddr, acc, None)    # a miss: walk it as a task
+            return False
         result = self.hw_walk(vaddr, acc)
         if type(result) is Translation:
             page, perms = tlb.insert(vaddr, result)
@@ -152,6 +161,26 @@ class VCPU:
             return pm.read_entry(paddr)
 
         return run_walk(self.arch.walk(self.root, va, acc), read, pm.cmpxchg_entry)
+
+    async def hw_walk_stepped(self, va: int, acc: Access) -> Translation | Fault:
+        """The same walk with every table read and A/D update a scheduling point."""
+        self.walks += 1
+        pm = self.physmem
+        walk = self.arch.walk(self.root, va, acc)
+        try:
+            step = next(walk)
+            while True:
+                await sched_point("hw_walk", step.paddr)
+                if type(step) is ReadEntry:
+                    self.walk_reads += 1
+                    step = walk.send(pm.read_entry(step.paddr))
+                else:
+                    step = walk.send(pm.cmpxchg_entry(step.paddr, step.old, step.new))
+        except StopIteration as stop:
+            result = stop.value
+        if type(result) is Translation:
+            self.tlb.insert(va, result)
+        return result
 
     # -- address space ------------------------------------------------------------------------
     def switch_mm(self, mm) -> None:
@@ -210,7 +239,7 @@ class VCPU:
         if self.pending_syscall:
             kind = "syscall"
         elif self.pending_fault is not None:
-            kind, n = "fault", max(0, n - 1)
+            kind, n = ("fault" if self.pending_fault[2] is not None else "tlb_miss"), max(0, n - 1)
         elif self.pending_intr >= 0:
             kind = "intr"
         elif error:
@@ -221,8 +250,13 @@ class VCPU:
         stop = UserStop(kind, pc, n, n, error=error, intno=self.pending_intr)
         if kind == "fault":
             stop.va, stop.access, stop.fault = self.pending_fault
-            self.faults_by_kind[stop.fault.kind.value] = self.faults_by_kind.get(stop.fault.kind.value, 0) + 1
+            self.count_fault(stop.fault)
+        elif kind == "tlb_miss":
+            stop.va, stop.access = self.pending_fault[:2]
         return stop
+
+    def count_fault(self, fault: Fault) -> None:
+        self.faults_by_kind[fault.kind.value] = self.faults_by_kind.get(fault.kind.value, 0) + 1
 
     def _executed(self, quantum: int) -> int:
         """Instructions of the last emu_start, from uc_struct.emu_counter."""

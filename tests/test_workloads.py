@@ -82,3 +82,13 @@ def test_two_processes_on_two_vcpus_interleave_and_both_finish(policy: str) -> N
     m.run()
     assert a.stdout == expected("qsort")[0] and b.stdout == expected("pagetouch")[0]
     assert m.scheduler.switches > 10          # the quanta really interleaved
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+def test_stepped_hardware_walks_give_the_same_results(arch_name: str) -> None:
+    """With walks="stepped" every table read of the MMU is a scheduling point."""
+    m = Machine(arch=arch_name, mem="32M", walks="stepped")
+    m.spawn(workload(arch_name, "pagetouch"), ["pagetouch"])
+    r = m.run()
+    assert r.stdout == expected("pagetouch")[0]
+    assert m.scheduler.traps > r.summary["walk_reads"] >= 256 * (len(m.arch.levels) - 1)

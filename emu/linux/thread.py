@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from capstone import Cs
 
-from emu.arch import Access
+from emu.arch import Access, Translation
 from emu.linux import syscalls
 from emu.linux.process import SIGBUS, SIGILL, SIGKILL, SIGSEGV, SignalReport
 from emu.sched.traps import run_user
@@ -31,6 +31,12 @@ async def guest_thread(machine, thread) -> None:
         stop = await run_user(vcpu, machine.quantum)
         if stop.kind == "quantum":
             continue
+        if stop.kind == "tlb_miss":                  # stepped walks: the MMU runs as a task
+            result = await vcpu.hw_walk_stepped(stop.va, stop.access)
+            if type(result) is Translation:
+                continue
+            vcpu.count_fault(result)
+            stop.kind, stop.fault = "fault", result
         if stop.kind == "fault":
             where = (stop.pc, stop.va, stop.access)
             repeats = repeats + 1 if where == last_fault else 0
