@@ -21,17 +21,28 @@ typedef unsigned int       u32;
 typedef unsigned char      u8;
 typedef unsigned long      size_t;
 
-/* ---- syscall numbers (see /work/shared/spec/syscalls.md) ---------------- */
+/* ---- syscall numbers (see /work/shared/spec/syscalls.md) ----------------
+ * close, ftruncate, madvise and memfd_create were read from the kernel 6.1
+ * uapi headers: linux-libc-dev (x86_64 asm/unistd_64.h) and Debian's
+ * linux-libc-dev-{arm64,s390x,ppc64}-cross (/usr/<triple>/include/asm/unistd_64.h;
+ * arm64 uses asm-generic/unistd.h, where ftruncate is __NR3264_ftruncate = 46);
+ * close, madvise and memfd_create agree with syscalls.md. */
 #if defined(__x86_64__)
 #define NR_write        1
+#define NR_close        3
 #define NR_mmap         9
 #define NR_mprotect    10
 #define NR_munmap      11
 #define NR_brk         12
+#define NR_madvise     28
 #define NR_getpid      39
 #define NR_uname       63
+#define NR_ftruncate   77
 #define NR_exit_group 231
+#define NR_memfd_create 319
 #elif defined(__aarch64__)
+#define NR_ftruncate   46
+#define NR_close       57
 #define NR_write       64
 #define NR_exit_group  94
 #define NR_uname      160
@@ -40,34 +51,50 @@ typedef unsigned long      size_t;
 #define NR_munmap     215
 #define NR_mmap       222
 #define NR_mprotect   226
+#define NR_madvise    233
+#define NR_memfd_create 279
 #elif defined(__s390x__)
 #define NR_write        4
+#define NR_close        6
 #define NR_getpid      20
 #define NR_brk         45
 #define NR_mmap        90   /* old_mmap: one argument, a pointer to six longs */
 #define NR_munmap      91
+#define NR_ftruncate   93
 #define NR_uname      122
 #define NR_mprotect   125
+#define NR_madvise    219
 #define NR_exit_group 248
+#define NR_memfd_create 350
 #elif defined(__powerpc64__)
 #define NR_write        4
+#define NR_close        6
 #define NR_getpid      20
 #define NR_brk         45
 #define NR_mmap        90
 #define NR_munmap      91
+#define NR_ftruncate   93
 #define NR_uname      122
 #define NR_mprotect   125
+#define NR_madvise    205
 #define NR_exit_group 234
+#define NR_memfd_create 360
 #else
 #error "emu workloads: unsupported architecture"
 #endif
 
-/* mmap constants: the same values on all four arches */
+/* mmap and madvise constants: the same values on all four arches
+ * (linux/mman.h, asm-generic/mman-common.h) */
 #define PROT_NONE      0
 #define PROT_READ      1
 #define PROT_WRITE     2
+#define MAP_SHARED     0x01
 #define MAP_PRIVATE    0x02
+#define MAP_FIXED      0x10
 #define MAP_ANONYMOUS  0x20
+#define MADV_DONTNEED  4
+#define MADV_HUGEPAGE  14
+#define MADV_COLLAPSE  25
 
 #define PAGE_SIZE      4096UL
 
@@ -173,6 +200,27 @@ static inline long sys_munmap(void *addr, size_t len)
 static inline long sys_mprotect(void *addr, size_t len, int prot)
 {
     return rt_syscall3(NR_mprotect, addr, len, prot);
+}
+
+static inline long sys_madvise(void *addr, size_t len, int advice)
+{
+    return rt_syscall3(NR_madvise, addr, len, advice);
+}
+
+/* Returns a file descriptor, or -errno. */
+static inline long sys_memfd_create(const char *name, u32 flags)
+{
+    return rt_syscall2(NR_memfd_create, name, flags);
+}
+
+static inline long sys_ftruncate(int fd, long len)
+{
+    return rt_syscall2(NR_ftruncate, fd, len);
+}
+
+static inline long sys_close(int fd)
+{
+    return rt_syscall1(NR_close, fd);
 }
 
 /* The raw brk: returns the new break, or the unchanged one on failure. */

@@ -1,0 +1,193 @@
+/*
+ * shmem_collapse - one 4 MiB memfd mapped MAP_SHARED twice; MADV_COLLAPSE of
+ * a 2 MiB range of the first mapping; the data must be the same through both
+ * mappings before and after, and MADV_DONTNEED must not lose shared file data.
+ *
+ * Layout: each mapping is placed at a 2 MiB aligned address.  A 6 MiB
+ * PROT_NONE anonymous reservation always contains a 2 MiB aligned 4 MiB
+ * window; the file is mapped over that window with MAP_FIXED at file offset
+ * 0, and the unused head and tail of the reservation are unmapped.  So in
+ * both mappings the first 2 MiB have a 2 MiB aligned virtual address AND
+ * file offset, which is what a PMD mapping of a huge shmem page needs.
+ *
+ * Each page i holds one 64-bit value derived from i at an i-dependent 8-byte
+ * aligned offset; checksums are computed from the values, never from bytes.
+ *
+ * The results of MADV_HUGEPAGE and MADV_COLLAPSE depend on where the program
+ * runs (qemu-user 7.2 drops both and answers 0 without collapsing; a kernel
+ * without shmem THP answers -EINVAL; Linux 6.18 and emu collapse), so they go
+ * to stderr only: stdout is the same whether the collapse happened or not.
+ */
+#include "rt.h"
+
+#define FILE_SIZE  (4UL << 20)
+#define HUGE_SIZE  (2UL << 20)
+#define NPAGES     (FILE_SIZE / PAGE_SIZE)
+#define HUGE_PAGES (HUGE_SIZE / PAGE_SIZE)
+#define DONTNEED_OFF  (3UL << 20)      /* 64 KiB at 3 MiB: outside the collapsed range */
+#define DONTNEED_LEN  (64UL << 10)
+
+static u64 page_value(u64 i)
+{
+    return (i + 1) * 0x9e3779b97f4a7c15UL ^ (i << 32);
+}
+
+static u64 page_offset(u64 i)
+{
+    return (i * 56) & (PAGE_SIZE - 8);
+}
+
+static u64 mix(u64 sum, u64 v)
+{
+    return sum * 0x100000001b3UL ^ v;
+}
+
+static volatile u64 *word(u8 *base, u64 i)
+{
+    return (volatile u64 *)(base + i * PAGE_SIZE + page_offset(i));
+}
+
+static int fail(const char *what, long r)
+{
+    put_str(what);
+    put_str(" failed: -");
+    put_udec((u64)-r);
+    put_char('\n');
+    return 1;
+}
+
+/* "what returned N\n" on stderr, in one write. */
+static void err_result(const char *what, long r)
+{
+    char buf[80];
+    char tmp[20];
+    size_t n = 0, k = 0;
+    u64 v = r < 0 ? (u64)-r : (u64)r;
+    while (*what && n < 40)
+        buf[n++] = *what++;
+    const char *s = " returned ";
+    while (*s)
+        buf[n++] = *s++;
+    if (r < 0)
+        buf[n++] = '-';
+    do {
+        tmp[k++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (k)
+        buf[n++] = tmp[--k];
+    buf[n++] = '\n';
+    sys_write(2, buf, n);
+}
+
+/* Map the whole file MAP_SHARED at a 2 MiB aligned address; returns the
+ * address or -errno. */
+static long map_aligned(int fd)
+{
+    size_t resv_len = FILE_SIZE + HUGE_SIZE;
+    long r = sys_mmap(0, resv_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (rt_is_err(r))
+        return r;
+    u64 resv = (u64)r;
+    u64 at = (resv + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
+    r = sys_mmap((void *)at, FILE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+    if (rt_is_err(r))
+        return r;
+    if (at > resv) {                       /* the unused head of the reservation */
+        r = sys_munmap((void *)resv, at - resv);
+        if (r)
+            return r;
+    }
+    u64 end = at + FILE_SIZE, resv_end = resv + resv_len;
+    if (end < resv_end) {                  /* and its tail */
+        r = sys_munmap((void *)end, resv_end - end);
+        if (r)
+            return r;
+    }
+    return (long)at;
+}
+
+int main(int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+
+    long r = sys_memfd_create("emu-shmem", 0);
+    if (rt_is_err(r))
+        return fail("memfd_create", r);
+    int fd = (int)r;
+    r = sys_ftruncate(fd, FILE_SIZE);
+    if (r)
+        return fail("ftruncate", r);
+
+    r = map_aligned(fd);
+    if (rt_is_err(r))
+        return fail("mmap 1", r);
+    u8 *m1 = (u8 *)r;
+    r = map_aligned(fd);
+    if (rt_is_err(r))
+        return fail("mmap 2", r);
+    u8 *m2 = (u8 *)r;
+
+    /* Write through mapping 1, read through mapping 2. */
+    for (u64 i = 0; i < NPAGES; i++)
+        *word(m1, i) = page_value(i);
+    u64 before = 0, bad = 0;
+    for (u64 i = 0; i < NPAGES; i++) {
+        u64 v = *word(m2, i);
+        bad += v != page_value(i);
+        before = mix(before, v);
+    }
+
+    /* The first 2 MiB of mapping 1: aligned in address and in file offset. */
+    r = sys_madvise(m1, HUGE_SIZE, MADV_HUGEPAGE);
+    err_result("hugepage", r);
+    r = sys_madvise(m1, HUGE_SIZE, MADV_COLLAPSE);
+    err_result("collapse", r);
+
+    /* Everything must still be there, through both mappings. */
+    for (u64 i = 0; i < NPAGES; i++) {
+        bad += *word(m1, i) != page_value(i);
+        bad += *word(m2, i) != page_value(i);
+    }
+
+    /* New values into the collapsed range through mapping 2, read through 1. */
+    for (u64 i = 0; i < HUGE_PAGES; i++)
+        *word(m2, i) = page_value(i + NPAGES);
+    u64 after = 0;
+    for (u64 i = 0; i < NPAGES; i++) {
+        u64 want = i < HUGE_PAGES ? page_value(i + NPAGES) : page_value(i);
+        u64 v = *word(m1, i);
+        bad += v != want;
+        after = mix(after, v);
+    }
+
+    put_kv_dec("pages", NPAGES);
+    put_kv_hex("checksum before", before);
+    put_kv_hex("checksum after", after);
+    put_kv_dec("mismatches", bad);
+
+    /* MADV_DONTNEED on shared file memory drops only the page table entries:
+     * the next access faults the same page cache pages back in. */
+    r = sys_madvise(m1 + DONTNEED_OFF, DONTNEED_LEN, MADV_DONTNEED);
+    if (r)
+        return fail("madvise dontneed", r);
+    u64 lost = 0;
+    for (u64 i = DONTNEED_OFF / PAGE_SIZE; i < (DONTNEED_OFF + DONTNEED_LEN) / PAGE_SIZE; i++) {
+        lost += *word(m1, i) != page_value(i);
+        lost += *word(m2, i) != page_value(i);
+    }
+    put_str(lost ? "dontneed keeps shmem data: no\n" : "dontneed keeps shmem data: yes\n");
+
+    r = sys_munmap(m1, FILE_SIZE);
+    if (r)
+        return fail("munmap 1", r);
+    r = sys_munmap(m2, FILE_SIZE);
+    if (r)
+        return fail("munmap 2", r);
+    r = sys_close(fd);
+    if (r)
+        return fail("close", r);
+    put_str("munmap and close ok\n");
+    return bad || lost ? 1 : 0;
+}
