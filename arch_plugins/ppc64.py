@@ -120,6 +120,7 @@ class Ppc64(ArchSpec):
     sp_reg = uc_ppc.UC_PPC_REG_1
     root_register_name = "PRTE"
     sw_bits = frozenset({"special", "soft_dirty"})
+    pte_frag_rules = "powerpc"     # PTE_FRAG_NR is 1 with 4K pages: one table per page
 
     levels = (
         Level("pgd", "PGD", 39, RADIX_PGD_INDEX_SIZE, leaf=False),

@@ -208,8 +208,21 @@ class S390x(ArchSpec):
     )
     task_size = _ASCE_LIMIT
 
-    # table_alloc_bytes / table_align: the contract's defaults (table_bytes) are exactly
-    # s390's: 16K CRSTs (order-2 pages) and 2K page tables at any 2K boundary.
+    options = {"full_page_pte": "one 2K PTE table per 4K page (Linux 6.7+, d08d4e7cd6bf) "
+                                "instead of two halves sharing a page"}
+    pte_frag_rules = "s390"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.opts.get("full_page_pte"):
+            self.pte_frag_rules = "page"
+
+    def table_alloc_bytes(self, level: int) -> int:
+        """16K CRSTs (order-2 pages); 2K page tables at any 2K boundary, or (6.7+) one
+        per 4K page with the upper half unused."""
+        if level == PTE and self.opts.get("full_page_pte"):
+            return PAGE_SIZE
+        return self.levels[level].table_bytes
 
     # -- encode/decode ---------------------------------------------------------------------
     def decode(self, level: int, value: int) -> Entry:

@@ -260,6 +260,8 @@ class ArchSpec(ABC):
     timing: ClassVar[TimingDefaults]
     options: ClassVar[Mapping[str, str]] = {}   # option name -> one-line help
     root_register_name: ClassVar[str] = "root"
+    pte_frag_rules: ClassVar[str] = "page"  # how PTE tables share pages: "page", "s390", "powerpc"
+                                            # (mm_core/pgalloc.py implements each)
     sw_bits: ClassVar[frozenset[str]] = frozenset()   # Linux software bits the arch has:
                                                       # "special", "soft_dirty", "uffd_wp"
     uname_machine: ClassVar[str] = ""   # utsname.machine (defaults to name)

@@ -16,7 +16,7 @@ from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
-from mm_core import memory, pgtable
+from mm_core import memory, pgtable, rcu
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core.kernel import Kernel
@@ -84,6 +84,7 @@ class Machine:
         self.sentinel_va = self.stack_top - STACK_SIZE - 2 * PAGE_SIZE
         self.mmap_base = (self.sentinel_va - (16 << 20)) & ~((2 << 20) - 1)
         self.wall_seconds = 0.0
+        self._kthreads = False
 
     # -- public properties ------------------------------------------------------------------
     @property
@@ -183,7 +184,18 @@ class Machine:
         proc.threads.append(thread)
         thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(path)}:{pid}")
         self.processes.append(proc)
+        self._start_kthreads()
         return proc
+
+    def _start_kthreads(self) -> None:
+        """The kernel's daemons: rcu_gp (grace periods); they end with the run."""
+        if not self._kthreads:
+            self._kthreads = True
+            self.scheduler.spawn(rcu.rcu_gp_kthread(self.kernel), "rcu_gp", daemon=True)
+
+    def rcu_barrier(self) -> None:
+        """rcu_barrier() from outside a run: every queued RCU callback runs now."""
+        self.kernel.rcu.barrier_now()
 
     async def _exec(self, mm: MMStruct, image, argv: list[str], env: list[str], vcpu: VCPU) -> None:
         """load_elf_binary(): map the segments, the stack and the sentinel page."""
@@ -252,12 +264,23 @@ class Machine:
         t0 = time.perf_counter()
         try:
             self.scheduler.run()
+            self.kernel.rcu.barrier_now()       # the run is over: no reader is left
+            self.audit_page_tables()
         finally:
             self.wall_seconds += time.perf_counter() - t0
         if not self.processes:
             raise RuntimeError("nothing to run: spawn a program first")
         p = self.processes[0]
         return RunResult(bytes(p.stdout), bytes(p.stderr), p.exit_code, p.signal, self.summary())
+
+    def audit_page_tables(self) -> None:
+        """After every process exited and rcu_barrier: no page-table page may be left."""
+        live = {id(p.mm) for p in self.processes if not p.mm.dead}
+        left = [pt for pt in self.kernel.ptdescs.values() if id(pt.mm) not in live]
+        left += [pt for pt in self.kernel.deferred_tables() if id(pt.mm) not in live]
+        if left:
+            raise memory.CheckMMError(f"BUG: {len(left)} page table(s) of exited processes still "
+                                      f"allocated after rcu_barrier: {left[:4]}")
 
     def summary(self) -> dict[str, Any]:
         k, alloc = self.kernel, self.kernel.alloc
@@ -291,6 +314,9 @@ class Machine:
             "pt_pages_freed": k.stats["pt_pages_freed"],
             "pt_tables_allocated": k.stats["pt_tables_allocated"],
             "pt_tables_freed": k.stats["pt_tables_freed"],
+            "pt_tables_rcu_deferred": k.stats["pt_tables_deferred"],
+            "pt_pages_rcu_freed": k.stats["pt_pages_rcu_freed"],
+            "rcu_grace_periods": k.stats["rcu_grace_periods"],
             "tlb_shootdowns": k.stats["tlb_shootdowns"],
             "unknown_syscalls": dict(unknown),
             "seconds": round(secs, 4),

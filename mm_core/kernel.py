@@ -9,6 +9,7 @@ from emu.arch import ArchSpec
 from emu.physmem import PhysMem
 from mm_core.config import Profile, get_profile
 from mm_core.page_alloc import PageAllocator, PageUse
+from mm_core.rcu import Rcu
 
 
 class Kernel:
@@ -18,7 +19,11 @@ class Kernel:
         self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
         self.alloc = PageAllocator(physmem)
         self.zero_page = self.alloc.alloc_pages(0, PageUse.ZERO)    # ZERO_PAGE(0)
-        self.ptdescs: dict[int, object] = {}     # table paddr -> PageTable (ptdesc)
+        self.ptdescs: dict[int, object] = {}     # table paddr -> PageTable (ptdesc), live tables
+        self.deferred: list = []                 # tables waiting for a grace period
+        self.deposits: dict[int, list] = {}      # pmd entry paddr -> deposited PTE tables
+        self.rcu = Rcu()
+        self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
         self.stats: Counter[str] = Counter()
         self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)
         # set by the machine: TLB shootdown of [start, end) for every vCPU using mm
@@ -31,3 +36,8 @@ class Kernel:
 
     def printk(self, msg: str) -> None:
         self.log.append(msg)
+
+    def deferred_tables(self) -> list:
+        """Tables detached and queued for freeing after a grace period."""
+        self.deferred = [pt for pt in self.deferred if pt.state == "deferred"]
+        return self.deferred

@@ -87,3 +87,44 @@ async def mmap_write_lock(mm) -> None:
 
 async def mmap_write_unlock(mm) -> None:
     await traps.unlock(mm.mmap_lock, "w")
+
+
+class WaitQueue:
+    """wait_queue_head_t for one waiter kind: ``wake`` posts an event, a waiter consumes
+    it (the rcu_gp daemon waiting for callbacks, khugepaged waiting for work)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events = 0
+
+    def post(self) -> None:
+        self.events += 1
+
+    def try_acquire(self, task: object, mode: str = "w") -> bool:
+        if self.events:
+            self.events = 0
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"<waitq {self.name}>"
+
+
+class Completion:
+    """struct completion: waiters pass once ``complete()`` has been called."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.done = False
+
+    def complete(self) -> None:
+        self.done = True
+
+    def post(self) -> None:
+        self.done = True
+
+    def try_acquire(self, task: object, mode: str = "w") -> bool:
+        return self.done
+
+    def __repr__(self) -> str:
+        return f"<completion {self.name}>"

@@ -7,14 +7,17 @@ and lock operations are its scheduling points.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
-from emu.arch import PAGE_SIZE, Access, Entry, Kind, leaf_entry
+from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import pgtable
-from mm_core.locks import mmap_read_lock, mmap_read_unlock
+from mm_core import filemap, huge_memory, pgtable
+from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
+    MM_FILEPAGES,
+    MM_SHMEMPAGES,
     RSS_NAMES,
     VM_EXEC,
     VM_GROWSDOWN,
@@ -25,6 +28,7 @@ from mm_core.mm import (
     MMStruct,
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
+from mm_core.pgalloc import pte_frag_destroy
 
 # fault flags (include/linux/mm_types.h, enum fault_flag)
 FAULT_FLAG_WRITE = 0x1
@@ -35,7 +39,9 @@ FAULT_FLAG_INSTRUCTION = 0x100
 VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
 VM_FAULT_SIGSEGV = 0x40
+VM_FAULT_NOPAGE = 0x100
 VM_FAULT_RETRY = 0x400
+VM_FAULT_FALLBACK = 0x800
 
 STACK_GUARD_GAP = 256 * PAGE_SIZE
 
@@ -109,69 +115,99 @@ async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access) -> Faul
     return FaultResult.OK
 
 
+@dataclass
+class VmFault:
+    """struct vm_fault: what one fault knows as it goes down the levels."""
+
+    vma: VMA
+    address: int                 # page-aligned
+    flags: int
+    pmd: int = 0                 # physical address of the pmd entry
+    pte: int | None = None       # mapped pte pointer (holds an RCU read reference in 6.6+)
+    ptl: SpinLock | None = None
+    orig_pte: int = 0            # raw value read without the lock
+
+    @property
+    def write(self) -> bool:
+        return bool(self.flags & FAULT_FLAG_WRITE)
+
+
 async def handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
-    """handle_mm_fault() -> __handle_mm_fault(): allocate the upper tables, then the PTE level."""
+    """handle_mm_fault() -> __handle_mm_fault(): allocate the upper tables, then the PMD
+    level (huge faults) and the PTE level."""
     mm = vma.mm
+    vmf = VmFault(vma, addr & ~(PAGE_SIZE - 1), flags)
     try:
         pmdp = await pgtable.walk_alloc(k, mm, addr, k.arch.pmd_level)
     except OutOfMemory:
         return VM_FAULT_OOM
     if pmdp is None:
         return VM_FAULT_SIGBUS        # a leaf above the PMD: hugetlb-style mappings are not modelled
+    vmf.pmd = pmdp
     pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
-    if pmdval.kind is Kind.LEAF:
-        return VM_FAULT_SIGBUS        # PMD-mapped THP faults arrive with huge_memory.py
-    return await handle_pte_fault(k, vma, addr, flags, pmdp)
+    if pmdval.kind is Kind.NONE and huge_memory.thp_vma_suitable(k, vma, addr):
+        ret = await huge_memory.create_huge_pmd(k, vmf)
+        if not ret & VM_FAULT_FALLBACK:
+            return ret
+    elif pmdval.kind is Kind.LEAF:
+        return await huge_memory.huge_pmd_fault(k, vmf, pmdval)
+    elif pmdval.kind is Kind.MIGRATION:
+        return 0                      # pmd_migration_entry_wait(): refault once it is done
+    return await handle_pte_fault(k, vmf)
 
 
-async def handle_pte_fault(k, vma: VMA, addr: int, flags: int, pmdp: int) -> int:
+async def handle_pte_fault(k, vmf: VmFault) -> int:
     """handle_pte_fault(): map without the lock, then revalidate with pte_same under ptl.
     A map failure is FAULT-RETRY: return 0 and let the access fault again."""
-    mm, arch = vma.mm, k.arch
+    mm, arch = vmf.vma.mm, k.arch
     pte_level = arch.pte_level
-    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
-    ptep = None
-    if pmdval.kind is not Kind.NONE:
-        mapped = await pgtable.pte_offset_map_nolock(k, mm, pmdp, addr)
+    pmdval = await pgtable.get_entry(k, vmf.pmd, arch.pmd_level)
+    if pmdval.kind is Kind.NONE:
+        vmf.pte = None
+    else:
+        mapped = await pgtable.pte_offset_map_nolock(k, mm, vmf.pmd, vmf.address)
         if mapped is None:
+            k.stats["fault_retry_map_failed"] += 1
             return 0
-        ptep, ptl, _ = mapped
-        orig = await pgtable.get_raw(k, ptep)
-        entry = arch.decode(pte_level, orig)
-        if entry.kind is Kind.NONE:
-            ptep = None
-    if ptep is None:
-        if vma.anonymous:
-            return await do_anonymous_page(k, vma, addr, flags, pmdp)
-        return VM_FAULT_SIGBUS        # file-backed faults arrive with filemap.py
+        vmf.pte, vmf.ptl, _ = mapped
+        vmf.orig_pte = await pgtable.get_raw(k, vmf.pte)
+        if arch.decode(pte_level, vmf.orig_pte).kind is Kind.NONE:
+            await pgtable.pte_unmap(k, vmf.pte)
+            vmf.pte = None
+    if vmf.pte is None:
+        if vmf.vma.anonymous:                              # do_pte_missing()
+            return await do_anonymous_page(k, vmf)
+        return await filemap.do_fault(k, vmf)
+    entry = arch.decode(pte_level, vmf.orig_pte)
     if entry.kind is not Kind.LEAF:
+        await pgtable.pte_unmap(k, vmf.pte)
         return VM_FAULT_SIGBUS        # swap and migration entries: do_swap_page (swapfile.py)
-    await traps.lock(ptl)
-    if await pgtable.get_raw(k, ptep) != orig:
-        await traps.unlock(ptl)
+    await traps.lock(vmf.ptl)
+    if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0                      # someone else changed it: the access retries
-    if flags & FAULT_FLAG_WRITE:
+    if vmf.write:
         if not entry.prot & Access.W:
-            return await do_wp_page(k, vma, addr, ptep, ptl, entry)
+            return await do_wp_page(k, vmf, entry)
         entry = entry.with_(dirty=True)
     new = entry.with_(young=True)
-    if arch.encode(pte_level, new) != orig:
+    if arch.encode(pte_level, new) != vmf.orig_pte:
         # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
-        await pgtable.set_entry(k, ptep, pte_level, new)
-    await traps.unlock(ptl)
+        await pgtable.set_entry(k, vmf.pte, pte_level, new)
+    await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
     return 0
 
 
-async def do_anonymous_page(k, vma: VMA, addr: int, flags: int, pmdp: int) -> int:
+async def do_anonymous_page(k, vmf: VmFault) -> int:
     """do_anonymous_page(): the zero page for a read, a fresh zeroed page for a write.
     pte_alloc() is called separately so OOM is told apart from a map failure."""
-    mm, arch = vma.mm, k.arch
-    addr &= ~(PAGE_SIZE - 1)
-    if not await pgtable.pte_alloc(k, mm, pmdp):
+    vma, arch = vmf.vma, k.arch
+    mm = vma.mm
+    if not await pgtable.pte_alloc(k, mm, vmf.pmd):
         return VM_FAULT_OOM
     prot = vm_get_page_prot(vma.flags)
     page = None
-    if not flags & FAULT_FLAG_WRITE:
+    if not vmf.write:
         entry = leaf_entry(k.zero_page.paddr, prot & ~Access.W, special=True, young=True)
     else:
         try:
@@ -181,8 +217,8 @@ async def do_anonymous_page(k, vma: VMA, addr: int, flags: int, pmdp: int) -> in
         if vma.flags & VM_WRITE:
             prot |= Access.W
         entry = leaf_entry(page.paddr, prot, young=True, dirty=True)
-    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
-    if locked is None:
+    locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
+    if locked is None:                 # FAULT-RETRY
         if page is not None:
             k.alloc.free_pages(page)
         return 0
@@ -203,58 +239,82 @@ async def do_anonymous_page(k, vma: VMA, addr: int, flags: int, pmdp: int) -> in
     return 0
 
 
-async def do_wp_page(k, vma: VMA, addr: int, ptep: int, ptl, entry: Entry) -> int:
-    """do_wp_page(): called with ptl held on a write to a present, write-protected PTE;
-    returns with it released. An exclusive anon page is reused in place; the zero page or
-    a shared page is copied."""
+async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
+    """do_wp_page(): a write to a present, write-protected PTE; called with the pte mapped
+    and ptl held, returns with both released. An exclusive anon page is reused in place;
+    the zero page, a page-cache page in a private mapping or a shared page is copied."""
     arch = k.arch
-    addr &= ~(PAGE_SIZE - 1)
     page = None if entry.special else k.alloc.page_of(entry.paddr)
+    if vmf.vma.flags & VM_SHARED and page is not None and page.use is not PageUse.ANON:
+        # wp_page_shared(): a shared file page just becomes writable and dirty
+        k.stats["wp_shared"] += 1
+        await pgtable.set_entry(k, vmf.pte, arch.pte_level,
+                                entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+        return 0
     if page is not None and page.use is PageUse.ANON and page.refcount == 1:
         # wp_page_reuse()
         k.stats["wp_reuse"] += 1
-        await pgtable.set_entry(k, ptep, arch.pte_level,
+        await pgtable.set_entry(k, vmf.pte, arch.pte_level,
                                 entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
-        await traps.unlock(ptl)
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
-    return await wp_page_copy(k, vma, addr, ptep, ptl, entry, page)
+    await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+    return await wp_page_copy(k, vmf, entry, page)
 
 
-async def wp_page_copy(k, vma: VMA, addr: int, ptep: int, ptl, orig: Entry, old_page) -> int:
-    """wp_page_copy(): copy into a new page and replace the PTE (ptep_clear_flush),
-    rechecking pte_same after the allocation. Called with ptl held; releases it."""
-    mm, arch = vma.mm, k.arch
-    orig_raw = arch.encode(arch.pte_level, orig)
+async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
+    """wp_page_copy(): copy into a new page outside the lock, then re-map with
+    pte_offset_map_lock and install it if pte_same still holds (a map failure or a
+    changed pte is FAULT-RETRY)."""
+    mm, arch = vmf.vma.mm, k.arch
     try:
         new_page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:
-        await traps.unlock(ptl)
         return VM_FAULT_OOM
     if not orig.special:
         k.physmem.copy(new_page.paddr, orig.paddr)
-    if await pgtable.get_raw(k, ptep) != orig_raw:
-        await traps.unlock(ptl)
+    locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
+    if locked is None or await pgtable.get_raw(k, locked[0]) != vmf.orig_pte:
+        if locked is not None:
+            await pgtable.pte_unmap_unlock(k, *locked)
         k.alloc.free_pages(new_page)
         return 0
-    prot = vm_get_page_prot(vma.flags) | Access.W
+    ptep, ptl = locked
+    prot = vm_get_page_prot(vmf.vma.flags) | Access.W
     new_page.mapcount = 1
+    # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
-    k.flush_tlb_range(mm, addr, addr + PAGE_SIZE)
+    k.flush_tlb_range(mm, vmf.address, vmf.address + PAGE_SIZE)
+    mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:
         _put_mapped_page(k, mm, old_page)
-    else:
-        mm.rss[MM_ANONPAGES] += 1          # the zero page was never counted
     k.stats["wp_copy"] += 1
-    await traps.unlock(ptl)
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
     return 0
 
 
-def _put_mapped_page(k, mm: MMStruct, page) -> None:
-    """page_remove_rmap() + put_page(): drop one mapping and one reference."""
+def mm_counter(page) -> int:
+    """mm_counter(): which rss counter a mapped page is accounted to."""
+    return {PageUse.ANON: MM_ANONPAGES, PageUse.SHMEM: MM_SHMEMPAGES}.get(page.use, MM_FILEPAGES)
+
+
+def add_mapped_page(k, mm: MMStruct, page, nr: int = 1) -> None:
+    """folio_add_*_rmap() + get_page(): one more mapping (of ``nr`` pages) and reference."""
+    page.mapcount += 1
+    page.refcount += 1
+    mm.rss[mm_counter(page)] += nr
+
+
+def _put_mapped_page(k, mm: MMStruct, page, nr: int = 1) -> None:
+    """folio_remove_rmap() + put_page(): drop one mapping (of ``nr`` pages) and reference."""
     page.mapcount -= 1
+    mm.rss[mm_counter(page)] -= nr
+    put_page(k, page)
+
+
+def put_page(k, page) -> None:
     page.refcount -= 1
-    if page.use is PageUse.ANON:
-        mm.rss[MM_ANONPAGES] -= 1
     if page.refcount == 0:
         k.alloc.free_pages(page)
 
@@ -284,50 +344,94 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
         yield item
 
 
-async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> None:
+async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> bool:
     """zap_pte_range(): clear every PTE in [start, end) under ptl and drop the pages.
-    A failed map retries the same pmd (RETRY); a pmd that is none has nothing to zap."""
+    Returns False without progress when the PTE table could not be mapped; the caller
+    (zap_pmd_range) then looks at the same pmd again (RETRY)."""
     arch = k.arch
-    while True:
-        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
-        if locked is not None:
-            break
-        pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
-        if pmdval.kind in (Kind.NONE, Kind.BAD):
-            return
-        if pmdval.kind is Kind.LEAF:
-            return                    # zap_huge_pmd() arrives with huge_memory.py
-        await sched_point("retry", pmdp)
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
+    if locked is None:
+        return False
     ptep, ptl = locked
-    addr = start
-    while addr < end:
-        entp = ptep + (((addr - start) >> arch.page_shift) * 8)
+    for addr in range(start, end, PAGE_SIZE):
+        entp = ptep + ((addr - start) >> PAGE_SHIFT) * 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
         if ent.kind is Kind.LEAF:
-            await pgtable.clear_entry(k, entp, arch.pte_level)
+            await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
             page = None if ent.special else k.alloc.page_of(ent.paddr)
             if page is not None:
                 _put_mapped_page(k, mm, page)
             k.stats["ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)
-        addr += PAGE_SIZE
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return True
 
 
-async def unmap_page_range(k, mm: MMStruct, start: int, end: int) -> None:
-    """unmap_page_range() -> zap_pmd_range() -> zap_pte_range(), then flush the TLBs."""
-    async for pmdp, lo, hi in for_each_pmd(k, mm, start, end):
-        pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
-        if pmdval.kind is Kind.NONE:
+async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+    """zap_pmd_range() for one pmd: a PMD leaf is zapped whole (or split first when only
+    part of it goes); a table goes to zap_pte_range, retried while its map fails and the
+    pmd still holds something."""
+    arch, mm = k.arch, vma.mm
+    size = arch.levels[arch.pmd_level].span
+    while True:
+        pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+        if pmdval.kind in (Kind.NONE, Kind.BAD, Kind.SWAP):
+            return
+        if pmdval.kind is Kind.LEAF:
+            if start & (size - 1) == 0 and end - start == size:
+                if await huge_memory.zap_huge_pmd(k, vma, pmdp):
+                    return
+            else:
+                await huge_memory.split_huge_pmd(k, vma, pmdp, start)
             continue
-        await zap_pte_range(k, mm, pmdp, lo, hi)
-    k.flush_tlb_range(mm, start, end)
+        if pmdval.kind is Kind.MIGRATION:
+            return
+        if await zap_pte_range(k, mm, pmdp, start, end):
+            return
+        k.stats["zap_pmd_retry"] += 1
+        await sched_point("retry", pmdp)
+
+
+async def unmap_page_range(k, vma: VMA, start: int, end: int) -> None:
+    """unmap_page_range(): zap every pmd of [start, end), then flush the TLBs."""
+    async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
+        await zap_pmd_range(k, vma, pmdp, lo, hi)
+    k.flush_tlb_range(vma.mm, start, end)
+
+
+async def unmap_mapping_range(k, mapping, first: int, last: int) -> None:
+    """unmap_mapping_range(): zap file pages [first, last) from every VMA mapping them."""
+    from mm_core.locks import RwSemaphore  # noqa: F401 - the lock type, for readers of this code
+    await traps.lock(mapping.i_mmap_rwsem, "r")
+    try:
+        for vma in list(mapping.i_mmap):
+            lo = max(vma.start, vma.start + ((first - vma.pgoff) << PAGE_SHIFT))
+            hi = min(vma.end, vma.start + ((last - vma.pgoff) << PAGE_SHIFT))
+            if lo < hi:
+                await unmap_page_range(k, vma, lo, hi)
+    finally:
+        await traps.unlock(mapping.i_mmap_rwsem, "r")
+
+
+def vma_link_file(k, vma: VMA) -> None:
+    if vma.file is not None:
+        vma.file.mapping.i_mmap.append(vma)
+        vma.file.refs += 1
+
+
+def remove_vma(k, vma: VMA) -> None:
+    """remove_vma(): unlink from the file's i_mmap and drop the file reference."""
+    if vma.file is not None:
+        vma.file.mapping.i_mmap.remove(vma)
+        from mm_core.shmem import iput
+        iput(k, vma.file)
 
 
 async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
     """free_pgtables() / free_pgd_range(): free every table below the root whose whole VA
-    span is now outside any VMA (the floor/ceiling rule), clearing its parent entry."""
+    span is now outside any VMA (the floor/ceiling rule), clearing its parent entry.
+    The VMAs are gone, so nobody else can reach these tables: pte_free() at once."""
     arch = k.arch
 
     async def down(table: int, level: int, lo: int, hi: int) -> None:
@@ -345,7 +449,8 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
                 if unused:
                     child = k.ptdescs[ent.paddr]
                     await pgtable.clear_entry(k, entp, level)
-                    pgtable.free_table(k, child)
+                    child.state = "detached"
+                    pgtable.pte_free(k, child)
             addr = nxt
 
     await down(mm.pgd, 0, start, end)
@@ -353,15 +458,19 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
 
 async def exit_mmap(k, mm: MMStruct) -> None:
     """exit_mmap(): unmap every VMA, free every table and the root, then check_mm()."""
+    mm.users = 0                                   # mmput(): hpage_collapse_test_exit()
     for vma in list(mm.vmas):
-        await unmap_page_range(k, mm, vma.start, vma.end)
-    spans = [(v.start, v.end) for v in mm.vmas]
+        await unmap_page_range(k, vma, vma.start, vma.end)
+    vmas = list(mm.vmas)
     mm.vmas.clear()
-    for lo, hi in spans:
-        await free_pgtables(k, mm, lo, hi)
+    for vma in vmas:
+        await free_pgtables(k, mm, vma.start, vma.end)
+    for vma in vmas:
+        remove_vma(k, vma)
+    pte_frag_destroy(k, mm)
     root = k.ptdescs.get(mm.pgd)
     if root is not None:
-        pgtable.free_table(k, root)
+        pgtable.pte_free(k, root)
     mm.dead = True
     check_mm(k, mm)
 
@@ -373,7 +482,8 @@ def check_mm(k, mm: MMStruct) -> None:
                 for i, v in enumerate(mm.rss) if v]
     if mm.pgtables_bytes:
         problems.append(f"BUG: non-zero pgtables_bytes on freeing mm: {mm.pgtables_bytes}")
-    leaked = k.alloc.owned_by(mm)
+    deferred = {id(pt.page) for pt in k.deferred_tables() if pt.mm is mm}
+    leaked = [p for p in k.alloc.owned_by(mm) if id(p) not in deferred]   # RCU frees come later
     if leaked:
         kinds = sorted({p.use.value for p in leaked})
         problems.append(f"BUG: {len(leaked)} page block(s) still owned by mm {mm.id} ({', '.join(kinds)})")

@@ -72,7 +72,8 @@ class MMStruct:
     mmap_base: int = 0
     start_stack: int = 0
     users: int = 1                          # mm_users
-    frag_pool: list = field(default_factory=list)     # pages with free table fragments
+    frag_pool: list = field(default_factory=list)     # s390: pages with a free 2K half
+    pte_frag: object = None                           # powerpc: the current fragment page
     dead: bool = False
 
     def __post_init__(self) -> None:
@@ -107,6 +108,9 @@ class MMStruct:
                     vma.pgoff + ((addr - vma.start) >> 12))
         vma.end = addr
         bisect.insort(self.vmas, upper, key=lambda v: v.start)
+        if vma.file is not None:                  # the new half is a mapping of the file too
+            vma.file.mapping.i_mmap.append(upper)
+            vma.file.refs += 1
         return upper
 
     def merge_adjacent(self) -> None:

@@ -90,7 +90,9 @@ async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -
         vm_flags |= VM_SHARED | VM_MAYSHARE
     if flags & MAP_GROWSDOWN:
         vm_flags |= VM_GROWSDOWN
-    mm.insert_vma(VMA(mm, addr, addr + length, vm_flags, name, file, pgoff))
+    vma = VMA(mm, addr, addr + length, vm_flags, name, file, pgoff)
+    mm.insert_vma(vma)
+    memory.vma_link_file(k, vma)
     mm.merge_adjacent()
     if flags & MAP_POPULATE:
         await populate(k, mm, addr, addr + length, write=bool(prot & PROT_WRITE))
@@ -129,9 +131,10 @@ async def _munmap_locked(k, mm: MMStruct, start: int, length: int) -> None:
     for vma in victims:
         mm.remove_vma(vma)
     for vma in victims:                          # unmap_region(): zap, then free tables
-        await memory.unmap_page_range(k, mm, vma.start, vma.end)
+        await memory.unmap_page_range(k, vma, vma.start, vma.end)
     for vma in victims:
         await memory.free_pgtables(k, mm, vma.start, vma.end)
+        memory.remove_vma(k, vma)
 
 
 def split_range(mm: MMStruct, start: int, end: int) -> list[VMA]:

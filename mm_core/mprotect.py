@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from emu.arch import PAGE_SIZE, Access, Kind
 from emu.sched.traps import sched_point
-from mm_core import memory, pgtable
+from emu.sched import traps
+from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     VM_ACCESS_FLAGS,
@@ -16,6 +17,8 @@ from mm_core.mm import (
     MMStruct,
 )
 from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
+
+EAGAIN = 11
 from mm_core.page_alloc import PageUse
 
 
@@ -51,23 +54,62 @@ async def do_mprotect(k, mm: MMStruct, start: int, length: int, prot: int) -> in
 async def change_protection(k, vma: VMA, start: int, end: int) -> None:
     """change_protection() -> change_pmd_range() -> change_pte_range(), then flush."""
     async for pmdp, lo, hi in memory.for_each_pmd(k, vma.mm, start, end):
-        await change_pte_range(k, vma, pmdp, lo, hi)
+        await change_pmd_range(k, vma, pmdp, lo, hi)
     k.flush_tlb_range(vma.mm, start, end)
 
 
-async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
-    """change_pte_range(): rewrite present PTEs with the VMA's new protection. Write stays
-    only where it needs no fault (shared mapping, or a dirty exclusive anon page:
-    can_change_pte_writable()). A failed map means nothing to change or retry."""
-    mm, arch = vma.mm, k.arch
+async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+    """change_pmd_range() for one pmd: none is skipped, a PMD leaf covered whole changes in
+    place (change_huge_pmd) or is split, a table goes to change_pte_range, whose -EAGAIN
+    (map failure) means: look at this pmd again (RETRY)."""
+    arch = k.arch
+    size = arch.levels[arch.pmd_level].span
     while True:
         pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+        if pmdval.kind is Kind.NONE:
+            return
+        if pmdval.kind is Kind.LEAF:
+            if start & (size - 1) == 0 and end - start == size:
+                if await change_huge_pmd(k, vma, pmdp, pmdval):
+                    return
+            else:
+                await huge_memory.split_huge_pmd(k, vma, pmdp, start)
+            continue
         if pmdval.kind is not Kind.TABLE:
             return
-        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
-        if locked is not None:
-            break
+        if await change_pte_range(k, vma, pmdp, start, end) != -EAGAIN:
+            return
+        k.stats["change_pmd_retry"] += 1
         await sched_point("retry", pmdp)
+
+
+async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval) -> bool:
+    """change_huge_pmd(): new protection on a PMD leaf, under pml."""
+    mm, arch = vma.mm, k.arch
+    pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+    await traps.lock(pml)
+    try:
+        if await pgtable.get_entry(k, pmdp, arch.pmd_level) != pmdval:
+            return False
+        prot = memory.vm_get_page_prot(vma.flags)
+        folio = k.alloc.page_of(pmdval.paddr)
+        if (vma.flags & VM_WRITE and pmdval.dirty and folio is not None and folio.use is PageUse.ANON
+                and folio.refcount == 1):
+            prot |= Access.W
+        await pgtable.set_entry(k, pmdp, arch.pmd_level, pmdval.with_(prot=prot))
+        return True
+    finally:
+        await traps.unlock(pml)
+
+
+async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> int:
+    """change_pte_range(): rewrite present PTEs with the VMA's new protection. Write stays
+    only where it needs no fault (shared mapping, or a dirty exclusive anon page:
+    can_change_pte_writable()). -EAGAIN when the PTE table cannot be mapped."""
+    mm, arch = vma.mm, k.arch
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
+    if locked is None:
+        return -EAGAIN
     ptep, ptl = locked
     base = memory.vm_get_page_prot(vma.flags)
     for addr in range(start, end, PAGE_SIZE):
@@ -85,3 +127,4 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None
         if prot != ent.prot:
             await pgtable.set_entry(k, entp, arch.pte_level, ent.with_(prot=prot))
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return 0

@@ -41,6 +41,9 @@ class Page:
     refcount: int = 1
     mapcount: int = 0
     private: object = None          # ptdesc for page tables, ...
+    mapping: object = None          # page cache: the address_space and index
+    index: int = 0
+    locked: bool = False            # PG_locked (folio_lock)
     extra: dict = field(default_factory=dict)
 
     @property

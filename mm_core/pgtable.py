@@ -8,105 +8,15 @@ write is a scheduling point.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from emu.arch import PAGE_SIZE, Entry, Kind, table_entry
+from emu.arch import Entry, Kind, table_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core.locks import SpinLock
-from mm_core.page_alloc import OutOfMemory, Page, PageUse
+from mm_core.page_alloc import OutOfMemory
+from mm_core.pgalloc import PageTable, alloc_table, pte_free
+from mm_core.rcu import rcu_read_lock, rcu_read_unlock
 
-
-@dataclass(eq=False)
-class FragPage:
-    """A page cut into equal table fragments (s390x 2K halves, powerpc PTE fragments)."""
-
-    page: Page
-    frag_bytes: int
-    used: set[int] = field(default_factory=set)
-
-    @property
-    def nr_frags(self) -> int:
-        return (PAGE_SIZE << self.page.order) // self.frag_bytes
-
-
-@dataclass(eq=False)
-class PageTable:
-    """struct ptdesc: one page table (or fragment) of ``level`` owned by ``mm``."""
-
-    paddr: int
-    level: int
-    mm: object
-    page: Page
-    frag: FragPage | None = None
-    ptl: SpinLock | None = None
-    state: str = "live"               # live / detached / deferred / freed (lifetime sanitizer)
-
-    def __repr__(self) -> str:
-        return f"<pt L{self.level} {self.paddr:#x} {self.state}>"
-
-
-# -- allocation ----------------------------------------------------------------------------
-
-def alloc_table(k, mm, level: int) -> PageTable:
-    """pte_alloc_one() / pmd_alloc_one() / crst_table_alloc(): a fresh empty table."""
-    arch = k.arch
-    nbytes = arch.table_alloc_bytes(level)
-    frag = None
-    if nbytes < PAGE_SIZE:
-        frag = _alloc_fragment(k, mm, nbytes)
-        paddr = frag.page.paddr + min(set(range(frag.nr_frags)) - frag.used) * nbytes
-        frag.used.add((paddr - frag.page.paddr) // nbytes)
-        page = frag.page
-    else:
-        order = max(0, (nbytes // PAGE_SIZE - 1).bit_length())
-        page = k.alloc.alloc_pages(order, PageUse.PAGETABLE, owner=mm, zero=False)
-        k.stats["pt_pages_allocated"] += page.nr_pages
-        paddr = page.paddr
-    lv = arch.levels[level]
-    k.physmem.fill_entries(paddr, lv.entries, arch.empty_value(level))
-    pt = PageTable(paddr, level, mm, page, frag)
-    if level >= arch.pmd_level:           # split ptlocks for PMD and PTE tables
-        pt.ptl = SpinLock(f"ptl@{paddr:#x}")
-    k.ptdescs[paddr] = pt
-    k.stats["pt_tables_allocated"] += 1
-    mm.pgtables_bytes += nbytes
-    return pt
-
-
-def _alloc_fragment(k, mm, nbytes: int) -> FragPage:
-    pool = mm.frag_pool
-    for fp in pool:
-        if fp.frag_bytes == nbytes and len(fp.used) < fp.nr_frags:
-            return fp
-    page = k.alloc.alloc_pages(0, PageUse.PAGETABLE, owner=mm, zero=False)
-    k.stats["pt_pages_allocated"] += 1
-    fp = FragPage(page, nbytes)
-    page.private = fp
-    pool.append(fp)
-    return fp
-
-
-def free_table(k, pt: PageTable) -> None:
-    """pte_free() / pmd_free() / crst_table_free(): give the table back right now."""
-    if pt.state == "freed":
-        raise RuntimeError(f"double free of page table {pt!r}")
-    nbytes = k.arch.table_alloc_bytes(pt.level)
-    pt.state = "freed"
-    del k.ptdescs[pt.paddr]
-    k.stats["pt_tables_freed"] += 1
-    pt.mm.pgtables_bytes -= nbytes
-    if pt.frag is None:
-        k.stats["pt_pages_freed"] += pt.page.nr_pages
-        k.alloc.free_pages(pt.page)
-        return
-    fp = pt.frag
-    fp.used.discard((pt.paddr - fp.page.paddr) // nbytes)
-    k.physmem.fill(pt.paddr, nbytes, 0x6B)      # poison the fragment at once
-    if not fp.used:
-        pt.mm.frag_pool.remove(fp)
-        k.stats["pt_pages_freed"] += 1
-        k.alloc.free_pages(fp.page)
+__all__ = ["PageTable", "alloc_table", "pte_free"]
 
 
 def pgd_alloc(k, mm) -> PageTable:
@@ -177,7 +87,7 @@ async def _install_table(k, mm, entp: int, level: int) -> Entry:
         if ent.kind is Kind.NONE:
             await set_entry(k, entp, level, table_entry(new.paddr))
             return table_entry(new.paddr)
-    free_table(k, new)
+    pte_free(k, new)                  # lost the race: ours was never visible
     return ent
 
 
@@ -212,56 +122,120 @@ async def pte_alloc(k, mm, pmdp: int) -> bool:
 
 
 # -- the pte_offset_map family -----------------------------------------------------------------
+#
+# Profile switches (mm_core/config.py):
+#   6.4   pte_offset_map() maps blindly from the *live* pmd: callers had to rule out
+#         none/huge first (pmd_trans_unstable); pte_offset_map_lock() takes the ptl named
+#         by the live pmd and never rechecks it.
+#   6.5   __pte_offset_map() validates one snapshot and may fail; _lock rechecks pmd_same.
+#   6.6   ... and holds rcu_read_lock() from the map until pte_unmap().
 
 async def __pte_offset_map(k, pmdp: int, addr: int) -> tuple[int | None, Entry]:
-    """__pte_offset_map(pmd, addr, &pmdval): validate one snapshot of the pmd and map the
-    table it names. Fails (None) on none, migration, huge and bad pmds; a bad pmd is
-    cleared with a pmd_ERROR message. Returns (ptep, pmdval)."""
+    """__pte_offset_map(pmd, addr, &pmdval): map the PTE table of one pmd snapshot.
+
+    Fails (None) on none, migration, huge and bad pmds (a bad pmd is cleared with a
+    pmd_ERROR). pmdval is returned even on failure. Success holds an RCU read reference
+    (6.6+) until pte_unmap()."""
+    prof = k.profile
     pmd_level = k.arch.pmd_level
+    if not prof.fallible_pte_map:
+        pmdval = k.arch.decode(pmd_level, await get_raw(k, pmdp))
+        # pmd_page_vaddr() of whatever is there: a none pmd names pfn 0, a huge one its THP
+        return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
+    if prof.rcu_pte_map:
+        await rcu_read_lock(k)
     raw = await get_raw(k, pmdp)
     pmdval = k.arch.decode(pmd_level, raw)
     if pmdval.kind is Kind.TABLE:
         return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
     if pmdval.kind is Kind.BAD:
-        k.printk(f"pmd_ERROR: bad pmd {pmdp:#x}({raw:#018x})")
+        k.printk(f"pmd_ERROR: bad pmd {pmdp:#x}({raw:#018x})")     # pmd_clear_bad()
+        k.stats["pmd_clear_bad"] += 1
         await clear_entry(k, pmdp, pmd_level)
+    if prof.rcu_pte_map:
+        await rcu_read_unlock(k)
+    k.stats["pte_map_failed"] += 1
     return None, pmdval
 
 
 async def pte_offset_map(k, pmdp: int, addr: int) -> int | None:
-    """pte_offset_map(): map the PTE table without its lock; may fail (RETRY/SKIP callers)."""
+    """pte_offset_map(): map the PTE table without its lock; may fail."""
     return (await __pte_offset_map(k, pmdp, addr))[0]
 
 
+async def pte_unmap(k, ptep: int) -> None:
+    """pte_unmap(): end the map (and its RCU read section, 6.6+)."""
+    if k.profile.rcu_pte_map:
+        await rcu_read_unlock(k)
+
+
+def pte_offset_kernel(k, pmdval: Entry, addr: int) -> int:
+    """pte_offset_kernel(): kernel tables (init_mm): no validation, no RCU, no unmap."""
+    return entry_addr(k, pmdval.paddr, k.arch.pmd_level + 1, addr)
+
+
 def pte_lockptr(k, mm, pmdval: Entry) -> SpinLock:
-    """pte_lockptr(mm, &pmdval): the ptl of the table the *snapshot* names."""
+    """pte_lockptr(mm, &pmdval): the split ptl of the table the *snapshot* names.
+
+    A snapshot that names no table (possible only under the 6.4 rules, where the live pmd
+    is used) yields the lock of whatever page it names: a bogus lock nobody else takes."""
     pt = k.ptdescs.get(pmdval.paddr)
-    return pt.ptl if pt is not None and pt.ptl is not None else mm.page_table_lock
+    if pt is not None and pt.ptl is not None:
+        return pt.ptl
+    if pmdval.kind is Kind.TABLE and pt is None:
+        return mm.page_table_lock             # split ptlocks off for this table size
+    k.stats["bogus_ptl"] += 1
+    return SpinLock(f"bogus-ptl@{pmdval.paddr:#x}")
+
+
+def pmd_same(k, a: Entry, raw_b: int) -> bool:
+    return k.arch.encode(k.arch.pmd_level, a) == raw_b
 
 
 async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock] | None:
-    """pte_offset_map_lock(): map and lock; recheck pmd_same under the ptl and retry if
-    the pmd changed meanwhile. None when there is no PTE table (any more)."""
+    """pte_offset_map_lock(): map and take the ptl; under the ptl recheck pmd_same and
+    start again if the pmd changed meanwhile. None when there is no PTE table (any more)."""
+    if not k.profile.fallible_pte_map:        # 6.4: trust the live pmd, no recheck
+        pmdval = k.arch.decode(k.arch.pmd_level, await get_raw(k, pmdp))
+        ptl = pte_lockptr(k, mm, pmdval)
+        ptep, _ = await __pte_offset_map(k, pmdp, addr)
+        await traps.lock(ptl)
+        return ptep, ptl
     while True:
         ptep, pmdval = await __pte_offset_map(k, pmdp, addr)
         if ptep is None:
             return None
         ptl = pte_lockptr(k, mm, pmdval)
         await traps.lock(ptl)
-        if await get_raw(k, pmdp) == k.arch.encode(k.arch.pmd_level, pmdval):
+        if pmd_same(k, pmdval, await get_raw(k, pmdp)):
             return ptep, ptl
-        await traps.unlock(ptl)
+        await pte_unmap_unlock(k, ptep, ptl)
+        k.stats["pte_map_lock_retry"] += 1
         await sched_point("retry", pmdp)
 
 
 async def pte_unmap_unlock(k, ptep: int, ptl: SpinLock) -> None:
+    """pte_unmap_unlock(): spin_unlock(ptl), then pte_unmap()."""
     await traps.unlock(ptl)
+    await pte_unmap(k, ptep)
 
 
 async def pte_offset_map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
-    """pte_offset_map_nolock(): map, and name the ptl the caller must take later and then
-    revalidate with pte_same()/pmd_same()."""
+    """pte_offset_map_nolock() (6.5-6.12): map, and name the ptl of the mapped table for
+    the caller to take later and then revalidate with pte_same()/pmd_same()."""
     ptep, pmdval = await __pte_offset_map(k, pmdp, addr)
     if ptep is None:
         return None
     return ptep, pte_lockptr(k, mm, pmdval), pmdval
+
+
+async def pte_offset_map_ro_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock] | None:
+    """pte_offset_map_ro_nolock() (6.13): for callers that only read after locking."""
+    mapped = await pte_offset_map_nolock(k, mm, pmdp, addr)
+    return None if mapped is None else mapped[:2]
+
+
+async def pte_offset_map_rw_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
+    """pte_offset_map_rw_nolock() (6.13): also hands back pmdval; a writer must check
+    pmd_same() (or pte_same()) after taking the ptl."""
+    return await pte_offset_map_nolock(k, mm, pmdp, addr)

@@ -33,8 +33,9 @@ class Scheduler:
         self.switches = 0
         self.traps = 0
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> Task:
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, daemon: bool = False) -> Task:
         task = Task(len(self.tasks) + 1, name, coro)
+        task.daemon = daemon
         self.tasks.append(task)
         return task
 
@@ -59,6 +60,9 @@ class Scheduler:
         while True:
             if stop is not None and stop():
                 return
+            if all(t.daemon for t in self.tasks if t.state is not TaskState.DONE):
+                return                       # only kernel threads are left
+            self._poll_waiters()
             runnable = self._runnable()
             if not runnable:
                 blocked = [t for t in self.tasks if t.state is TaskState.BLOCKED]
@@ -117,16 +121,48 @@ class Scheduler:
             self._wake(lock)
         elif kind == "sleep":
             task.clock += event[1]
+        elif kind == "wait":
+            if not event[1].try_acquire(task, "wait"):
+                task.state, task.blocked_on = TaskState.BLOCKED, (event[1], "wait")
+        elif kind == "wake":
+            event[1].post()
+            self._wake(event[1])
+        elif kind == "self":
+            task.send_value = task
         else:
             raise RuntimeError(f"unknown trap {event!r}")
+
+    def _poll_waiters(self) -> None:
+        """Wait queues posted to without a wake trap (call_rcu never sleeps)."""
+        for t in self.tasks:
+            if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
+                if t.blocked_on[0].try_acquire(t, "wait"):
+                    t.state, t.blocked_on = TaskState.RUNNABLE, None
 
     def _wake(self, lock: object) -> None:
         """Waiters retry in tid order; the first whose acquire succeeds gets the lock."""
         for t in self.tasks:
             if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[0] is lock:
-                if lock.try_acquire(t, t.blocked_on[1]):
-                    t.held.append(lock)
+                mode = t.blocked_on[1]
+                if lock.try_acquire(t, mode):
+                    if mode != "wait":
+                        t.held.append(lock)
                     t.state, t.blocked_on = TaskState.RUNNABLE, None
+
+
+class SyncTask:
+    """The stand-in ``current`` for kernel code driven outside a run."""
+
+    name = "api"
+    tid = 0
+    daemon = False
+
+    def __init__(self) -> None:
+        self.kstate: dict[str, object] = {}
+        self.held: list[object] = []
+
+    def __repr__(self) -> str:
+        return "<api caller>"
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -136,7 +172,7 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     is a bug, and guest code cannot run here.
     """
     value: Any = None
-    held: list[object] = []
+    task = SyncTask()
     while True:
         try:
             event = coro.send(value)
@@ -144,16 +180,21 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
             return done.value
         value = None
         kind = event[0]
-        if kind in ("point", "sleep"):
+        if kind in ("point", "sleep", "wake"):
+            if kind == "wake":
+                event[1].post()
             continue
-        if kind in ("lock", "trylock"):
-            ok = event[1].try_acquire(held, event[2])
-            if not ok and kind == "lock":
+        if kind == "self":
+            value = task
+            continue
+        if kind in ("lock", "trylock", "wait"):
+            ok = event[1].try_acquire(task, event[2])
+            if not ok and kind != "trylock":
                 coro.close()
-                raise Deadlock(f"{event[1]!r} is held; cannot wait outside a run")
+                raise Deadlock(f"{event[1]!r} is not available; cannot wait outside a run")
             value = ok if kind == "trylock" else None
         elif kind == "unlock":
-            event[1].release(held, event[2])
+            event[1].release(task, event[2])
         else:
             coro.close()
             raise RuntimeError(f"trap {kind!r} cannot be served outside a run")

@@ -28,6 +28,8 @@ class Task:
         self.result: Any = None
         self.error: BaseException | None = None
         self.held: list[object] = []   # locks held, in acquisition order
+        self.daemon = False            # kernel threads: the run ends without them
+        self.kstate: dict[str, object] = {}   # per-task kernel state (RCU nesting, ...)
 
     def __repr__(self) -> str:
         return f"<task {self.tid} {self.name} {self.state.value}>"

@@ -13,6 +13,9 @@ Event kinds:
     ("unlock", lock, mode)             release; wakes waiters
     ("user", vcpu, quantum)            run guest code on a vCPU; returns a UserStop
     ("sleep", cycles)                  let simulated time pass (daemons)
+    ("wait", waitq)                    block until the wait queue has an event for us
+    ("wake", waitq)                    post an event to a wait queue and wake its waiters
+    ("self",)                          returns the current task (per-task kernel state: RCU)
 """
 from __future__ import annotations
 
@@ -49,3 +52,18 @@ async def run_user(vcpu: object, quantum: int) -> Any:
 
 async def sleep(cycles: int) -> None:
     await _trap("sleep", cycles)
+
+
+async def wait(waitq: object) -> None:
+    """wait_event(): block until ``waitq.try_acquire(task)`` succeeds."""
+    await _trap("wait", waitq, "wait")
+
+
+async def wake(waitq: object) -> None:
+    """wake_up(): post an event and let the waiters retry."""
+    await _trap("wake", waitq)
+
+
+async def current_task() -> object:
+    """``current``: the task running this coroutine."""
+    return await _trap("self")

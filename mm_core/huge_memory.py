@@ -1,0 +1,205 @@
+"""Transparent huge pages at the PMD level (mm/huge_memory.c).
+
+A PMD leaf maps one PMD-order folio (2M on x86-64/arm64/ppc64, 1M on s390x). Anonymous
+THPs keep a deposited PTE table (pgtable_trans_huge_deposit) so that a later split never
+needs to allocate; zap withdraws and frees it.
+"""
+from __future__ import annotations
+
+from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Entry, Kind, leaf_entry, table_entry
+from emu.sched import traps
+from mm_core import pgtable
+from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+from mm_core.page_alloc import OutOfMemory, PageUse
+from mm_core.pgalloc import alloc_table, pte_free
+
+
+def hpage_pmd_size(k) -> int:
+    return k.arch.levels[k.arch.pmd_level].span
+
+
+def hpage_pmd_order(k) -> int:
+    return (hpage_pmd_size(k) >> PAGE_SHIFT).bit_length() - 1
+
+
+def hpage_pmd_nr(k) -> int:
+    return hpage_pmd_size(k) >> PAGE_SHIFT
+
+
+def thp_vma_suitable(k, vma, addr: int) -> bool:
+    """thp_vma_allowable_order() for an anonymous PMD fault: THP "madvise" mode (the
+    default of most distributions): only VMAs with MADV_HUGEPAGE, whole aligned PMD."""
+    if not vma.anonymous or not k.arch.levels[k.arch.pmd_level].leaf:
+        return False
+    mode = k.thp_enabled
+    if mode == "never" or vma.flags & VM_NOHUGEPAGE:
+        return False
+    if mode == "madvise" and not vma.flags & VM_HUGEPAGE:
+        return False
+    size = hpage_pmd_size(k)
+    haddr = addr & ~(size - 1)
+    return vma.start <= haddr and haddr + size <= vma.end
+
+
+# -- deposit / withdraw (the spare table lives with the PMD table's lock) ----------------------
+
+def pgtable_trans_huge_deposit(k, mm, pmdp: int, pt) -> None:
+    k.deposits.setdefault(pmdp, []).append(pt)
+
+
+def pgtable_trans_huge_withdraw(k, mm, pmdp: int):
+    stack = k.deposits.get(pmdp)
+    if not stack:
+        return None
+    pt = stack.pop()
+    if not stack:
+        del k.deposits[pmdp]
+    return pt
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+async def create_huge_pmd(k, vmf) -> int:
+    """do_huge_pmd_anonymous_page(): allocate a PMD-order folio and map it with one PMD.
+    Falls back to PTEs (VM_FAULT_FALLBACK) when no huge folio can be had."""
+    from mm_core.memory import VM_FAULT_FALLBACK, vm_get_page_prot
+    vma, mm = vmf.vma, vmf.vma.mm
+    try:
+        folio = k.alloc.alloc_pages(hpage_pmd_order(k), PageUse.ANON, owner=mm)
+    except OutOfMemory:
+        k.stats["thp_fault_fallback"] += 1
+        return VM_FAULT_FALLBACK
+    try:
+        deposit = alloc_table(k, mm, k.arch.pte_level)    # pte_alloc_one() for the deposit
+    except OutOfMemory:
+        k.alloc.free_pages(folio)
+        return VM_FAULT_FALLBACK
+    prot = vm_get_page_prot(vma.flags) | (Access.W if vma.flags & VM_WRITE else Access.NONE)
+    pml = await pgtable.pmd_lockptr(k, mm, vmf.pmd)
+    await traps.lock(pml)
+    if (await pgtable.get_entry(k, vmf.pmd, k.arch.pmd_level)).kind is not Kind.NONE:
+        await traps.unlock(pml)
+        pte_free(k, deposit)
+        k.alloc.free_pages(folio)
+        return 0
+    pgtable_trans_huge_deposit(k, mm, vmf.pmd, deposit)
+    folio.mapcount = 1
+    mm.rss[1] += hpage_pmd_nr(k)                        # MM_ANONPAGES
+    await pgtable.set_entry(k, vmf.pmd, k.arch.pmd_level,
+                            leaf_entry(folio.paddr, prot, young=True, dirty=True))
+    await traps.unlock(pml)
+    k.stats["thp_fault_alloc"] += 1
+    return 0
+
+
+async def huge_pmd_fault(k, vmf, pmdval: Entry) -> int:
+    """A fault on a PMD leaf: set young/dirty (huge_pmd_set_accessed), reuse an exclusive
+    anon THP on write (do_huge_pmd_wp_page), or split and let the PTE level handle it."""
+    mm, arch = vmf.vma.mm, k.arch
+    pml = await pgtable.pmd_lockptr(k, mm, vmf.pmd)
+    await traps.lock(pml)
+    cur = await pgtable.get_entry(k, vmf.pmd, arch.pmd_level)
+    if cur != pmdval:
+        await traps.unlock(pml)
+        return 0
+    if vmf.write and not cur.prot & Access.W:
+        folio = k.alloc.page_of(cur.paddr)
+        exclusive_anon = folio is not None and folio.use is PageUse.ANON and folio.refcount == 1
+        if not (exclusive_anon and vmf.vma.flags & VM_WRITE):
+            await traps.unlock(pml)
+            await split_huge_pmd(k, vmf.vma, vmf.pmd, vmf.address)
+            from mm_core.memory import handle_pte_fault
+            return await handle_pte_fault(k, vmf)
+        cur = cur.with_(prot=cur.prot | Access.W)
+    new = cur.with_(young=True, dirty=cur.dirty or vmf.write)
+    if new != cur or new != pmdval:
+        await pgtable.set_entry(k, vmf.pmd, arch.pmd_level, new)
+    await traps.unlock(pml)
+    return 0
+
+
+async def do_set_pmd(k, vmf, folio) -> bool:
+    """do_set_pmd(): map a PMD-order page-cache folio with one PMD leaf (file/shmem
+    refault after a collapse). Returns False when the pmd is no longer none."""
+    from mm_core.memory import add_mapped_page, vm_get_page_prot
+    vma, mm, arch = vmf.vma, vmf.vma.mm, k.arch
+    size = hpage_pmd_size(k)
+    haddr = vmf.address & ~(size - 1)
+    if haddr < vma.start or haddr + size > vma.end or (vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)) \
+            % hpage_pmd_nr(k) or not arch.levels[arch.pmd_level].leaf:
+        return False
+    pml = await pgtable.pmd_lockptr(k, mm, vmf.pmd)
+    await traps.lock(pml)
+    if (await pgtable.get_entry(k, vmf.pmd, arch.pmd_level)).kind is not Kind.NONE:
+        await traps.unlock(pml)
+        return False
+    prot = vm_get_page_prot(vma.flags)
+    add_mapped_page(k, mm, folio, hpage_pmd_nr(k))
+    await pgtable.set_entry(k, vmf.pmd, arch.pmd_level,
+                            leaf_entry(folio.paddr, prot, young=True, dirty=bool(vmf.write and prot & Access.W)))
+    await traps.unlock(pml)
+    k.stats["thp_file_mapped"] += 1
+    return True
+
+
+# -- zap and split ------------------------------------------------------------------------------
+
+async def zap_huge_pmd(k, vma, pmdp: int) -> bool:
+    """zap_huge_pmd(): clear a PMD leaf under pml, drop the folio, free the deposit."""
+    from mm_core.memory import _put_mapped_page
+    mm, arch = vma.mm, k.arch
+    pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+    await traps.lock(pml)
+    cur = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    if cur.kind is not Kind.LEAF:
+        await traps.unlock(pml)
+        return False
+    await pgtable.clear_entry(k, pmdp, arch.pmd_level)
+    deposit = pgtable_trans_huge_withdraw(k, mm, pmdp)
+    await traps.unlock(pml)
+    if deposit is not None:
+        pte_free(k, deposit)
+    folio = k.alloc.page_of(cur.paddr)
+    if folio is not None:
+        _put_mapped_page(k, mm, folio, hpage_pmd_nr(k))
+    k.stats["thp_zapped"] += 1
+    return True
+
+
+async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
+    """split_huge_pmd() -> __split_huge_pmd_locked(): replace a PMD leaf by a PTE table
+    mapping the same subpages. Anon THPs use their deposited table; a file THP's mapping
+    is simply dropped (the next fault maps PTEs from the page cache)."""
+    mm, arch = vma.mm, k.arch
+    nr = hpage_pmd_nr(k)
+    pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+    await traps.lock(pml)
+    cur = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    if cur.kind is not Kind.LEAF:
+        await traps.unlock(pml)
+        return
+    folio = k.alloc.page_of(cur.paddr)
+    deposit = pgtable_trans_huge_withdraw(k, mm, pmdp)
+    # the pmd goes through an invalid window: pmdp_invalidate(), then populate
+    await pgtable.clear_entry(k, pmdp, arch.pmd_level)
+    k.flush_tlb_range(mm, addr & ~(hpage_pmd_size(k) - 1), (addr & ~(hpage_pmd_size(k) - 1)) + hpage_pmd_size(k))
+    if deposit is None or folio is None or folio.use is not PageUse.ANON:
+        await traps.unlock(pml)
+        if deposit is not None:
+            pte_free(k, deposit)
+        if folio is not None:
+            from mm_core.memory import _put_mapped_page
+            _put_mapped_page(k, mm, folio, nr)
+        k.stats["thp_split_pmd"] += 1
+        return
+    # fill the withdrawn table (pte_offset_map on a stack copy: must not fail)
+    pte_level = arch.pte_level
+    for i in range(nr):
+        sub = cur.with_(paddr=cur.paddr + i * PAGE_SIZE)
+        k.physmem.write_entry(deposit.paddr + i * 8, arch.encode(pte_level, sub))
+    await traps.sched_point("pt_write", pmdp)
+    folio.mapcount = nr                        # one mapping per subpage from now on
+    folio.refcount += nr - 1
+    await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(deposit.paddr))
+    await traps.unlock(pml)
+    k.stats["thp_split_pmd"] += 1
