@@ -159,7 +159,9 @@ async def filemap_map_pages(k, vmf, start: int, end: int) -> bool:
         k.stats["fault_around_giveup"] += 1
         return False
     ptep, ptl = locked
-    prot = vm_get_page_prot(vma.flags) & ~Access.W if not vma.flags & VM_SHARED else vm_get_page_prot(vma.flags)
+    prot = vm_get_page_prot(vma.flags)
+    if not vma.flags & VM_SHARED:
+        prot &= ~Access.W
     mapped_fault = False
     for addr in range(start, end, PAGE_SIZE):
         folio = shmem.filemap_get_folio(mapping, linear_page_index(vma, addr))

@@ -135,8 +135,9 @@ async def do_set_pmd(k, vmf, folio) -> bool:
         return False
     prot = vm_get_page_prot(vma.flags)
     add_mapped_page(k, mm, folio, hpage_pmd_nr(k))
-    await pgtable.set_entry(k, vmf.pmd, arch.pmd_level,
-                            leaf_entry(folio.paddr, prot, young=True, dirty=bool(vmf.write and prot & Access.W)))
+    dirty = bool(vmf.write and prot & Access.W)
+    huge = leaf_entry(folio.paddr, prot, young=True, dirty=dirty)
+    await pgtable.set_entry(k, vmf.pmd, arch.pmd_level, huge)
     await traps.unlock(pml)
     k.stats["thp_file_mapped"] += 1
     return True
@@ -182,7 +183,8 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
     deposit = pgtable_trans_huge_withdraw(k, mm, pmdp)
     # the pmd goes through an invalid window: pmdp_invalidate(), then populate
     await pgtable.clear_entry(k, pmdp, arch.pmd_level)
-    k.flush_tlb_range(mm, addr & ~(hpage_pmd_size(k) - 1), (addr & ~(hpage_pmd_size(k) - 1)) + hpage_pmd_size(k))
+    haddr = addr & ~(hpage_pmd_size(k) - 1)
+    k.flush_tlb_range(mm, haddr, haddr + hpage_pmd_size(k))
     if deposit is None or folio is None or folio.use is not PageUse.ANON:
         await traps.unlock(pml)
         if deposit is not None:

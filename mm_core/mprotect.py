@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from emu.arch import PAGE_SIZE, Access, Kind
-from emu.sched.traps import sched_point
 from emu.sched import traps
+from emu.sched.traps import sched_point
 from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
@@ -17,9 +17,9 @@ from mm_core.mm import (
     MMStruct,
 )
 from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
+from mm_core.page_alloc import PageUse
 
 EAGAIN = 11
-from mm_core.page_alloc import PageUse
 
 
 async def do_mprotect(k, mm: MMStruct, start: int, length: int, prot: int) -> int:

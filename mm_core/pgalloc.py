@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from emu.arch import PAGE_SIZE
 from emu.sched.traps import sched_point
 from mm_core.locks import SpinLock
-from mm_core.page_alloc import Page, PageUse, PAGE_POISON
+from mm_core.page_alloc import PAGE_POISON, Page, PageUse
 from mm_core.rcu import call_rcu
 
 
