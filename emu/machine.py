@@ -16,7 +16,7 @@ from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
-from mm_core import memory, pgtable, rcu
+from mm_core import khugepaged, memory, pgtable, rcu
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core.kernel import Kernel
@@ -192,6 +192,7 @@ class Machine:
         if not self._kthreads:
             self._kthreads = True
             self.scheduler.spawn(rcu.rcu_gp_kthread(self.kernel), "rcu_gp", daemon=True)
+            self.scheduler.spawn(khugepaged.khugepaged(self.kernel), "khugepaged", daemon=True)
 
     def rcu_barrier(self) -> None:
         """rcu_barrier() from outside a run: every queued RCU callback runs now."""

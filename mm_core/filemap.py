@@ -75,6 +75,7 @@ async def do_cow_fault(k, vmf) -> int:
     k.physmem.copy(anon.paddr, shmem.folio_page_paddr(folio, index))
     shmem.folio_unlock(folio)
     anon.refcount = 0                  # finish_fault takes the mapping's reference
+    vmf.vma.anon_vma = True            # anon_vma_prepare()
     ret = await finish_fault(k, vmf, anon, anon.paddr, write=True)
     if anon.refcount == 0:
         k.alloc.free_pages(anon)

@@ -24,6 +24,9 @@ class Kernel:
         self.deposits: dict[int, list] = {}      # pmd entry paddr -> deposited PTE tables
         self.rcu = Rcu()
         self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
+        self.bugs: dict[str, object] = {}        # named bug injections (explorer self-tests)
+        from mm_core.khugepaged import Khugepaged
+        self.khugepaged = Khugepaged()
         self.stats: Counter[str] = Counter()
         self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)
         # set by the machine: TLB shootdown of [start, end) for every vCPU using mm

@@ -268,6 +268,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     pte_offset_map_lock and install it if pte_same still holds (a map failure or a
     changed pte is FAULT-RETRY)."""
     mm, arch = vmf.vma.mm, k.arch
+    vmf.vma.anon_vma = True                                # anon_vma_prepare()
     try:
         new_page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:

@@ -42,6 +42,8 @@ class VMA:
     name: str = ""              # "[heap]", "[stack]", ... as /proc/PID/maps shows
     file: object = None
     pgoff: int = 0
+    anon_vma: bool = False      # has private anon pages (a COW happened in a file mapping)
+    uffd_wp: bool = False       # registered with userfaultfd in write-protect mode
 
     @property
     def anonymous(self) -> bool:
@@ -105,7 +107,7 @@ class MMStruct:
         """__split_vma(): cut ``vma`` at ``addr``; returns the upper part."""
         assert vma.start < addr < vma.end and addr % PAGE_SIZE == 0
         upper = VMA(self, addr, vma.end, vma.flags, vma.name, vma.file,
-                    vma.pgoff + ((addr - vma.start) >> 12))
+                    vma.pgoff + ((addr - vma.start) >> 12), vma.anon_vma, vma.uffd_wp)
         vma.end = addr
         bisect.insort(self.vmas, upper, key=lambda v: v.start)
         if vma.file is not None:                  # the new half is a mapping of the file too

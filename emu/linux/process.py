@@ -58,6 +58,24 @@ class Process:
     unknown_syscalls: Counter = field(default_factory=Counter)
     syscalls: Counter = field(default_factory=Counter)
     on_output: Callable[[int, bytes], None] | None = None
+    files: dict[int, object] = field(default_factory=lambda: {0: "stdin", 1: "stdout", 2: "stderr"})
+
+    def install_fd(self, file: object) -> int:
+        """fd_install() at the lowest free descriptor."""
+        fd = 0
+        while fd in self.files:
+            fd += 1
+        self.files[fd] = file
+        file.refs += 1
+        return fd
+
+    def close_files(self, k) -> None:
+        """exit_files(): drop every open file."""
+        from mm_core.shmem import ShmemInode, iput
+        for fd in list(self.files):
+            f = self.files.pop(fd)
+            if isinstance(f, ShmemInode):
+                iput(k, f)
 
     @property
     def exited(self) -> bool:

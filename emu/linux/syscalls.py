@@ -6,12 +6,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Awaitable, Callable
 
-from emu.linux.uaccess import EFault, copy_from_user, copy_to_user
+from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from_user
+from mm_core import madvise, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
 
 ENOTTY = 25
+ENODEV = 19
 Handler = Callable[..., Awaitable[int]]
 SYSCALLS: dict[str, Handler] = {}
 
@@ -105,11 +107,48 @@ async def sys_mmap(ctx, addr, length, prot, flags, fd, offset, *_):
     if ctx.arch.syscall_abi.old_mmap:        # s390x old_mmap: one pointer to six longs
         addr, length, prot, flags, fd, offset = ctx.words(
             await copy_from_user(ctx.machine, ctx.mm, addr, 48))
-    if not flags & mm_mmap.MAP_ANONYMOUS and _signed(fd) >= 0:
-        return -EBADF                        # no file descriptors to map yet
     if offset % 4096:
         return -EINVAL
-    return await mm_mmap.do_mmap(ctx.k, ctx.mm, addr, length, prot & 7, flags)
+    inode = None
+    if not flags & mm_mmap.MAP_ANONYMOUS:
+        inode = ctx.proc.files.get(_signed(fd))
+        if not isinstance(inode, shmem.ShmemInode):
+            return -EBADF if inode is None else -ENODEV
+    return await mm_mmap.do_mmap(ctx.k, ctx.mm, addr, length, prot & 7, flags, inode, offset >> 12)
+
+
+@syscall("memfd_create")
+async def sys_memfd_create(ctx, uname, flags, *_):
+    name = (await strncpy_from_user(ctx.machine, ctx.mm, uname, 249)).decode(errors="replace")
+    if flags & ~0xF:                          # MFD_CLOEXEC | ALLOW_SEALING | HUGETLB | NOEXEC_SEAL
+        return -EINVAL
+    return ctx.proc.install_fd(shmem.memfd_create(ctx.k, f"memfd:{name}"))
+
+
+@syscall("ftruncate")
+async def sys_ftruncate(ctx, fd, length, *_):
+    inode = ctx.proc.files.get(_signed(fd))
+    if not isinstance(inode, shmem.ShmemInode):
+        return -EBADF if inode is None else -EINVAL
+    if _signed(length) < 0:
+        return -EINVAL
+    await shmem.shmem_setattr_size(ctx.k, inode, length)
+    return 0
+
+
+@syscall("close")
+async def sys_close(ctx, fd, *_):
+    inode = ctx.proc.files.pop(_signed(fd), None)
+    if inode is None:
+        return -EBADF
+    if isinstance(inode, shmem.ShmemInode):
+        shmem.iput(ctx.k, inode)
+    return 0
+
+
+@syscall("madvise")
+async def sys_madvise(ctx, addr, length, behavior, *_):
+    return await madvise.do_madvise(ctx.k, ctx.mm, addr, length, _signed(behavior))
 
 
 @syscall("munmap")

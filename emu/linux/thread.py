@@ -65,6 +65,7 @@ async def guest_thread(machine, thread) -> None:
     thread.exited = True
     if all(t.exited for t in proc.threads):
         await exit_mmap(k, proc.mm)
+        proc.close_files(k)
 
 
 def _report(machine, vcpu, signal: int, code: str, address: int | None, pc: int, access: Access,

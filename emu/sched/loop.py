@@ -32,6 +32,7 @@ class Scheduler:
         self._rr = 0
         self.switches = 0
         self.traps = 0
+        self._time_floor = 0
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str, daemon: bool = False) -> Task:
         task = Task(len(self.tasks) + 1, name, coro)
@@ -63,7 +64,10 @@ class Scheduler:
             if all(t.daemon for t in self.tasks if t.state is not TaskState.DONE):
                 return                       # only kernel threads are left
             self._poll_waiters()
+            self._wake_sleepers()
             runnable = self._runnable()
+            if not runnable and self._advance_time():
+                continue
             if not runnable:
                 blocked = [t for t in self.tasks if t.state is TaskState.BLOCKED]
                 if blocked:
@@ -120,7 +124,8 @@ class Scheduler:
             task.held.remove(lock)
             self._wake(lock)
         elif kind == "sleep":
-            task.clock += event[1]
+            task.wake_at = self.now + event[1]
+            task.state = TaskState.SLEEPING
         elif kind == "wait":
             if not event[1].try_acquire(task, "wait"):
                 task.state, task.blocked_on = TaskState.BLOCKED, (event[1], "wait")
@@ -131,6 +136,27 @@ class Scheduler:
             task.send_value = task
         else:
             raise RuntimeError(f"unknown trap {event!r}")
+
+    @property
+    def now(self) -> int:
+        """Simulated time: how far the busiest non-daemon task has got (cycles)."""
+        return max([t.clock for t in self.tasks if not t.daemon] + [self._time_floor])
+
+    def _wake_sleepers(self) -> None:
+        now = self.now
+        for t in self.tasks:
+            if t.state is TaskState.SLEEPING and t.wake_at <= now:
+                t.state = TaskState.RUNNABLE
+                t.clock = max(t.clock, t.wake_at)
+
+    def _advance_time(self) -> bool:
+        """Nothing can run: jump the clock to the first sleeper's wake-up (if any)."""
+        sleepers = [t.wake_at for t in self.tasks if t.state is TaskState.SLEEPING]
+        if not sleepers:
+            return False
+        self._time_floor = max(self._time_floor, min(sleepers))
+        self._wake_sleepers()
+        return True
 
     def _poll_waiters(self) -> None:
         """Wait queues posted to without a wake trap (call_rcu never sleeps)."""

@@ -9,6 +9,7 @@ from typing import Any
 class TaskState(enum.Enum):
     RUNNABLE = "runnable"
     BLOCKED = "blocked"
+    SLEEPING = "sleeping"          # until the simulated clock reaches wake_at
     DONE = "done"
 
 
@@ -24,6 +25,7 @@ class Task:
         self.throw: BaseException | None = None
         self.blocked_on: tuple[object, str] | None = None
         self.clock = 0             # simulated cycles consumed
+        self.wake_at = 0
         self.steps = 0
         self.result: Any = None
         self.error: BaseException | None = None

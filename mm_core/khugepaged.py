@@ -1,0 +1,448 @@
+"""THP collapse (mm/khugepaged.c): anonymous collapse_huge_page, shmem collapse_file with
+retract_page_tables, collapse_pte_mapped_thp, MADV_COLLAPSE and the khugepaged daemon.
+
+Which locks retraction takes, and how the retracted table is freed, follows the kernel
+profile (mm_core/config.py):
+
+  <= 6.5  retract_page_tables under i_mmap write + mmap_write_trylock of each mm,
+          table freed at once (pte_free)
+  >= 6.6  i_mmap read + pml + ptl only, no mmap_lock; table freed by pte_free_defer
+"""
+from __future__ import annotations
+
+import enum
+
+from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Kind, leaf_entry, table_entry
+from emu.sched import traps
+from mm_core import huge_memory, pgtable, rmap, shmem
+from mm_core.locks import WaitQueue, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
+from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+from mm_core.page_alloc import OutOfMemory, PageUse
+from mm_core.pgalloc import pte_free, pte_free_defer
+
+MAX_PTES_NONE = 511          # /sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none
+PAGES_TO_SCAN = 4096         # .../khugepaged/pages_to_scan
+SCAN_SLEEP_CYCLES = 30_000_000   # .../scan_sleep_millisecs (10 s in Linux; 10 ms at 3 GHz here)
+
+
+class Scan(enum.Enum):
+    SUCCEED = "SCAN_SUCCEED"
+    FAIL = "SCAN_FAIL"
+    PMD_NULL = "SCAN_PMD_NULL"
+    PMD_NONE = "SCAN_PMD_NONE"
+    PMD_MAPPED = "SCAN_PMD_MAPPED"
+    EXCEED_NONE_PTE = "SCAN_EXCEED_NONE_PTE"
+    PTE_NON_PRESENT = "SCAN_PTE_NON_PRESENT"
+    PAGE_LOCK = "SCAN_PAGE_LOCK"
+    PAGE_COUNT = "SCAN_PAGE_COUNT"
+    VMA_CHECK = "SCAN_VMA_CHECK"
+    ANY_PROCESS = "SCAN_ANY_PROCESS"
+    ALLOC_HUGE_PAGE_FAIL = "SCAN_ALLOC_HUGE_PAGE_FAIL"
+    PTE_MAPPED_HUGEPAGE = "SCAN_PTE_MAPPED_HUGEPAGE"
+    TRUNCATED = "SCAN_TRUNCATED"
+
+
+def hpage_collapse_test_exit(mm) -> bool:
+    """hpage_collapse_test_exit(): the mm is exiting; its tables may be freed without RCU."""
+    return mm.users == 0 or mm.dead
+
+
+async def find_pmd_or_thp_or_none(k, mm, addr: int) -> tuple[Scan, int | None]:
+    """find_pmd_or_thp_or_none(): classify the pmd for ``addr`` without allocating."""
+    pmdp = await rmap.walk_to_pmd(k, mm, addr)
+    if pmdp is None:
+        return Scan.PMD_NULL, None
+    pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+    if pmdval.kind is Kind.NONE:
+        return Scan.PMD_NONE, pmdp
+    if pmdval.kind is Kind.LEAF:
+        return Scan.PMD_MAPPED, pmdp
+    if pmdval.kind is not Kind.TABLE:
+        return Scan.PMD_NULL, pmdp
+    return Scan.SUCCEED, pmdp
+
+
+async def pmdp_collapse_flush(k, vma, addr: int, pmdp: int) -> int:
+    """pmdp_collapse_flush(): clear a table pmd and flush the range; returns the old raw pmd."""
+    old = await pgtable.clear_entry(k, pmdp, k.arch.pmd_level)
+    size = huge_memory.hpage_pmd_size(k)
+    k.flush_tlb_range(vma.mm, addr, addr + size)
+    return old
+
+
+async def _free_retracted(k, pt) -> None:
+    pt.state = "detached"
+    k.stats["retracted_tables"] += 1
+    if k.profile.pte_free_defer:
+        await pte_free_defer(k, pt)
+    else:
+        pte_free(k, pt)
+
+
+# -- shmem / file ------------------------------------------------------------------------------
+
+async def retract_page_tables(k, mapping, pgoff: int) -> int:
+    """retract_page_tables(mapping, pgoff): detach the (now empty) PTE tables that map
+    [pgoff, pgoff + HPAGE_PMD_NR) in every VMA of the file, so a later fault or
+    collapse_pte_mapped_thp() can map the huge folio with one PMD. Returns how many."""
+    prof = k.profile
+    size = huge_memory.hpage_pmd_size(k)
+    retracted = 0
+    mode = "r" if prof.retract_without_mmap_lock else "w"
+    await traps.lock(mapping.i_mmap_rwsem, mode)
+    try:
+        for vma in list(mapping.i_mmap):
+            mm = vma.mm
+            if vma.anon_vma:                  # a written MAP_PRIVATE mapping: anon ptes inside
+                continue
+            addr = vma.start + ((pgoff - vma.pgoff) << PAGE_SHIFT)
+            if addr & (size - 1) or addr < vma.start or addr + size > vma.end:
+                continue
+            result, pmdp = await find_pmd_or_thp_or_none(k, mm, addr)
+            if result is not Scan.SUCCEED:
+                continue
+            if k.bugs.get("retract_without_exit_test") is None and hpage_collapse_test_exit(mm):
+                continue
+            if vma.uffd_wp:
+                continue
+            write_locked = False
+            if not prof.retract_without_mmap_lock:
+                if not await traps.trylock(mm.mmap_lock, "w"):
+                    k.stats["retract_mmap_trylock_failed"] += 1
+                    continue
+                write_locked = True
+            pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+            await traps.lock(pml)
+            pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+            done = None
+            if pmdval.kind is Kind.TABLE:
+                ptl = pgtable.pte_lockptr(k, mm, pmdval)
+                if ptl is not pml:
+                    await traps.lock(ptl)
+                if not (vma.anon_vma or vma.uffd_wp):     # recheck under the locks
+                    await pmdp_collapse_flush(k, vma, addr, pmdp)
+                    done = k.ptdescs.get(pmdval.paddr)
+                if ptl is not pml:
+                    await traps.unlock(ptl)
+            await traps.unlock(pml)
+            if done is not None:
+                await _free_retracted(k, done)
+                retracted += 1
+            if write_locked:
+                await traps.unlock(mm.mmap_lock, "w")
+    finally:
+        await traps.unlock(mapping.i_mmap_rwsem, mode)
+    return retracted
+
+
+async def collapse_file(k, inode, start: int, is_khugepaged: bool) -> Scan:
+    """collapse_file(): copy HPAGE_PMD_NR pages of a shmem file into one locked PMD-order
+    folio, unmap the small pages everywhere, swap the folio into the page cache, retract
+    the page tables (folio still locked, so refaults wait), then unlock."""
+    inode.refs += 1                           # get_file(): the file outlives the collapse
+    try:
+        return await _collapse_file(k, inode, start, is_khugepaged)
+    finally:
+        shmem.iput(k, inode)
+
+
+async def _collapse_file(k, inode, start: int, is_khugepaged: bool) -> Scan:
+    mapping = inode.mapping
+    nr = huge_memory.hpage_pmd_nr(k)
+    if (start + nr) << PAGE_SHIFT > inode.size:
+        return Scan.TRUNCATED
+    first = shmem.filemap_get_folio(mapping, start)
+    if first is not None and first.order == huge_memory.hpage_pmd_order(k):
+        return Scan.PTE_MAPPED_HUGEPAGE       # already huge: maybe only PTE-mapped
+    try:
+        new = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=mapping)
+    except OutOfMemory:
+        return Scan.ALLOC_HUGE_PAGE_FAIL
+    new.locked = True
+    new.mapping, new.index = mapping, start
+    olds = []
+    for index in range(start, start + nr):
+        folio = shmem.filemap_get_folio(mapping, index)
+        if folio is None:
+            continue                          # a hole: the new folio is already zero there
+        if folio.locked or folio.order:
+            for f in olds:
+                shmem.folio_unlock(f)
+            k.alloc.free_pages(new)
+            return Scan.PAGE_LOCK
+        await shmem.folio_lock(k, folio)
+        olds.append(folio)
+    for folio in olds:
+        await rmap.try_to_unmap_file_page(k, folio, folio.index)
+        if folio.mapcount:
+            for f in olds:
+                shmem.folio_unlock(f)
+            k.alloc.free_pages(new)
+            return Scan.PAGE_COUNT
+    for folio in olds:                        # copy, then replace in the page cache
+        k.physmem.copy(new.paddr + ((folio.index - start) << PAGE_SHIFT), folio.paddr)
+        shmem.folio_unlock(folio)
+        shmem.delete_from_page_cache(k, folio)
+    shmem.add_to_page_cache(mapping, new, start)
+    await traps.sched_point("page_cache_replace", (inode.ino, start))
+    k.stats["thp_collapse_file"] += 1
+    await retract_page_tables(k, mapping, start)
+    shmem.folio_unlock(new)
+    return Scan.SUCCEED if is_khugepaged else Scan.PTE_MAPPED_HUGEPAGE
+
+
+async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
+    """collapse_pte_mapped_thp(mm, addr, install_pmd): the file THP is in the page cache
+    but this mm still maps it with PTEs (or not at all): clear those PTEs, retract the
+    table (pte_free_defer) and, with install_pmd, map the folio with one PMD.
+    Needs mmap_read_lock only; ptl is held from clearing the PTEs until the pmd is gone
+    (the fix for UFFDIO_COPY inserting a pte meanwhile)."""
+    from mm_core.memory import _put_mapped_page
+    arch = k.arch
+    size = huge_memory.hpage_pmd_size(k)
+    haddr = addr & ~(size - 1)
+    vma = mm.vma_lookup(haddr)
+    if vma is None or vma.file is None or haddr < vma.start or haddr + size > vma.end:
+        return Scan.VMA_CHECK
+    result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+    if result is Scan.PMD_MAPPED:
+        return Scan.PMD_MAPPED
+    index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+    folio = shmem.filemap_get_folio(vma.file.mapping, index)
+    if folio is None or folio.order != huge_memory.hpage_pmd_order(k) or folio.index != index:
+        return Scan.FAIL
+    await shmem.folio_lock(k, folio)
+    try:
+        result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+        if result is Scan.PMD_NONE:
+            return await _install(k, vma, haddr, pmdp, folio, install_pmd)
+        if result is not Scan.SUCCEED:
+            return result
+        # step 1: every present pte must map the right subpage
+        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
+        if locked is None:
+            return Scan.FAIL                  # "mmap_lock + page lock should prevent this"
+        ptep, ptl = locked
+        ok = await _ptes_map_folio(k, ptep, folio)
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        if not ok:
+            return Scan.FAIL
+        # step 2 + 4: pml, then ptl, held until the pmd is cleared
+        pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+        await traps.lock(pml)
+        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
+        if locked is None:
+            await traps.unlock(pml)
+            return Scan.FAIL
+        ptep, ptl = locked
+        if not await _ptes_map_folio(k, ptep, folio):
+            await pgtable.pte_unmap_unlock(k, ptep, ptl)
+            await traps.unlock(pml)
+            return Scan.FAIL
+        cleared = 0
+        for i in range(huge_memory.hpage_pmd_nr(k)):
+            entp = ptep + i * 8
+            if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is Kind.LEAF:
+                await pgtable.clear_entry(k, entp, arch.pte_level)
+                _put_mapped_page(k, mm, folio)
+                cleared += 1
+        pmdval = arch.decode(arch.pmd_level, await pmdp_collapse_flush(k, vma, haddr, pmdp))
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        await traps.unlock(pml)
+        pt = k.ptdescs.get(pmdval.paddr)
+        if pt is not None:
+            await _free_retracted(k, pt)
+        k.stats["collapse_pte_mapped_thp"] += 1
+        return await _install(k, vma, haddr, pmdp, folio, install_pmd)
+    finally:
+        shmem.folio_unlock(folio)
+
+
+async def _ptes_map_folio(k, ptep: int, folio) -> bool:
+    arch = k.arch
+    for i in range(huge_memory.hpage_pmd_nr(k)):
+        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + i * 8))
+        if ent.kind is Kind.NONE:
+            continue
+        if ent.kind is not Kind.LEAF or ent.paddr != folio.paddr + i * PAGE_SIZE:
+            return False
+    return True
+
+
+async def _install(k, vma, haddr: int, pmdp: int | None, folio, install_pmd: bool) -> Scan:
+    """set_huge_pmd(): map the locked folio with one PMD leaf."""
+    from mm_core.memory import VmFault
+    if not install_pmd:
+        return Scan.SUCCEED
+    if pmdp is None:
+        pmdp = await pgtable.walk_alloc(k, vma.mm, haddr, k.arch.pmd_level)
+    vmf = VmFault(vma, haddr, 0, pmd=pmdp)
+    return Scan.SUCCEED if await huge_memory.do_set_pmd(k, vmf, folio) else Scan.FAIL
+
+
+# -- anonymous ------------------------------------------------------------------------------
+
+async def collapse_huge_page(k, mm, haddr: int) -> Scan:
+    """collapse_huge_page(): under mmap_write_lock, detach the PTE table, copy its pages
+    into a new THP, deposit the table and map the THP with one PMD."""
+    from mm_core.memory import _put_mapped_page, vm_get_page_prot
+    arch = k.arch
+    nr, size = huge_memory.hpage_pmd_nr(k), huge_memory.hpage_pmd_size(k)
+    try:
+        new = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.ANON, owner=mm)
+    except OutOfMemory:
+        return Scan.ALLOC_HUGE_PAGE_FAIL
+    await mmap_write_lock(mm)
+    try:
+        vma = mm.vma_lookup(haddr)
+        if vma is None or not vma.anonymous or haddr < vma.start or haddr + size > vma.end:
+            k.alloc.free_pages(new)
+            return Scan.VMA_CHECK
+        result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+        if result is not Scan.SUCCEED:
+            k.alloc.free_pages(new)
+            return result
+        pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+        await traps.lock(pml)
+        raw = await pmdp_collapse_flush(k, vma, haddr, pmdp)
+        await traps.unlock(pml)
+        pmdval = arch.decode(arch.pmd_level, raw)
+        table = k.ptdescs[pmdval.paddr]
+        # isolate: the detached table is ours (pte_offset_map_lock on the stack copy)
+        entries = [arch.decode(arch.pte_level, k.physmem.read_entry(table.paddr + i * 8)) for i in range(nr)]
+        bad = [e for e in entries if e.kind not in (Kind.NONE, Kind.LEAF)]
+        none = sum(e.kind is Kind.NONE for e in entries)
+        if bad or none > MAX_PTES_NONE:
+            await traps.lock(pml)                     # restore the pmd
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(table.paddr))
+            await traps.unlock(pml)
+            k.alloc.free_pages(new)
+            return Scan.PTE_NON_PRESENT if bad else Scan.EXCEED_NONE_PTE
+        for i, e in enumerate(entries):
+            if e.kind is Kind.LEAF and not e.special:
+                k.physmem.copy(new.paddr + i * PAGE_SIZE, e.paddr)
+                page = k.alloc.page_of(e.paddr)
+                if page is not None:
+                    _put_mapped_page(k, mm, page)
+            k.physmem.write_entry(table.paddr + i * 8, arch.empty_value(arch.pte_level))
+        await traps.sched_point("pt_write", table.paddr)
+        prot = vm_get_page_prot(vma.flags) | (Access.W if vma.flags & VM_WRITE else Access.NONE)
+        await traps.lock(pml)
+        huge_memory.pgtable_trans_huge_deposit(k, mm, pmdp, table)
+        new.mapcount = 1
+        mm.rss[1] += nr
+        await pgtable.set_entry(k, pmdp, arch.pmd_level, leaf_entry(new.paddr, prot, young=True, dirty=True))
+        await traps.unlock(pml)
+        k.stats["thp_collapse_alloc"] += 1
+        return Scan.SUCCEED
+    finally:
+        await mmap_write_unlock(mm)
+
+
+# -- drivers ---------------------------------------------------------------------------------
+
+def madvise_collapse_errno(result: Scan) -> int:
+    """madvise_collapse_errno()."""
+    if result in (Scan.SUCCEED, Scan.PMD_MAPPED):
+        return 0
+    if result is Scan.ALLOC_HUGE_PAGE_FAIL:
+        return -12
+    if result in (Scan.PAGE_LOCK, Scan.PAGE_COUNT):
+        return -11
+    return -22
+
+
+async def madvise_collapse(k, mm, start: int, end: int) -> int:
+    """madvise_collapse(): collapse every PMD-sized range of [start, end) synchronously.
+    File/shmem ranges are collapsed with no mmap_lock, then mapped by PMD under
+    mmap_read_lock (collapse_pte_mapped_thp(install_pmd=true))."""
+    size = huge_memory.hpage_pmd_size(k)
+    worst = 0
+    haddr = (start + size - 1) & ~(size - 1)
+    while haddr + size <= end:
+        await mmap_read_lock(mm)
+        vma = mm.vma_lookup(haddr)
+        if vma is None or haddr + size > vma.end or vma.flags & VM_NOHUGEPAGE:
+            await mmap_read_unlock(mm)
+            worst = worst or -22
+            haddr += size
+            continue
+        if vma.anonymous:
+            await mmap_read_unlock(mm)
+            result = await collapse_huge_page(k, mm, haddr)
+        else:
+            inode, index = vma.file, vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+            await mmap_read_unlock(mm)
+            result = await collapse_file(k, inode, index, is_khugepaged=False)
+            if result is Scan.PTE_MAPPED_HUGEPAGE:
+                await mmap_read_lock(mm)
+                result = await collapse_pte_mapped_thp(k, mm, haddr, install_pmd=True)
+                await mmap_read_unlock(mm)
+        k.stats[f"madvise_collapse:{result.value}"] += 1
+        worst = worst or madvise_collapse_errno(result)
+        haddr += size
+    return worst
+
+
+class Khugepaged:
+    """The khugepaged kthread's state: registered mms (mm slots) and its wait queue."""
+
+    def __init__(self) -> None:
+        self.mm_slots: list = []
+        self.wq = WaitQueue("khugepaged_wait")
+        self.full_scans = 0
+        self.scan_sleep = SCAN_SLEEP_CYCLES
+
+    def enter(self, mm) -> None:
+        """khugepaged_enter_vma(): start scanning this mm."""
+        if mm not in self.mm_slots:
+            self.mm_slots.append(mm)
+        self.wq.post()
+
+
+async def khugepaged(k) -> None:
+    """khugepaged: scan registered mms for PMD ranges worth collapsing, with
+    mmap_read_trylock; file ranges are collapsed with no mmap_lock held and then, under
+    mmap_read_lock, collapse_pte_mapped_thp(install_pmd=false) drops their PTE tables."""
+    state = k.khugepaged
+    while True:
+        await traps.wait(state.wq)
+        await traps.sleep(state.scan_sleep)          # khugepaged_wait_work()
+        for mm in list(state.mm_slots):
+            if hpage_collapse_test_exit(mm):
+                state.mm_slots.remove(mm)
+                continue
+            await khugepaged_scan_mm_slot(k, mm)
+        state.full_scans += 1
+
+
+async def khugepaged_scan_mm_slot(k, mm) -> None:
+    size = huge_memory.hpage_pmd_size(k)
+    if not await traps.trylock(mm.mmap_lock, "r"):
+        k.stats["khugepaged_trylock_failed"] += 1
+        return
+    work = []
+    for vma in mm.vmas:
+        if not vma.flags & VM_HUGEPAGE or vma.flags & VM_NOHUGEPAGE:
+            continue
+        haddr = (vma.start + size - 1) & ~(size - 1)
+        while haddr + size <= vma.end and len(work) * huge_memory.hpage_pmd_nr(k) < PAGES_TO_SCAN:
+            work.append((vma, haddr))
+            haddr += size
+    await traps.unlock(mm.mmap_lock, "r")
+    for vma, haddr in work:
+        if hpage_collapse_test_exit(mm):
+            return
+        if vma.anonymous:
+            result, _ = await find_pmd_or_thp_or_none(k, mm, haddr)
+            if result is Scan.SUCCEED:
+                result = await collapse_huge_page(k, mm, haddr)
+        else:
+            index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+            result = await collapse_file(k, vma.file, index, is_khugepaged=True)
+            if result in (Scan.SUCCEED, Scan.PTE_MAPPED_HUGEPAGE):
+                await mmap_read_lock(mm)
+                if not hpage_collapse_test_exit(mm):
+                    await collapse_pte_mapped_thp(k, mm, haddr, install_pmd=False)
+                await mmap_read_unlock(mm)
+        k.stats[f"khugepaged:{result.value}"] += 1
