@@ -286,7 +286,8 @@ class Ppc64(ArchSpec):
             "prlimit64": 325, "readlink": 85, "readlinkat": 296, "getrandom": 359,
             "newfstatat": 291, "fstat": 108, "uname": 122, "futex": 221, "clock_gettime": 246,
             "rt_sigaction": 173, "rt_sigprocmask": 174, "getpid": 20, "gettid": 207,
-            "tgkill": 250, "memfd_create": 360, "ftruncate": 93, "userfaultfd": 364, "openat": 286, "close": 6,
+            "tgkill": 250, "memfd_create": 360, "ftruncate": 93, "userfaultfd": 364, "openat": 286,
+            "close": 6,
             "lseek": 19, "pread64": 179, "mincore": 206, "process_madvise": 440,
         },
     )

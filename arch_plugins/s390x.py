@@ -386,7 +386,8 @@ class S390x(ArchSpec):
             "prlimit64": 334, "readlink": 85, "readlinkat": 298, "getrandom": 349,
             "newfstatat": 293, "fstat": 108, "uname": 122, "futex": 238, "clock_gettime": 260,
             "rt_sigaction": 174, "rt_sigprocmask": 175, "getpid": 20, "gettid": 236,
-            "tgkill": 241, "memfd_create": 350, "ftruncate": 93, "userfaultfd": 355, "openat": 288, "close": 6,
+            "tgkill": 241, "memfd_create": 350, "ftruncate": 93, "userfaultfd": 355, "openat": 288,
+            "close": 6,
             "lseek": 19, "pread64": 180, "mincore": 218, "process_madvise": 440,
         },
     )

@@ -16,9 +16,10 @@ from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
-from mm_core import khugepaged, memory, pgtable, rcu
+from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
+from mm_core.config import Profile
 from mm_core.kernel import Kernel
 from mm_core.mm import (
     VM_EXEC,
@@ -60,7 +61,7 @@ class Machine:
     """
 
     def __init__(self, arch: str = "x86_64", mem: str | int = "256M", cpus: int = 1,
-                 kernel: str = "6.6", policy: str = "round-robin", quantum: int = DEFAULT_QUANTUM,
+                 kernel: str | Profile = "6.6", policy: str = "round-robin", quantum: int = DEFAULT_QUANTUM,
                  walks: str = "inline", **arch_options: Any) -> None:
         if cpus < 1 or cpus > 64:
             raise ValueError("cpus must be between 1 and 64")
@@ -101,9 +102,29 @@ class Machine:
         mm.mmap_base = self.mmap_base
         return mm
 
-    def mmap(self, mm: MMStruct, addr: int, length: int, prot: int, flags: int) -> int:
-        """mmap(2) in ``mm`` (Linux PROT_*/MAP_* values); raises OSError on failure."""
-        return _check(run_sync(mm_mmap.do_mmap(self.kernel, mm, addr, length, prot, flags)))
+    def mmap(self, mm: MMStruct, addr: int, length: int, prot: int, flags: int,
+             file: Any = None, offset: int = 0) -> int:
+        """mmap(2) in ``mm`` (Linux PROT_*/MAP_* values), of anonymous memory or of a
+        ``file`` from memfd_create(); raises OSError on failure."""
+        if offset % PAGE_SIZE:
+            raise OSError(22, "offset must be page aligned")
+        return _check(run_sync(mm_mmap.do_mmap(self.kernel, mm, addr, length, prot, flags, file,
+                                               offset // PAGE_SIZE)))
+
+    def memfd_create(self, name: str = "emu", size: int = 0) -> Any:
+        """memfd_create() + ftruncate(): a shmem file; release it with close_file()."""
+        inode = shmem.memfd_create(self.kernel, f"memfd:{name}")
+        inode.refs += 1
+        if size:
+            run_sync(shmem.shmem_setattr_size(self.kernel, inode, size))
+        return inode
+
+    def close_file(self, inode: Any) -> None:
+        shmem.iput(self.kernel, inode)
+
+    def madvise(self, mm: MMStruct, addr: int, length: int, advice: int) -> None:
+        """madvise(2): MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
+        _check(run_sync(madvise.do_madvise(self.kernel, mm, addr, length, advice)))
 
     def munmap(self, mm: MMStruct, addr: int, length: int) -> None:
         _check(run_sync(mm_mmap.do_munmap(self.kernel, mm, addr, length)))

@@ -135,18 +135,18 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
     return retracted
 
 
-async def collapse_file(k, inode, start: int, is_khugepaged: bool) -> Scan:
+async def collapse_file(k, inode, start: int, is_khugepaged: bool, retract: bool = True) -> Scan:
     """collapse_file(): copy HPAGE_PMD_NR pages of a shmem file into one locked PMD-order
     folio, unmap the small pages everywhere, swap the folio into the page cache, retract
     the page tables (folio still locked, so refaults wait), then unlock."""
     inode.refs += 1                           # get_file(): the file outlives the collapse
     try:
-        return await _collapse_file(k, inode, start, is_khugepaged)
+        return await _collapse_file(k, inode, start, is_khugepaged, retract)
     finally:
         shmem.iput(k, inode)
 
 
-async def _collapse_file(k, inode, start: int, is_khugepaged: bool) -> Scan:
+async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: bool) -> Scan:
     mapping = inode.mapping
     nr = huge_memory.hpage_pmd_nr(k)
     if (start + nr) << PAGE_SHIFT > inode.size:
@@ -186,7 +186,8 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool) -> Scan:
     shmem.add_to_page_cache(mapping, new, start)
     await traps.sched_point("page_cache_replace", (inode.ino, start))
     k.stats["thp_collapse_file"] += 1
-    await retract_page_tables(k, mapping, start)
+    if retract:                       # (scenarios drive retraction themselves)
+        await retract_page_tables(k, mapping, start)
     shmem.folio_unlock(new)
     return Scan.SUCCEED if is_khugepaged else Scan.PTE_MAPPED_HUGEPAGE
 

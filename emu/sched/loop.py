@@ -81,7 +81,14 @@ class Scheduler:
             self.step(task)
 
     def step(self, task: Task) -> None:
-        """Resume ``task`` until its next trap and act on the trap."""
+        """One step of ``task``: carry out the trap it is parked at (the table access, the
+        lock acquisition, the guest quantum, ...), then resume it until its next trap,
+        where it parks again. A task that blocks on a lock stays parked."""
+        if task.pending is not None:
+            event, task.pending = task.pending, None
+            self.handle(task, event)
+            if task.state is not TaskState.RUNNABLE:
+                return
         value, task.send_value = task.send_value, None
         try:
             if task.throw is not None:
@@ -97,7 +104,7 @@ class Scheduler:
             raise
         task.steps += 1
         self.traps += 1
-        self.handle(task, event)
+        task.pending = task.last_event = event
 
     def handle(self, task: Task, event: tuple) -> None:
         kind = event[0]

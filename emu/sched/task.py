@@ -26,6 +26,8 @@ class Task:
         self.blocked_on: tuple[object, str] | None = None
         self.clock = 0             # simulated cycles consumed
         self.wake_at = 0
+        self.last_event: tuple | None = None
+        self.pending: tuple | None = None     # the trap it is parked at, not yet carried out
         self.steps = 0
         self.result: Any = None
         self.error: BaseException | None = None

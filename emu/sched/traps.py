@@ -64,6 +64,11 @@ async def wake(waitq: object) -> None:
     await _trap("wake", waitq)
 
 
+async def forward(event: tuple) -> Any:
+    """Pass an event from a wrapped coroutine on to the scheduler (tracing wrappers)."""
+    return await _trap(*event)
+
+
 async def current_task() -> object:
     """``current``: the task running this coroutine."""
     return await _trap("self")

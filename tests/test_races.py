@@ -1,0 +1,352 @@
+"""The v6.6 page-table rules under forced interleavings (spec/kernel_mm.md §6).
+
+Each test builds a shmem mapping whose page cache has just been collapsed into a huge
+folio (the small pages unmapped, the PTE table left empty: the moment
+retract_page_tables() runs), then runs a walker and the retractor in a hand-written
+order. Under 6.6 the walker stays safe; under 6.4 with lockless retraction the same
+schedule shows the bug the 6.5/6.6 series fixed.
+"""
+from __future__ import annotations
+
+import pytest
+
+import emu
+from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
+from emu.scenario import Scenario
+from emu.sched.loop import run_sync
+from mm_core import filemap, huge_memory, khugepaged, memory, pgtable, rmap
+from mm_core.locks import mmap_read_lock, mmap_read_unlock
+from mm_core.memory import CheckMMError
+from mm_core.page_alloc import PAGE_POISON, PageUse
+
+ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
+BASE = 0x40000000
+LOCKLESS_64 = {"retract_without_mmap_lock": True}     # 6.4 rules + 6.6's lockless retraction
+
+
+def collapsed_world(arch: str, kernel: str = "6.6", **changes):
+    """A shmem file mapped shared, every page touched, then collapsed in the page cache
+    up to (not including) retract_page_tables."""
+    sc = Scenario(arch=arch, kernel=kernel, **changes)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    inode = m.memfd_create("race", size)
+    mm = m.new_mm()
+    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for off in range(0, size, PAGE_SIZE):
+        m.touch(mm, addr + off, write=True)
+    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
+        is khugepaged.Scan.SUCCEED
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, addr))
+    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
+    return sc, m, k, mm, inode, addr, pmdp, table
+
+
+async def lockless_reader(k, mm, pmdp: int, addr: int, reads: int):
+    """A walker that maps the PTE table without its lock and peeks at entries
+    (pagemap/smaps style), holding only mmap_read_lock."""
+    await mmap_read_lock(mm)
+    ptep = await pgtable.pte_offset_map(k, pmdp, addr)
+    seen = None
+    if ptep is not None:
+        seen = [await pgtable.get_raw(k, ptep + 8 * i) for i in range(reads)]
+        await pgtable.pte_unmap(k, ptep)
+    await mmap_read_unlock(mm)
+    return seen
+
+
+async def pte_installer(k, mm, pmdp: int, addr: int, page):
+    """A writer that installs one PTE under pte_offset_map_lock (a fault's finish_fault)."""
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None:
+        return "no table"
+    ptep, ptl = locked
+    await pgtable.set_entry(k, ptep, k.arch.pte_level, leaf_entry(page.paddr, Access.RW, young=True))
+    memory.add_mapped_page(k, mm, page)
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return "installed"
+
+
+# -- case 1: an unlocked map keeps reading valid memory until pte_unmap --------------------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_unlocked_map_of_a_retracted_table_stays_valid_until_unmap(arch: str) -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
+    sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=8))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("walker:pt_read#2 retract:* rcu_gp:*", finish=False)
+    assert m.physmem[pmdp:pmdp + 8] != b"" and m.translate(mm, addr) is None      # pmd is none now
+    assert table.state == "deferred"          # detached, waiting for the reader's grace period
+    sc.run("walker:* rcu_gp:*", finish=False)
+    empty = k.arch.empty_value(k.arch.pte_level)
+    assert sc.results["walker"] == [empty] * 8        # read the (empty) table, never poison
+    assert table.state == "freed"
+    assert k.stats["pt_pages_rcu_freed"] >= 1
+
+
+def test_lockless_retraction_under_64_rules_is_a_use_after_free() -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
+    sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=8))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("walker:pt_read#2 retract:* walker:*")
+    assert table.state == "freed"
+    assert int.from_bytes(bytes([PAGE_POISON]) * 8, "little") in sc.results["walker"]   # read freed memory
+
+
+def test_64_rules_with_mmap_lock_retraction_skip_a_table_in_use() -> None:
+    """Before 6.6 retraction needed mmap_write_trylock, which a walker's read lock blocks."""
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4")
+    sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=8))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("walker:pt_read#2 retract:* walker:*")
+    assert sc.results["retract"] == 0 and table.state == "live"
+    assert k.stats["retract_mmap_trylock_failed"] == 1
+
+
+# -- case 3: a writer spinning on ptl during retraction gets pmd_same failure, then NULL -----
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_writer_spinning_on_ptl_retries_and_gets_no_table(arch: str) -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
+    page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
+    page.refcount = 0
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("writer", pte_installer(k, mm, pmdp, addr, page))
+    ptl_held = "retract:lock#3" if table.ptl is not None else "retract:lock#2"
+    sc.run(f"{ptl_held} writer:* retract:* writer:* rcu_gp:*")
+    assert sc.results["writer"] == "no table"
+    assert k.stats["pte_map_lock_retry"] >= 1
+    assert m.translate(mm, addr) is None
+    k.alloc.free_pages(page)
+
+
+def test_64_rules_install_a_pte_into_the_detached_table() -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
+    page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
+    page.refcount = 0
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("writer", pte_installer(k, mm, pmdp, addr, page))
+    sc.run("retract:lock#3 writer:* retract:* writer:*")
+    assert sc.results["writer"] == "installed"        # into a table that is no longer linked
+    assert table.state == "freed" and m.translate(mm, addr) is None
+    with pytest.raises(CheckMMError, match="Bad rss-counter state"):
+        m.exit_mm(mm)                                 # the lost pte: counted, never unmapped
+
+
+# -- case 4: table -> none -> new table is caught by pmd_same ---------------------------------
+
+async def nolock_then_recheck(k, mm, pmdp: int, addr: int):
+    """A pte_offset_map_rw_nolock() user: map, later take the ptl, then pmd_same()."""
+    mapped = await pgtable.pte_offset_map_rw_nolock(k, mm, pmdp, addr)
+    if mapped is None:
+        return None
+    ptep, ptl, pmdval = mapped
+    await emu.sched.traps.lock(ptl)
+    same = pgtable.pmd_same(k, pmdval, await pgtable.get_raw(k, pmdp))
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return same, pmdval.paddr
+
+
+async def refault_small(k, mm, addr: int):
+    """A fault that finds the pmd none and allocates a fresh PTE table (pte_alloc)."""
+    return await pgtable.pte_alloc(k, mm, pmdp_of(k, mm, addr))
+
+
+def pmdp_of(k, mm, addr):
+    return run_sync(rmap.walk_to_pmd(k, mm, addr))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_table_replaced_by_a_new_table_fails_pmd_same(arch: str) -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
+    sc.task("walker", nolock_then_recheck(k, mm, pmdp, addr))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("fault", pgtable.pte_alloc(k, mm, pmdp))
+    sc.run("walker:pt_read#1 retract:* fault:* walker:* rcu_gp:*")
+    same, old_table = sc.results["walker"]
+    new = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert new.kind is Kind.TABLE and new.paddr != old_table
+    assert same is False
+
+
+# -- case 5: table -> none -> huge after retract maps nothing, not the THP as a table ----------
+
+async def check_then_map(k, pmdp: int, addr: int):
+    """A walker that saw a non-none pmd earlier and maps it later."""
+    pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+    assert pmdval.kind is Kind.TABLE
+    ptep = await pgtable.pte_offset_map(k, pmdp, addr)
+    if ptep is not None:
+        await pgtable.pte_unmap(k, ptep)
+    return ptep
+
+
+async def huge_refault(k, mm, addr: int):
+    vma = mm.vma_lookup(addr)
+    return await memory.handle_mm_fault(k, vma, addr, 0)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_none_then_huge_after_retract_fails_the_map(arch: str) -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
+    sc.task("walker", check_then_map(k, pmdp, addr))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("refault", huge_refault(k, mm, addr))
+    sc.run("walker:pt_read#1 retract:* refault:* walker:* rcu_gp:*")
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert pmdval.kind is Kind.LEAF                    # refaulted as one PMD (do_set_pmd)
+    assert sc.results["walker"] is None
+
+
+def test_64_rules_map_the_thp_as_if_it_were_a_page_table() -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
+    sc.task("walker", check_then_map(k, pmdp, addr))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("refault", huge_refault(k, mm, addr))
+    sc.run("walker:pt_read#1 retract:* refault:* walker:*")
+    folio = inode.mapping.i_pages[0]
+    ptep = sc.results["walker"]
+    assert folio.paddr <= ptep < folio.paddr + (PAGE_SIZE << folio.order)   # a "table" inside file data
+
+
+# -- the whole flow, and nothing leaks -----------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_madv_collapse_maps_a_pmd_leaf_and_frees_tables_through_rcu(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M")
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    inode = m.memfd_create("c", 2 * size)
+    mm1, mm2 = m.new_mm(), m.new_mm()
+    rw, shared = emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED
+    a1 = m.mmap(mm1, BASE, 2 * size, rw, shared, file=inode)
+    a2 = m.mmap(mm2, BASE + 8 * size, 2 * size, rw, shared, file=inode)
+    for off in range(0, 2 * size, PAGE_SIZE):
+        pa = m.touch(mm1, a1 + off, write=True)
+        m.physmem[pa:pa + 8] = (off // PAGE_SIZE + 1).to_bytes(8, "little")
+        m.touch(mm2, a2 + off)
+    m.madvise(mm1, a1, size, emu.MADV_COLLAPSE)
+    # mm1: one PMD leaf in the arch's format, found by walking the real bytes
+    leaf = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm1, a1)))
+    assert leaf.kind is Kind.LEAF and leaf.paddr == inode.mapping.i_pages[0].paddr
+    # mm2's table was retracted without its mmap_lock and waits for a grace period
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm2, a2))).kind is Kind.NONE
+    assert k.stats["retracted_tables"] == 2 and len(k.deferred_tables()) == 2
+    m.rcu_barrier()
+    # a whole-page table is freed by the grace period; an s390 2K half waits for its
+    # sibling half too (PageActive keeps the page off the reuse list meanwhile)
+    waiting = k.deferred_tables()
+    assert all(pt.frag is not None and pt.frag.allocated and pt.frag.active for pt in waiting)
+    assert k.stats["pt_pages_rcu_freed"] == 2 - len(waiting)
+    for off in range(0, 2 * size, PAGE_SIZE):               # same data through both mappings
+        for mm, base in ((mm1, a1), (mm2, a2)):
+            pa = m.touch(mm, base + off)
+            assert int.from_bytes(m.physmem[pa:pa + 8], "little") == off // PAGE_SIZE + 1
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm2, a2))).kind is Kind.LEAF
+    m.exit_mm(mm1)
+    m.exit_mm(mm2)
+    m.close_file(inode)
+    m.rcu_barrier()
+    assert k.ptdescs.keys() == set() and k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_shmem_collapse_workload(arch: str) -> None:
+    from conftest import expected, workload
+    m = emu.Machine(arch=arch, mem="64M")
+    m.spawn(workload(arch, "shmem_collapse"), ["shmem_collapse"])
+    r = m.run()
+    assert r.stdout == expected("shmem_collapse")[0] and r.exit_code == 0
+    assert b"collapse returned 0" in r.stderr
+    s = r.summary
+    assert s["pt_tables_rcu_deferred"] >= 2 and s["pt_pages_rcu_freed"] >= 2
+    assert m.kernel.stats["thp_file_mapped"] >= 2 and s["pt_pages_allocated"] == s["pt_pages_freed"]
+
+
+def test_fault_around_maps_neighbours_from_the_page_cache() -> None:
+    m = emu.Machine(arch="arm64", mem="32M")
+    inode = m.memfd_create("fa", 64 * PAGE_SIZE)
+    mm_w, mm_r = m.new_mm(), m.new_mm()
+    rw = emu.PROT_READ | emu.PROT_WRITE
+    a = m.mmap(mm_w, 0, 64 * PAGE_SIZE, rw, emu.MAP_SHARED, file=inode)
+    for i in range(64):
+        m.touch(mm_w, a + i * PAGE_SIZE, write=True)
+    b = m.mmap(mm_r, 0, 64 * PAGE_SIZE, emu.PROT_READ, emu.MAP_SHARED, file=inode)
+    m.touch(mm_r, b + 5 * PAGE_SIZE)
+    mapped = [m.translate(mm_r, b + i * PAGE_SIZE) is not None for i in range(64)]
+    assert sum(mapped) == filemap.FAULT_AROUND_PAGES and all(mapped[:16])
+    m.exit_mm(mm_w)
+    m.exit_mm(mm_r)
+    m.close_file(inode)
+
+
+def test_private_file_mapping_copies_on_write() -> None:
+    m = emu.Machine(arch="s390x", mem="32M")
+    inode = m.memfd_create("cow", 4 * PAGE_SIZE)
+    mm = m.new_mm()
+    shared = m.mmap(mm, 0, 4 * PAGE_SIZE, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED, file=inode)
+    private = m.mmap(mm, 0, 4 * PAGE_SIZE, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_PRIVATE, file=inode)
+    pa = m.touch(mm, shared, write=True)
+    m.physmem[pa] = 7
+    assert m.physmem[m.touch(mm, private)] == 7                  # reads see the file
+    pb = m.touch(mm, private, write=True)
+    m.physmem[pb] = 9
+    assert pb != pa and m.physmem[pa] == 7                        # the write stayed private
+    assert mm.vma_lookup(private).anon_vma
+    m.exit_mm(mm)
+    m.close_file(inode)
+
+
+def test_anon_thp_fault_collapse_and_split() -> None:
+    m = emu.Machine(arch="x86_64", mem="64M")
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    rw, anon = emu.PROT_READ | emu.PROT_WRITE, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS
+    a = m.mmap(mm, BASE, 2 * size, rw, anon | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    pa = m.touch(mm, a + 4096, write=True)                        # a THP fault
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm, a))).kind is Kind.LEAF
+    m.physmem[pa] = 5
+    m.mprotect(mm, a, PAGE_SIZE, emu.PROT_READ)                   # part of the THP: split
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm, a))).kind is Kind.TABLE
+    assert m.physmem[m.touch(mm, a + 4096)] == 5
+    for off in range(0, size, PAGE_SIZE):                         # small pages in the other PMD
+        m.touch(mm, a + size + off, write=True)
+    m.madvise(mm, a + size, size, emu.MADV_COLLAPSE)               # anon collapse_huge_page
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp_of(k, mm, a + size))).kind is Kind.LEAF
+    m.exit_mm(mm)
+    m.rcu_barrier()
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+# -- the profile table, exercised: one scenario, four kernels ---------------------------------
+
+@pytest.mark.parametrize("kernel, retracted, rcu_freed", [
+    ("6.4", 0, 0),       # retraction needs mmap_write_trylock: the reader's mmap_read_lock wins
+    ("6.5", 0, 0),       # same locking; the map could fail now, but the table stays
+    ("6.6", 1, 1),       # retracted under the reader; freed after its grace period
+    ("6.13", 1, 1),
+])
+def test_reader_vs_retract_under_each_profile(kernel: str, retracted: int, rcu_freed: int) -> None:
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", kernel)
+    sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=4))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("walker:pt_read#2 retract:* walker:* rcu_gp:*")
+    assert sc.results["retract"] == retracted
+    assert k.stats["pt_pages_rcu_freed"] == rcu_freed
+    assert sc.results["walker"] == [k.arch.empty_value(k.arch.pte_level)] * 4
+    assert k.rcu.readers == {}                   # every map was balanced by pte_unmap
+
+
+@pytest.mark.parametrize("kernel", ["6.4", "6.5", "6.6", "6.13"])
+def test_failed_map_and_recheck_per_profile(kernel: str) -> None:
+    """pte_offset_map_lock on a pmd that became none: 6.4 maps pfn 0 blindly, later
+    profiles fail cleanly."""
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("arm64", kernel, retract_without_mmap_lock=True)
+    run_sync(khugepaged.retract_page_tables(k, inode.mapping, 0))
+    ptep = run_sync(pgtable.pte_offset_map(k, pmdp, addr))
+    if kernel == "6.4":
+        assert ptep is not None and ptep < PAGE_SIZE       # a "table" at physical page 0
+    else:
+        assert ptep is None and k.stats["pte_map_failed"] >= 1
