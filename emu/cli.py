@@ -49,9 +49,11 @@ def cli() -> None:
               type=click.Choice(["round-robin", "timed"]), help="scheduling policy")
 @click.option("--walks", default="inline", show_default=True, type=click.Choice(["inline", "stepped"]),
               help="hardware walks inline (fast) or as scheduled tasks (each table read a scheduling point)")
+@click.option("--fast", is_flag=True,
+              help="no instruction counting: guest code at full Unicorn speed, no preemption in user mode")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: str, profile: str,
-        quantum: int, policy: str, walks: str, as_json: bool) -> None:
+        quantum: int, policy: str, walks: str, fast: bool, as_json: bool) -> None:
     """Run PROGRAM (a static ELF) with ARGS; exits with the guest's exit status."""
     from emu.machine import Machine
     try:
@@ -69,7 +71,7 @@ def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: s
             raise UsageError(f"unknown arch {arch!r}; known: {', '.join(plugins.arches())}")
         live = None if as_json else _live_output
         m = Machine(arch=arch, mem=mem, cpus=cpus, kernel=profile, quantum=quantum, policy=policy,
-                    walks=walks)
+                    walks=walks, count_instructions=not fast)
         m.spawn(program, [program, *args], on_output=live)
         result = m.run()
     except LoadError as err:
@@ -112,14 +114,19 @@ def _print_summary(s: dict[str, Any], exit_code: int | None) -> None:
     t.add_column(style="bold")
     t.add_column(justify="right")
     faults = ", ".join(f"{k} {v}" for k, v in s["faults_by_kind"].items() if v) or "none"
-    rows = [("exit code", exit_code), ("instructions", f"{s['instructions']:,}"),
+    counted = s["instructions"] is not None
+    rows = [("exit code", exit_code),
+            ("instructions", f"{s['instructions']:,}" if counted else "not counted (--fast)"),
             ("TLB fills (hits)", f"{s['tlb_fills']:,} ({s['tlb_hits']:,})"),
             ("page walks (table reads)", f"{s['walks']:,} ({s['walk_reads']:,})"),
             ("faults", f"{s['faults']:,}: {faults}"),
             ("pages allocated / freed", f"{s['pages_allocated']:,} / {s['pages_freed']:,}"),
             ("page-table pages allocated / freed", f"{s['pt_pages_allocated']} / {s['pt_pages_freed']}"),
             ("unknown syscalls", ", ".join(f"{k}x{v}" for k, v in s["unknown_syscalls"].items()) or "none"),
-            ("run time", f"{s['seconds']:.3f} s"), ("guest MIPS", f"{s['mips']:.2f}")]
+            ("page tables RCU-deferred / pages RCU-freed",
+             f"{s['pt_tables_rcu_deferred']} / {s['pt_pages_rcu_freed']}"),
+            ("run time", f"{s['seconds']:.3f} s"),
+            ("guest MIPS", f"{s['mips']:.2f}" if counted else "-")]
     for k, v in rows:
         t.add_row(k, str(v))
     console.print(t)

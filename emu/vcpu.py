@@ -33,7 +33,8 @@ from emu.tlb import TLB
 _FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int,
                                ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p)
 # uc_mem_type of the access (UC_MEM_READ=16, WRITE=17, FETCH=18) -> Access
-_ACCESS = {16: Access.R, 17: Access.W, 18: Access.X}
+# (plain ints: IntFlag arithmetic costs ~1 us a fill, more than the rest of the hit path)
+_ACCESS = {16: int(Access.R), 17: int(Access.W), 18: int(Access.X)}
 _PAGE_MASK = (1 << PAGE_SHIFT) - 1
 
 # uc_struct.emu_counter / emu_count in unicorn 2.1.x (spec/unicorn.md §4); verified at run time
@@ -57,7 +58,7 @@ class UserStop:
 
 class VCPU:
     def __init__(self, index: int, arch: ArchSpec, physmem: PhysMem, sentinel: int = 0,
-                 stepped_walks: bool = False) -> None:
+                 stepped_walks: bool = False, counting: bool = True) -> None:
         self.index = index
         # stepped: a TLB miss stops the quantum and the walk runs as a task, one table
         # read per scheduling point, so hardware walks can race with kernel table changes
@@ -71,6 +72,8 @@ class VCPU:
         uc.mem_map_ptr(0, physmem.size, UC_PROT_ALL, physmem.address)
         self.uc = uc
         self.tlb = TLB()
+        self.tlb_small = self.tlb.small          # the hit path's dict, without an attribute hop
+        self.counting = counting                 # count= quanta: exact counts and preemption
         self.mm = None
         self.root = 0
         self.pending_flush: list[tuple[int, int]] | None = None
@@ -117,14 +120,14 @@ class VCPU:
     def _fill(self, _uch, vaddr, access, entry, _user) -> bool:
         acc = _ACCESS[access]
         self.fills += 1
-        e = self.tlb.small.get(vaddr >> PAGE_SHIFT)
+        e = self.tlb_small.get(vaddr >> PAGE_SHIFT)
         if e is not None and e[1] & acc:
             self.tlb_hits += 1
             entry[0] = e[0] | (vaddr & _PAGE_MASK)    # arm64 wants the full address
             entry[1] = e[1]
             return True
         try:
-            return self._fill_slow(vaddr, acc, entry)
+            return self._fill_slow(vaddr, Access(acc), entry)
         except BaseException as err:                  # never let an exception cross C
             self._hook_error = err
             return False
@@ -228,13 +231,15 @@ class VCPU:
         pc = self.pc
         error = ""
         try:
-            self.uc.emu_start(pc, self.sentinel, count=quantum)
+            # count=0 runs to the next syscall/fault at full speed (no per-instruction
+            # count hook) but cannot be preempted and counts nothing
+            self.uc.emu_start(pc, self.sentinel, count=quantum if self.counting else 0)
         except UcError as err:
             error = str(err)
         if self._hook_error is not None:
             err, self._hook_error = self._hook_error, None
             raise err
-        n = self._executed(quantum)
+        n = self._executed(quantum) if self.counting else 0
         pc = self.pc
         if self.pending_syscall:
             kind = "syscall"

@@ -62,7 +62,15 @@ class Scheduler:
             if stop is not None and stop():
                 return
             if all(t.daemon for t in self.tasks if t.state is not TaskState.DONE):
-                return                       # only kernel threads are left
+                # only kernel threads are left: let them finish what they started, so
+                # no lock, folio lock or RCU section is left half-way
+                self._poll_waiters()
+                busy = self._runnable()
+                if not busy:
+                    return
+                self.current = busy[0]
+                self.step(busy[0])
+                continue
             self._poll_waiters()
             self._wake_sleepers()
             runnable = self._runnable()
@@ -198,6 +206,9 @@ class SyncTask:
         return "<api caller>"
 
 
+API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over
+
+
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     """Drive a kernel coroutine to completion outside any run (API calls, loading).
 
@@ -205,7 +216,7 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     is a bug, and guest code cannot run here.
     """
     value: Any = None
-    task = SyncTask()
+    task = API_TASK
     while True:
         try:
             event = coro.send(value)

@@ -1,0 +1,143 @@
+"""The pte_offset_map family's outcomes and the pmd transitions of spec §6, per arch."""
+from __future__ import annotations
+
+import pytest
+
+import emu
+from emu.arch import PAGE_SIZE, SWP_MIGRATION_READ, Kind, leaf_entry, swap_entry
+from emu.sched.loop import run_sync
+from mm_core import huge_memory, khugepaged, pgtable, rmap
+
+ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
+BASE = 0x40000000
+RW = emu.PROT_READ | emu.PROT_WRITE
+ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
+
+
+def world(arch: str, kernel: str = "6.6"):
+    m = emu.Machine(arch=arch, mem="32M", kernel=kernel)
+    mm = m.new_mm()
+    size = huge_memory.hpage_pmd_size(m.kernel)
+    a = m.mmap(mm, BASE, 2 * size, RW, ANON)
+    m.touch(mm, a, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(m.kernel, mm, a))
+    return m, m.kernel, mm, a, pmdp, size
+
+
+def pmd_kind(k, pmdp: int) -> Kind:
+    return k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_map_of_a_table_succeeds_and_holds_rcu_until_unmap(arch: str) -> None:
+    m, k, mm, a, pmdp, _ = world(arch)
+    ptep, pmdval = run_sync(pgtable.__pte_offset_map(k, pmdp, a))
+    assert pmdval.kind is Kind.TABLE and ptep == pmdval.paddr + k.arch.levels[-1].index(a) * 8
+    assert k.rcu.readers != {}
+    run_sync(pgtable.pte_unmap(k, ptep))
+    assert k.rcu.readers == {}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_map_of_a_none_pmd_fails_without_holding_rcu(arch: str) -> None:
+    m, k, mm, a, pmdp, size = world(arch)
+    other = run_sync(rmap.walk_to_pmd(k, mm, a + size))
+    assert pmd_kind(k, other) is Kind.NONE
+    ptep, pmdval = run_sync(pgtable.__pte_offset_map(k, other, a + size))
+    assert ptep is None and pmdval.kind is Kind.NONE and k.rcu.readers == {}
+    assert run_sync(pgtable.pte_offset_map_lock(k, mm, other, a + size)) is None
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_map_of_a_huge_pmd_fails(arch: str) -> None:
+    m, k, mm, a, pmdp, size = world(arch)
+    m.madvise(mm, a, size, emu.MADV_COLLAPSE)
+    assert pmd_kind(k, pmdp) is Kind.LEAF
+    assert run_sync(pgtable.pte_offset_map(k, pmdp, a)) is None
+    assert run_sync(pgtable.pte_offset_map_nolock(k, mm, pmdp, a)) is None
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "ppc64"])      # s390x has no pmd migration
+def test_map_of_a_migration_pmd_fails(arch: str) -> None:
+    m, k, mm, a, pmdp, size = world(arch)
+    saved = k.physmem.read_entry(pmdp)
+    k.physmem.write_entry(pmdp, k.arch.encode(k.arch.pmd_level, swap_entry(SWP_MIGRATION_READ, 0x1234)))
+    assert pmd_kind(k, pmdp) is Kind.MIGRATION
+    assert run_sync(pgtable.pte_offset_map(k, pmdp, a)) is None
+    assert k.physmem.read_entry(pmdp) != saved and pmd_kind(k, pmdp) is Kind.MIGRATION   # left alone
+    k.physmem.write_entry(pmdp, saved)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "s390x", "ppc64"])   # arm64: a valid non-table pmd is a block
+def test_map_of_a_bad_pmd_clears_it_with_pmd_error(arch: str) -> None:
+    m, k, mm, a, pmdp, size = world(arch)
+    other = run_sync(rmap.walk_to_pmd(k, mm, a + size))
+    k.physmem.write_entry(other, 0x5077)       # table-ish bits the arch does not allow in a pmd
+    assert pmd_kind(k, other) is Kind.BAD
+    assert run_sync(pgtable.pte_offset_map(k, other, a + size)) is None
+    assert pmd_kind(k, other) is Kind.NONE and any("pmd_ERROR" in line for line in k.log)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_pmd_transitions_none_table_huge_table_none(arch: str) -> None:
+    """NONE -> TABLE (fault), TABLE -> HUGE (anon collapse, table deposited),
+    HUGE -> TABLE (split with the deposit), TABLE -> NONE (munmap's free_pgtables),
+    NONE -> HUGE (THP fault), HUGE -> NONE (MADV_DONTNEED: zap_huge_pmd)."""
+    m, k, mm, a, pmdp, size = world(arch)
+    assert pmd_kind(k, pmdp) is Kind.TABLE
+    for off in range(0, size, PAGE_SIZE):
+        m.touch(mm, a + off, write=True)
+    m.madvise(mm, a, size, emu.MADV_COLLAPSE)
+    assert pmd_kind(k, pmdp) is Kind.LEAF and k.deposits[pmdp]
+    m.mprotect(mm, a + PAGE_SIZE, PAGE_SIZE, emu.PROT_READ)
+    assert pmd_kind(k, pmdp) is Kind.TABLE and pmdp not in k.deposits
+    m.munmap(mm, a, 2 * size)
+    assert pmd_kind(k, pmdp) is Kind.NONE or run_sync(rmap.walk_to_pmd(k, mm, a)) is None
+    b = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, b, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, b + 3 * PAGE_SIZE, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, b))
+    assert pmd_kind(k, pmdp) is Kind.LEAF
+    m.madvise(mm, b, size, emu.MADV_DONTNEED)
+    assert pmd_kind(k, pmdp) is Kind.NONE and mm.rss[1] == 0
+    m.exit_mm(mm)
+    m.rcu_barrier()
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+def test_pte_offset_map_lock_uses_the_snapshot_tables_lock() -> None:
+    m, k, mm, a, pmdp, _ = world("x86_64")
+    ptep, ptl = run_sync(pgtable.pte_offset_map_lock(k, mm, pmdp, a)) or (None, None)
+    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
+    assert ptl is table.ptl and ptl is not mm.page_table_lock
+    run_sync(pgtable.pte_unmap_unlock(k, ptep, ptl))
+
+
+def test_khugepaged_daemon_collapses_a_registered_anon_range() -> None:
+    """khugepaged wakes on MADV_HUGEPAGE, sleeps scan_sleep, then collapses with
+    mmap_read_trylock + collapse_huge_page while the guest keeps running."""
+    from emu.scenario import Scenario
+    sc = Scenario(arch="x86_64")
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    for off in range(0, size, PAGE_SIZE):
+        pa = m.touch(mm, a + off, write=True)
+        m.physmem[pa] = (off // PAGE_SIZE) & 0xFF
+    k.khugepaged.scan_sleep = 1000
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    sc.sched.spawn(khugepaged.khugepaged(k), "khugepaged", daemon=True)
+
+    async def busy():                       # a user task whose time lets khugepaged wake
+        from emu.sched import traps
+        for _ in range(10):
+            await traps.sched_point("work", None, 500)
+    sc.task("user", busy())
+    sc.run()
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    assert pmd_kind(k, pmdp) is Kind.LEAF
+    assert k.stats["khugepaged:SCAN_SUCCEED"] == 1 and k.khugepaged.full_scans == 1
+    for off in range(0, size, 61 * PAGE_SIZE):
+        assert m.physmem[m.touch(mm, a + off)] == (off // PAGE_SIZE) & 0xFF
+    assert leaf_entry is not None
