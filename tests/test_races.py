@@ -24,6 +24,17 @@ BASE = 0x40000000
 LOCKLESS_64 = {"retract_without_mmap_lock": True}     # 6.4 rules + 6.6's lockless retraction
 
 
+def assert_clean_teardown(sc, m, k, mm, inode) -> None:
+    """Nothing leaks: the mm exits with a clean check_mm, the file goes, and after
+    rcu_barrier no page table (and no page but the zero page) is left."""
+    sc.run()
+    m.exit_mm(mm)
+    m.close_file(inode)
+    m.rcu_barrier()
+    assert k.ptdescs == {} and k.deferred_tables() == []
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
 def collapsed_world(arch: str, kernel: str = "6.6", **changes):
     """A shmem file mapped shared, every page touched, then collapsed in the page cache
     up to (not including) retract_page_tables."""
@@ -82,6 +93,7 @@ def test_unlocked_map_of_a_retracted_table_stays_valid_until_unmap(arch: str) ->
     assert sc.results["walker"] == [empty] * 8        # read the (empty) table, never poison
     assert table.state == "freed"
     assert k.stats["pt_pages_rcu_freed"] >= 1
+    assert_clean_teardown(sc, m, k, mm, inode)
 
 
 def test_lockless_retraction_under_64_rules_is_a_use_after_free() -> None:
@@ -118,6 +130,7 @@ def test_writer_spinning_on_ptl_retries_and_gets_no_table(arch: str) -> None:
     assert k.stats["pte_map_lock_retry"] >= 1
     assert m.translate(mm, addr) is None
     k.alloc.free_pages(page)
+    assert_clean_teardown(sc, m, k, mm, inode)
 
 
 def test_64_rules_install_a_pte_into_the_detached_table() -> None:
@@ -167,6 +180,7 @@ def test_table_replaced_by_a_new_table_fails_pmd_same(arch: str) -> None:
     new = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
     assert new.kind is Kind.TABLE and new.paddr != old_table
     assert same is False
+    assert_clean_teardown(sc, m, k, mm, inode)
 
 
 # -- case 5: table -> none -> huge after retract maps nothing, not the THP as a table ----------
@@ -196,6 +210,7 @@ def test_none_then_huge_after_retract_fails_the_map(arch: str) -> None:
     pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
     assert pmdval.kind is Kind.LEAF                    # refaulted as one PMD (do_set_pmd)
     assert sc.results["walker"] is None
+    assert_clean_teardown(sc, m, k, mm, inode)
 
 
 def test_64_rules_map_the_thp_as_if_it_were_a_page_table() -> None:
@@ -337,6 +352,7 @@ def test_reader_vs_retract_under_each_profile(kernel: str, retracted: int, rcu_f
     assert k.stats["pt_pages_rcu_freed"] == rcu_freed
     assert sc.results["walker"] == [k.arch.empty_value(k.arch.pte_level)] * 4
     assert k.rcu.readers == {}                   # every map was balanced by pte_unmap
+    assert_clean_teardown(sc, m, k, mm, inode)
 
 
 @pytest.mark.parametrize("kernel", ["6.4", "6.5", "6.6", "6.13"])
