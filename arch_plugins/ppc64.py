@@ -44,6 +44,7 @@ from emu.hookspecs import hookimpl
 
 # -- geometry ------------------------------------------------------------------------------
 RADIX_PTE_INDEX_SIZE = 9
+RADIX_PTE_INDEX_SIZE_64K = 5      # radix-64k.h: 13/9/9/5, 256-byte PTE tables
 RADIX_PMD_INDEX_SIZE = 9
 RADIX_PUD_INDEX_SIZE = 9
 RADIX_PGD_INDEX_SIZE = 13
@@ -121,6 +122,8 @@ class Ppc64(ArchSpec):
     root_register_name = "PRTE"
     sw_bits = frozenset({"special", "soft_dirty"})
     pte_frag_rules = "powerpc"     # PTE_FRAG_NR is 1 with 4K pages: one table per page
+    options = {"page_size": "base page size: '4K' (default) or '64K' (radix-64k: 13/9/9/5, "
+                            "256-byte PTE tables, 256 fragments per page)"}
 
     levels = (
         Level("pgd", "PGD", 39, RADIX_PGD_INDEX_SIZE, leaf=False),
@@ -129,6 +132,17 @@ class Ppc64(ArchSpec):
         Level("pte", "PTE", 12, RADIX_PTE_INDEX_SIZE, leaf=True),
     )
     task_size = 1 << 47             # DEFAULT_MAP_WINDOW: 128 TB unless an mmap hint asks for more
+    _next_index_size = _NEXT_INDEX_SIZE
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        size = self.opts.get("page_size", "4K")
+        if size not in ("4K", "64K"):
+            raise ValueError(f"ppc64: page_size must be '4K' or '64K', not {size!r}")
+        if size == "64K":
+            self.page_shift = 16
+            self.levels = self.levels[:3] + (Level("pte", "PTE", 16, RADIX_PTE_INDEX_SIZE_64K, leaf=True),)
+            self._next_index_size = (RADIX_PUD_INDEX_SIZE, RADIX_PMD_INDEX_SIZE, RADIX_PTE_INDEX_SIZE_64K)
 
     # -- encode/decode ---------------------------------------------------------------------
     def decode(self, level: int, value: int) -> Entry:
@@ -147,7 +161,7 @@ class Ppc64(ArchSpec):
         if level == PTE or not value & _PAGE_PRESENT or value & RADIX_BAD_BITS:
             return Entry(Kind.BAD)
         if value & ~(_PAGE_PRESENT | RADIX_PDE_NLB | RADIX_PDE_NLS) \
-                or value & RADIX_PDE_NLS != _NEXT_INDEX_SIZE[level]:
+                or value & RADIX_PDE_NLS != self._next_index_size[level]:
             return Entry(Kind.BAD)
         return Entry(Kind.TABLE, paddr=value & RADIX_PDE_NLB)
 
@@ -163,7 +177,7 @@ class Ppc64(ArchSpec):
             if level == PTE:
                 raise ValueError("a PTE cannot point to a table")
             _check_addr(entry.paddr, RADIX_PDE_NLB, "next-level base")
-            return _PAGE_PRESENT | entry.paddr | _NEXT_INDEX_SIZE[level]
+            return _PAGE_PRESENT | entry.paddr | self._next_index_size[level]
         if kind is Kind.LEAF:
             if not self.levels[level].leaf:
                 raise ValueError(f"no leaves at {self.levels[level].name}")

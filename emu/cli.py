@@ -49,11 +49,15 @@ def cli() -> None:
               type=click.Choice(["round-robin", "timed"]), help="scheduling policy")
 @click.option("--walks", default="inline", show_default=True, type=click.Choice(["inline", "stepped"]),
               help="hardware walks inline (fast) or as scheduled tasks (each table read a scheduling point)")
+@click.option("-O", "--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE",
+              help="arch plugin option, e.g. page_size=64K (ppc64), la57=true (x86_64), hafdbs=true "
+                   "(arm64), full_page_pte=true (s390x)")
 @click.option("--fast", is_flag=True,
               help="no instruction counting: guest code at full Unicorn speed, no preemption in user mode")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: str, profile: str,
-        quantum: int, policy: str, walks: str, fast: bool, as_json: bool) -> None:
+        quantum: int, policy: str, walks: str, arch_options: tuple[str, ...], fast: bool,
+        as_json: bool) -> None:
     """Run PROGRAM (a static ELF) with ARGS; exits with the guest's exit status."""
     from emu.machine import Machine
     try:
@@ -71,7 +75,7 @@ def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: s
             raise UsageError(f"unknown arch {arch!r}; known: {', '.join(plugins.arches())}")
         live = None if as_json else _live_output
         m = Machine(arch=arch, mem=mem, cpus=cpus, kernel=profile, quantum=quantum, policy=policy,
-                    walks=walks, count_instructions=not fast)
+                    walks=walks, count_instructions=not fast, **_parse_options(arch_options))
         m.spawn(program, [program, *args], on_output=live)
         result = m.run()
     except LoadError as err:
@@ -93,6 +97,17 @@ def run(program: str, args: tuple[str, ...], arch: str | None, cpus: int, mem: s
             click.echo(result.signal.format(), err=True)
         _print_summary(summary, result.exit_code)
     sys.exit(result.exit_code if result.exit_code is not None else 1)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """KEY=VALUE strings -> keyword arguments; true/false become booleans."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"arch option {pair!r}: use KEY=VALUE")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
 
 
 def _live_output(fd: int, data: bytes) -> None:

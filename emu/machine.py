@@ -83,9 +83,10 @@ class Machine:
         self.vcpus: list[VCPU] = []
         self.scheduler = Scheduler(policy, run_user=self._run_user)
         self.processes: list[Process] = []
-        task_top = self.arch.task_size & ~(PAGE_SIZE - 1)
-        self.stack_top = task_top - PAGE_SIZE
-        self.sentinel_va = self.stack_top - STACK_SIZE - 2 * PAGE_SIZE
+        page = self.kernel.page_size
+        task_top = self.arch.task_size & ~(page - 1)
+        self.stack_top = task_top - page
+        self.sentinel_va = self.stack_top - STACK_SIZE - 2 * page
         self.mmap_base = (self.sentinel_va - (16 << 20)) & ~((2 << 20) - 1)
         self.wall_seconds = 0.0
         self._kthreads = False
@@ -109,10 +110,10 @@ class Machine:
              file: Any = None, offset: int = 0) -> int:
         """mmap(2) in ``mm`` (Linux PROT_*/MAP_* values), of anonymous memory or of a
         ``file`` from memfd_create(); raises OSError on failure."""
-        if offset % PAGE_SIZE:
+        if offset % self.kernel.page_size:
             raise OSError(22, "offset must be page aligned")
         return _check(run_sync(mm_mmap.do_mmap(self.kernel, mm, addr, length, prot, flags, file,
-                                               offset // PAGE_SIZE)))
+                                               offset // self.kernel.page_size)))
 
     def memfd_create(self, name: str = "emu", size: int = 0) -> Any:
         """memfd_create() + ftruncate(): a shmem file; release it with close_file()."""
@@ -228,8 +229,8 @@ class Machine:
         for seg in image.segments:
             flags = ((VM_READ if seg.flags & PF_R else 0) | (VM_WRITE if seg.flags & PF_W else 0)
                      | (VM_EXEC if seg.flags & PF_X else 0))
-            start = seg.vaddr & ~(PAGE_SIZE - 1)
-            end = mm_mmap.page_align(seg.vaddr + seg.memsz)
+            start = seg.vaddr & ~(self.kernel.page_size - 1)
+            end = mm_mmap.page_align(seg.vaddr + seg.memsz, self.kernel.page_size)
             if end > self.mmap_base:
                 raise LoadError(f"{image.path}: segment at {seg.vaddr:#x} is above the mmap area")
             for vma in mm_mmap.split_range(mm, start, end):   # segments sharing a page
@@ -244,10 +245,10 @@ class Machine:
         for seg in image.segments:
             if seg.data:
                 await copy_to_user(self, mm, seg.vaddr, seg.data, force=True)
-        mm.start_brk = mm.brk = mm_mmap.page_align(image.end)
+        mm.start_brk = mm.brk = mm_mmap.page_align(image.end, self.kernel.page_size)
         mm.insert_vma(VMA(mm, self.stack_top - STACK_SIZE, self.stack_top,
                           VM_READ | VM_WRITE | VM_GROWSDOWN | may, "[stack]"))
-        mm.insert_vma(VMA(mm, self.sentinel_va, self.sentinel_va + PAGE_SIZE,
+        mm.insert_vma(VMA(mm, self.sentinel_va, self.sentinel_va + self.kernel.page_size,
                           VM_READ | VM_EXEC | VM_MAYREAD | VM_MAYEXEC, "[emu-sentinel]"))
         await copy_to_user(self, mm, self.sentinel_va, self.arch.sentinel_code(), force=True)
         random_bytes = bytes((i * 37 + 11) & 0xFF for i in range(16))   # AT_RANDOM, deterministic

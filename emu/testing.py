@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from emu.arch import (
     MAX_SWAPFILES,
     NONE_ENTRY,
-    PAGE_SIZE,
     SWP_MIGRATION_READ,
     SWP_MIGRATION_WRITE,
     Access,
@@ -136,6 +135,11 @@ class _Scratch:
         self.ram.close()
 
 
+def _page(arch: ArchSpec) -> int:
+    """The arch's base page (4K, or 64K on ppc64's 64K geometry)."""
+    return 1 << arch.page_shift
+
+
 def _user_va(arch: ArchSpec, level: int, i: int = 0) -> int:
     span = arch.levels[level].span
     return ((arch.task_size // 4) & ~(span - 1)) + i * span
@@ -244,7 +248,7 @@ def check_walk_faults_on_none_at_every_level(arch: ArchSpec) -> list[str]:
         try:
             va = _user_va(arch, arch.pte_level, 3)
             if level == arch.pte_level:
-                s.map(va + PAGE_SIZE, leaf_entry(8 << 20, Access.RW, young=True, dirty=True), level)
+                s.map(va + _page(arch), leaf_entry(8 << 20, Access.RW, young=True, dirty=True), level)
             elif level > 0:
                 s.map(va + arch.levels[level - 1].span, leaf_entry(8 << 20, Access.RW, young=True,
                                                                    dirty=True), arch.pte_level)
@@ -266,8 +270,8 @@ def check_walk_enforces_protection(arch: ArchSpec) -> list[str]:
         cases = [(Access.R, Access.W, False), (Access.R, Access.R, True), (Access.RW, Access.X, False),
                  (Access.RX, Access.X, True), (Access.NONE, Access.R, False)]
         for i, (prot, access, allowed) in enumerate(cases):
-            a = va + i * PAGE_SIZE
-            s.map(a, leaf_entry((16 << 20) + i * PAGE_SIZE, prot, young=True, dirty=True), lvl)
+            a = va + i * _page(arch)
+            s.map(a, leaf_entry((16 << 20) + i * _page(arch), prot, young=True, dirty=True), lvl)
             t = s.walk(a, access)
             if allowed != (type(t) is Translation):
                 p.append(f"leaf prot {prot!r}: {access!r} access gave {t}")
@@ -292,11 +296,11 @@ def check_young_and_dirty_tracking(arch: ArchSpec) -> list[str]:
             p.append("a read of an old page succeeded without making it young")
         if type(t) is Fault and young:
             p.append("a read fault on an old page still set young")
-        entp = s.map(va + PAGE_SIZE, leaf_entry(21 << 20, Access.RW, young=True, dirty=False), lvl)
-        t = s.walk(va + PAGE_SIZE, Access.R)
+        entp = s.map(va + _page(arch), leaf_entry(24 << 20, Access.RW, young=True, dirty=False), lvl)
+        t = s.walk(va + _page(arch), Access.R)
         if type(t) is Translation and t.perms & Access.W:
             p.append("a read of a clean page granted W: the first store would not be seen")
-        t = s.walk(va + PAGE_SIZE, Access.W)
+        t = s.walk(va + _page(arch), Access.W)
         dirty = arch.decode(lvl, s.ram.read_entry(entp)).dirty
         if type(t) is Translation and not dirty:
             p.append("a write to a clean page succeeded without making it dirty")

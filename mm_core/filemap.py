@@ -7,16 +7,17 @@
 """
 from __future__ import annotations
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Kind, leaf_entry
+from emu.arch import Access, Kind, leaf_entry
 from mm_core import huge_memory, pgtable, shmem
 from mm_core.mm import VM_SHARED, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 
-FAULT_AROUND_PAGES = 16          # fault_around_bytes = 64K
+FAULT_AROUND_BYTES = 64 << 10   # fault_around_bytes
+FAULT_AROUND_PAGES = 16          # with 4K pages
 
 
 def linear_page_index(vma, addr: int) -> int:
-    return vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT)
+    return vma.pgoff + ((addr - vma.start) >> vma.mm.kernel.page_shift)
 
 
 async def do_fault(k, vmf) -> int:
@@ -68,11 +69,11 @@ async def do_cow_fault(k, vmf) -> int:
     if folio == "retry":
         return 0
     try:
-        anon = k.alloc.alloc_pages(0, PageUse.ANON, owner=vmf.vma.mm, zero=False)
+        anon = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=vmf.vma.mm, zero=False)
     except OutOfMemory:
         shmem.folio_unlock(folio)
         return VM_FAULT_OOM
-    k.physmem.copy(anon.paddr, shmem.folio_page_paddr(folio, index))
+    k.physmem.copy(anon.paddr, shmem.folio_page_paddr(folio, index), k.page_size)
     shmem.folio_unlock(folio)
     anon.refcount = 0                  # finish_fault takes the mapping's reference
     vmf.vma.anon_vma = True            # anon_vma_prepare()
@@ -119,7 +120,7 @@ async def finish_fault(k, vmf, folio, paddr: int, write: bool) -> int:
         prot |= Access.W
     add_mapped_page(k, mm, folio)
     await pgtable.set_entry(k, ptep, arch.pte_level,
-                            leaf_entry(paddr & ~(PAGE_SIZE - 1), prot, young=True, dirty=write))
+                            leaf_entry(paddr & ~(k.page_size - 1), prot, young=True, dirty=write))
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     k.stats["file_pages_mapped"] += 1
     return 0
@@ -129,7 +130,7 @@ async def do_fault_around(k, vmf) -> bool:
     """do_fault_around(): map what the page cache already holds around the fault, within
     the VMA and the PTE table. True if the faulting address got mapped."""
     vma, arch = vmf.vma, k.arch
-    span = FAULT_AROUND_PAGES * PAGE_SIZE
+    span = max(FAULT_AROUND_BYTES, k.page_size)
     start = max(vma.start, vmf.address & ~(span - 1))
     table_span = arch.levels[arch.pmd_level].span
     end = min(vma.end, (vmf.address & ~(span - 1)) + span, (vmf.address & ~(table_span - 1)) + table_span)
@@ -151,7 +152,7 @@ async def filemap_map_pages(k, vmf, start: int, end: int) -> bool:
             if await huge_memory.do_set_pmd(k, vmf, first):
                 return True
         if not any(shmem.filemap_get_folio(mapping, linear_page_index(vma, a)) is not None
-                   for a in range(start, end, PAGE_SIZE)):
+                   for a in range(start, end, k.page_size)):
             return False
         if not await pgtable.pte_alloc(k, mm, vmf.pmd):
             return False
@@ -164,11 +165,11 @@ async def filemap_map_pages(k, vmf, start: int, end: int) -> bool:
     if not vma.flags & VM_SHARED:
         prot &= ~Access.W
     mapped_fault = False
-    for addr in range(start, end, PAGE_SIZE):
+    for addr in range(start, end, k.page_size):
         folio = shmem.filemap_get_folio(mapping, linear_page_index(vma, addr))
         if folio is None or folio.locked:
             continue
-        entp = ptep + ((addr - start) >> PAGE_SHIFT) * 8
+        entp = ptep + ((addr - start) >> k.page_shift) * 8
         if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is not Kind.NONE:
             continue
         add_mapped_page(k, mm, folio)

@@ -6,7 +6,7 @@ needs to allocate; zap withdraws and frees it.
 """
 from __future__ import annotations
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Entry, Kind, leaf_entry, table_entry
+from emu.arch import PAGE_SHIFT, Access, Entry, Kind, leaf_entry, table_entry
 from emu.sched import traps
 from mm_core import pgtable
 from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
@@ -19,11 +19,13 @@ def hpage_pmd_size(k) -> int:
 
 
 def hpage_pmd_order(k) -> int:
+    """The allocation order of a PMD-sized folio, in 4K frames."""
     return (hpage_pmd_size(k) >> PAGE_SHIFT).bit_length() - 1
 
 
 def hpage_pmd_nr(k) -> int:
-    return hpage_pmd_size(k) >> PAGE_SHIFT
+    """HPAGE_PMD_NR: base pages (PTEs) per PMD."""
+    return hpage_pmd_size(k) >> k.page_shift
 
 
 def thp_vma_suitable(k, vma, addr: int) -> bool:
@@ -125,7 +127,7 @@ async def do_set_pmd(k, vmf, folio) -> bool:
     vma, mm, arch = vmf.vma, vmf.vma.mm, k.arch
     size = hpage_pmd_size(k)
     haddr = vmf.address & ~(size - 1)
-    if haddr < vma.start or haddr + size > vma.end or (vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)) \
+    if haddr < vma.start or haddr + size > vma.end or (vma.pgoff + ((haddr - vma.start) >> k.page_shift)) \
             % hpage_pmd_nr(k) or not arch.levels[arch.pmd_level].leaf:
         return False
     pml = await pgtable.pmd_lockptr(k, mm, vmf.pmd)
@@ -197,7 +199,7 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
     # fill the withdrawn table (pte_offset_map on a stack copy: must not fail)
     pte_level = arch.pte_level
     for i in range(nr):
-        sub = cur.with_(paddr=cur.paddr + i * PAGE_SIZE)
+        sub = cur.with_(paddr=cur.paddr + i * k.page_size)
         k.physmem.write_entry(deposit.paddr + i * 8, arch.encode(pte_level, sub))
     await traps.sched_point("pt_write", pmdp)
     folio.mapcount = nr                        # one mapping per subpage from now on

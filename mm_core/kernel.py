@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from emu.arch import ArchSpec
+from emu.arch import PAGE_SHIFT, ArchSpec
 from emu.physmem import PhysMem
 from mm_core.config import Profile, get_profile
 from mm_core.page_alloc import PageAllocator, PageUse
@@ -18,7 +18,12 @@ class Kernel:
         self.physmem = physmem
         self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
         self.alloc = PageAllocator(physmem)
-        self.zero_page = self.alloc.alloc_pages(0, PageUse.ZERO)    # ZERO_PAGE(0)
+        # the base page: 4K everywhere but ppc64's 64K geometry; the allocator hands out
+        # 4K frames, so a base page is an order-page_order block
+        self.page_shift = arch.page_shift
+        self.page_size = 1 << arch.page_shift
+        self.page_order = arch.page_shift - PAGE_SHIFT
+        self.zero_page = self.alloc.alloc_pages(self.page_order, PageUse.ZERO)    # ZERO_PAGE(0)
         self.ptdescs: dict[int, object] = {}     # table paddr -> PageTable (ptdesc), live tables
         self.deferred: list = []                 # tables waiting for a grace period
         self.deposits: dict[int, list] = {}      # pmd entry paddr -> deposited PTE tables

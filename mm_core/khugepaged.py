@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Kind, leaf_entry, table_entry
+from emu.arch import Access, Kind, leaf_entry, table_entry
 from emu.sched import traps
 from mm_core import huge_memory, pgtable, rmap, shmem
 from mm_core.locks import WaitQueue, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
@@ -95,7 +95,7 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
             mm = vma.mm
             if vma.anon_vma:                  # a written MAP_PRIVATE mapping: anon ptes inside
                 continue
-            addr = vma.start + ((pgoff - vma.pgoff) << PAGE_SHIFT)
+            addr = vma.start + ((pgoff - vma.pgoff) << k.page_shift)
             if addr & (size - 1) or addr < vma.start or addr + size > vma.end:
                 continue
             result, pmdp = await find_pmd_or_thp_or_none(k, mm, addr)
@@ -149,13 +149,13 @@ async def collapse_file(k, inode, start: int, is_khugepaged: bool, retract: bool
 async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: bool) -> Scan:
     mapping = inode.mapping
     nr = huge_memory.hpage_pmd_nr(k)
-    if (start + nr) << PAGE_SHIFT > inode.size:
+    if (start + nr) << k.page_shift > inode.size:
         return Scan.TRUNCATED
     first = shmem.filemap_get_folio(mapping, start)
     if first is not None and first.order == huge_memory.hpage_pmd_order(k):
         return Scan.PTE_MAPPED_HUGEPAGE       # already huge: maybe only PTE-mapped
     try:
-        new = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=mapping)
+        new = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=mapping)   # zeroed
     except OutOfMemory:
         return Scan.ALLOC_HUGE_PAGE_FAIL
     new.locked = True
@@ -165,7 +165,7 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: boo
         folio = shmem.filemap_get_folio(mapping, index)
         if folio is None:
             continue                          # a hole: the new folio is already zero there
-        if folio.locked or folio.order:
+        if folio.locked or folio.order != k.page_order:
             for f in olds:
                 shmem.folio_unlock(f)
             k.alloc.free_pages(new)
@@ -180,7 +180,7 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: boo
             k.alloc.free_pages(new)
             return Scan.PAGE_COUNT
     for folio in olds:                        # copy, then replace in the page cache
-        k.physmem.copy(new.paddr + ((folio.index - start) << PAGE_SHIFT), folio.paddr)
+        k.physmem.copy(new.paddr + ((folio.index - start) << k.page_shift), folio.paddr, k.page_size)
         shmem.folio_unlock(folio)
         shmem.delete_from_page_cache(k, folio)
     shmem.add_to_page_cache(mapping, new, start)
@@ -208,7 +208,7 @@ async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
     result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
     if result is Scan.PMD_MAPPED:
         return Scan.PMD_MAPPED
-    index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+    index = vma.pgoff + ((haddr - vma.start) >> k.page_shift)
     folio = shmem.filemap_get_folio(vma.file.mapping, index)
     if folio is None or folio.order != huge_memory.hpage_pmd_order(k) or folio.index != index:
         return Scan.FAIL
@@ -265,7 +265,7 @@ async def _ptes_map_folio(k, ptep: int, folio) -> bool:
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + i * 8))
         if ent.kind is Kind.NONE:
             continue
-        if ent.kind is not Kind.LEAF or ent.paddr != folio.paddr + i * PAGE_SIZE:
+        if ent.kind is not Kind.LEAF or ent.paddr != folio.paddr + i * k.page_size:
             return False
     return True
 
@@ -321,7 +321,7 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
             return Scan.PTE_NON_PRESENT if bad else Scan.EXCEED_NONE_PTE
         for i, e in enumerate(entries):
             if e.kind is Kind.LEAF and not e.special:
-                k.physmem.copy(new.paddr + i * PAGE_SIZE, e.paddr)
+                k.physmem.copy(new.paddr + i * k.page_size, e.paddr, k.page_size)
                 page = k.alloc.page_of(e.paddr)
                 if page is not None:
                     _put_mapped_page(k, mm, page)
@@ -372,7 +372,7 @@ async def madvise_collapse(k, mm, start: int, end: int) -> int:
             await mmap_read_unlock(mm)
             result = await collapse_huge_page(k, mm, haddr)
         else:
-            inode, index = vma.file, vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+            inode, index = vma.file, vma.pgoff + ((haddr - vma.start) >> k.page_shift)
             await mmap_read_unlock(mm)
             result = await collapse_file(k, inode, index, is_khugepaged=False)
             if result is Scan.PTE_MAPPED_HUGEPAGE:
@@ -439,7 +439,7 @@ async def khugepaged_scan_mm_slot(k, mm) -> None:
             if result is Scan.SUCCEED:
                 result = await collapse_huge_page(k, mm, haddr)
         else:
-            index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+            index = vma.pgoff + ((haddr - vma.start) >> k.page_shift)
             result = await collapse_file(k, vma.file, index, is_khugepaged=True)
             if result in (Scan.SUCCEED, Scan.PTE_MAPPED_HUGEPAGE):
                 await mmap_read_lock(mm)

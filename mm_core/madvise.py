@@ -1,7 +1,6 @@
 """madvise (mm/madvise.c): MADV_DONTNEED, MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE."""
 from __future__ import annotations
 
-from emu.arch import PAGE_SIZE
 from mm_core import khugepaged, memory
 from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE
@@ -16,9 +15,9 @@ _NO_OPS = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
 async def do_madvise(k, mm, start: int, length: int, behavior: int) -> int:
     """do_madvise(): 0 or -errno (-ENOMEM if part of the range is unmapped, after the
     advice was applied to the mapped parts, as Linux does)."""
-    if start % PAGE_SIZE or length < 0:
+    if start % k.page_size or length < 0:
         return -EINVAL
-    end = start + page_align(length)
+    end = start + page_align(length, k.page_size)
     if end == start:
         return 0
     if behavior == MADV_COLLAPSE:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, Access, Entry, Kind, leaf_entry
+from emu.arch import Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import filemap, huge_memory, pgtable
@@ -43,7 +43,7 @@ VM_FAULT_NOPAGE = 0x100
 VM_FAULT_RETRY = 0x400
 VM_FAULT_FALLBACK = 0x800
 
-STACK_GUARD_GAP = 256 * PAGE_SIZE
+STACK_GUARD_GAP = 256 * 4096
 
 
 class FaultResult(enum.Enum):
@@ -91,7 +91,7 @@ async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access) -> Faul
         vma = mm.find_vma(addr)
         if vma is not None and vma.start > addr:
             if vma.flags & VM_GROWSDOWN and vma.start - addr <= STACK_GUARD_GAP * 64:
-                vma.start = addr & ~(PAGE_SIZE - 1)     # expand_stack()
+                vma.start = addr & ~(k.page_size - 1)     # expand_stack()
             else:
                 vma = None
         if vma is None:
@@ -136,7 +136,7 @@ async def handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
     """handle_mm_fault() -> __handle_mm_fault(): allocate the upper tables, then the PMD
     level (huge faults) and the PTE level."""
     mm = vma.mm
-    vmf = VmFault(vma, addr & ~(PAGE_SIZE - 1), flags)
+    vmf = VmFault(vma, addr & ~(k.page_size - 1), flags)
     try:
         pmdp = await pgtable.walk_alloc(k, mm, addr, k.arch.pmd_level)
     except OutOfMemory:
@@ -211,7 +211,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
         entry = leaf_entry(k.zero_page.paddr, prot & ~Access.W, special=True, young=True)
     else:
         try:
-            page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
+            page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm)
         except OutOfMemory:
             return VM_FAULT_OOM
         if vma.flags & VM_WRITE:
@@ -270,11 +270,11 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     mm, arch = vmf.vma.mm, k.arch
     vmf.vma.anon_vma = True                                # anon_vma_prepare()
     try:
-        new_page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm, zero=orig.special)
+        new_page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:
         return VM_FAULT_OOM
     if not orig.special:
-        k.physmem.copy(new_page.paddr, orig.paddr)
+        k.physmem.copy(new_page.paddr, orig.paddr, k.page_size)
     locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
     if locked is None or await pgtable.get_raw(k, locked[0]) != vmf.orig_pte:
         if locked is not None:
@@ -286,7 +286,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     new_page.mapcount = 1
     # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
-    k.flush_tlb_range(mm, vmf.address, vmf.address + PAGE_SIZE)
+    k.flush_tlb_range(mm, vmf.address, vmf.address + k.page_size)
     mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:
         _put_mapped_page(k, mm, old_page)
@@ -354,8 +354,8 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> boo
     if locked is None:
         return False
     ptep, ptl = locked
-    for addr in range(start, end, PAGE_SIZE):
-        entp = ptep + ((addr - start) >> PAGE_SHIFT) * 8
+    for addr in range(start, end, k.page_size):
+        entp = ptep + ((addr - start) >> k.page_shift) * 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
         if ent.kind is Kind.LEAF:
             await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
@@ -407,8 +407,8 @@ async def unmap_mapping_range(k, mapping, first: int, last: int) -> None:
     await traps.lock(mapping.i_mmap_rwsem, "r")
     try:
         for vma in list(mapping.i_mmap):
-            lo = max(vma.start, vma.start + ((first - vma.pgoff) << PAGE_SHIFT))
-            hi = min(vma.end, vma.start + ((last - vma.pgoff) << PAGE_SHIFT))
+            lo = max(vma.start, vma.start + ((first - vma.pgoff) << k.page_shift))
+            hi = min(vma.end, vma.start + ((last - vma.pgoff) << k.page_shift))
             if lo < hi:
                 await unmap_page_range(k, vma, lo, hi)
     finally:

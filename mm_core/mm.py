@@ -6,7 +6,6 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
-from emu.arch import PAGE_SIZE
 from mm_core.locks import RwSemaphore, SpinLock
 
 # vm_flags (include/linux/mm.h)
@@ -75,7 +74,7 @@ class MMStruct:
     start_stack: int = 0
     users: int = 1                          # mm_users
     frag_pool: list = field(default_factory=list)     # s390: pages with a free 2K half
-    pte_frag: object = None                           # powerpc: the current fragment page
+    pte_frag: dict = field(default_factory=dict)      # powerpc: fragment size -> cursor page
     dead: bool = False
 
     def __post_init__(self) -> None:
@@ -105,9 +104,9 @@ class MMStruct:
 
     def split_vma(self, vma: VMA, addr: int) -> VMA:
         """__split_vma(): cut ``vma`` at ``addr``; returns the upper part."""
-        assert vma.start < addr < vma.end and addr % PAGE_SIZE == 0
+        assert vma.start < addr < vma.end and addr % self.kernel.page_size == 0
         upper = VMA(self, addr, vma.end, vma.flags, vma.name, vma.file,
-                    vma.pgoff + ((addr - vma.start) >> 12), vma.anon_vma, vma.uffd_wp)
+                    vma.pgoff + ((addr - vma.start) >> self.kernel.page_shift), vma.anon_vma, vma.uffd_wp)
         vma.end = addr
         bisect.insort(self.vmas, upper, key=lambda v: v.start)
         if vma.file is not None:                  # the new half is a mapping of the file too
@@ -131,4 +130,4 @@ class MMStruct:
         return self.rss[member]
 
     def total_vm(self) -> int:
-        return sum(v.end - v.start for v in self.vmas) >> 12
+        return sum(v.end - v.start for v in self.vmas) >> self.kernel.page_shift

@@ -31,8 +31,9 @@ MAP_FIXED_NOREPLACE = 0x100000
 EPERM, ENOENT, EBADF, ENOMEM, EACCES, EFAULT, EEXIST, EINVAL, ENOSYS = 1, 2, 9, 12, 13, 14, 17, 22, 38
 
 
-def page_align(n: int) -> int:
-    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+def page_align(n: int, page_size: int = PAGE_SIZE) -> int:
+    """PAGE_ALIGN() for a base page of ``page_size`` bytes."""
+    return (n + page_size - 1) & ~(page_size - 1)
 
 
 def calc_vm_prot_bits(prot: int) -> int:
@@ -40,7 +41,8 @@ def calc_vm_prot_bits(prot: int) -> int:
             | (VM_EXEC if prot & PROT_EXEC else 0))
 
 
-def get_unmapped_area(mm: MMStruct, addr: int, length: int, task_size: int) -> int | None:
+def get_unmapped_area(mm: MMStruct, addr: int, length: int, task_size: int,
+                      page_size: int = PAGE_SIZE) -> int | None:
     """arch_get_unmapped_area_topdown(): honour a free hint, else the highest gap below
     mmap_base."""
     if addr and addr + length <= task_size and not mm.overlapping(addr, addr + length):
@@ -52,7 +54,7 @@ def get_unmapped_area(mm: MMStruct, addr: int, length: int, task_size: int) -> i
         if vma.end <= top - length:
             return top - length
         top = vma.start
-    return top - length if top - length >= PAGE_SIZE * 16 else None
+    return top - length if top - length >= page_size * 16 else None
 
 
 async def do_mmap(k, mm: MMStruct, addr: int, length: int, prot: int, flags: int,
@@ -69,20 +71,20 @@ async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -
     task_size = k.arch.task_size
     if length <= 0 or length > task_size:
         return -EINVAL
-    length = page_align(length)
+    length = page_align(length, k.page_size)
     if flags & MAP_TYPE not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
         return -EINVAL
     if file is None and not flags & MAP_ANONYMOUS:
         return -EBADF
     fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
     if fixed:
-        if addr % PAGE_SIZE or addr + length > task_size or addr < PAGE_SIZE:
+        if addr % k.page_size or addr + length > task_size or addr < k.page_size:
             return -EINVAL
         if flags & MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
             return -EEXIST
         await _munmap_locked(k, mm, addr, length)
     else:
-        addr = get_unmapped_area(mm, addr & ~(PAGE_SIZE - 1), length, task_size)
+        addr = get_unmapped_area(mm, addr & ~(k.page_size - 1), length, task_size, k.page_size)
         if addr is None:
             return -ENOMEM
     vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
@@ -102,7 +104,7 @@ async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -
 async def populate(k, mm: MMStruct, start: int, end: int, write: bool) -> None:
     """__mm_populate() / faultin_page(): fault every page in, as get_user_pages would."""
     access = Access.W if write else Access.R
-    for va in range(start, end, PAGE_SIZE):
+    for va in range(start, end, k.page_size):
         vma = mm.vma_lookup(va)
         if vma is None:
             continue
@@ -113,11 +115,11 @@ async def populate(k, mm: MMStruct, start: int, end: int, write: bool) -> None:
 
 async def do_munmap(k, mm: MMStruct, start: int, length: int) -> int:
     """do_munmap() / __vm_munmap(): 0 or -errno. Takes mmap_write_lock."""
-    if start % PAGE_SIZE or length <= 0 or start + length > k.arch.task_size:
+    if start % k.page_size or length <= 0 or start + length > k.arch.task_size:
         return -EINVAL
     await mmap_write_lock(mm)
     try:
-        await _munmap_locked(k, mm, start, page_align(length))
+        await _munmap_locked(k, mm, start, page_align(length, k.page_size))
     finally:
         await mmap_write_unlock(mm)
     return 0
@@ -153,11 +155,11 @@ async def do_brk(k, mm: MMStruct, brk: int) -> int:
     try:
         if brk < mm.start_brk:
             return mm.brk
-        new_end, old_end = page_align(brk), page_align(mm.brk)
+        new_end, old_end = page_align(brk, k.page_size), page_align(mm.brk, k.page_size)
         if new_end < old_end:
             await _munmap_locked(k, mm, new_end, old_end - new_end)
         elif new_end > old_end:
-            if mm.overlapping(old_end, new_end + PAGE_SIZE):
+            if mm.overlapping(old_end, new_end + k.page_size):
                 return mm.brk
             flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
             mm.insert_vma(VMA(mm, old_end, new_end, flags, "[heap]"))

@@ -1,7 +1,7 @@
 """mprotect (mm/mprotect.c): change VMA flags and rewrite the PTEs in place."""
 from __future__ import annotations
 
-from emu.arch import PAGE_SIZE, Access, Kind
+from emu.arch import Access, Kind
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import huge_memory, memory, pgtable
@@ -24,9 +24,9 @@ EAGAIN = 11
 
 async def do_mprotect(k, mm: MMStruct, start: int, length: int, prot: int) -> int:
     """do_mprotect_pkey(): 0 or -errno (-ENOMEM when part of the range is unmapped)."""
-    if start % PAGE_SIZE:
+    if start % k.page_size:
         return -EINVAL
-    end = start + page_align(length)
+    end = start + page_align(length, k.page_size)
     if end <= start:
         return 0 if length == 0 else -EINVAL
     newflags = calc_vm_prot_bits(prot)
@@ -112,8 +112,8 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> int:
         return -EAGAIN
     ptep, ptl = locked
     base = memory.vm_get_page_prot(vma.flags)
-    for addr in range(start, end, PAGE_SIZE):
-        entp = ptep + ((addr - start) >> arch.page_shift) * 8
+    for addr in range(start, end, k.page_size):
+        entp = ptep + ((addr - start) >> k.page_shift) * 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
         if ent.kind is not Kind.LEAF:
             continue

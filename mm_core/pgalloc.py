@@ -64,7 +64,7 @@ def alloc_table(k, mm, level: int) -> PageTable:
     arch = k.arch
     nbytes = arch.table_alloc_bytes(level)
     frag = None
-    if nbytes < PAGE_SIZE:
+    if nbytes < k.page_size:
         frag, index = _alloc_fragment(k, mm, nbytes)
         page, paddr = frag.page, frag.page.paddr + index * nbytes
     else:
@@ -87,11 +87,11 @@ def alloc_table(k, mm, level: int) -> PageTable:
 def _alloc_fragment(k, mm, nbytes: int) -> tuple[FragPage, int]:
     rules = k.arch.pte_frag_rules
     if rules == "powerpc":                # pte_fragment_alloc(): next fragment of the cursor page
-        cur = mm.pte_frag
+        cur = mm.pte_frag.get(nbytes)     # (pmd_fragment_alloc() keeps its own cursor)
         if cur is None or cur.handed_out >= cur.nr_frags:
             if cur is not None:
                 _drop_cursor(k, mm, cur)
-            cur = mm.pte_frag = _new_frag_page(k, mm, nbytes)
+            cur = mm.pte_frag[nbytes] = _new_frag_page(k, mm, nbytes)
             cur.cursor = True
         index = cur.handed_out
         cur.handed_out += 1
@@ -111,8 +111,8 @@ def _alloc_fragment(k, mm, nbytes: int) -> tuple[FragPage, int]:
 
 
 def _new_frag_page(k, mm, nbytes: int) -> FragPage:
-    page = k.alloc.alloc_pages(0, PageUse.PAGETABLE, owner=mm, zero=False)
-    k.stats["pt_pages_allocated"] += 1
+    page = k.alloc.alloc_pages(k.page_order, PageUse.PAGETABLE, owner=mm, zero=False)
+    k.stats["pt_pages_allocated"] += page.nr_pages      # counted in 4K frames, like whole tables
     fp = FragPage(page, nbytes)
     page.private = fp
     return fp
@@ -189,9 +189,9 @@ def _frag_page_unused(fp: FragPage) -> bool:
 def _free_frag_page(k, fp: FragPage, rcu: bool) -> None:
     for t in fp.tables:
         t.state = "freed"
-    k.stats["pt_pages_freed"] += 1
+    k.stats["pt_pages_freed"] += fp.page.nr_pages
     if rcu:
-        k.stats["pt_pages_rcu_freed"] += 1
+        k.stats["pt_pages_rcu_freed"] += fp.page.nr_pages
     k.alloc.free_pages(fp.page)
 
 
@@ -211,7 +211,7 @@ def _free_frag_page_maybe_rcu(k, fp: FragPage) -> None:
 
 
 def pte_frag_destroy(k, mm) -> None:
-    """pte_frag_destroy() at exit: drop the mm's hold on its current fragment page."""
-    if mm.pte_frag is not None:
-        fp, mm.pte_frag = mm.pte_frag, None
+    """pte_frag_destroy() at exit: drop the mm's hold on its current fragment pages."""
+    cursors, mm.pte_frag = list(mm.pte_frag.values()), {}
+    for fp in cursors:
         _drop_cursor(k, mm, fp)

@@ -2,14 +2,14 @@
 of every VMA that maps a page-cache folio and unmap them (try_to_unmap)."""
 from __future__ import annotations
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, Kind
+from emu.arch import Kind
 from emu.sched import traps
 from mm_core import pgtable
 
 
 def vma_address(vma, index: int) -> int | None:
     """vma_address(): where file page ``index`` is mapped in ``vma`` (None: not in it)."""
-    addr = vma.start + ((index - vma.pgoff) << PAGE_SHIFT)
+    addr = vma.start + ((index - vma.pgoff) << vma.mm.kernel.page_shift)
     return addr if vma.start <= addr < vma.end else None
 
 
@@ -30,7 +30,7 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
     the table is gone, so nothing to unmap there). Returns how many were unmapped."""
     from mm_core.memory import _put_mapped_page
     mapping, arch = folio.mapping, k.arch
-    paddr = folio.paddr + ((index - folio.index) << PAGE_SHIFT)
+    paddr = folio.paddr + ((index - folio.index) << k.page_shift)
     unmapped = 0
     await traps.lock(mapping.i_mmap_rwsem, "r")
     try:
@@ -48,7 +48,7 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
             ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
             if ent.kind is Kind.LEAF and ent.paddr == paddr:
                 await pgtable.clear_entry(k, ptep, arch.pte_level)       # ptep_clear_flush()
-                k.flush_tlb_range(vma.mm, addr, addr + PAGE_SIZE)
+                k.flush_tlb_range(vma.mm, addr, addr + k.page_size)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
             await pgtable.pte_unmap_unlock(k, ptep, ptl)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE
+from emu.arch import PAGE_SHIFT
 from emu.sched import traps
 from mm_core.locks import RwSemaphore, WaitQueue
 from mm_core.page_alloc import OutOfMemory, Page, PageUse
@@ -43,6 +43,7 @@ class ShmemInode:
     """A shmem inode (what memfd_create returns a file for)."""
 
     name: str
+    page_shift: int = PAGE_SHIFT      # the kernel's base page (4K, or 64K on ppc64-64K)
     size: int = 0
     ino: int = field(default_factory=lambda: next(_inode_ids))
     refs: int = 0                    # open files + mapping VMAs
@@ -57,14 +58,14 @@ class ShmemInode:
 
 
 def memfd_create(k, name: str) -> ShmemInode:
-    inode = ShmemInode(name)
+    inode = ShmemInode(name, k.page_shift)
     k.stats["memfd_created"] += 1
     return inode
 
 
 def folio_page_paddr(folio: Page, index: int) -> int:
     """folio_page(): the physical address of page ``index`` of the file inside ``folio``."""
-    return folio.paddr + ((index - folio.index) << PAGE_SHIFT)
+    return folio.paddr + ((index - folio.index) << folio.mapping.host.page_shift)
 
 
 def filemap_get_folio(mapping: AddressSpace, index: int) -> Page | None:
@@ -74,13 +75,18 @@ def filemap_get_folio(mapping: AddressSpace, index: int) -> Page | None:
 def add_to_page_cache(mapping: AddressSpace, folio: Page, index: int) -> None:
     """filemap_add_folio(): the cache holds one reference on the folio."""
     folio.mapping, folio.index = mapping, index
-    for i in range(index, index + folio.nr_pages):
+    for i in range(index, index + folio_nr_pages(folio, mapping)):
         mapping.i_pages[i] = folio
+
+
+def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
+    """folio_nr_pages(): base pages in the folio (a base page may be several 4K frames)."""
+    return max(1, folio.nr_pages >> (mapping.host.page_shift - PAGE_SHIFT))
 
 
 def delete_from_page_cache(k, folio: Page) -> None:
     mapping = folio.mapping
-    for i in range(folio.index, folio.index + folio.nr_pages):
+    for i in range(folio.index, folio.index + folio_nr_pages(folio, mapping)):
         if mapping.i_pages.get(i) is folio:
             del mapping.i_pages[i]
     folio.mapping = None
@@ -104,12 +110,12 @@ def folio_unlock(folio: Page) -> None:
 async def shmem_get_folio(k, inode: ShmemInode, index: int) -> Page | None:
     """shmem_get_folio(SGP_CACHE): find the folio for ``index``, allocating a zeroed
     small folio for a hole inside i_size. None beyond EOF."""
-    if index << PAGE_SHIFT >= inode.size:
+    if index << inode.page_shift >= inode.size:
         return None
     folio = filemap_get_folio(inode.mapping, index)
     if folio is None:
         try:
-            folio = k.alloc.alloc_pages(0, PageUse.SHMEM, owner=inode.mapping)
+            folio = k.alloc.alloc_pages(k.page_order, PageUse.SHMEM, owner=inode.mapping)
         except OutOfMemory:
             return None
         await traps.sched_point("page_cache_insert", (inode.ino, index))
@@ -129,10 +135,10 @@ async def shmem_setattr_size(k, inode: ShmemInode, size: int) -> None:
     old = inode.size
     inode.size = size
     if size < old:
-        first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
-        await unmap_mapping_range(k, inode.mapping, first, (old + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        first = (size + k.page_size - 1) >> k.page_shift
+        await unmap_mapping_range(k, inode.mapping, first, (old + k.page_size - 1) >> k.page_shift)
         for folio in inode.mapping.folios():
-            if folio.index + folio.nr_pages > first:
+            if folio.index + folio_nr_pages(folio, inode.mapping) > first:
                 delete_from_page_cache(k, folio)
 
 

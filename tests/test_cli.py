@@ -105,3 +105,10 @@ def test_demo_runs_every_workload_on_four_arches_with_identical_output() -> None
     assert set(j["same_output"]) == {"hello", "pagetouch", "qsort", "segv"}
     assert all(j["same_output"].values())
     assert j["results"]["segv"]["s390x"]["exit_code"] == 139
+
+
+def test_arch_options_reach_the_plugin() -> None:
+    r = emu("run", workload("ppc64", "hello"), "-O", "page_size=64K", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["pt_pages_allocated"] % 16 == 0
+    line = one_line_error(emu("run", workload("ppc64", "hello"), "-O", "la57=true"))
+    assert "unknown option" in line

@@ -112,3 +112,13 @@ def test_emu_plugins_check_command() -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ppc64: 10 passed, 0 failed" in r.stdout
+
+
+class TestPpc64_64K(ArchConformance):
+    arch_name = "ppc64"
+    arch_options = {"page_size": "64K"}
+
+
+class TestS390xFullPagePte(ArchConformance):
+    arch_name = "s390x"
+    arch_options = {"full_page_pte": True}

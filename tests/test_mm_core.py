@@ -183,3 +183,56 @@ def test_random_address_space_operations_match_the_model(arch_name: str) -> None
     machine.TestCase.settings = settings(max_examples=12, stateful_step_count=25, deadline=None,
                                          suppress_health_check=list(HealthCheck))
     machine.TestCase().runTest()
+
+
+def test_ppc64_64k_pte_tables_are_256_byte_fragments() -> None:
+    m = emu.Machine(arch="ppc64", mem="64M", page_size="64K")
+    k = m.kernel
+    assert k.page_size == 64 << 10 and m.arch.levels[-1].index_bits == 5
+    mm = m.new_mm()
+    pmd_span = m.arch.levels[m.arch.pmd_level].span
+    base = m.mmap(mm, 0x40000000, 3 * pmd_span, RW, ANON | emu.MAP_FIXED)
+    for i in range(3):
+        m.touch(mm, base + i * pmd_span, write=True)
+    ptes = sorted(pt.paddr for pt in k.ptdescs.values() if pt.level == m.arch.pte_level)
+    assert [b - ptes[0] for b in ptes] == [0, 256, 512]            # one 64K page, 256 fragments
+    assert k.ptdescs[ptes[0]].frag.nr_frags == 256
+    pmds = [pt for pt in k.ptdescs.values() if pt.level == m.arch.pmd_level]
+    assert pmds[0].frag is not None and pmds[0].frag.nr_frags == 16   # 4K PMD tables: 16 a page
+    m.exit_mm(mm)
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+def test_ppc64_64k_deferred_fragment_keeps_its_page_until_rcu() -> None:
+    """pte_free_defer on one fragment marks the page Active: it is never handed out again
+    and goes back through RCU once every fragment is free and the mm's cursor dropped."""
+    from emu.sched.loop import run_sync
+    from mm_core.pgalloc import alloc_table, pte_free, pte_free_defer
+    m = emu.Machine(arch="ppc64", mem="64M", page_size="64K")
+    k = m.kernel
+    mm = m.new_mm()
+    a, b = alloc_table(k, mm, 3), alloc_table(k, mm, 3)
+    assert a.frag is b.frag
+    run_sync(pte_free_defer(k, a))
+    page = a.frag
+    assert page.active and a.state == "deferred"
+    pte_free(k, b)
+    c = alloc_table(k, mm, 3)
+    assert c.frag is page                     # the cursor still hands out fresh fragments
+    assert c.paddr not in (a.paddr, b.paddr)  # freed fragments are never reused
+    pte_free(k, c)
+    m.exit_mm(mm)                             # pte_frag_destroy drops the cursor
+    assert k.alloc.page_of(page.page.paddr) is page.page      # still waiting for the grace period
+    m.rcu_barrier()
+    assert k.alloc.page_of(page.page.paddr) is None and a.state == "freed"
+    assert k.stats["pt_pages_rcu_freed"] == 16                # one 64K page, in 4K frames
+
+
+def test_ppc64_64k_runs_guest_programs_and_collapses() -> None:
+    from conftest import expected, workload
+    for name in ("hello", "shmem_collapse"):
+        m = emu.Machine(arch="ppc64", mem="64M", page_size="64K")
+        m.spawn(workload("ppc64", name), [name])
+        r = m.run()
+        assert r.stdout == expected(name)[0] and r.exit_code == 0
+    assert b"collapse returned 0" in r.stderr and r.summary["pt_pages_rcu_freed"] >= 16
