@@ -133,8 +133,14 @@ class VmFault:
 
 
 async def handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
-    """handle_mm_fault() -> __handle_mm_fault(): allocate the upper tables, then the PMD
-    level (huge faults) and the PTE level."""
+    """handle_mm_fault(): account the fault and hand it to __handle_mm_fault()."""
+    k.stats["handle_mm_fault"] += 1
+    return await __handle_mm_fault(k, vma, addr, flags)
+
+
+async def __handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
+    """__handle_mm_fault(): allocate the upper tables, then the PMD level (huge faults)
+    and the PTE level."""
     mm = vma.mm
     vmf = VmFault(vma, addr & ~(k.page_size - 1), flags)
     try:
@@ -165,7 +171,7 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
     if pmdval.kind is Kind.NONE:
         vmf.pte = None
     else:
-        mapped = await pgtable.pte_offset_map_nolock(k, mm, vmf.pmd, vmf.address)
+        mapped = await pgtable.pte_offset_map_for_write_nolock(k, mm, vmf.pmd, vmf.address)
         if mapped is None:
             k.stats["fault_retry_map_failed"] += 1
             return 0

@@ -36,6 +36,18 @@ async def get_entry(k, entp: int, level: int) -> Entry:
     return k.arch.decode(level, k.physmem.read_entry(entp))
 
 
+async def pmdp_get_lockless(k, pmdp: int) -> int:
+    """pmdp_get_lockless(): one atomic read of a pmd without its lock."""
+    return await get_raw(k, pmdp)
+
+
+async def pmd_lock(k, mm, pmdp: int) -> SpinLock:
+    """pmd_lock(): take and return the PMD table's lock (pml)."""
+    pml = await pmd_lockptr(k, mm, pmdp)
+    await traps.lock(pml)
+    return pml
+
+
 async def get_raw(k, entp: int) -> int:
     await sched_point("pt_read", entp)
     return k.physmem.read_entry(entp)
@@ -144,7 +156,7 @@ async def __pte_offset_map(k, pmdp: int, addr: int) -> tuple[int | None, Entry]:
         return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
     if prof.rcu_pte_map:
         await rcu_read_lock(k)
-    raw = await get_raw(k, pmdp)
+    raw = await pmdp_get_lockless(k, pmdp)
     pmdval = k.arch.decode(pmd_level, raw)
     if pmdval.kind is Kind.TABLE:
         return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
@@ -207,7 +219,7 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
             return None
         ptl = pte_lockptr(k, mm, pmdval)
         await traps.lock(ptl)
-        if pmd_same(k, pmdval, await get_raw(k, pmdp)):
+        if pmd_same(k, pmdval, await pmdp_get_lockless(k, pmdp)):
             return ptep, ptl
         await pte_unmap_unlock(k, ptep, ptl)
         k.stats["pte_map_lock_retry"] += 1
@@ -220,9 +232,19 @@ async def pte_unmap_unlock(k, ptep: int, ptl: SpinLock) -> None:
     await pte_unmap(k, ptep)
 
 
+class ApiError(Exception):
+    """A kernel function called under a profile where it does not exist."""
+
+
 async def pte_offset_map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
     """pte_offset_map_nolock() (6.5-6.12): map, and name the ptl of the mapped table for
     the caller to take later and then revalidate with pte_same()/pmd_same()."""
+    if k.profile.rw_nolock:
+        raise ApiError("pte_offset_map_nolock() was removed in 6.13: use _ro_nolock or _rw_nolock")
+    return await _map_nolock(k, mm, pmdp, addr)
+
+
+async def _map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
     ptep, pmdval = await __pte_offset_map(k, pmdp, addr)
     if ptep is None:
         return None
@@ -231,11 +253,25 @@ async def pte_offset_map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinL
 
 async def pte_offset_map_ro_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock] | None:
     """pte_offset_map_ro_nolock() (6.13): for callers that only read after locking."""
-    mapped = await pte_offset_map_nolock(k, mm, pmdp, addr)
+    _require_613(k, "pte_offset_map_ro_nolock")
+    mapped = await _map_nolock(k, mm, pmdp, addr)
     return None if mapped is None else mapped[:2]
 
 
 async def pte_offset_map_rw_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
     """pte_offset_map_rw_nolock() (6.13): also hands back pmdval; a writer must check
     pmd_same() (or pte_same()) after taking the ptl."""
+    _require_613(k, "pte_offset_map_rw_nolock")
+    return await _map_nolock(k, mm, pmdp, addr)
+
+
+def _require_613(k, name: str) -> None:
+    if not k.profile.rw_nolock:
+        raise ApiError(f"{name}() exists from 6.13 on (profile {k.profile.name})")
+
+
+async def pte_offset_map_for_write_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry] | None:
+    """What a writer that locks later calls: _rw_nolock under 6.13, _nolock before."""
+    if k.profile.rw_nolock:
+        return await pte_offset_map_rw_nolock(k, mm, pmdp, addr)
     return await pte_offset_map_nolock(k, mm, pmdp, addr)

@@ -141,3 +141,23 @@ def test_khugepaged_daemon_collapses_a_registered_anon_range() -> None:
     for off in range(0, size, 61 * PAGE_SIZE):
         assert m.physmem[m.touch(mm, a + off)] == (off // PAGE_SIZE) & 0xFF
     assert leaf_entry is not None
+
+
+def test_nolock_variants_exist_only_in_their_profiles() -> None:
+    m613, k613, mm613, a613, pmdp613, _ = world("x86_64", "6.13")
+    with pytest.raises(pgtable.ApiError, match="removed in 6.13"):
+        run_sync(pgtable.pte_offset_map_nolock(k613, mm613, pmdp613, a613))
+    ptep, ptl, pmdval = run_sync(pgtable.pte_offset_map_rw_nolock(k613, mm613, pmdp613, a613))
+    assert pmdval.kind is Kind.TABLE and ptl is k613.ptdescs[pmdval.paddr].ptl
+    run_sync(pgtable.pte_unmap(k613, ptep))
+    m66, k66, mm66, a66, pmdp66, _ = world("x86_64", "6.6")
+    with pytest.raises(pgtable.ApiError, match="from 6.13 on"):
+        run_sync(pgtable.pte_offset_map_ro_nolock(k66, mm66, pmdp66, a66))
+
+
+@pytest.mark.parametrize("kernel", ["6.4", "6.5", "6.6", "6.13"])
+def test_guest_programs_run_under_every_profile(kernel: str) -> None:
+    from conftest import expected, workload
+    m = emu.Machine(arch="arm64", mem="32M", kernel=kernel)
+    m.spawn(workload("arm64", "pagetouch"), ["pagetouch"])
+    assert m.run().stdout == expected("pagetouch")[0]

@@ -149,8 +149,9 @@ def test_64_rules_install_a_pte_into_the_detached_table() -> None:
 # -- case 4: table -> none -> new table is caught by pmd_same ---------------------------------
 
 async def nolock_then_recheck(k, mm, pmdp: int, addr: int):
-    """A pte_offset_map_rw_nolock() user: map, later take the ptl, then pmd_same()."""
-    mapped = await pgtable.pte_offset_map_rw_nolock(k, mm, pmdp, addr)
+    """A _nolock user that writes: map, later take the ptl, then pmd_same()
+    (pte_offset_map_rw_nolock() from 6.13, pte_offset_map_nolock() before)."""
+    mapped = await pgtable.pte_offset_map_for_write_nolock(k, mm, pmdp, addr)
     if mapped is None:
         return None
     ptep, ptl, pmdval = mapped
