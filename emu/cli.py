@@ -17,7 +17,7 @@ from mm_core.config import DEFAULT_PROFILE, PROFILES
 from mm_core.memory import CheckMMError
 
 ARCH_CHOICES_HELP = "x86_64, arm64, s390x, ppc64 or any plugin's arch"
-DEMO_WORKLOADS = (("hello", []), ("pagetouch", []), ("qsort", []), ("segv", []))
+DEMO_WORKLOADS = (("hello", []), ("pagetouch", []), ("qsort", []), ("segv", []), ("shmem_collapse", []))
 
 
 class UsageError(click.ClickException):
@@ -191,7 +191,8 @@ def demo(as_json: bool) -> None:
             t.add_column(arch, justify="right")
         keys = [("exit code", "exit_code"), ("instructions", "instructions"), ("TLB fills", "tlb_fills"),
                 ("walks", "walks"), ("faults", "faults"), ("PT pages alloc", "pt_pages_allocated"),
-                ("PT pages freed", "pt_pages_freed"), ("seconds", "seconds"), ("MIPS", "mips")]
+                ("PT pages freed", "pt_pages_freed"), ("PT tables RCU-deferred", "pt_tables_rcu_deferred"),
+                ("seconds", "seconds"), ("MIPS", "mips")]
         for label, key in keys:
             t.add_row(label, *[str(per[a].get(key, per[a].get("error", ""))) for a in arches])
         console.print(t)
