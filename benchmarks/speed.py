@@ -1,6 +1,13 @@
-"""emu vs plain Unicorn: the same guest ELF on both, per arch.
+"""emu vs plain Unicorn: the same guest ELF on both, per arch, emu in both of its modes.
 
     python benchmarks/speed.py [--arch A[,B]] [--repeat N] [--quick] [--json]
+
+Modes of emu, shown side by side:
+  emu      the default: every quantum is emu_start(count=quantum), so instruction counts
+           are exact and user code is preempted, at the price of Unicorn's internal
+           per-instruction count hook
+  fast     Machine(count_instructions=False), `emu run --fast`: emu_start(count=0), full
+           Unicorn speed, no preemption inside user mode, summary["instructions"] is None
 
 Workloads (workloads/bin/<arch>/...; see benchmarks/README.md):
   qsort    the existing qsort guest: short, dominated by start-up and 40 demand faults
@@ -17,18 +24,18 @@ Baselines ("plain", benchmarks/plainrun.py, count=0 = no instruction-count hook)
            baseline (flat does not work there); for the others the fastest plain setup
   ppc64 thrash uses UC_TLB_VIRTUAL with no hook (identity in C) as its plain baseline.
 
-ratio = plain_seconds / emu_seconds (1.0 = as fast). Every figure is the median of
---repeat runs, the configurations interleaved (the VM is noisy, +-30 %).
+ratio = plain_seconds / emu_seconds (1.0 = as fast), for each mode. Every figure is the
+median of --repeat runs, the configurations interleaved (the VM is noisy, +-30 %).
+MIPS of the fast mode use the exact instruction count of the counted run (same guest,
+same output; the fast run counts nothing).
 
 Steady-state figures subtract a set-up-only run of the same program (stream/alu with 0
 iterations, thrash with 1 pass): emu pays a fixed start-up cost (demand faults through
 mm_core, about 0.2 ms each) that plain Unicorn does not.
 
-The investigation section (count= cost) runs on stream and alu:
-  plain/vtlb with count=0 and count=10**9, emu with quantum 20000 and 10**9, and two
-  what-ifs patched into this process only (emu/ is not modified): emu with count=0
-  ("nocount": emu_start without count=, as a single-task fast mode would run), and on
-  thrash emu with an int-only TLB-hit path in the fill hook ("intfill").
+The investigation section (what count= costs) runs on stream and alu: plain/vtlb with
+count=0 and count=10**9 (the hook's ns/instruction), emu with quantum 20000 and 10**9
+(the per-quantum round trip), and emu --fast (no count hook at all).
 """
 from __future__ import annotations
 
@@ -55,6 +62,8 @@ from emu import plugins  # noqa: E402
 from emu.machine import Machine  # noqa: E402
 
 ALL_ARCHES = ("x86_64", "arm64", "s390x", "ppc64")
+MODES = ("emu", "fast")                 # emu's configurations: exact counts / count_instructions=False
+MODE_LABEL = {"emu": "emu (exact counts)", "fast": "emu --fast"}
 BIG = 10**9
 QUANTUM = 20000
 RESIDENT_TARGET = 0.8
@@ -92,56 +101,17 @@ def run_plain(arch: str, path: str, argv: list[str], mode: str, count: int = 0,
     return {"seconds": r.seconds, "stdout": r.stdout, "fills": r.fills, "counted": r.counted}
 
 
-def _nocount(m: Machine) -> None:
-    """What-if: every emu_start of this machine without count= (no count hook)."""
-    for v in m.vcpus:
-        start = v.uc.emu_start
-        v.uc.emu_start = (lambda begin, until, timeout=0, count=0, _s=start: _s(begin, until, timeout, 0))
-
-
-def _int_fill(self, _uch, vaddr, access, entry, _user):
-    """What-if: emu's VCPU._fill with the TLB-hit test done on plain ints
-    (``1 << (access - 16)``) instead of an ``Access`` IntFlag."""
-    self.fills += 1
-    e = self.tlb.small.get(vaddr >> 12)
-    if e is not None and e[1] & (1 << (access - 16)):
-        self.tlb_hits += 1
-        entry[0] = e[0] | (vaddr & 0xFFF)
-        entry[1] = e[1]
-        return True
-    try:
-        return self._fill_slow(vaddr, _VCPU_MOD._ACCESS[access], entry)
-    except BaseException as err:  # noqa: BLE001 - never let an exception cross C
-        self._hook_error = err
-        return False
-
-
-try:
-    from emu import vcpu as _VCPU_MOD
-except ImportError:  # pragma: no cover
-    _VCPU_MOD = None
-
-
 def run_emu(arch: str, path: str, argv: list[str], quantum: int = QUANTUM,
-            variant: str = "") -> dict[str, Any]:
-    orig_fill = None
-    if variant == "intfill":
-        cls = _VCPU_MOD.VCPU
-        if not all(hasattr(cls, n) for n in ("_fill", "_fill_slow")) or not hasattr(_VCPU_MOD, "_ACCESS"):
-            raise RuntimeError("emu.vcpu changed: the intfill what-if no longer applies")
-        orig_fill, cls._fill = cls._fill, _int_fill      # bound at VCPU creation (spawn)
-    try:
-        m = Machine(arch=arch, mem=MEM, quantum=quantum)
-        m.spawn(path, [os.path.basename(path)] + argv)
-    finally:
-        if orig_fill is not None:
-            _VCPU_MOD.VCPU._fill = orig_fill
-    if variant == "nocount":
-        _nocount(m)
+            count_instructions: bool = True) -> dict[str, Any]:
+    m = Machine(arch=arch, mem=MEM, quantum=quantum, count_instructions=count_instructions)
+    m.spawn(path, [os.path.basename(path)] + argv)
     r = m.run()
     if r.exit_code != 0:
         raise RuntimeError(f"emu {arch} {argv}: exit {r.exit_code} signal {r.signal}")
     s = r.summary
+    if count_instructions != (s["instructions"] is not None):
+        raise RuntimeError(f"emu {arch} {argv}: count_instructions={count_instructions} but "
+                           f"summary['instructions'] = {s['instructions']!r}")
     return {"seconds": s["seconds"], "stdout": r.stdout, "instructions": s["instructions"],
             "fills": s["tlb_fills"], "hits": s["tlb_hits"], "walks": s["walks"], "faults": s["faults"]}
 
@@ -153,11 +123,16 @@ def plan(arch: str) -> list[tuple[str, str, Callable[[str, list[str]], dict[str,
     base = "vtlb" if ppc else "flat"
     off = COUNTER_OFFSET.get(arch)
     steps: list[tuple[str, str, Callable]] = []
+
+    def emu_modes(wl: str) -> None:
+        steps.append((wl, "emu", lambda p, a: run_emu(arch, p, a)))
+        steps.append((wl, "fast", lambda p, a: run_emu(arch, p, a, count_instructions=False)))
+
     for wl in ("qsort", "stream", "alu"):
         steps.append((wl, "plain", lambda p, a, b=base: run_plain(arch, p, a, b, 0, off)))
         if not ppc:
             steps.append((wl, "vtlb", lambda p, a: run_plain(arch, p, a, "vtlb", 0, off)))
-        steps.append((wl, "emu", lambda p, a: run_emu(arch, p, a)))
+        emu_modes(wl)
         if wl == "qsort":
             continue
         # investigation: the count= hook and the quantum
@@ -165,18 +140,15 @@ def plan(arch: str) -> list[tuple[str, str, Callable[[str, list[str]], dict[str,
         if not ppc:
             steps.append((wl, "vtlb_count", lambda p, a: run_plain(arch, p, a, "vtlb", BIG, off)))
         steps.append((wl, "emu_bigq", lambda p, a: run_emu(arch, p, a, quantum=BIG)))
-        steps.append((wl, "emu_nocount", lambda p, a: run_emu(arch, p, a, quantum=BIG, variant="nocount")))
     for wl in ("stream0", "alu0"):      # start-up/exit costs, subtracted for steady-state ratios
         steps.append((wl, "plain", lambda p, a, b=base: run_plain(arch, p, a, b)))
         if not ppc:
             steps.append((wl, "vtlb", lambda p, a: run_plain(arch, p, a, "vtlb")))
-        steps.append((wl, "emu", lambda p, a: run_emu(arch, p, a)))
-        steps.append((wl, "emu_nocount", lambda p, a: run_emu(arch, p, a, quantum=BIG, variant="nocount")))
+        emu_modes(wl)
     tbase = "vtlb-nohook" if ppc else "flat"
     for wl in ("thrash", "thrash1"):
         steps.append((wl, "plain", lambda p, a, b=tbase: run_plain(arch, p, a, b)))
-        steps.append((wl, "emu", lambda p, a: run_emu(arch, p, a)))
-        steps.append((wl, "emu_intfill", lambda p, a: run_emu(arch, p, a, variant="intfill")))
+        emu_modes(wl)
     steps.append(("thrash", "vtlb", lambda p, a: run_plain(arch, p, a, "vtlb")))   # Python-fill floor
     return steps
 
@@ -197,8 +169,15 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b > 0 else float("nan")
+def ratio(a: float | None, b: float | None) -> float:
+    return a / b if a is not None and b is not None and b > 0 else float("nan")
+
+
+def ge(x: float | None, target: float) -> bool | None:
+    """x >= target; None when x could not be measured (a difference at or below zero: noise)."""
+    if x is None or x != x:
+        return None
+    return x >= target
 
 
 def summarize(arch: str, runs: dict[tuple[str, str], list[dict[str, Any]]]) -> dict[str, Any]:
@@ -210,40 +189,41 @@ def summarize(arch: str, runs: dict[tuple[str, str], list[dict[str, Any]]]) -> d
         rs = runs.get((wl, cfg))
         return rs[0].get(key) if rs else None
 
+    def sub(a: float | None, b: float | None) -> float | None:
+        return a - b if a is not None and b is not None else None
+
     ppc = arch == "ppc64"
     rows: dict[str, Any] = {}
     mismatches = []
     for (wl, cfg), rs in runs.items():
         ref = runs.get((wl, "emu"))
-        if ref and rs[0]["stdout"] != ref[0]["stdout"]:
+        if ref and any(r["stdout"] != ref[0]["stdout"] for r in rs):
             mismatches.append(f"{wl}/{cfg}")
     for wl in ("qsort", "stream", "alu", "thrash"):
-        insns = first(wl, "emu", "instructions")
-        plain, emu, vtlb = sec(wl, "plain"), sec(wl, "emu"), sec(wl, "vtlb")
-        fills, hits = first(wl, "emu", "fills"), first(wl, "emu", "hits")
-        row = {
-            "plain_s": plain, "vtlb_s": vtlb, "emu_s": emu,
-            "ratio": ratio(plain, emu),
-            "ratio_vs_vtlb": ratio(vtlb, emu) if vtlb is not None and wl != "thrash" else None,
-            "instructions": insns,
-            "mips_plain": insns / plain / 1e6 if plain else None,
-            "mips_emu": insns / emu / 1e6 if emu else None,
-            "fills": fills, "hits": hits, "walks": first(wl, "emu", "walks"),
-            "faults": first(wl, "emu", "faults"),
-            "fills_per_s": fills / emu if emu else None,
-        }
+        insns = first(wl, "emu", "instructions")       # exact; the fast run counts nothing
+        plain, vtlb = sec(wl, "plain"), sec(wl, "vtlb")
+        row: dict[str, Any] = {"plain_s": plain, "vtlb_s": vtlb, "instructions": insns,
+                               "mips_plain": ratio(insns, plain) / 1e6 if insns else None}
+        for m in MODES:
+            t = sec(wl, m)
+            row[f"{m}_s"] = t
+            row[f"ratio_{m}"] = ratio(plain, t)
+            row[f"ratio_{m}_vs_vtlb"] = ratio(vtlb, t) if vtlb is not None and wl != "thrash" else None
+            row[f"mips_{m}"] = ratio(insns, t) / 1e6 if insns else None
+            for k in ("fills", "hits", "walks", "faults"):
+                row[f"{m}_{k}"] = first(wl, m, k)
         if wl == "thrash":
-            row["marginal_fills_per_s"] = ratio(hits, emu - plain)
-            e1, p1, h1 = sec("thrash1", "emu"), sec("thrash1", "plain"), first("thrash1", "emu", "hits")
-            row["setup_emu_s"], row["setup_plain_s"] = e1, p1
-            row["steady_fills_per_s"] = ratio(hits - h1, (emu - e1) - (plain - p1))
+            p1 = sec("thrash1", "plain")
+            row["setup_plain_s"] = p1
+            for m in MODES:
+                t, t1 = row[f"{m}_s"], sec("thrash1", m)
+                hits, h1 = row[f"{m}_hits"], first("thrash1", m, "hits")
+                row[f"{m}_setup_s"] = t1
+                row[f"{m}_fills_per_s"] = ratio(row[f"{m}_fills"], t)
+                row[f"{m}_marginal_fills_per_s"] = ratio(hits, sub(t, plain))
+                row[f"{m}_steady_fills_per_s"] = ratio(sub(hits, h1), sub(sub(t, t1), sub(plain, p1)))
             row["vtlb_fills"] = first(wl, "vtlb", "fills")
             row["vtlb_floor_fills_per_s"] = ratio(row["vtlb_fills"], vtlb)
-            ei, ei1 = sec("thrash", "emu_intfill"), sec("thrash1", "emu_intfill")
-            if ei is not None:
-                row["intfill_s"] = ei
-                row["intfill_marginal_fills_per_s"] = ratio(hits, ei - plain)
-                row["intfill_steady_fills_per_s"] = ratio(hits - h1, (ei - ei1) - (plain - p1))
         rows[wl] = row
     inv: dict[str, Any] = {}
     for wl in ("stream", "alu"):
@@ -254,39 +234,48 @@ def summarize(arch: str, runs: dict[tuple[str, str], list[dict[str, Any]]]) -> d
             "vtlb_count0_s": sec(wl, "plain") if ppc else sec(wl, "vtlb"),
             "vtlb_count1e9_s": sec(wl, "plain_count") if ppc else sec(wl, "vtlb_count"),
             "emu_q20000_s": sec(wl, "emu"), "emu_q1e9_s": sec(wl, "emu_bigq"),
-            "emu_nocount_s": sec(wl, "emu_nocount"),
+            "emu_fast_s": sec(wl, "fast"),
             "counter_with_count": first(wl, "plain_count", "counted"),
             "counter_with_count0": first(wl, "plain", "counted"),
         }
-        d["count_hook_ns_per_insn"] = (d["vtlb_count1e9_s"] - d["vtlb_count0_s"]) / insns * 1e9
-        d["count_hook_ns_per_insn_flat"] = (d["plain_count1e9_s"] - d["plain_count0_s"]) / insns * 1e9
-        quanta = insns / QUANTUM
-        d["quantum_overhead_us"] = (d["emu_q20000_s"] - d["emu_q1e9_s"]) / quanta * 1e6
+        d["count_hook_ns_per_insn"] = ratio(sub(d["vtlb_count1e9_s"], d["vtlb_count0_s"]), insns) * 1e9
+        d["count_hook_ns_per_insn_flat"] = ratio(sub(d["plain_count1e9_s"], d["plain_count0_s"]), insns) * 1e9
+        # emu's own cost of counting: the same machine with and without the count hook
+        d["emu_count_ns_per_insn"] = ratio(sub(d["emu_q1e9_s"], d["emu_fast_s"]), insns) * 1e9
+        d["emu_total_count_ns_per_insn"] = ratio(sub(d["emu_q20000_s"], d["emu_fast_s"]), insns) * 1e9
+        quanta = insns / QUANTUM if insns else None
+        d["quantum_overhead_us"] = ratio(sub(d["emu_q20000_s"], d["emu_q1e9_s"]), quanta) * 1e6
         d["ratio_emu_q20000"] = ratio(d["plain_count0_s"], d["emu_q20000_s"])
         d["ratio_emu_q1e9"] = ratio(d["plain_count0_s"], d["emu_q1e9_s"])
-        d["ratio_emu_nocount"] = ratio(d["plain_count0_s"], d["emu_nocount_s"])
+        d["ratio_emu_fast"] = ratio(d["plain_count0_s"], d["emu_fast_s"])
         # steady state: the same runs minus the 0-iteration run (start-up, faults, exit)
         z = wl + "0"
         p0, v0 = sec(z, "plain"), sec(z, "plain") if ppc else sec(z, "vtlb")
-        e0, n0 = sec(z, "emu"), sec(z, "emu_nocount")
-        d["fixed_s"] = {"plain": p0, "vtlb": v0, "emu": e0, "emu_nocount": n0}
-        dp, dv = d["plain_count0_s"] - p0, d["vtlb_count0_s"] - v0
-        de, dn = d["emu_q20000_s"] - e0, d["emu_nocount_s"] - n0
-        d["steady_ratio_emu_q20000"] = ratio(dp, de)
-        d["steady_ratio_emu_nocount"] = ratio(dp, dn)
-        d["steady_ratio_emu_q20000_vs_vtlb"] = ratio(dv, de)
-        d["steady_ratio_emu_nocount_vs_vtlb"] = ratio(dv, dn)
+        e0, f0 = sec(z, "emu"), sec(z, "fast")
+        d["fixed_s"] = {"plain": p0, "vtlb": v0, "emu": e0, "fast": f0}
+        dp, dv = sub(d["plain_count0_s"], p0), sub(d["vtlb_count0_s"], v0)
+        de, df = sub(d["emu_q20000_s"], e0), sub(d["emu_fast_s"], f0)
+        d["steady_ratio_emu"] = ratio(dp, de)
+        d["steady_ratio_fast"] = ratio(dp, df)
+        d["steady_ratio_emu_vs_vtlb"] = ratio(dv, de)
+        d["steady_ratio_fast_vs_vtlb"] = ratio(dv, df)
         inv[wl] = d
-    res_ok = {wl: rows[wl]["ratio"] >= RESIDENT_TARGET for wl in ("stream", "alu")}
-    res_ok_v = {wl: (rows[wl]["ratio_vs_vtlb"] or rows[wl]["ratio"]) >= RESIDENT_TARGET
-                for wl in ("stream", "alu")}
-    targets = {
-        "resident_ratio_ge_0.8": all(res_ok.values()),
-        "resident_by_workload": res_ok,
-        "resident_vs_fastest_plain": res_ok_v,
-        "fills_ge_0.7M": rows["thrash"]["marginal_fills_per_s"] >= FILLS_TARGET,
-        "fills_steady_ge_0.7M": rows["thrash"]["steady_fills_per_s"] >= FILLS_TARGET,
-    }
+    targets: dict[str, Any] = {}
+    for m in MODES:
+        res = {wl: bool(ge(rows[wl][f"ratio_{m}"], RESIDENT_TARGET)) for wl in ("stream", "alu")}
+        # on ppc64 the plain baseline already is vtlb
+        res_v = {wl: bool(ge(rows[wl][f"ratio_{m}_vs_vtlb"] if not ppc else rows[wl][f"ratio_{m}"],
+                             RESIDENT_TARGET)) for wl in ("stream", "alu")}
+        res_s = {wl: ge(inv[wl][f"steady_ratio_{m}"], RESIDENT_TARGET) for wl in ("stream", "alu")}
+        th = rows["thrash"]
+        targets[m] = {
+            "resident_ratio_ge_0.8": all(res.values()),
+            "resident_by_workload": res,
+            "resident_vs_fastest_plain": res_v,
+            "resident_steady_state": res_s,
+            "fills_ge_0.7M": bool(ge(th[f"{m}_marginal_fills_per_s"], FILLS_TARGET)),
+            "fills_steady_ge_0.7M": ge(th[f"{m}_steady_fills_per_s"], FILLS_TARGET),
+        }
     return {
         "plain_mode": "UC_TLB_VIRTUAL + identity fill hook (raw ctypes, region R/W/X)" if ppc
         else "flat: mem_map at the VAs, UC_TLB_CPU",
@@ -311,69 +300,104 @@ def r2(x: Any) -> str:
     return f(x, "{:.2f}")
 
 
+def ok(b: bool | None) -> str:
+    return "n/a" if b is None else "MET" if b else "NOT MET"
+
+
 def print_arch(arch: str, s: dict[str, Any]) -> None:
     rows, inv, t = s["rows"], s["investigation"], s["targets"]
+    ppc = arch == "ppc64"
     print(f"\n=== {arch}   plain = {s['plain_mode']}; thrash plain = {s['thrash_plain_mode']}"
           f"   (median of {s['repeats']})")
-    hdr = (f"{'workload':<8} {'plain s':>8} {'vtlb s':>8} {'emu s':>8} {'ratio':>6} {'r/vtlb':>6} "
-           f"{'insns':>11} {'MIPS pl':>8} {'MIPS emu':>8} {'fills':>8} {'hits':>8} "
-           f"{'fills/s':>8} {'marg/s':>8}")
+    hdr = (f"{'workload':<8} {'plain s':>8} {'vtlb s':>8} {'emu s':>8} {'fast s':>8} "
+           f"{'ratio':>6} {'r fast':>6} {'r/vtlb':>6} {'rf/vtlb':>7} "
+           f"{'insns':>11} {'MIPS pl':>7} {'MIPS emu':>8} {'MIPS fst':>8} {'fills':>8} {'hits':>8}")
     print(hdr)
     print("-" * len(hdr))
     for wl in ("qsort", "stream", "alu", "thrash"):
         r = rows[wl]
-        print(f"{wl:<8} {f(r['plain_s']):>8} {f(r['vtlb_s']):>8} {f(r['emu_s']):>8} "
-              f"{r2(r['ratio']):>6} {r2(r['ratio_vs_vtlb']):>6} "
-              f"{f(r['instructions'], '{:,}'):>11} {f(r['mips_plain'], '{:.0f}'):>8} "
-              f"{f(r['mips_emu'], '{:.0f}'):>8} {f(r['fills'], '{:,}'):>8} {f(r['hits'], '{:,}'):>8} "
-              f"{mfmt(r['fills_per_s'] if wl == 'thrash' else None):>8} "
-              f"{mfmt(r.get('marginal_fills_per_s')):>8}")
+        print(f"{wl:<8} {f(r['plain_s']):>8} {f(r['vtlb_s']):>8} {f(r['emu_s']):>8} {f(r['fast_s']):>8} "
+              f"{r2(r['ratio_emu']):>6} {r2(r['ratio_fast']):>6} "
+              f"{r2(r['ratio_emu_vs_vtlb']):>6} {r2(r['ratio_fast_vs_vtlb']):>7} "
+              f"{f(r['instructions'], '{:,}'):>11} {f(r['mips_plain'], '{:.0f}'):>7} "
+              f"{f(r['mips_emu'], '{:.0f}'):>8} {f(r['mips_fast'], '{:.0f}'):>8} "
+              f"{f(r['emu_fills'], '{:,}'):>8} {f(r['emu_hits'], '{:,}'):>8}")
     th = rows["thrash"]
-    print(f"thrash: set-up run (1 pass) emu {f(th['setup_emu_s'])} s, plain {f(th['setup_plain_s'])} s; "
-          f"steady-state fills/s (set-up subtracted) {mfmt(th['steady_fills_per_s'])}; "
-          f"Python identity-hook floor (vtlb) {mfmt(th['vtlb_floor_fills_per_s'])}/s")
-    if "intfill_s" in th:
-        print(f"  what-if int-only hit path in emu's fill hook: emu {f(th['intfill_s'])} s, "
-              f"marginal {mfmt(th['intfill_marginal_fills_per_s'])}/s, "
-              f"steady {mfmt(th['intfill_steady_fills_per_s'])}/s")
+    print(f"thrash, fills served from emu's TLB (plain {f(th['plain_s'])} s, its 1-pass set-up run "
+          f"{f(th['setup_plain_s'])} s; Python identity-hook floor (vtlb) "
+          f"{mfmt(th['vtlb_floor_fills_per_s'])}/s):")
+    print(f"  {'mode':<19} {'seconds':>8} {'set-up s':>8} {'fills':>9} {'hits':>9} "
+          f"{'fills/s':>8} {'marg/s':>8} {'steady/s':>8}")
+    for m in MODES:
+        print(f"  {MODE_LABEL[m]:<19} {f(th[f'{m}_s']):>8} {f(th[f'{m}_setup_s']):>8} "
+              f"{f(th[f'{m}_fills'], '{:,}'):>9} {f(th[f'{m}_hits'], '{:,}'):>9} "
+              f"{mfmt(th[f'{m}_fills_per_s']):>8} {mfmt(th[f'{m}_marginal_fills_per_s']):>8} "
+              f"{mfmt(th[f'{m}_steady_fills_per_s']):>8}")
 
-    def ok(b: bool) -> str:
-        return "MET" if b else "NOT MET"
+    print(f"{'targets (the verdict is on each unindented line; indented lines are context)':<75} "
+          f"{MODE_LABEL['emu']:<20} {MODE_LABEL['fast']}")
 
-    res = ", ".join(f"{wl} {r2(rows[wl]['ratio'])} {ok(v)}" for wl, v in t["resident_by_workload"].items())
-    print(f"targets: resident ratio >= {RESIDENT_TARGET} (vs plain above): {res}")
-    if arch != "ppc64":
-        res = ", ".join(f"{wl} {r2(rows[wl]['ratio_vs_vtlb'])} {ok(v)}"
-                        for wl, v in t["resident_vs_fastest_plain"].items())
-        print(f"         resident ratio vs the fastest plain setup (vtlb): {res}")
-    print(f"         fills >= 0.7 M/s served from emu's TLB: marginal {mfmt(th['marginal_fills_per_s'])} "
-          f"{ok(t['fills_ge_0.7M'])}, steady {mfmt(th['steady_fills_per_s'])} "
-          f"{ok(t['fills_steady_ge_0.7M'])}")
+    def line(label: str, vals: dict[str, tuple[Any, bool | None]], fmt: Callable[[Any], str] = r2,
+             verdict: bool = True) -> None:
+        cells = [f"{fmt(v)} {ok(b)}" if verdict else fmt(v) for v, b in (vals[m] for m in MODES)]
+        print(f"  {label:<73} {cells[0]:<20} {cells[1]}")
+
+    for wl in ("stream", "alu"):
+        line(f"{wl}: ratio >= {RESIDENT_TARGET} (whole run vs plain)",
+             {m: (rows[wl][f"ratio_{m}"], t[m]["resident_by_workload"][wl]) for m in MODES})
+        line("    steady state (0-iteration run subtracted from both sides) vs plain",
+             {m: (inv[wl][f"steady_ratio_{m}"], t[m]["resident_steady_state"][wl]) for m in MODES})
+        if not ppc:
+            line("    whole run vs the fastest plain setup (vtlb)",
+                 {m: (rows[wl][f"ratio_{m}_vs_vtlb"], t[m]["resident_vs_fastest_plain"][wl]) for m in MODES})
+            line("    steady state vs vtlb",
+                 {m: (inv[wl][f"steady_ratio_{m}_vs_vtlb"], None) for m in MODES}, verdict=False)
+    line("thrash: >= 0.7 M fills/s served from emu's TLB (marginal, whole run)",
+         {m: (th[f"{m}_marginal_fills_per_s"], t[m]["fills_ge_0.7M"]) for m in MODES}, mfmt)
+    line("    steady state (1-pass run subtracted from both sides)",
+         {m: (th[f"{m}_steady_fills_per_s"], t[m]["fills_steady_ge_0.7M"]) for m in MODES}, mfmt)
+
     print("count= investigation (seconds; ratio = plain count=0 / emu):")
     print(f"  {'workload':<8} {'plain c=0':>9} {'plain c=1e9':>11} {'vtlb c=0':>9} {'vtlb c=1e9':>10} "
-          f"{'hook ns/insn':>12} {'emu q=2e4':>9} {'emu q=1e9':>9} {'emu c=0*':>9} {'us/quantum':>10} "
-          f"{'ratios q2e4/q1e9/c0':>20}")
+          f"{'hook ns/i':>9} {'emu q=2e4':>9} {'emu q=1e9':>9} {'emu fast':>8} {'emu ns/i':>8} "
+          f"{'us/quantum':>10} {'ratios q2e4/q1e9/fast':>21}")
     for wl in ("stream", "alu"):
         d = inv[wl]
-        ratios = f"{r2(d['ratio_emu_q20000'])}/{r2(d['ratio_emu_q1e9'])}/{r2(d['ratio_emu_nocount'])}"
+        ratios = f"{r2(d['ratio_emu_q20000'])}/{r2(d['ratio_emu_q1e9'])}/{r2(d['ratio_emu_fast'])}"
         print(f"  {wl:<8} {f(d['plain_count0_s']):>9} {f(d['plain_count1e9_s']):>11} "
               f"{f(d['vtlb_count0_s']):>9} {f(d['vtlb_count1e9_s']):>10} "
-              f"{f(d['count_hook_ns_per_insn'], '{:.1f}'):>12} "
-              f"{f(d['emu_q20000_s']):>9} {f(d['emu_q1e9_s']):>9} {f(d['emu_nocount_s']):>9} "
-              f"{f(d['quantum_overhead_us'], '{:.1f}'):>10} {ratios:>20}")
+              f"{f(d['count_hook_ns_per_insn'], '{:.1f}'):>9} "
+              f"{f(d['emu_q20000_s']):>9} {f(d['emu_q1e9_s']):>9} {f(d['emu_fast_s']):>8} "
+              f"{f(d['emu_count_ns_per_insn'], '{:.1f}'):>8} "
+              f"{f(d['quantum_overhead_us'], '{:.1f}'):>10} {ratios:>21}")
     for wl in ("stream", "alu"):
         d = inv[wl]
         fx = d["fixed_s"]
-        print(f"  {wl} steady state (minus a 0-iteration run: plain {f(fx['plain'])}, emu {f(fx['emu'])}, "
-              f"emu c=0 {f(fx['emu_nocount'])} s): emu q=2e4 {r2(d['steady_ratio_emu_q20000'])}, "
-              f"emu c=0 {r2(d['steady_ratio_emu_nocount'])}; vs vtlb "
-              f"{r2(d['steady_ratio_emu_q20000_vs_vtlb'])} / {r2(d['steady_ratio_emu_nocount_vs_vtlb'])}")
+        print(f"  {wl} fixed cost (0-iteration run): plain {f(fx['plain'])}, emu {f(fx['emu'])}, "
+              f"fast {f(fx['fast'])} s")
     d = inv["alu"]
     print(f"  uc_struct.emu_counter summed over the plain run's emu_starts: count=1e9 -> "
-          f"{f(d['counter_with_count'], '{:,}')} (emu counted {d['instructions']:,}); count=0 -> "
-          f"{f(d['counter_with_count0'], '{:,}')}")
+          f"{f(d['counter_with_count'], '{:,}')} (emu counted {f(d['instructions'], '{:,}')}); "
+          f"count=0 -> {f(d['counter_with_count0'], '{:,}')}")
     if s["output_mismatches"]:
         print(f"  WARNING: guest output differs from emu's in {', '.join(s['output_mismatches'])}")
+
+
+def print_summary(results: dict[str, dict[str, Any]]) -> None:
+    """One line per arch and mode: each target's whole-run verdict, the steady state in brackets."""
+    print(f"\nsummary of the targets (whole run; steady state in brackets)\n"
+          f"{'arch':<7} {'mode':<19} {'stream ratio >= 0.8':<27} {'alu ratio >= 0.8':<27} "
+          f"{'thrash >= 0.7 M fills/s'}")
+    for a, s in results.items():
+        rows, inv, t = s["rows"], s["investigation"], s["targets"]
+        for m in MODES:
+            cells = [f"{r2(rows[wl][f'ratio_{m}'])} {ok(t[m]['resident_by_workload'][wl])} "
+                     f"({r2(inv[wl][f'steady_ratio_{m}'])} {ok(t[m]['resident_steady_state'][wl])})"
+                     for wl in ("stream", "alu")]
+            th = rows["thrash"]
+            cells.append(f"{mfmt(th[f'{m}_marginal_fills_per_s'])} {ok(t[m]['fills_ge_0.7M'])} "
+                         f"({mfmt(th[f'{m}_steady_fills_per_s'])} {ok(t[m]['fills_steady_ge_0.7M'])})")
+            print(f"{a:<7} {MODE_LABEL[m]:<19} {cells[0]:<27} {cells[1]:<27} {cells[2]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             failures[a] = f"summary failed: {type(err).__name__}: {err}"
     out = {
         "sizes": size_name, "size_params": sz, "repeat": args.repeat, "quantum": QUANTUM,
+        "modes": MODE_LABEL,
         "targets": {"resident_ratio": RESIDENT_TARGET, "fills_per_s": FILLS_TARGET},
         "unicorn": unicorn.__version__, "python": platform.python_version(),
         "workloads": {k: [v[0]] + v[1] for k, v in wls.items()},
@@ -437,13 +462,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failures else 0
     print(f"emu speed vs plain Unicorn {unicorn.__version__} ({size_name} sizes, median of {args.repeat}, "
           f"emu quantum {QUANTUM}, guest RAM {MEM})")
-    print("ratio = plain s / emu s (1.0 = as fast); r/vtlb = the same against the fastest plain setup; "
-          "marg/s = tlb_hits / (emu s - plain s)")
+    print("emu = exact instruction counts (emu_start(count=quantum)); fast = emu --fast "
+          "(count_instructions=False: emu_start(count=0), no counts, no preemption in user mode)")
+    print("ratio / r fast = plain s / emu s, fast s (1.0 = as fast); r/vtlb, rf/vtlb = the same against "
+          "the fastest plain setup;\nMIPS fst uses emu's exact count; fills, hits = emu's tlb_fills, "
+          "tlb_hits; marg/s = tlb_hits / (mode s - plain s)")
     for a in arches:
         if a in results:
             print_arch(a, results[a])
-    print("\n* emu c=0: emu with emu_start(count=0) patched in (what-if, emu/ unchanged); "
-          "its instruction count is not exact.")
+    if results:
+        print_summary(results)
     for a, why in skipped.items():
         print(f"skipped {a}: {why}")
     for k, why in failures.items():
