@@ -82,6 +82,10 @@ class Machine:
         self.quantum = quantum
         self.vcpus: list[VCPU] = []
         self.scheduler = Scheduler(policy, run_user=self._run_user)
+        sched = self.scheduler
+        self.kernel.current_task = lambda: sched.current
+        self.kernel.current_step = lambda: len(sched.picks)
+        sched.on_task_end.append(self.kernel.san.task_ended)
         self.processes: list[Process] = []
         page = self.kernel.page_size
         task_top = self.arch.task_size & ~(page - 1)

@@ -10,6 +10,7 @@ from emu.physmem import PhysMem
 from mm_core.config import Profile, get_profile
 from mm_core.page_alloc import PageAllocator, PageUse
 from mm_core.rcu import Rcu
+from mm_core.sanitizers import Sanitizers
 
 
 class Kernel:
@@ -30,6 +31,10 @@ class Kernel:
         self.rcu = Rcu()
         self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
         self.bugs: dict[str, object] = {}        # named bug injections (explorer self-tests)
+        self.san = Sanitizers(self)
+        # set by the machine: who is running, and the step number (for reports)
+        self.current_task: Callable[[], object] = lambda: None
+        self.current_step: Callable[[], int] = lambda: 0
         from mm_core.khugepaged import Khugepaged
         self.khugepaged = Khugepaged()
         self.stats: Counter[str] = Counter()

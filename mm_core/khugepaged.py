@@ -70,10 +70,14 @@ async def pmdp_collapse_flush(k, vma, addr: int, pmdp: int) -> int:
     return old
 
 
-async def _free_retracted(k, pt) -> None:
+def _detached(k, pt, by: str) -> None:
     pt.state = "detached"
+    pt.note(k, f"detached by {by}")
+
+
+async def _free_retracted(k, pt) -> None:
     k.stats["retracted_tables"] += 1
-    if k.profile.pte_free_defer:
+    if k.profile.pte_free_defer and "retract_without_pte_free_defer" not in k.bugs:
         await pte_free_defer(k, pt)
     else:
         pte_free(k, pt)
@@ -101,7 +105,7 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
             result, pmdp = await find_pmd_or_thp_or_none(k, mm, addr)
             if result is not Scan.SUCCEED:
                 continue
-            if k.bugs.get("retract_without_exit_test") is None and hpage_collapse_test_exit(mm):
+            if "retract_without_exit_test" not in k.bugs and hpage_collapse_test_exit(mm):
                 continue
             if vma.uffd_wp:
                 continue
@@ -122,6 +126,8 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
                 if not (vma.anon_vma or vma.uffd_wp):     # recheck under the locks
                     await pmdp_collapse_flush(k, vma, addr, pmdp)
                     done = k.ptdescs.get(pmdval.paddr)
+                    if done is not None:
+                        _detached(k, done, "retract_page_tables")
                 if ptl is not pml:
                     await traps.unlock(ptl)
             await traps.unlock(pml)
@@ -252,6 +258,7 @@ async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
         await traps.unlock(pml)
         pt = k.ptdescs.get(pmdval.paddr)
         if pt is not None:
+            _detached(k, pt, "collapse_pte_mapped_thp")
             await _free_retracted(k, pt)
         k.stats["collapse_pte_mapped_thp"] += 1
         return await _install(k, vma, haddr, pmdp, folio, install_pmd)

@@ -457,6 +457,7 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
                     child = k.ptdescs[ent.paddr]
                     await pgtable.clear_entry(k, entp, level)
                     child.state = "detached"
+                    child.note(k, "detached by free_pgtables")
                     pgtable.pte_free(k, child)
             addr = nxt
 

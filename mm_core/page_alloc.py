@@ -15,6 +15,7 @@ from emu.physmem import PhysMem
 
 MAX_ORDER = 10
 PAGE_POISON = 0x6B          # the byte a freed page is filled with (mm/debug: PAGE_POISON_PATTERN-like)
+QUARANTINE_BLOCKS = 32      # freed page-table blocks held back before reuse (KASAN quarantine)
 
 
 class PageUse(enum.Enum):
@@ -67,6 +68,9 @@ class PageAllocator:
         self.nr_free = 0
         self.allocated = {use: 0 for use in PageUse}   # pages (not blocks) handed out, by use
         self.freed = {use: 0 for use in PageUse}
+        # freed page-table blocks stay poisoned and unused for a while, so a stale access
+        # finds poison (and the sanitizer finds it freed) rather than a reused page
+        self.quarantine: list[tuple[int, int]] = []
         pfn, end = 1, physmem.nr_pages
         while pfn < end:
             order = MAX_ORDER
@@ -84,6 +88,10 @@ class PageAllocator:
                 self.free_area[o].discard(pfn)
                 break
         else:
+            if self.quarantine:                   # out of memory: give the quarantine back first
+                while self.quarantine:
+                    self._merge_free(*self.quarantine.pop(0))
+                return self.alloc_pages(order, use, owner, zero)
             raise OutOfMemory(f"out of guest memory allocating an order-{order} block")
         while o > order:                          # split, returning the upper halves
             o -= 1
@@ -105,7 +113,16 @@ class PageAllocator:
         self.freed[page.use] += page.nr_pages
         if self.poison:
             self.physmem.fill(page.paddr, PAGE_SIZE << page.order, PAGE_POISON)
-        pfn, order = page.pfn, page.order
+        if page.use is PageUse.PAGETABLE and QUARANTINE_BLOCKS:
+            self.quarantine.append((page.pfn, page.order))
+            if len(self.quarantine) <= QUARANTINE_BLOCKS:
+                return
+            self._merge_free(*self.quarantine.pop(0))
+            return
+        self._merge_free(page.pfn, page.order)
+
+    def _merge_free(self, pfn: int, order: int) -> None:
+        """Return a block to the free lists, merging with free buddies."""
         while order < MAX_ORDER:
             buddy = pfn ^ (1 << order)
             if buddy not in self.free_area[order]:

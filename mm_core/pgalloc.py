@@ -54,6 +54,14 @@ class PageTable:
     frag: FragPage | None = None
     ptl: SpinLock | None = None
     state: str = "live"               # live / detached / deferred / freed
+    history: list = field(default_factory=list)   # (what, who) for reports
+
+    def note(self, k, what: str) -> None:
+        cur = k.current_task()
+        self.history.append((what, f"{cur.name if cur is not None else 'api'} at step {k.current_step()}"))
+
+    def provenance(self) -> list[str]:
+        return [f"  page table {self.paddr:#x}: {what} by {who}" for what, who in self.history]
 
     def __repr__(self) -> str:
         return f"<pt L{self.level} {self.paddr:#x} {self.state}>"
@@ -74,6 +82,8 @@ def alloc_table(k, mm, level: int) -> PageTable:
         paddr = page.paddr
     k.physmem.fill_entries(paddr, arch.levels[level].entries, arch.empty_value(level))
     pt = PageTable(paddr, level, mm, page, frag)
+    pt.note(k, f"allocated ({k.arch.levels[level].name})")
+    k.san.table_allocated(paddr)
     if frag is not None:
         frag.tables.append(pt)
     if level >= arch.pmd_level:           # split ptlocks (pagetable_pte_ctor / _pmd_ctor)
@@ -138,6 +148,7 @@ async def pte_free_defer(k, pt: PageTable) -> None:
     _release(k, pt)
     k.stats["pt_tables_deferred"] += 1
     k.deferred.append(pt)
+    pt.note(k, "queued by pte_free_defer")
     if pt.frag is None:
         pt.state = "deferred"
         await sched_point("call_rcu", pt.paddr)
@@ -154,6 +165,8 @@ async def pte_free_defer(k, pt: PageTable) -> None:
 def _release(k, pt: PageTable) -> None:
     if pt.state in ("deferred", "freed"):
         raise RuntimeError(f"double free of page table {pt!r}")
+    if pt.state == "live" and pt.level > 0:
+        pt.note(k, "freed while still live (pmd not cleared)")
     k.ptdescs.pop(pt.paddr, None)
     k.stats["pt_tables_freed"] += 1
     pt.mm.pgtables_bytes -= k.arch.table_alloc_bytes(pt.level)   # mm_dec_nr_ptes()
@@ -162,6 +175,8 @@ def _release(k, pt: PageTable) -> None:
 def _free_table_memory(k, pt: PageTable, rcu: bool) -> None:
     """pte_free_now(): the page goes back to the allocator (poisoned)."""
     pt.state = "freed"
+    pt.note(k, "freed (RCU callback)" if rcu else "freed (pte_free)")
+    k.san.table_freed(pt)
     k.stats["pt_pages_freed"] += pt.page.nr_pages
     if rcu:
         k.stats["pt_pages_rcu_freed"] += pt.page.nr_pages
@@ -173,6 +188,8 @@ def _release_fragment(k, pt: PageTable, deferred: bool) -> None:
     fp.allocated.discard((pt.paddr - fp.page.paddr) // nbytes)
     if not deferred:
         pt.state = "freed"
+        pt.note(k, "freed (pte_free)")
+        k.san.table_freed(pt)
         k.physmem.fill(pt.paddr, nbytes, PAGE_POISON)
     if _frag_page_unused(fp):
         if fp in pt.mm.frag_pool:
@@ -188,6 +205,9 @@ def _frag_page_unused(fp: FragPage) -> bool:
 
 def _free_frag_page(k, fp: FragPage, rcu: bool) -> None:
     for t in fp.tables:
+        if t.state != "freed":
+            t.note(k, "freed with its page" + (" (RCU callback)" if rcu else ""))
+            k.san.table_freed(t)
         t.state = "freed"
     k.stats["pt_pages_freed"] += fp.page.nr_pages
     if rcu:

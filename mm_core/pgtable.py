@@ -33,6 +33,7 @@ def entry_addr(k, table: int, level: int, addr: int) -> int:
 async def get_entry(k, entp: int, level: int) -> Entry:
     """READ_ONCE(*pXdp) decoded (pmdp_get_lockless, ptep_get): a scheduling point."""
     await sched_point("pt_read", entp)
+    k.san.entry_access(entp, False)
     return k.arch.decode(level, k.physmem.read_entry(entp))
 
 
@@ -50,18 +51,22 @@ async def pmd_lock(k, mm, pmdp: int) -> SpinLock:
 
 async def get_raw(k, entp: int) -> int:
     await sched_point("pt_read", entp)
+    k.san.entry_access(entp, False)
     return k.physmem.read_entry(entp)
 
 
 async def set_entry(k, entp: int, level: int, entry: Entry) -> None:
     """set_pte_at() / set_pmd_at() / pXd_populate(): one entry write, a scheduling point."""
     await sched_point("pt_write", entp)
-    k.physmem.write_entry(entp, k.arch.encode(level, entry))
+    value = k.arch.encode(level, entry)
+    k.san.entry_access(entp, True, value)
+    k.physmem.write_entry(entp, value)
 
 
 async def clear_entry(k, entp: int, level: int) -> int:
     """ptep_get_and_clear(): returns the old raw value."""
     await sched_point("pt_write", entp)
+    k.san.entry_access(entp, True)
     old = k.physmem.read_entry(entp)
     k.physmem.write_entry(entp, k.arch.empty_value(level))
     return old
@@ -154,7 +159,8 @@ async def __pte_offset_map(k, pmdp: int, addr: int) -> tuple[int | None, Entry]:
         pmdval = k.arch.decode(pmd_level, await get_raw(k, pmdp))
         # pmd_page_vaddr() of whatever is there: a none pmd names pfn 0, a huge one its THP
         return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
-    if prof.rcu_pte_map:
+    rcu = prof.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs
+    if rcu:
         await rcu_read_lock(k)
     raw = await pmdp_get_lockless(k, pmdp)
     pmdval = k.arch.decode(pmd_level, raw)
@@ -164,7 +170,7 @@ async def __pte_offset_map(k, pmdp: int, addr: int) -> tuple[int | None, Entry]:
         k.printk(f"pmd_ERROR: bad pmd {pmdp:#x}({raw:#018x})")     # pmd_clear_bad()
         k.stats["pmd_clear_bad"] += 1
         await clear_entry(k, pmdp, pmd_level)
-    if prof.rcu_pte_map:
+    if rcu:
         await rcu_read_unlock(k)
     k.stats["pte_map_failed"] += 1
     return None, pmdval
@@ -177,7 +183,7 @@ async def pte_offset_map(k, pmdp: int, addr: int) -> int | None:
 
 async def pte_unmap(k, ptep: int) -> None:
     """pte_unmap(): end the map (and its RCU read section, 6.6+)."""
-    if k.profile.rcu_pte_map:
+    if k.profile.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs:
         await rcu_read_unlock(k)
 
 
@@ -219,6 +225,8 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
             return None
         ptl = pte_lockptr(k, mm, pmdval)
         await traps.lock(ptl)
+        if "pte_offset_map_lock_without_recheck" in k.bugs:
+            return ptep, ptl
         if pmd_same(k, pmdval, await pmdp_get_lockless(k, pmdp)):
             return ptep, ptl
         await pte_unmap_unlock(k, ptep, ptl)

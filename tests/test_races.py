@@ -18,6 +18,7 @@ from mm_core import filemap, huge_memory, khugepaged, memory, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.memory import CheckMMError
 from mm_core.page_alloc import PAGE_POISON, PageUse
+from mm_core.sanitizers import Finding
 
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 BASE = 0x40000000
@@ -100,9 +101,19 @@ def test_lockless_retraction_under_64_rules_is_a_use_after_free() -> None:
     sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
     sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=8))
     sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
-    sc.run("walker:pt_read#2 retract:* walker:*")
+    with pytest.raises(Finding) as found:
+        sc.run("walker:pt_read#2 retract:* walker:*")
+    assert found.value.signature == "UAF:pagetable:read:lockless_reader"
     assert table.state == "freed"
-    assert int.from_bytes(bytes([PAGE_POISON]) * 8, "little") in sc.results["walker"]   # read freed memory
+    report = found.value.report()
+    assert "detached by retract_page_tables" in report and "freed (pte_free) by retract" in report
+    # without the sanitizer the same schedule goes on reading poison
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
+    k.san.enabled = False
+    sc.task("walker", lockless_reader(k, mm, pmdp, addr, reads=8))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("walker:pt_read#2 retract:* walker:*")
+    assert int.from_bytes(bytes([PAGE_POISON]) * 8, "little") in sc.results["walker"]
 
 
 def test_64_rules_with_mmap_lock_retraction_skip_a_table_in_use() -> None:
@@ -133,13 +144,19 @@ def test_writer_spinning_on_ptl_retries_and_gets_no_table(arch: str) -> None:
     assert_clean_teardown(sc, m, k, mm, inode)
 
 
-def test_64_rules_install_a_pte_into_the_detached_table() -> None:
+@pytest.mark.parametrize("sanitize", [True, False])
+def test_64_rules_install_a_pte_into_the_detached_table(sanitize: bool) -> None:
     sc, m, k, mm, inode, addr, pmdp, table = collapsed_world("x86_64", "6.4", **LOCKLESS_64)
+    k.san.enabled = sanitize
     page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
     page.refcount = 0
     sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
     sc.task("writer", pte_installer(k, mm, pmdp, addr, page))
-    sc.run("retract:lock#3 writer:* retract:* writer:*")
+    if sanitize:
+        with pytest.raises(Finding, match="KASAN: use-after-free in pte_installer"):   # freed at once
+            sc.run("retract:lock#3 writer:* retract:* writer:*")
+        return
+    sc.run("retract:lock#3 writer:* retract:* writer:*")      # let it happen, to see the damage
     assert sc.results["writer"] == "installed"        # into a table that is no longer linked
     assert table.state == "freed" and m.translate(mm, addr) is None
     with pytest.raises(CheckMMError, match="Bad rss-counter state"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from emu.sched.strategy import Strategy, make_strategy
 from emu.sched.task import Task, TaskState
 
 POLICIES = ("round-robin", "timed")
@@ -21,11 +22,16 @@ class Deadlock(Exception):
 
 
 class Scheduler:
-    def __init__(self, policy: str = "round-robin",
+    def __init__(self, policy: str | Strategy = "round-robin",
                  run_user: Callable[[Any, int], Any] | None = None) -> None:
-        if policy not in POLICIES:
+        if isinstance(policy, str) and policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
-        self.policy = policy
+        self.strategy = make_strategy(policy) if isinstance(policy, str) else policy
+        self.policy = self.strategy.name
+        self.picks: list[int] = []          # the tid run at every step: the schedule
+        self.observers: list[Callable[[Task, tuple], None]] = []    # sanitizers, digests
+        self.on_task_end: list[Callable[[Task], None]] = []
+        self.on_task_end: list[Callable[[Task], None]] = []
         self.tasks: list[Task] = []
         self.run_user = run_user
         self.current: Task | None = None
@@ -45,15 +51,7 @@ class Scheduler:
         return [t for t in self.tasks if t.state is TaskState.RUNNABLE]
 
     def _pick(self, runnable: list[Task]) -> Task:
-        if self.policy == "timed":
-            return min(runnable, key=lambda t: (t.clock, t.tid))
-        n = len(self.tasks)
-        for i in range(n):
-            t = self.tasks[(self._rr + i) % n]
-            if t.state is TaskState.RUNNABLE:
-                self._rr = (self._rr + i + 1) % n
-                return t
-        raise AssertionError("no runnable task")
+        return self.strategy.pick(runnable, self.current, len(self.picks))
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, stop: Callable[[], bool] | None = None) -> None:
@@ -92,8 +90,11 @@ class Scheduler:
         """One step of ``task``: carry out the trap it is parked at (the table access, the
         lock acquisition, the guest quantum, ...), then resume it until its next trap,
         where it parks again. A task that blocks on a lock stays parked."""
+        self.picks.append(task.tid)
         if task.pending is not None:
             event, task.pending = task.pending, None
+            for observe in self.observers:
+                observe(task, event)
             self.handle(task, event)
             if task.state is not TaskState.RUNNABLE:
                 return
@@ -106,6 +107,8 @@ class Scheduler:
                 event = task.coro.send(value)
         except StopIteration as done:
             task.state, task.result = TaskState.DONE, done.value
+            for hook in self.on_task_end:
+                hook(task)
             return
         except BaseException as err:  # a bug or a sanitizer report inside the task
             task.state, task.error = TaskState.DONE, err

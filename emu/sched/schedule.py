@@ -1,0 +1,114 @@
+"""Schedules: the pick sequence of one run, as data a human can paste.
+
+A schedule names the scenario and its settings and lists, run-length encoded, which
+task ran at each step (task names, so it survives small code changes better than
+indices). Two forms, both round-trip:
+
+  printable  ``emu1.`` + base64url(msgpack)     e.g. emu1.haNzY2W...
+  text       ``walker:7 retract:12 walker:*``   (the form ``Scenario.run`` takes)
+
+``digest`` is a hash of the event sequence (task, trap kind, resource), used by replay to
+say exactly where a run stopped following the recorded one.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PREFIX = "emu1."
+
+
+class ScheduleFormatError(ValueError):
+    """Not a schedule emu can read."""
+
+
+@dataclass
+class Schedule:
+    scenario: str
+    kernel: str = "6.6"
+    arch: str = "x86_64"
+    inject: str = ""
+    tasks: list[str] = field(default_factory=list)       # task names, index = position
+    runs: list[tuple[int, int]] = field(default_factory=list)   # (task index, steps)
+    digest: str = ""
+    strategy: str = ""
+    seed: int = 0
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def from_picks(cls, picks: list[str], **meta: Any) -> Schedule:
+        tasks: list[str] = []
+        runs: list[tuple[int, int]] = []
+        for name in picks:
+            if name not in tasks:
+                tasks.append(name)
+            i = tasks.index(name)
+            if runs and runs[-1][0] == i:
+                runs[-1] = (i, runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+        return cls(tasks=tasks, runs=runs, **meta)
+
+    def picks(self) -> list[str]:
+        return [self.tasks[i] for i, n in self.runs for _ in range(n)]
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    @property
+    def preemptions(self) -> int:
+        """Switches between tasks (an upper bound on preemptions: some switches happen
+        because the running task blocked or finished)."""
+        return max(0, len(self.runs) - 1)
+
+    # -- forms ---------------------------------------------------------------------------
+    def text(self) -> str:
+        return " ".join(f"{self.tasks[i]}:{n}" for i, n in self.runs)
+
+    def encode(self) -> str:
+        body = msgpack.packb([1, self.scenario, self.kernel, self.arch, self.inject, self.tasks,
+                              [x for run in self.runs for x in run], self.digest, self.strategy,
+                              self.seed])
+        return PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Schedule:
+        text = text.strip()
+        if not text.startswith(PREFIX):
+            raise ScheduleFormatError(f"a schedule starts with {PREFIX!r} (got {text[:12]!r})")
+        b64 = text[len(PREFIX):]
+        try:
+            body = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+            fields = msgpack.unpackb(body)
+        except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError,
+                msgpack.StackError) as err:
+            raise ScheduleFormatError(f"corrupt schedule: {err}") from None
+        if not isinstance(fields, list) or len(fields) != 10 or fields[0] != 1:
+            raise ScheduleFormatError("corrupt schedule: unknown layout or version")
+        _, scenario, kernel, arch, inject, tasks, flat, digest, strategy, seed = fields
+        if len(flat) % 2 or any(not 0 <= i < len(tasks) for i in flat[0::2]):
+            raise ScheduleFormatError("corrupt schedule: bad run list")
+        runs = list(zip(flat[0::2], flat[1::2], strict=True))
+        return cls(scenario, kernel, arch, inject, list(tasks), runs, digest, strategy, seed)
+
+
+class Digest:
+    """Hash of the event sequence: (task name, trap kind, what it acted on)."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.blake2b(digest_size=8)
+        self.events = 0
+
+    def observe(self, task: Any, event: tuple) -> None:
+        self.events += 1
+        what = event[1] if event[0] == "point" else getattr(event[1], "name", "") if len(event) > 1 else ""
+        self.h.update(f"{task.name}|{event[0]}|{what}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()

@@ -1,0 +1,118 @@
+"""Sanitizers: kernel-style reports for the bugs the v6.5/v6.6 rules prevent.
+
+  KASAN-like   page-table lifetime: a read or write of an entry of a table that was
+               freed (its page is poisoned and held in a quarantine), with alloc /
+               detach / free provenance
+  LOSTPTE      a present PTE written into a table already detached from its pmd
+  RCU          rcu_read_lock imbalance when a task ends
+  check_mm     counters at teardown (mm_core.memory.check_mm)
+
+A finding raises ``Finding`` inside the task that did the access, which ends the run; the
+explorer turns it into a report with the schedule that led there.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+_HELPERS = {"pgtable.py", "sanitizers.py", "pgalloc.py", "traps.py", "scenario.py", "loop.py",
+            "script.py"}
+
+
+@dataclass
+class Finding(Exception):
+    sanitizer: str                 # "KASAN", "LOSTPTE", "RCU", "CHECK_MM", "DEADLOCK", ...
+    title: str                     # one line, kernel style
+    signature: str                 # what dedups findings: sanitizer + site
+    details: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.title
+
+    def report(self) -> str:
+        bar = "=" * 66
+        return "\n".join([bar, f"BUG: {self.title}", *self.details, bar])
+
+
+def call_site() -> str:
+    """The innermost kernel function outside the table helpers (deterministic)."""
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename.rsplit("/", 1)[-1]
+        if name not in _HELPERS and not f.f_code.co_name.startswith("<"):
+            return f.f_code.co_name
+        f = f.f_back
+    return "?"
+
+
+class Sanitizers:
+    """Per-kernel sanitizer state; mm_core calls the hooks below."""
+
+    def __init__(self, k) -> None:
+        self.k = k
+        self.enabled = True
+        self.dead: dict[int, object] = {}        # table paddr -> freed PageTable (quarantined)
+
+    # -- hooks --------------------------------------------------------------------------
+    def entry_access(self, entp: int, write: bool, value: int | None = None) -> None:
+        """Every page-table entry read or write by kernel code."""
+        if not self.enabled:
+            return
+        pt = self._table_of(entp)
+        if pt is None:
+            return
+        if pt.state == "freed":
+            self._uaf(pt, entp, write)
+        if write and value is not None and pt.state in ("detached", "deferred"):
+            arch = self.k.arch
+            if pt.level == arch.pte_level and arch.decode(pt.level, value).present:
+                self._lost_pte(pt, entp)
+
+    def table_freed(self, pt) -> None:
+        self.dead[pt.paddr] = pt
+
+    def table_allocated(self, paddr: int) -> None:
+        self.dead.pop(paddr, None)
+
+    def task_ended(self, task) -> None:
+        depth = self.k.rcu.readers.get(task, 0)
+        if self.enabled and depth:
+            raise Finding("RCU", f"RCU: {task.name} ended inside {depth} rcu_read_lock() section(s)",
+                          f"RCU:imbalance:{task.name}", ["  a pte_offset_map() without its pte_unmap()"])
+
+    # -- reports ------------------------------------------------------------------------
+    def _table_of(self, entp: int):
+        k = self.k
+        for level, lv in enumerate(k.arch.levels):
+            base = entp & ~(lv.table_bytes - 1)
+            for pt in (k.ptdescs.get(base), self.dead.get(base)):
+                if pt is not None and pt.level == level:
+                    return pt
+        for pt in k.deferred:
+            if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
+                return pt
+        return None
+
+    def _where(self) -> str:
+        cur = self.k.current_task()
+        return f"{cur.name} (step {self.k.current_step()})" if cur is not None else "the API caller"
+
+    def _uaf(self, pt, entp: int, write: bool) -> None:
+        site = call_site()
+        raise Finding(
+            "KASAN",
+            f"KASAN: use-after-free in {site}",
+            f"UAF:pagetable:{'write' if write else 'read'}:{site}",
+            [f"{'Write' if write else 'Read'} of size 8 at addr {entp:#x} (page table {pt.paddr:#x}, "
+             f"level {self.k.arch.levels[pt.level].name}) by {self._where()}",
+             *pt.provenance()])
+
+    def _lost_pte(self, pt, entp: int) -> None:
+        site = call_site()
+        raise Finding(
+            "LOSTPTE",
+            f"LOSTPTE: pte installed into a detached page table in {site}",
+            f"LOSTPTE:{site}",
+            [f"Write of a present pte at {entp:#x} (table {pt.paddr:#x}, {pt.state}) by {self._where()}",
+             "  the table's pmd was cleared: the pte is invisible to the MMU and rmap, and its page "
+             "leaks", *pt.provenance()])
