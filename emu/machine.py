@@ -61,7 +61,7 @@ class Machine:
     """
 
     def __init__(self, arch: str = "x86_64", mem: str | int = "256M", cpus: int = 1,
-                 kernel: str | Profile = "6.6", policy: str = "round-robin", quantum: int = DEFAULT_QUANTUM,
+                 kernel: str | Profile = "6.6", policy: Any = "round-robin", quantum: int = DEFAULT_QUANTUM,
                  walks: str = "inline", count_instructions: bool = True, **arch_options: Any) -> None:
         if cpus < 1 or cpus > 64:
             raise ValueError("cpus must be between 1 and 64")

@@ -19,7 +19,9 @@ from typing import Any
 
 from emu.machine import Machine
 from emu.sched import traps
+from emu.sched.loop import close_coroutine
 from emu.sched.script import run_script
+from emu.sched.strategy import Strategy
 from emu.sched.task import Task, TaskState
 from mm_core import rcu
 from mm_core.config import Profile, get_profile
@@ -27,11 +29,11 @@ from mm_core.config import Profile, get_profile
 
 class Scenario:
     def __init__(self, arch: str = "x86_64", kernel: str | Profile = "6.6", mem: str = "64M",
-                 **profile_changes: Any) -> None:
+                 strategy: Strategy | str = "round-robin", **profile_changes: Any) -> None:
         profile = kernel if isinstance(kernel, Profile) else get_profile(kernel)
         if profile_changes:
             profile = dataclasses.replace(profile, name=f"{profile.name}+custom", **profile_changes)
-        self.machine = Machine(arch=arch, mem=mem, kernel=profile)
+        self.machine = Machine(arch=arch, mem=mem, kernel=profile, policy=strategy)
         self.kernel = self.machine.kernel
         self.sched = self.machine.scheduler
         self.trace: list[tuple[str, tuple]] = []
@@ -45,14 +47,17 @@ class Scenario:
     async def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Any:
         # forward every trap, recording it: the coroutine protocol by hand
         value: Any = None
-        while True:
-            try:
-                event = coro.send(value)
-            except StopIteration as done:
-                self.results[name] = done.value
-                return done.value
-            self.trace.append((name, event))
-            value = await traps.forward(event)
+        try:
+            while True:
+                try:
+                    event = coro.send(value)
+                except StopIteration as done:
+                    self.results[name] = done.value
+                    return done.value
+                self.trace.append((name, event))
+                value = await traps.forward(event)
+        finally:
+            close_coroutine(coro)
 
     def run(self, schedule: str = "", finish: bool = True) -> None:
         """Follow ``schedule``; then, with ``finish``, run what is left round-robin."""
@@ -60,6 +65,13 @@ class Scenario:
             run_script(self.sched, schedule)
         if finish:
             self.sched.run()
+
+    def close(self) -> None:
+        """Drop every coroutine that did not finish (a run stopped by a finding)."""
+        for t in self.sched.tasks:
+            if t.state is not TaskState.DONE:
+                close_coroutine(t.coro)
+        self.machine.ram.close()
 
     def state(self, name: str) -> TaskState:
         return next(t.state for t in self.sched.tasks if t.name == name)

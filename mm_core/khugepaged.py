@@ -204,7 +204,6 @@ async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
     table (pte_free_defer) and, with install_pmd, map the folio with one PMD.
     Needs mmap_read_lock only; ptl is held from clearing the PTEs until the pmd is gone
     (the fix for UFFDIO_COPY inserting a pte meanwhile)."""
-    from mm_core.memory import _put_mapped_page
     arch = k.arch
     size = huge_memory.hpage_pmd_size(k)
     haddr = addr & ~(size - 1)
@@ -234,28 +233,27 @@ async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
         await pgtable.pte_unmap_unlock(k, ptep, ptl)
         if not ok:
             return Scan.FAIL
-        # step 2 + 4: pml, then ptl, held until the pmd is cleared
-        pml = await pgtable.pmd_lockptr(k, mm, pmdp)
-        await traps.lock(pml)
-        locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
-        if locked is None:
-            await traps.unlock(pml)
-            return Scan.FAIL
-        ptep, ptl = locked
-        if not await _ptes_map_folio(k, ptep, folio):
+        if "collapse_pte_mapped_thp_without_uffd_fix" in k.bugs:
+            pmdval = await _clear_then_relock(k, vma, haddr, pmdp, folio)
+            if pmdval is None:
+                return Scan.FAIL
+        else:
+            # step 2 + 4: pml, then ptl, held until the pmd is cleared
+            pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+            await traps.lock(pml)
+            locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
+            if locked is None:
+                await traps.unlock(pml)
+                return Scan.FAIL
+            ptep, ptl = locked
+            if not await _ptes_map_folio(k, ptep, folio):
+                await pgtable.pte_unmap_unlock(k, ptep, ptl)
+                await traps.unlock(pml)
+                return Scan.FAIL
+            await _clear_folio_ptes(k, mm, ptep, folio)
+            pmdval = arch.decode(arch.pmd_level, await pmdp_collapse_flush(k, vma, haddr, pmdp))
             await pgtable.pte_unmap_unlock(k, ptep, ptl)
             await traps.unlock(pml)
-            return Scan.FAIL
-        cleared = 0
-        for i in range(huge_memory.hpage_pmd_nr(k)):
-            entp = ptep + i * 8
-            if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is Kind.LEAF:
-                await pgtable.clear_entry(k, entp, arch.pte_level)
-                _put_mapped_page(k, mm, folio)
-                cleared += 1
-        pmdval = arch.decode(arch.pmd_level, await pmdp_collapse_flush(k, vma, haddr, pmdp))
-        await pgtable.pte_unmap_unlock(k, ptep, ptl)
-        await traps.unlock(pml)
         pt = k.ptdescs.get(pmdval.paddr)
         if pt is not None:
             _detached(k, pt, "collapse_pte_mapped_thp")
@@ -264,6 +262,45 @@ async def collapse_pte_mapped_thp(k, mm, addr: int, install_pmd: bool) -> Scan:
         return await _install(k, vma, haddr, pmdp, folio, install_pmd)
     finally:
         shmem.folio_unlock(folio)
+
+
+async def _clear_folio_ptes(k, mm, ptep: int, folio) -> int:
+    """Step 2: clear the PTEs that map the folio, dropping their rmap and counters."""
+    from mm_core.memory import _put_mapped_page
+    arch, cleared = k.arch, 0
+    for i in range(huge_memory.hpage_pmd_nr(k)):
+        entp = ptep + i * 8
+        if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is Kind.LEAF:
+            await pgtable.clear_entry(k, entp, arch.pte_level)
+            _put_mapped_page(k, mm, folio)
+            cleared += 1
+    return cleared
+
+
+async def _clear_then_relock(k, vma, haddr: int, pmdp: int, folio):
+    """The 6.6-rc code before a98460494b16 (bug injection): empty the table under the ptl,
+    drop it, and only then take pml + ptl to clear the pmd; UFFDIO_COPY can put an anon
+    pte into the emptied table in between."""
+    mm, arch = vma.mm, k.arch
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
+    if locked is None:
+        return None
+    ptep, ptl = locked
+    if not await _ptes_map_folio(k, ptep, folio):
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        return None
+    await _clear_folio_ptes(k, mm, ptep, folio)
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    pml = await pgtable.pmd_lock(k, mm, pmdp)
+    pmdval = arch.decode(arch.pmd_level, await pgtable.get_raw(k, pmdp))
+    ptl = pgtable.pte_lockptr(k, mm, pmdval)
+    if ptl is not pml:
+        await traps.lock(ptl)
+    await pmdp_collapse_flush(k, vma, haddr, pmdp)
+    if ptl is not pml:
+        await traps.unlock(ptl)
+    await traps.unlock(pml)
+    return pmdval
 
 
 async def _ptes_map_folio(k, ptep: int, folio) -> bool:

@@ -165,6 +165,7 @@ async def pte_free_defer(k, pt: PageTable) -> None:
 def _release(k, pt: PageTable) -> None:
     if pt.state in ("deferred", "freed"):
         raise RuntimeError(f"double free of page table {pt!r}")
+    k.san.table_released(pt)
     if pt.state == "live" and pt.level > 0:
         pt.note(k, "freed while still live (pmd not cleared)")
     k.ptdescs.pop(pt.paddr, None)

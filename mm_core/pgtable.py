@@ -50,9 +50,22 @@ async def pmd_lock(k, mm, pmdp: int) -> SpinLock:
 
 
 async def get_raw(k, entp: int) -> int:
-    await sched_point("pt_read", entp)
+    """READ_ONCE(*ptep). A read under the table's own ptl is not a scheduling point: every
+    writer of a PTE holds that ptl, so no interleaving can change what it sees (a partial
+    order reduction that keeps long locked loops from swamping the explorer)."""
+    if not _under_own_ptl(k, entp):
+        await sched_point("pt_read", entp)
     k.san.entry_access(entp, False)
     return k.physmem.read_entry(entp)
+
+
+def _under_own_ptl(k, entp: int) -> bool:
+    task = k.current_task()
+    if task is None or not task.held:
+        return False
+    lv = k.arch.levels[k.arch.pte_level]
+    pt = k.ptdescs.get(entp & ~(lv.table_bytes - 1))
+    return pt is not None and pt.level == k.arch.pte_level and pt.ptl in task.held
 
 
 async def set_entry(k, entp: int, level: int, entry: Entry) -> None:

@@ -68,6 +68,24 @@ class Sanitizers:
             if pt.level == arch.pte_level and arch.decode(pt.level, value).present:
                 self._lost_pte(pt, entp)
 
+    def table_released(self, pt) -> None:
+        """A PTE table on its way out (pte_free / pte_free_defer) must be empty: a present
+        entry left in it is a page mapped where no walker or rmap will find it."""
+        k = self.k
+        if not self.enabled or pt.level != k.arch.pte_level:
+            return
+        lv = k.arch.levels[pt.level]
+        for i in range(lv.entries):
+            value = k.physmem.read_entry(pt.paddr + i * 8)
+            if k.arch.decode(pt.level, value).present:
+                site = call_site()
+                raise Finding(
+                    "PTFREE", f"BUG: page table freed with a present pte in {site}",
+                    f"PTFREE:{site}",
+                    [f"entry {i} of table {pt.paddr:#x} = {value:#018x} still maps a page "
+                     f"({self._where()})", "  the page is leaked: expect Bad rss-counter state at exit",
+                     *pt.provenance()])
+
     def table_freed(self, pt) -> None:
         self.dead[pt.paddr] = pt
 

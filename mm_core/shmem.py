@@ -95,12 +95,28 @@ def delete_from_page_cache(k, folio: Page) -> None:
         k.alloc.free_pages(folio)
 
 
+class _FolioLock:
+    """PG_locked as a scheduler resource: a waiter sleeps (is not runnable) until the bit
+    is clear, then takes it."""
+
+    __slots__ = ("folio",)
+
+    def __init__(self, folio: Page) -> None:
+        self.folio = folio
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        if self.folio.locked:
+            return False
+        self.folio.locked = True
+        return True
+
+    def __repr__(self) -> str:
+        return f"<folio lock pfn {self.folio.pfn:#x}>"
+
+
 async def folio_lock(k, folio: Page) -> None:
     """folio_lock(): sleep until PG_locked is clear, then take it."""
-    while folio.locked:
-        await traps.sched_point("folio_lock_wait", folio)
-    folio.locked = True
-    await traps.sched_point("folio_lock", folio)
+    await traps.wait(_FolioLock(folio))
 
 
 def folio_unlock(folio: Page) -> None:

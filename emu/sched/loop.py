@@ -21,6 +21,10 @@ class Deadlock(Exception):
     """Every live task is blocked."""
 
 
+class Livelock(Exception):
+    """The run does not end: some retry loop never makes progress."""
+
+
 class Scheduler:
     def __init__(self, policy: str | Strategy = "round-robin",
                  run_user: Callable[[Any, int], Any] | None = None) -> None:
@@ -37,6 +41,7 @@ class Scheduler:
         self.current: Task | None = None
         self._rr = 0
         self.switches = 0
+        self.preemptions = 0        # switches away from a task that could have gone on
         self.traps = 0
         self._time_floor = 0
 
@@ -54,11 +59,15 @@ class Scheduler:
         return self.strategy.pick(runnable, self.current, len(self.picks))
 
     # -- the loop --------------------------------------------------------------------------
-    def run(self, stop: Callable[[], bool] | None = None) -> None:
-        """Run until every task is done (or ``stop()`` says so)."""
+    def run(self, stop: Callable[[], bool] | None = None, max_steps: int | None = None) -> None:
+        """Run until every task is done (or ``stop()`` says so). More than ``max_steps``
+        steps is a livelock."""
         while True:
             if stop is not None and stop():
                 return
+            if max_steps is not None and len(self.picks) > max_steps:
+                raise Livelock(f"no end after {max_steps} steps: " + ", ".join(
+                    f"{t.name} ({t.steps} traps)" for t in self.tasks if t.state is not TaskState.DONE))
             if all(t.daemon for t in self.tasks if t.state is not TaskState.DONE):
                 # only kernel threads are left: let them finish what they started, so
                 # no lock, folio lock or RCU section is left half-way
@@ -83,6 +92,8 @@ class Scheduler:
             task = self._pick(runnable)
             if task is not self.current:
                 self.switches += 1
+                if self.current is not None and self.current in runnable:
+                    self.preemptions += 1
             self.current = task
             self.step(task)
 
@@ -207,6 +218,17 @@ class SyncTask:
 
     def __repr__(self) -> str:
         return "<api caller>"
+
+
+def close_coroutine(coro: Coroutine[Any, Any, Any]) -> None:
+    """Abandon a task that will never run again (a run stopped by a finding). Each await
+    in a ``finally:`` (an unlock) stops one close(); keep closing until it is done."""
+    for _ in range(64):
+        try:
+            coro.close()
+            return
+        except RuntimeError:
+            continue
 
 
 API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over

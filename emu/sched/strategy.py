@@ -142,8 +142,9 @@ class Replay(Strategy):
         return current if current in runnable else runnable[0]
 
 
-def make_strategy(name: str, seed: int = 0) -> Strategy:
-    """A strategy by name: round-robin, timed, random, random:STICKINESS, pct, pct:D."""
+def make_strategy(name: str, seed: int = 0, expected_steps: int = 200) -> Strategy:
+    """A strategy by name: round-robin, timed, random, random:STICKINESS, pct, pct:D.
+    ``expected_steps`` is PCT's k: how long runs are (learned from earlier runs)."""
     base, _, arg = name.partition(":")
     if base == "round-robin":
         return RoundRobin()
@@ -152,5 +153,5 @@ def make_strategy(name: str, seed: int = 0) -> Strategy:
     if base == "random":
         return RandomWalk(seed, float(arg) if arg else 0.5)
     if base == "pct":
-        return PCT(seed, int(arg) if arg else 2)
+        return PCT(seed, int(arg) if arg else 2, expected_steps)
     raise ValueError(f"unknown strategy {name!r}: round-robin, timed, random[:STICKINESS], pct[:DEPTH]")

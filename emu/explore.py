@@ -1,0 +1,291 @@
+"""The race explorer: run a scenario under many schedules, report the first finding with a
+minimal, replayable schedule.
+
+    outcome = execute(spec, strategy=PCT(seed, 2))        # one schedule, fresh world
+    result = explore(spec, strategy="portfolio", budget=1000, seed=1)
+    small = shrink(spec, result.finding_outcome)           # fewest switches, same signature
+    certify(spec, small)                                    # bounded DFS below its count
+
+A run is a pure function of (scenario, arch, kernel profile, injected bugs, schedule), so
+every finding comes with a schedule that reproduces it: ``emu replay emu1...``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from emu.scenario import Scenario
+from emu.scenarios import BUGS, PROFILE_BUGS, SCENARIOS, ScenarioSpec, World
+from emu.sched.loop import Deadlock, Livelock
+from emu.sched.schedule import Digest, Schedule
+from emu.sched.strategy import PCT, RandomWalk, Replay, Strategy, make_strategy
+from emu.sched.task import TaskState
+from mm_core import memory
+from mm_core.sanitizers import Finding
+
+MAX_STEPS = 20_000
+PORTFOLIO = ("pct:2", "pct:3", "random:0.5", "pct:1", "random:0.9")
+
+
+class ExploreError(ValueError):
+    """Bad usage: unknown scenario or bug, impossible combination."""
+
+
+@dataclass
+class Outcome:
+    finding: Finding | None
+    schedule: Schedule
+    preemptions: int
+    steps: int
+    digest: str
+
+
+@dataclass
+class ExploreResult:
+    scenario: str
+    schedules: int = 0
+    seconds: float = 0.0
+    outcome: Outcome | None = None          # the first finding (shrunk if asked)
+    original: Outcome | None = None         # as found, before shrinking
+    found_by: str = ""
+    found_after: int = 0
+    certified: bool | None = None           # minimal preemption count proven by DFS
+    certify_runs: int = 0
+    findings: list[dict] = field(default_factory=list)
+
+
+def get_spec(name: str) -> ScenarioSpec:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise ExploreError(f"unknown scenario {name!r}; `emu explore --list` shows them") from None
+
+
+def check_bugs(inject: list[str]) -> None:
+    for bug in inject:
+        if bug not in BUGS:
+            raise ExploreError(f"unknown bug {bug!r}; `emu explore --list` shows the injectable bugs")
+
+
+# -- one schedule ----------------------------------------------------------------------------
+
+def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+            inject: tuple[str, ...] = (), max_steps: int = MAX_STEPS) -> Outcome:
+    """Build the world fresh, run its tasks under ``strategy``, tear down, audit."""
+    changes: dict = {}
+    for bug in inject:
+        changes.update(PROFILE_BUGS.get(bug, {}))
+    sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, **changes)
+    k = sc.kernel
+    for bug in inject:
+        k.bugs[bug] = True
+    digest = Digest()
+    finding: Finding | None = None
+    try:
+        world = spec.build(sc)
+        sc.sched.observers.append(digest.observe)
+        try:
+            sc.sched.run(max_steps=max_steps)
+            _teardown(sc, world)
+        except Finding as f:
+            finding = f
+        except Deadlock as err:
+            finding = Finding("DEADLOCK", f"DEADLOCK: {err}", "DEADLOCK:" + str(err).split(":")[1].strip()
+                              .split(" ")[0])
+        except Livelock as err:
+            finding = Finding("LIVELOCK", f"LIVELOCK: {err}", "LIVELOCK")
+        except memory.CheckMMError as err:
+            first = str(err).split(";")[0]
+            finding = Finding("CHECK_MM", first, "CHECK_MM:" + first.split(" mm:")[0].replace("BUG: ", ""),
+                              [f"  {line.strip()}" for line in str(err).split(";")])
+        names = {t.tid: t.name for t in sc.sched.tasks}
+        picks = [names[tid] for tid in sc.sched.picks]
+        schedule = Schedule.from_picks(picks, scenario=spec.name, kernel=kernel, arch=arch,
+                                       inject=",".join(inject), digest=digest.hexdigest(),
+                                       strategy=strategy.describe())
+        return Outcome(finding, schedule, sc.sched.preemptions, len(picks), digest.hexdigest())
+    finally:
+        sc.close()
+
+
+def _teardown(sc: Scenario, world: World) -> None:
+    """Every mm exits (check_mm), every file closes, RCU callbacks run, nothing is left."""
+    m, k = sc.machine, sc.kernel
+    for t in sc.sched.tasks:
+        if t.state is not TaskState.DONE and not t.daemon:
+            raise Finding("DEADLOCK", f"DEADLOCK: {t.name} never finished", f"STUCK:{t.name}")
+    for mm in world.mms:
+        m.exit_mm(mm)
+    for f in world.files:
+        m.close_file(f)
+    k.rcu.barrier_now()
+    left = list(k.ptdescs.values()) + k.deferred_tables()
+    if left:
+        raise Finding("LEAK", f"LEAK: {len(left)} page table(s) left after exit and rcu_barrier",
+                      "LEAK:pagetable", [f"  {pt!r}" for pt in left[:4]])
+    pages = set(k.alloc.pages) - {k.zero_page.pfn}
+    if pages:
+        raise Finding("LEAK", f"LEAK: {len(pages)} page block(s) left after exit", "LEAK:page",
+                      [f"  pfn {pfn:#x} ({k.alloc.pages[pfn].use.value})" for pfn in sorted(pages)[:4]])
+
+
+def replay(schedule: Schedule, lenient: bool = False) -> Outcome:
+    """Run ``schedule`` again (strict: a divergence raises)."""
+    spec = get_spec(schedule.scenario)
+    inject = tuple(b for b in schedule.inject.split(",") if b)
+    check_bugs(list(inject))
+    tids = _tids_of(spec, schedule, inject)
+    return execute(spec, Replay([tids[n] for n in schedule.picks()], lenient), schedule.arch,
+                   schedule.kernel, inject)
+
+
+def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) -> dict[str, int]:
+    """Task name -> tid in a fresh build of the scenario (tids follow spawn order)."""
+    sc = Scenario(arch=schedule.arch, kernel=schedule.kernel, mem=spec.mem)
+    try:
+        spec.build(sc)
+        return {t.name: t.tid for t in sc.sched.tasks}
+    finally:
+        sc.close()
+
+
+# -- search ----------------------------------------------------------------------------------
+
+def strategies(name: str, seed: int, steps_seen: list[int]):
+    """An endless stream of (label, strategy), one per schedule; PCT's k follows the
+    longest run seen so far."""
+    i = 0
+    while True:
+        pick = PORTFOLIO[i % len(PORTFOLIO)] if name == "portfolio" else name
+        yield pick, make_strategy(pick, seed * 1_000_003 + i, max(steps_seen, default=200))
+        i += 1
+
+
+def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
+            seconds: float | None = None, seed: int = 0, arch: str = "x86_64", kernel: str = "6.6",
+            inject: tuple[str, ...] = (), progress: Callable[[int], None] | None = None) -> ExploreResult:
+    """Run schedules until a finding, the budget or the time runs out."""
+    result = ExploreResult(spec.name)
+    t0 = time.perf_counter()
+    steps_seen: list[int] = []
+    for n, (label, strat) in enumerate(strategies(strategy, seed, steps_seen), 1):
+        if n > budget or (seconds is not None and time.perf_counter() - t0 > seconds):
+            break
+        out = execute(spec, strat, arch, kernel, inject)
+        steps_seen.append(out.steps)
+        result.schedules = n
+        if progress is not None:
+            progress(n)
+        if out.finding is not None:
+            result.outcome = result.original = out
+            result.found_by, result.found_after = label, n
+            break
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# -- shrinking and certification ---------------------------------------------------------------
+
+def _same(out: Outcome, signature: str) -> bool:
+    return out.finding is not None and out.finding.signature == signature
+
+
+def shrink(spec: ScenarioSpec, found: Outcome, max_runs: int = 400) -> Outcome:
+    """Fewer task switches, same failure signature. Candidates are replayed leniently
+    (where a pick is impossible, or the schedule ends, the current task keeps running):
+    (a) cut the schedule after each run, shortest first; (b) drop single runs; repeat."""
+    sched = found.schedule
+    signature = found.finding.signature
+    inject = tuple(b for b in sched.inject.split(",") if b)
+    tids = _tids_of(spec, sched, inject)
+    best, runs_done = found, 0
+
+    def attempt(runs: list[tuple[int, int]]) -> Outcome | None:
+        nonlocal runs_done
+        runs_done += 1
+        picks = [tids[best.schedule.tasks[i]] for i, n in runs for _ in range(n)]
+        out = execute(spec, Replay(picks, lenient=True), sched.arch, sched.kernel, inject)
+        return out if _same(out, signature) else None
+
+    improved = True
+    while improved and runs_done < max_runs:
+        improved = False
+        runs = best.schedule.runs
+        for cut in range(1, len(runs)):
+            out = attempt(runs[:cut])
+            if out is not None and out.preemptions < best.preemptions:
+                best, improved = out, True
+                break
+        if improved:
+            continue
+        for j in range(len(runs) - 1, 0, -1):
+            if runs_done >= max_runs:
+                break
+            out = attempt(runs[:j] + runs[j + 1:])
+            if out is not None and (out.preemptions, out.steps) < (best.preemptions, best.steps):
+                best, improved = out, True
+                break
+    best.schedule.strategy = found.schedule.strategy
+    return best
+
+
+class BoundedDFS(Strategy):
+    """Stateless depth-first search over schedules with at most ``bound`` preemptions
+    (CHESS). Option 0 at a choice point keeps the current task; one execution follows
+    ``prefix`` and then always option 0."""
+
+    name = "dfs"
+
+    def __init__(self, prefix: list[int], bound: int) -> None:
+        self.prefix = prefix
+        self.bound = bound
+        self.trace: list[tuple[int, int, bool]] = []     # (choice, options, current runnable)
+
+    def pick(self, runnable, current, step):
+        keep = current in runnable
+        options = ([current] if keep else []) + sorted((t for t in runnable if t is not current),
+                                                       key=lambda t: t.tid)
+        if len(options) == 1:
+            return options[0]
+        i = len(self.trace)
+        choice = self.prefix[i] if i < len(self.prefix) else 0
+        choice = min(choice, len(options) - 1)
+        self.trace.append((choice, len(options), keep))
+        return options[choice]
+
+    def next_prefix(self) -> list[int] | None:
+        used = [0]
+        for choice, _, keep in self.trace:
+            used.append(used[-1] + (1 if choice and keep else 0))
+        for j in range(len(self.trace) - 1, -1, -1):
+            choice, options, keep = self.trace[j]
+            if choice + 1 < options and used[j] + (1 if keep else 0) <= self.bound:
+                return [c for c, _, _ in self.trace[:j]] + [choice + 1]
+        return None
+
+
+def certify(spec: ScenarioSpec, found: Outcome, cap: int = 3000) -> tuple[bool | None, int]:
+    """Is ``found.preemptions`` minimal? Search every schedule with fewer preemptions
+    (bounded DFS); True if none fails the same way, None if the cap was reached first."""
+    bound = found.preemptions - 1
+    if bound < 0:
+        return True, 0
+    sched = found.schedule
+    inject = tuple(b for b in sched.inject.split(",") if b)
+    prefix: list[int] | None = []
+    runs = 0
+    while prefix is not None:
+        if runs >= cap:
+            return None, runs
+        dfs = BoundedDFS(prefix, bound)
+        out = execute(spec, dfs, sched.arch, sched.kernel, inject)
+        runs += 1
+        if _same(out, found.finding.signature):
+            return False, runs
+        prefix = dfs.next_prefix()
+    return True, runs
+
+
+__all__ = ["execute", "explore", "replay", "shrink", "certify", "Outcome", "ExploreResult", "BUGS",
+           "SCENARIOS", "PCT", "RandomWalk"]
