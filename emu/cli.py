@@ -232,6 +232,155 @@ def plugins_list(as_json: bool) -> None:
     Console().print(t)
 
 
+# -- emu explore / emu replay ----------------------------------------------------------------------
+@cli.command(name="explore")
+@click.argument("scenario", required=False)
+@click.option("--list", "list_", is_flag=True, help="list scenarios and injectable bugs")
+@click.option("--strategy", default="portfolio", show_default=True,
+              help="portfolio, pct[:DEPTH], random[:STICKINESS], round-robin")
+@click.option("--budget", default=1000, show_default=True, help="schedules to try")
+@click.option("--seconds", type=float, default=None, help="stop after this many seconds")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(list(PROFILES)))
+@click.option("--arch", default="x86_64", show_default=True)
+@click.option("--inject", multiple=True, metavar="BUG", help="re-create a historical bug (repeatable)")
+@click.option("--no-shrink", is_flag=True, help="report the schedule as found")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the finding as JSON to this file")
+@click.option("--json", "as_json", is_flag=True)
+def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, seconds: float | None,
+                seed: int, profile: str, arch: str, inject: tuple[str, ...], no_shrink: bool,
+                report_path: str | None, as_json: bool) -> None:
+    """Search SCENARIO's interleavings for a race; exit 1 with a report if one is found."""
+    from emu import explore as ex
+    if list_:
+        _list_scenarios(as_json)
+        return
+    if scenario is None:
+        raise UsageError("name a scenario (emu explore --list shows them)")
+    try:
+        spec = ex.get_spec(scenario)
+        ex.check_bugs(list(inject))
+        from emu.sched.strategy import make_strategy
+        if strategy != "portfolio":
+            make_strategy(strategy)
+        if arch not in plugins.arches():
+            raise ex.ExploreError(f"unknown arch {arch!r}")
+    except (ex.ExploreError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if as_json:
+        result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(f"{scenario} ({strategy})", total=budget)
+            result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject,
+                                progress=lambda n: bar.update(job, completed=n))
+    if result.outcome is not None and not no_shrink:
+        result.outcome = ex.shrink(spec, result.outcome)
+        result.outcome, result.certified, result.certify_runs = ex.certify(spec, result.outcome)
+    out = _explore_json(result, profile, arch, inject, seed, strategy)
+    if report_path and result.outcome is not None:
+        _write_atomic(report_path, json.dumps(out, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    elif result.outcome is None:
+        click.echo(f"{scenario}: {result.schedules} schedules in {result.seconds:.1f} s, no finding "
+                   f"(kernel {profile}{', injected ' + ', '.join(inject) if inject else ''})")
+    else:
+        click.echo(_explore_text(result))
+    sys.exit(1 if result.outcome is not None else 0)
+
+
+def _list_scenarios(as_json: bool) -> None:
+    from emu.scenarios import BUGS, SCENARIOS
+    if as_json:
+        click.echo(json.dumps({"scenarios": {n: {"description": s.description, "catches": list(s.catches)}
+                                             for n, s in SCENARIOS.items()}, "bugs": BUGS}, indent=2))
+        return
+    import textwrap
+    click.echo("Scenarios (emu explore NAME):")
+    for name, spec in SCENARIOS.items():
+        click.echo(f"  {name}")
+        click.echo(textwrap.indent(textwrap.fill(spec.description, 84), "      "))
+        if spec.catches:
+            click.echo(f"      catches: {', '.join(spec.catches)}")
+    click.echo("\nInjectable bugs (--inject NAME):")
+    for name, what in BUGS.items():
+        click.echo(f"  {name}")
+        click.echo(textwrap.indent(textwrap.fill(what, 84), "      "))
+
+
+def _explore_json(result: Any, profile: str, arch: str, inject: tuple[str, ...], seed: int,
+                  strategy: str) -> dict:
+    findings = []
+    o = result.outcome
+    if o is not None:
+        findings.append({
+            "signature": o.finding.signature, "sanitizer": o.finding.sanitizer, "title": o.finding.title,
+            "details": o.finding.details, "schedule": o.schedule.encode(), "text": o.schedule.text(),
+            "preemptions": o.preemptions, "certified_minimal": result.certified,
+            "certify_runs": result.certify_runs, "steps": o.steps,
+            "original_preemptions": result.original.preemptions, "found_by": result.found_by,
+            "schedules_to_detection": result.found_after,
+            "replay": f"emu replay {o.schedule.encode()}"})
+    return {"scenario": result.scenario, "kernel": profile, "arch": arch, "inject": list(inject),
+            "seed": seed, "strategy": strategy, "schedules": result.schedules,
+            "seconds": round(result.seconds, 3), "findings": findings}
+
+
+def _explore_text(result: Any) -> str:
+    o = result.outcome
+    certified = {True: "certified minimal by bounded DFS", False: "not minimal",
+                 None: "not certified (DFS budget spent)"}[result.certified]
+    lines = o.finding.report().splitlines()
+    bar = lines.pop()
+    lines += ["Interleaving (task: steps, in order; one step = one trap):",
+              f"  {o.schedule.text()}",
+              f"  {o.preemptions} preemption(s), {certified}; found with "
+              f"{result.original.preemptions} by {result.found_by} after {result.found_after} schedule(s), "
+              f"{result.seconds:.2f} s",
+              f"Replay:  emu replay {o.schedule.encode()}", f"Signature: {o.finding.signature}", bar]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write via a temporary file and rename, so an existing file is never half-written."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@cli.command(name="replay")
+@click.argument("schedule")
+@click.option("--json", "as_json", is_flag=True)
+def replay_cmd(schedule: str, as_json: bool) -> None:
+    """Re-run a schedule printed by `emu explore` exactly; exit 1 if it still fails."""
+    from emu import explore as ex
+    from emu.sched.schedule import Schedule, ScheduleFormatError
+    from emu.sched.strategy import Divergence
+    try:
+        sched = Schedule.decode(schedule)
+        out = ex.replay(sched)
+    except (ScheduleFormatError, ex.ExploreError) as err:
+        raise UsageError(str(err)) from None
+    except Divergence as err:
+        _fail(f"replay diverged: {err} (the code changed since the schedule was recorded?)", 2)
+    same = out.digest == sched.digest
+    if as_json:
+        click.echo(json.dumps({"scenario": sched.scenario, "finding": out.finding.signature if out.finding
+                               else None, "digest_matches": same, "steps": out.steps}, indent=2))
+    elif out.finding is None:
+        click.echo(f"{sched.scenario}: the schedule ran clean ({out.steps} steps)")
+    else:
+        click.echo(out.finding.report())
+        click.echo(f"replayed {out.steps} steps; event digest {'matches' if same else 'DIFFERS from'} "
+                   "the recording")
+    sys.exit(1 if out.finding is not None else 0)
+
+
 @plugins_cmd.command(name="check")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)

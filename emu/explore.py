@@ -265,26 +265,27 @@ class BoundedDFS(Strategy):
         return None
 
 
-def certify(spec: ScenarioSpec, found: Outcome, cap: int = 3000) -> tuple[bool | None, int]:
-    """Is ``found.preemptions`` minimal? Search every schedule with fewer preemptions
-    (bounded DFS); True if none fails the same way, None if the cap was reached first."""
-    bound = found.preemptions - 1
-    if bound < 0:
-        return True, 0
+def certify(spec: ScenarioSpec, found: Outcome, cap: int = 2000) -> tuple[Outcome, bool | None, int]:
+    """The fewest preemptions that reproduce ``found``'s signature, by bounded DFS with
+    bounds 0, 1, ... below ``found.preemptions`` (iterative deepening: the first bound
+    that reproduces it is the minimum). Returns (minimal outcome, certified, runs):
+    certified is None when ``cap`` runs were not enough to search every smaller bound."""
     sched = found.schedule
     inject = tuple(b for b in sched.inject.split(",") if b)
-    prefix: list[int] | None = []
     runs = 0
-    while prefix is not None:
-        if runs >= cap:
-            return None, runs
-        dfs = BoundedDFS(prefix, bound)
-        out = execute(spec, dfs, sched.arch, sched.kernel, inject)
-        runs += 1
-        if _same(out, found.finding.signature):
-            return False, runs
-        prefix = dfs.next_prefix()
-    return True, runs
+    for bound in range(found.preemptions):
+        prefix: list[int] | None = []
+        while prefix is not None:
+            if runs >= cap:
+                return found, None, runs
+            dfs = BoundedDFS(prefix, bound)
+            out = execute(spec, dfs, sched.arch, sched.kernel, inject)
+            runs += 1
+            if _same(out, found.finding.signature):
+                out.schedule.strategy = f"dfs(pb={bound})"
+                return out, True, runs
+            prefix = dfs.next_prefix()
+    return found, True, runs
 
 
 __all__ = ["execute", "explore", "replay", "shrink", "certify", "Outcome", "ExploreResult", "BUGS",

@@ -43,6 +43,11 @@ class Kernel:
         self.flush_tlb_range: Callable[[object, int, int], None] = lambda mm, start, end: None
         self._next_asid = 1
 
+    def next_id(self, kind: str) -> int:
+        """Per-kernel counters (mm ids, inode numbers): the same world gets the same ids."""
+        self.stats[f"next_id:{kind}"] += 1
+        return self.stats[f"next_id:{kind}"]
+
     def new_asid(self) -> int:
         asid, self._next_asid = self._next_asid, self._next_asid + 1
         return asid

@@ -3,7 +3,6 @@ mmap/munmap/mprotect need (find_vma, split, merge)."""
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass, field
 
 from mm_core.locks import RwSemaphore, SpinLock
@@ -27,7 +26,6 @@ VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
 MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES = range(4)
 RSS_NAMES = ("MM_FILEPAGES", "MM_ANONPAGES", "MM_SWAPENTS", "MM_SHMEMPAGES")
 
-_mm_ids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -64,7 +62,7 @@ class MMStruct:
     kernel: object
     pgd: int                                # physical address of the top-level table
     asid: int = 0
-    id: int = field(default_factory=lambda: next(_mm_ids))
+    id: int = 0                             # per kernel, so runs (and their digests) repeat
     vmas: list[VMA] = field(default_factory=list)     # sorted by start, non-overlapping
     rss: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     pgtables_bytes: int = 0
@@ -78,6 +76,8 @@ class MMStruct:
     dead: bool = False
 
     def __post_init__(self) -> None:
+        if not self.id:
+            self.id = self.kernel.next_id("mm")
         self.mmap_lock = RwSemaphore(f"mm{self.id}.mmap_lock")
         self.page_table_lock = SpinLock(f"mm{self.id}.page_table_lock")
 

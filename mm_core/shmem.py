@@ -2,7 +2,6 @@
 (mm/filemap.c's address_space), the file rmap (i_mmap) and truncation."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SHIFT
@@ -10,7 +9,6 @@ from emu.sched import traps
 from mm_core.locks import RwSemaphore, WaitQueue
 from mm_core.page_alloc import OutOfMemory, Page, PageUse
 
-_inode_ids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -45,7 +43,7 @@ class ShmemInode:
     name: str
     page_shift: int = PAGE_SHIFT      # the kernel's base page (4K, or 64K on ppc64-64K)
     size: int = 0
-    ino: int = field(default_factory=lambda: next(_inode_ids))
+    ino: int = 0
     refs: int = 0                    # open files + mapping VMAs
     mapping: AddressSpace = None     # type: ignore[assignment]
 
@@ -58,7 +56,7 @@ class ShmemInode:
 
 
 def memfd_create(k, name: str) -> ShmemInode:
-    inode = ShmemInode(name, k.page_shift)
+    inode = ShmemInode(name, k.page_shift, ino=k.next_id("ino"))
     k.stats["memfd_created"] += 1
     return inode
 

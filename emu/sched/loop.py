@@ -8,6 +8,7 @@ Everything is a pure function of the tasks and the policy: no threads, no wall c
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -223,12 +224,14 @@ class SyncTask:
 def close_coroutine(coro: Coroutine[Any, Any, Any]) -> None:
     """Abandon a task that will never run again (a run stopped by a finding). Each await
     in a ``finally:`` (an unlock) stops one close(); keep closing until it is done."""
-    for _ in range(64):
-        try:
-            coro.close()
-            return
-        except RuntimeError:
-            continue
+    with warnings.catch_warnings():      # closing one that never started is fine here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(64):
+            try:
+                coro.close()
+                return
+            except RuntimeError:
+                continue
 
 
 API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over

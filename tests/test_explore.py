@@ -1,0 +1,133 @@
+"""The race explorer: injected historical bugs are found, shrunk, certified and replayed;
+their fixed twins run clean; everything is deterministic."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from hypothesis import given
+from hypothesis import strategies as st
+
+from emu import explore as ex
+from emu.scenarios import BUGS, SCENARIOS
+from emu.sched.schedule import Schedule, ScheduleFormatError
+from emu.sched.strategy import PCT, Divergence, RandomWalk, Replay
+
+CASES = [(name, bug, "6.4" if bug == "retract_without_mmap_lock" else "6.6")
+         for name, spec in SCENARIOS.items() for bug in spec.catches]
+
+
+def test_every_injectable_bug_has_a_scenario() -> None:
+    assert {bug for _, bug, _ in CASES} == set(BUGS)
+
+
+@pytest.mark.parametrize("scenario, bug, kernel", CASES)
+def test_injected_bug_is_found_shrunk_certified_and_replayed(scenario: str, bug: str, kernel: str) -> None:
+    spec = SCENARIOS[scenario]
+    result = ex.explore(spec, budget=400, seed=1, kernel=kernel, inject=(bug,))
+    assert result.outcome is not None, f"{bug} not found in 400 schedules"
+    small = ex.shrink(spec, result.outcome)
+    small, certified, _ = ex.certify(spec, small)
+    assert certified is True and small.preemptions <= result.outcome.preemptions
+    assert small.finding.signature == result.outcome.finding.signature
+    decoded = Schedule.decode(small.schedule.encode())
+    for _ in range(3):                                       # replays: same signature, same events
+        again = ex.replay(decoded)
+        assert again.finding.signature == small.finding.signature
+        assert again.digest == decoded.digest
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fixed_twin_runs_clean_under_the_portfolio(scenario: str) -> None:
+    result = ex.explore(SCENARIOS[scenario], budget=150, seed=7)
+    assert result.outcome is None and result.schedules == 150
+
+
+def test_profile_64_with_lockless_retraction_is_caught_and_66_is_clean() -> None:
+    spec = SCENARIOS["retract-vs-reader"]
+    bad = ex.explore(spec, budget=300, seed=2, kernel="6.4", inject=("retract_without_mmap_lock",))
+    assert bad.outcome is not None and bad.outcome.finding.sanitizer == "KASAN"
+    assert ex.explore(spec, budget=150, seed=2, kernel="6.6", inject=("retract_without_mmap_lock",)).outcome \
+        is None
+
+
+def test_the_same_seed_gives_the_same_result() -> None:
+    spec = SCENARIOS["retract-vs-zap"]
+    runs = [ex.explore(spec, budget=300, seed=5, inject=("walker_ignores_map_failure",)) for _ in range(2)]
+    a, b = (r.outcome for r in runs)
+    assert a is not None and (a.schedule.encode(), runs[0].found_after) == (b.schedule.encode(), runs[1].found_after)
+
+
+def test_a_run_is_a_pure_function_of_its_schedule() -> None:
+    spec = SCENARIOS["collapse-vs-uffdio-copy"]
+    first = ex.execute(spec, RandomWalk(seed=11))
+    tids = ex._tids_of(spec, first.schedule, ())
+    again = ex.execute(spec, Replay([tids[n] for n in first.schedule.picks()]))
+    assert (again.digest, again.steps, again.finding) == (first.digest, first.steps, first.finding)
+
+
+def test_replay_reports_the_first_divergence() -> None:
+    spec = SCENARIOS["retract-vs-reader"]
+    with pytest.raises(Divergence, match="diverged at step 0"):
+        ex.execute(spec, Replay([99]))
+
+
+def test_pct_is_deterministic_for_a_seed() -> None:
+    spec = SCENARIOS["retract-vs-refault"]
+    assert ex.execute(spec, PCT(3, 2, 40)).digest == ex.execute(spec, PCT(3, 2, 40)).digest
+
+
+# -- schedules -----------------------------------------------------------------------------
+
+@given(st.lists(st.sampled_from(["rcu_gp", "walker", "retract", "a:b"]), max_size=60))
+def test_schedule_round_trips(picks: list[str]) -> None:
+    s = Schedule.from_picks(picks, scenario="x", kernel="6.13", arch="s390x", inject="a,b", digest="d")
+    back = Schedule.decode(s.encode())
+    assert back.picks() == picks and (back.scenario, back.kernel, back.arch, back.inject) == ("x", "6.13",
+                                                                                             "s390x", "a,b")
+    assert sum(n for _, n in s.runs) == len(picks)
+
+
+@pytest.mark.parametrize("text", ["", "mmx1.abc", "emu1.!!!", "emu1.kQ", "emu1." + "A" * 40])
+def test_bad_schedules_are_rejected_with_a_reason(text: str) -> None:
+    with pytest.raises(ScheduleFormatError):
+        Schedule.decode(text)
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+def emu(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emu", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+
+
+def test_explore_command_reports_a_finding_and_replay_reproduces_it(tmp_path) -> None:
+    report = tmp_path / "finding.json"
+    r = emu("explore", "retract-vs-reader", "--inject", "pte_offset_map_without_rcu", "--json",
+            "--report", str(report))
+    assert r.returncode == 1, r.stderr
+    j = json.loads(r.stdout)
+    assert {"scenario", "schedules", "seconds", "findings"} <= j.keys()
+    f = j["findings"][0]
+    assert {"signature", "sanitizer", "schedule", "preemptions"} <= f.keys()
+    assert f["sanitizer"] == "KASAN" and f["preemptions"] == 1 and f["certified_minimal"] is True
+    assert json.loads(report.read_text())["findings"][0]["signature"] == f["signature"]
+    r = emu("replay", f["schedule"], "--json")
+    assert r.returncode == 1 and json.loads(r.stdout) == {
+        "scenario": "retract-vs-reader", "finding": f["signature"], "digest_matches": True,
+        "steps": json.loads(r.stdout)["steps"]}
+
+
+def test_explore_command_exit_codes() -> None:
+    assert emu("explore", "retract-vs-refault", "--budget", "20").returncode == 0
+    for args in (["no-such-scenario"], ["retract-vs-reader", "--inject", "nope"],
+                 ["retract-vs-reader", "--strategy", "psychic"]):
+        r = emu("explore", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = emu("explore", "--list")
+    assert r.returncode == 0 and all(name in r.stdout for name in list(SCENARIOS) + list(BUGS))
+    r = emu("replay", "emu1.nonsense")
+    assert r.returncode == 2 and "corrupt schedule" in r.stderr
