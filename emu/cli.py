@@ -241,7 +241,8 @@ def plugins_list(as_json: bool) -> None:
 @click.option("--budget", default=1000, show_default=True, help="schedules to try")
 @click.option("--seconds", type=float, default=None, help="stop after this many seconds")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True, type=click.Choice(list(PROFILES)))
+@click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True,
+              type=click.Choice(list(PROFILES)))
 @click.option("--arch", default="x86_64", show_default=True)
 @click.option("--inject", multiple=True, metavar="BUG", help="re-create a historical bug (repeatable)")
 @click.option("--no-shrink", is_flag=True, help="report the schedule as found")

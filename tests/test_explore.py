@@ -58,7 +58,8 @@ def test_the_same_seed_gives_the_same_result() -> None:
     spec = SCENARIOS["retract-vs-zap"]
     runs = [ex.explore(spec, budget=300, seed=5, inject=("walker_ignores_map_failure",)) for _ in range(2)]
     a, b = (r.outcome for r in runs)
-    assert a is not None and (a.schedule.encode(), runs[0].found_after) == (b.schedule.encode(), runs[1].found_after)
+    assert a is not None
+    assert (a.schedule.encode(), runs[0].found_after) == (b.schedule.encode(), runs[1].found_after)
 
 
 def test_a_run_is_a_pure_function_of_its_schedule() -> None:
