@@ -353,11 +353,17 @@ class Arm64(ArchSpec):
             "exit_group": 94, "set_tid_address": 96, "set_robust_list": 99, "rseq": 293,
             "prlimit64": 261, "readlinkat": 78, "getrandom": 278, "newfstatat": 79,
             "fstat": 80, "uname": 160, "futex": 98, "clock_gettime": 113, "rt_sigaction": 134,
+            "clone": 220, "sched_yield": 124,
             "rt_sigprocmask": 135, "getpid": 172, "gettid": 178, "tgkill": 131,
             "memfd_create": 279, "ftruncate": 46, "userfaultfd": 282, "openat": 56, "close": 57, "lseek": 62,
             "pread64": 67, "mincore": 232, "process_madvise": 440,
         },
     )
+
+    clone_args = ("flags", "newsp", "parent_tid", "tls", "child_tid")      # CLONE_BACKWARDS
+
+    def set_tls(self, uc: Any, value: int) -> None:
+        uc.reg_write(arm64_const.UC_ARM64_REG_TPIDR_EL0, value)
 
     def sentinel_code(self) -> bytes:
         return b"\xad\xde\x00\x00" * 4     # udf #0xdead

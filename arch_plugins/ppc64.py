@@ -284,6 +284,11 @@ class Ppc64(ArchSpec):
             uc.reg_write(self.syscall_abi.ret_reg, value & 0xFFFFFFFFFFFFFFFF)
             uc.reg_write(uc_ppc.UC_PPC_REG_CR0, cr0 & ~CR0_SO)
 
+    clone_args = ("flags", "newsp", "parent_tid", "tls", "child_tid")      # CLONE_BACKWARDS
+
+    def set_tls(self, uc: Any, value: int) -> None:
+        uc.reg_write(uc_ppc.UC_PPC_REG_13, value)                # r13: the thread pointer
+
     def sentinel_code(self) -> bytes:
         return _TRAP.to_bytes(4, "big") * 4
 
@@ -299,6 +304,7 @@ class Ppc64(ArchSpec):
             "exit_group": 234, "set_tid_address": 232, "set_robust_list": 300, "rseq": 387,
             "prlimit64": 325, "readlink": 85, "readlinkat": 296, "getrandom": 359,
             "newfstatat": 291, "fstat": 108, "uname": 122, "futex": 221, "clock_gettime": 246,
+            "clone": 120, "sched_yield": 158,
             "rt_sigaction": 173, "rt_sigprocmask": 174, "getpid": 20, "gettid": 207,
             "tgkill": 250, "memfd_create": 360, "ftruncate": 93, "userfaultfd": 364, "openat": 286,
             "close": 6,

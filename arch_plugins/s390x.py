@@ -368,6 +368,12 @@ class S390x(ArchSpec):
         nr = insn[1] if insn[0] == _SVC_OPCODE and insn[1] else uc.reg_read(abi.nr_reg)
         return nr, [uc.reg_read(r) for r in abi.arg_regs]
 
+    clone_args = ("newsp", "flags", "parent_tid", "child_tid", "tls")      # CLONE_BACKWARDS2
+
+    def set_tls(self, uc: Any, value: int) -> None:
+        uc.reg_write(uc_s390x.UC_S390X_REG_A0, value >> 32)      # access registers 0/1
+        uc.reg_write(uc_s390x.UC_S390X_REG_A1, value & 0xFFFFFFFF)
+
     def sentinel_code(self) -> bytes:
         return b"\x00\x00" * 8      # opcode 0x00 is an operation exception
 
@@ -385,6 +391,7 @@ class S390x(ArchSpec):
             "exit_group": 248, "set_tid_address": 252, "set_robust_list": 304, "rseq": 383,
             "prlimit64": 334, "readlink": 85, "readlinkat": 298, "getrandom": 349,
             "newfstatat": 293, "fstat": 108, "uname": 122, "futex": 238, "clock_gettime": 260,
+            "clone": 120, "sched_yield": 158,
             "rt_sigaction": 174, "rt_sigprocmask": 175, "getpid": 20, "gettid": 236,
             "tgkill": 241, "memfd_create": 350, "ftruncate": 93, "userfaultfd": 355, "openat": 288,
             "close": 6,

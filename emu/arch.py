@@ -351,6 +351,13 @@ class ArchSpec(ABC):
         """Write a syscall's result; ``value`` is Linux's (negative errno on error)."""
         uc.reg_write(self.syscall_abi.ret_reg, value & 0xFFFFFFFFFFFFFFFF)
 
+    # clone()'s raw argument order (CLONE_BACKWARDS on arm64/ppc64, _BACKWARDS2 on s390x)
+    clone_args: ClassVar[tuple[str, ...]] = ("flags", "newsp", "parent_tid", "child_tid", "tls")
+
+    def set_tls(self, uc: Any, value: int) -> None:
+        """CLONE_SETTLS: load the thread pointer (x86 FS base, TPIDR_EL0, r13, a0/a1)."""
+        raise NotImplementedError(f"{self.name}: no thread-pointer register defined")
+
     def sentinel_code(self) -> bytes:
         """A few bytes of code that is never meant to run (a trap), for emu_start's
         ``until`` page."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from emu import plugins
 from emu.arch import ACCESS_BY_LETTER, PAGE_SIZE, Access, Translation, run_walk
+from emu.linux.futex import Futexes
 from emu.linux.process import Process, Thread
 from emu.linux.thread import guest_thread
 from emu.linux.uaccess import copy_to_user
@@ -94,6 +95,8 @@ class Machine:
         self.mmap_base = (self.sentinel_va - (16 << 20)) & ~((2 << 20) - 1)
         self.wall_seconds = 0.0
         self._kthreads = False
+        self._tids = 1000
+        self.futexes = Futexes()
 
     # -- public properties ------------------------------------------------------------------
     @property
@@ -203,13 +206,15 @@ class Machine:
             what = f"an {owner} executable" if owner else f"an executable for {image.e_machine}"
             raise LoadError(f"{path}: {what}, but this machine is {self.arch.name}"
                             + (f" (use --arch {owner})" if owner else ""))
-        vcpu = self._free_vcpu()
+        vcpu = self._vcpu_for_new_thread()
         mm = self.new_mm()
-        pid = 1000 + len(self.processes) + 1
+        pid = self._next_tid()
         argv = [path] if argv is None else list(argv)
         proc = Process(pid, path, argv, mm, on_output=on_output)
-        run_sync(self._exec(mm, image, argv, env if env is not None else ["PATH=/bin", "HOME=/"], vcpu))
         thread = Thread(pid, proc, vcpu)
+        self._unbind(vcpu)
+        run_sync(self._exec(mm, image, argv, env if env is not None else ["PATH=/bin", "HOME=/"], vcpu))
+        vcpu.loaded = thread
         proc.threads.append(thread)
         thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(path)}:{pid}")
         self.processes.append(proc)
@@ -267,19 +272,78 @@ class Machine:
         self.arch.start_registers(vcpu.uc, image.entry, sp)
 
     def _free_vcpu(self) -> VCPU:
-        busy = {t.vcpu for p in self.processes for t in p.threads if not t.exited}
-        for v in self.vcpus:
-            if v not in busy:
-                return v
-        if len(self.vcpus) >= self.ncpus:
-            raise RuntimeError(f"all {self.ncpus} vCPU(s) are busy; create the Machine with more cpus")
-        v = VCPU(len(self.vcpus), self.arch, self.ram, stepped_walks=self.stepped_walks,
-                 counting=self.count_instructions)
-        self.vcpus.append(v)
-        return v
+        """A vCPU for kernel-side tests: the first idle one, or a new one."""
+        return self._vcpu_for_new_thread()
 
-    def _run_user(self, vcpu: VCPU, quantum: int) -> UserStop:
-        return vcpu.run(quantum)
+    def _vcpu_for_new_thread(self) -> VCPU:
+        """A new vCPU while fewer than ``cpus`` exist, else the one with the fewest live
+        threads: threads beyond the vCPU count share them (context switched)."""
+        if len(self.vcpus) < self.ncpus:
+            v = VCPU(len(self.vcpus), self.arch, self.ram, stepped_walks=self.stepped_walks,
+                     counting=self.count_instructions)
+            v.loaded = None
+            self.vcpus.append(v)
+            return v
+        load = {v: 0 for v in self.vcpus}
+        for p in self.processes:
+            for t in p.threads:
+                if not t.exited:
+                    load[t.vcpu] += 1
+        return min(self.vcpus, key=lambda v: (load[v], v.index))
+
+    def _next_tid(self) -> int:
+        self._tids += 1
+        return self._tids
+
+    def _unbind(self, vcpu: VCPU) -> None:
+        """Save the registers of the thread holding ``vcpu``."""
+        held = vcpu.loaded
+        if held is not None and not held.exited:
+            held.ctx = vcpu.uc.context_save()
+        vcpu.loaded = None
+
+    def bind(self, thread: Thread) -> VCPU:
+        """Give ``thread`` its vCPU's registers (a context switch if another thread of
+        the same or another process was running there)."""
+        vcpu = thread.vcpu
+        if vcpu.loaded is thread:
+            return vcpu
+        self._unbind(vcpu)
+        if thread.ctx is not None:
+            vcpu.uc.context_restore(thread.ctx)
+            thread.ctx = None
+        if vcpu.mm is not thread.process.mm:
+            vcpu.switch_mm(thread.process.mm)
+        vcpu.loaded = thread
+        self.kernel.stats["context_switches"] += 1
+        return vcpu
+
+    def clone_thread(self, parent: Thread, newsp: int, tls: int | None) -> Thread:
+        """The vCPU side of clone(CLONE_VM|CLONE_THREAD): a new thread with a copy of the
+        parent's registers, returning 0 from the syscall on its own stack."""
+        proc = parent.process
+        vcpu = self._vcpu_for_new_thread()
+        self.bind(parent)
+        regs = parent.vcpu.uc.context_save()
+        child = Thread(self._next_tid(), proc, vcpu)
+        self._unbind(vcpu)
+        vcpu.uc.context_restore(regs)
+        vcpu.sentinel = parent.vcpu.sentinel
+        if vcpu.mm is not proc.mm:
+            vcpu.switch_mm(proc.mm)
+        vcpu.loaded = child
+        if newsp:
+            vcpu.uc.reg_write(self.arch.sp_reg, newsp)
+        if tls is not None:
+            self.arch.set_tls(vcpu.uc, tls)
+        self.arch.set_syscall_result(vcpu.uc, 0)
+        proc.threads.append(child)
+        name = f"{os.path.basename(proc.path)}:{child.tid}"
+        child.task = self.scheduler.spawn(guest_thread(self, child), name)
+        return child
+
+    def _run_user(self, thread: Thread, quantum: int) -> UserStop:
+        return self.bind(thread).run(quantum)
 
     def _shootdown(self, mm: MMStruct, start: int, end: int) -> None:
         """flush_tlb_range(): an IPI to every vCPU running ``mm``; each applies it at its

@@ -75,6 +75,7 @@ class VCPU:
         self.tlb_small = self.tlb.small          # the hit path's dict, without an attribute hop
         self.counting = counting                 # count= quanta: exact counts and preemption
         self.mm = None
+        self.loaded = None                       # the guest thread whose registers are in uc
         self.root = 0
         self.pending_flush: list[tuple[int, int]] | None = None
         # statistics

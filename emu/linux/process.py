@@ -42,6 +42,8 @@ class Thread:
     vcpu: object = None
     task: object = None
     exited: bool = False
+    ctx: object = None               # saved Unicorn context while another thread has the vCPU
+    clear_child_tid: int = 0         # CLONE_CHILD_CLEARTID: zeroed and futex-woken at exit
 
 
 @dataclass(eq=False)

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from_user
+from emu.sched import traps
 from mm_core import madvise, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
@@ -88,7 +89,17 @@ async def sys_read(ctx, fd, buf, count, *_):
 
 @syscall("exit")
 async def sys_exit(ctx, code, *_):
-    ctx.thread.exited = True
+    """exit(): this thread only; CLONE_CHILD_CLEARTID's word is zeroed and futex-woken
+    (mm_release), which is how pthread_join() learns of it."""
+    thread = ctx.thread
+    if thread.clear_child_tid:
+        addr, thread.clear_child_tid = thread.clear_child_tid, 0
+        try:
+            await copy_to_user(ctx.machine, ctx.mm, addr, bytes(4))
+            ctx.machine.futexes.wake(ctx.mm, addr, 1)
+        except EFault:
+            pass
+    thread.exited = True
     if all(t.exited for t in ctx.proc.threads):
         ctx.proc.exit(code)
     return 0
@@ -98,7 +109,61 @@ async def sys_exit(ctx, code, *_):
 async def sys_exit_group(ctx, code, *_):
     for t in ctx.proc.threads:
         t.exited = True
+    ctx.machine.futexes.wake_all_of(ctx.proc.threads)
     ctx.proc.exit(code)
+    return 0
+
+
+# clone flags (include/uapi/linux/sched.h)
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+CLONE_THREAD, CLONE_SETTLS = 0x10000, 0x80000
+CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
+FUTEX_WAIT, FUTEX_WAKE, FUTEX_PRIVATE_FLAG = 0, 1, 128
+EAGAIN = 11
+
+
+@syscall("clone")
+async def sys_clone(ctx, *args):
+    """clone() of a thread (CLONE_VM | CLONE_THREAD | CLONE_SIGHAND): a new task on a
+    vCPU, sharing the mm. Processes (fork) are not modelled yet: -ENOSYS."""
+    a = dict(zip(ctx.arch.clone_args, args, strict=False))
+    flags = a["flags"]
+    need = CLONE_VM | CLONE_THREAD | CLONE_SIGHAND
+    if flags & need != need:
+        return -ENOSYS
+    child = ctx.machine.clone_thread(ctx.thread, a["newsp"], a["tls"] if flags & CLONE_SETTLS else None)
+    tid = child.tid.to_bytes(4, "big" if ctx.arch.big_endian else "little")
+    if flags & CLONE_PARENT_SETTID:
+        await copy_to_user(ctx.machine, ctx.mm, a["parent_tid"], tid)
+    if flags & CLONE_CHILD_SETTID:
+        await copy_to_user(ctx.machine, ctx.mm, a["child_tid"], tid)
+    if flags & CLONE_CHILD_CLEARTID:
+        child.clear_child_tid = a["child_tid"]
+    ctx.k.stats["threads_created"] += 1
+    return child.tid
+
+
+@syscall("futex")
+async def sys_futex(ctx, uaddr, op, val, *_):
+    cmd = op & ~FUTEX_PRIVATE_FLAG
+    if uaddr & 3:
+        return -EINVAL
+    if cmd == FUTEX_WAIT:
+        word = int.from_bytes(await copy_from_user(ctx.machine, ctx.mm, uaddr, 4),
+                              "big" if ctx.arch.big_endian else "little")
+        if word != val & 0xFFFFFFFF:
+            return -EAGAIN
+        waiter = ctx.machine.futexes.enqueue(ctx.mm, uaddr, ctx.thread)
+        await traps.wait(waiter)
+        return 0
+    if cmd == FUTEX_WAKE:
+        return ctx.machine.futexes.wake(ctx.mm, uaddr, val)
+    return -ENOSYS
+
+
+@syscall("sched_yield")
+async def sys_sched_yield(ctx, *_):
+    await traps.sched_point("sched_yield", ctx.thread)
     return 0
 
 

@@ -28,7 +28,7 @@ async def guest_thread(machine, thread) -> None:
     ctx = syscalls.SyscallContext(machine, thread)
     last_fault, repeats = None, 0
     while not thread.exited and not proc.exited:
-        stop = await run_user(vcpu, machine.quantum)
+        stop = await run_user(thread, machine.quantum)
         if stop.kind == "quantum":
             continue
         if stop.kind == "tlb_miss":                  # stepped walks: the MMU runs as a task
@@ -57,12 +57,15 @@ async def guest_thread(machine, thread) -> None:
                 vcpu.pc = stop.pc + abi.pc_advance
             ret = await syscalls.dispatch(ctx, nr, args, names)
             if not (thread.exited or proc.exited):
+                machine.bind(thread)             # another thread may have had the vCPU meanwhile
                 arch.set_syscall_result(vcpu.uc, ret)
             continue
         code = f"interrupt {stop.intno}" if stop.kind == "intr" else stop.error
         proc.kill(_report(machine, vcpu, SIGILL, code, None, stop.pc, Access.X, ""))
         break
     thread.exited = True
+    if thread.vcpu.loaded is thread:
+        thread.vcpu.loaded = None
     if all(t.exited for t in proc.threads):
         await exit_mmap(k, proc.mm)
         proc.close_files(k)
