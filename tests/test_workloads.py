@@ -92,3 +92,15 @@ def test_stepped_hardware_walks_give_the_same_results(arch_name: str) -> None:
     r = m.run()
     assert r.stdout == expected("pagetouch")[0]
     assert m.scheduler.traps > r.summary["walk_reads"] >= 256 * (len(m.arch.levels) - 1)
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+def test_more_processes_than_vcpus_share_them_by_context_switching(arch_name: str) -> None:
+    m = Machine(arch=arch_name, mem="32M", cpus=1, quantum=3000)
+    a = m.spawn(workload(arch_name, "qsort"), ["qsort"])
+    b = m.spawn(workload(arch_name, "pagetouch"), ["pagetouch"])
+    c = m.spawn(workload(arch_name, "hello"), ["hello", "x"])
+    m.run()
+    assert a.stdout == expected("qsort")[0] and b.stdout == expected("pagetouch")[0]
+    assert c.stdout.startswith(b"hello from emu\nargc 2\n")
+    assert len(m.vcpus) == 1 and m.kernel.stats["context_switches"] > 10
