@@ -10,10 +10,13 @@ from emu.sched import traps
 
 
 class SpinLock:
-    """spinlock_t: one holder at a time."""
+    """spinlock_t: one holder at a time. ``cls`` is the lockdep class (ptl, pml, ...)."""
 
-    def __init__(self, name: str) -> None:
+    sleeps = False
+
+    def __init__(self, name: str, cls: str = "") -> None:
         self.name = name
+        self.cls = cls or name
         self.holder: object = None
 
     def try_acquire(self, task: object, mode: str = "x") -> bool:
@@ -43,10 +46,13 @@ class SpinLock:
 
 
 class RwSemaphore:
-    """rw_semaphore (mmap_lock): many readers ("r") or one writer ("w")."""
+    """rw_semaphore (mmap_lock): many readers ("r") or one writer ("w"). It sleeps."""
 
-    def __init__(self, name: str) -> None:
+    sleeps = True
+
+    def __init__(self, name: str, cls: str = "") -> None:
         self.name = name
+        self.cls = cls or name
         self.readers: list[object] = []
         self.writer: object = None
 

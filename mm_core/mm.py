@@ -78,8 +78,8 @@ class MMStruct:
     def __post_init__(self) -> None:
         if not self.id:
             self.id = self.kernel.next_id("mm")
-        self.mmap_lock = RwSemaphore(f"mm{self.id}.mmap_lock")
-        self.page_table_lock = SpinLock(f"mm{self.id}.page_table_lock")
+        self.mmap_lock = RwSemaphore(f"mm{self.id}.mmap_lock", "mmap_lock")
+        self.page_table_lock = SpinLock(f"mm{self.id}.page_table_lock", "page_table_lock")
 
     # -- VMA tree ----------------------------------------------------------------------------
     def find_vma(self, addr: int) -> VMA | None:

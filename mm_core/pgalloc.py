@@ -87,7 +87,7 @@ def alloc_table(k, mm, level: int) -> PageTable:
     if frag is not None:
         frag.tables.append(pt)
     if level >= arch.pmd_level:           # split ptlocks (pagetable_pte_ctor / _pmd_ctor)
-        pt.ptl = SpinLock(f"ptl@{paddr:#x}")
+        pt.ptl = SpinLock(f"ptl@{paddr:#x}", "pml" if level == arch.pmd_level else "ptl")
     k.ptdescs[paddr] = pt
     k.stats["pt_tables_allocated"] += 1
     mm.pgtables_bytes += nbytes

@@ -52,6 +52,35 @@ class Sanitizers:
         self.k = k
         self.enabled = True
         self.dead: dict[int, object] = {}        # table paddr -> freed PageTable (quarantined)
+        self.lock_order: dict[tuple[str, str], str] = {}   # (outer class, inner class) -> first seen
+
+    # -- lockdep-lite and RCU sleeping checks, from the scheduler's trap stream ----------------
+    def on_trap(self, task, event: tuple) -> None:
+        if not self.enabled:
+            return
+        kind = event[0]
+        if kind in ("lock", "wait", "trylock"):
+            lock = event[1]
+            depth = self.k.rcu.readers.get(task, 0)
+            if depth and getattr(lock, "sleeps", kind == "wait") and kind != "trylock":
+                raise Finding("RCU", f"RCU: sleeping on {lock!r} inside rcu_read_lock() in {task.name}",
+                              f"RCU:sleep:{getattr(lock, 'cls', type(lock).__name__)}",
+                              ["  a pte_offset_map() holder must not sleep: pte_unmap() first"])
+            if kind == "wait" and not hasattr(lock, "cls"):
+                return
+            inner = getattr(lock, "cls", "?")
+            for held in task.held:
+                outer = getattr(held, "cls", "?")
+                if outer == inner:
+                    continue                       # nesting within a class (annotated in Linux)
+                self.lock_order.setdefault((outer, inner), f"{task.name} at step {self.k.current_step()}")
+                first = self.lock_order.get((inner, outer))
+                if first is not None:
+                    raise Finding(
+                        "LOCKDEP", f"LOCKDEP: possible circular locking dependency: {outer} -> {inner}",
+                        f"LOCKDEP:{min(outer, inner)}/{max(outer, inner)}",
+                        [f"  {task.name} takes {inner} while holding {outer};",
+                         f"  {inner} -> {outer} was seen earlier ({first})"])
 
     # -- hooks --------------------------------------------------------------------------
     def entry_access(self, entp: int, write: bool, value: int | None = None) -> None:
@@ -63,10 +92,13 @@ class Sanitizers:
             return
         if pt.state == "freed":
             self._uaf(pt, entp, write)
-        if write and value is not None and pt.state in ("detached", "deferred"):
+        if write and value is not None:
             arch = self.k.arch
-            if pt.level == arch.pte_level and arch.decode(pt.level, value).present:
+            if pt.state in ("detached", "deferred") and pt.level == arch.pte_level \
+                    and arch.decode(pt.level, value).present:
                 self._lost_pte(pt, entp)
+            if pt.level < arch.pte_level:
+                self._check_table_entry(pt, entp, value)
 
     def table_released(self, pt) -> None:
         """A PTE table on its way out (pte_free / pte_free_defer) must be empty: a present
@@ -110,6 +142,21 @@ class Sanitizers:
             if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
                 return pt
         return None
+
+    def _check_table_entry(self, pt, entp: int, value: int) -> None:
+        """A table entry written above the PTE level must name a live table of the next
+        level (a pmd pointing at pfn 0 or at a freed table is the mremap bug's result)."""
+        k = self.k
+        ent = k.arch.decode(pt.level, value)
+        if ent.kind.value != "table":
+            return
+        child = k.ptdescs.get(ent.paddr)
+        if child is None or child.level != pt.level + 1:
+            site = call_site()
+            what = "freed table" if ent.paddr in self.dead else "non-table page" if ent.paddr else "pfn 0"
+            raise Finding("BADPMD", f"BADPMD: {k.arch.levels[pt.level].name} entry pointing at a {what} "
+                          f"in {site}", f"BADPMD:{site}",
+                          [f"  entry {entp:#x} := {value:#018x} by {self._where()}"])
 
     def _where(self) -> str:
         cur = self.k.current_task()

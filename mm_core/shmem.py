@@ -10,7 +10,6 @@ from mm_core.locks import RwSemaphore, WaitQueue
 from mm_core.page_alloc import OutOfMemory, Page, PageUse
 
 
-
 @dataclass(eq=False)
 class AddressSpace:
     """struct address_space: the page cache and the file's reverse map."""
@@ -21,7 +20,7 @@ class AddressSpace:
     i_mmap: list = field(default_factory=list)               # VMAs mapping the file
 
     def __post_init__(self) -> None:
-        self.i_mmap_rwsem = RwSemaphore(f"i_mmap@{self.host.ino}")
+        self.i_mmap_rwsem = RwSemaphore(f"i_mmap@{self.host.ino}", "i_mmap_rwsem")
 
     @property
     def nrpages(self) -> int:
@@ -98,6 +97,8 @@ class _FolioLock:
     is clear, then takes it."""
 
     __slots__ = ("folio",)
+    cls = "folio_lock"
+    sleeps = True
 
     def __init__(self, folio: Page) -> None:
         self.folio = folio
