@@ -20,6 +20,7 @@ from emu.vcpu import VCPU, UserStop
 from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
+from mm_core import mremap as mm_mremap
 from mm_core.config import Profile
 from mm_core.kernel import Kernel
 from mm_core.mm import (
@@ -122,6 +123,12 @@ class Machine:
             raise OSError(22, "offset must be page aligned")
         return _check(run_sync(mm_mmap.do_mmap(self.kernel, mm, addr, length, prot, flags, file,
                                                offset // self.kernel.page_size)))
+
+    def mremap(self, mm: MMStruct, addr: int, old_len: int, new_len: int, flags: int,
+               new_addr: int = 0) -> int:
+        """mremap(2) (MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2); returns the new address."""
+        return _check(run_sync(mm_mremap.do_mremap(self.kernel, mm, addr, old_len, new_len, flags,
+                                                   new_addr)))
 
     def memfd_create(self, name: str = "emu", size: int = 0) -> Any:
         """memfd_create() + ftruncate(): a shmem file; release it with close_file()."""

@@ -66,6 +66,9 @@ BUGS: dict[str, str] = {
         "snapshot of the pmd",
     "pte_offset_map_lock_without_recheck":
         "pte_offset_map_lock() takes the ptl but does not recheck pmd_same()",
+    "move_normal_pmd_without_recheck":
+        "mremap's move_normal_pmd() trusts the pmd it read before taking the rmap locks "
+        "(before Jann Horn's 2024 fix): a pmd retracted meanwhile is moved as pfn 0",
 }
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
@@ -218,4 +221,19 @@ def retract_vs_refault(sc: Scenario) -> World:
     sc.task("walker", late_locker())
     sc.task("retract", collapse_file_tail(k, w))
     sc.task("refault", refault())
+    return w
+
+
+@scenario("mremap-vs-retract",
+          "mremap moving a whole PTE table (move_normal_pmd) while retract_page_tables() "
+          "clears the same pmd holding only i_mmap_lock_read: spec §6 case 7",
+          catches=("move_normal_pmd_without_recheck",))
+def mremap_vs_retract(sc: Scenario) -> World:
+    from mm_core import mremap
+    w = collapsed_shmem(sc)
+    k = sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    sc.task("mremap", mremap.do_mremap(k, w.mms[0], w.addr, size, size,
+                                       mremap.MREMAP_MAYMOVE | mremap.MREMAP_FIXED, w.addr + 8 * size))
+    sc.task("retract", collapse_file_tail(k, w))
     return w

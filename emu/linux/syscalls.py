@@ -11,6 +11,7 @@ from emu.sched import traps
 from mm_core import madvise, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
+from mm_core import mremap as mm_mremap
 from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
 
 ENOTTY = 25
@@ -226,6 +227,11 @@ async def sys_mprotect(ctx, addr, length, prot, *_):
     if prot & ~7:
         return -EINVAL
     return await mm_mprotect.do_mprotect(ctx.k, ctx.mm, addr, length, prot)
+
+
+@syscall("mremap")
+async def sys_mremap(ctx, addr, old_len, new_len, flags, new_addr, *_):
+    return await mm_mremap.do_mremap(ctx.k, ctx.mm, addr, old_len, new_len, flags, new_addr)
 
 
 @syscall("brk")
