@@ -26,7 +26,9 @@ typedef unsigned long      size_t;
  * uapi headers: linux-libc-dev (x86_64 asm/unistd_64.h) and Debian's
  * linux-libc-dev-{arm64,s390x,ppc64}-cross (/usr/<triple>/include/asm/unistd_64.h;
  * arm64 uses asm-generic/unistd.h, where ftruncate is __NR3264_ftruncate = 46);
- * close, madvise and memfd_create agree with syscalls.md. */
+ * close, madvise and memfd_create agree with syscalls.md.
+ * clone and sched_yield (absent from syscalls.md) come from the same headers;
+ * exit, futex and gettid agree with syscalls.md. */
 #if defined(__x86_64__)
 #define NR_write        1
 #define NR_close        3
@@ -34,26 +36,37 @@ typedef unsigned long      size_t;
 #define NR_mprotect    10
 #define NR_munmap      11
 #define NR_brk         12
+#define NR_sched_yield 24
 #define NR_madvise     28
 #define NR_getpid      39
+#define NR_clone       56
+#define NR_exit        60
 #define NR_uname       63
 #define NR_ftruncate   77
+#define NR_gettid     186
+#define NR_futex      202
 #define NR_exit_group 231
 #define NR_memfd_create 319
 #elif defined(__aarch64__)
 #define NR_ftruncate   46
 #define NR_close       57
 #define NR_write       64
+#define NR_exit        93
 #define NR_exit_group  94
+#define NR_futex       98
+#define NR_sched_yield 124
 #define NR_uname      160
 #define NR_getpid     172
+#define NR_gettid     178
 #define NR_brk        214
 #define NR_munmap     215
+#define NR_clone      220
 #define NR_mmap       222
 #define NR_mprotect   226
 #define NR_madvise    233
 #define NR_memfd_create 279
 #elif defined(__s390x__)
+#define NR_exit         1
 #define NR_write        4
 #define NR_close        6
 #define NR_getpid      20
@@ -61,12 +74,17 @@ typedef unsigned long      size_t;
 #define NR_mmap        90   /* old_mmap: one argument, a pointer to six longs */
 #define NR_munmap      91
 #define NR_ftruncate   93
+#define NR_clone      120
 #define NR_uname      122
 #define NR_mprotect   125
+#define NR_sched_yield 158
 #define NR_madvise    219
+#define NR_gettid     236
+#define NR_futex      238
 #define NR_exit_group 248
 #define NR_memfd_create 350
 #elif defined(__powerpc64__)
+#define NR_exit         1
 #define NR_write        4
 #define NR_close        6
 #define NR_getpid      20
@@ -74,9 +92,13 @@ typedef unsigned long      size_t;
 #define NR_mmap        90
 #define NR_munmap      91
 #define NR_ftruncate   93
+#define NR_clone      120
 #define NR_uname      122
 #define NR_mprotect   125
+#define NR_sched_yield 158
 #define NR_madvise    205
+#define NR_gettid     207
+#define NR_futex      221
 #define NR_exit_group 234
 #define NR_memfd_create 360
 #else
@@ -95,6 +117,24 @@ typedef unsigned long      size_t;
 #define MADV_DONTNEED  4
 #define MADV_HUGEPAGE  14
 #define MADV_COLLAPSE  25
+
+/* clone flags and futex operations: the same values on all four arches
+ * (linux/sched.h, linux/futex.h) */
+#define CLONE_VM             0x00000100
+#define CLONE_FS             0x00000200
+#define CLONE_FILES          0x00000400
+#define CLONE_SIGHAND        0x00000800
+#define CLONE_THREAD         0x00010000
+#define CLONE_SYSVSEM        0x00040000
+#define CLONE_PARENT_SETTID  0x00100000
+#define CLONE_CHILD_CLEARTID 0x00200000
+/* A thread as glibc makes one, minus CLONE_SETTLS (no TLS here) and with
+ * exit signal 0: 0x350f00. */
+#define CLONE_THREAD_FLAGS (CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | \
+                            CLONE_SYSVSEM | CLONE_PARENT_SETTID | CLONE_CHILD_CLEARTID)
+#define FUTEX_WAIT           0
+#define FUTEX_WAKE           1
+#define FUTEX_PRIVATE_FLAG   128
 
 #define PAGE_SIZE      4096UL
 
@@ -234,6 +274,31 @@ static inline long sys_getpid(void)
     return rt_syscall0(NR_getpid);
 }
 
+/* The thread exits alone (exit, not exit_group); the other threads go on. */
+static inline __attribute__((noreturn)) void sys_exit(int status)
+{
+    for (;;)
+        rt_syscall1(NR_exit, status);
+}
+
+static inline long sys_gettid(void)
+{
+    return rt_syscall0(NR_gettid);
+}
+
+static inline long sys_sched_yield(void)
+{
+    return rt_syscall0(NR_sched_yield);
+}
+
+/* futex(uaddr, op, val, timeout): FUTEX_WAIT sleeps while *uaddr == val
+ * (returns 0, or -EAGAIN if the value differs, -EINTR, -ETIMEDOUT);
+ * FUTEX_WAKE wakes up to val waiters and returns how many it woke. */
+static inline long sys_futex(volatile int *uaddr, int op, int val, const void *timeout)
+{
+    return rt_syscall6(NR_futex, (long)uaddr, op, val, (long)timeout, 0, 0);
+}
+
 struct utsname {
     char sysname[65], nodename[65], release[65], version[65], machine[65], domainname[65];
 };
@@ -242,6 +307,37 @@ static inline long sys_uname(struct utsname *u)
 {
     return rt_syscall1(NR_uname, u);
 }
+
+/* ---- threads (rt.c) ------------------------------------------------------ */
+/*
+ * rt_clone: the raw clone syscall with a child side in asm.  The child runs
+ * on stack_top (rounded down to 16 bytes; the stack grows down from it) and
+ * calls fn(arg), then exit(fn's result): only that thread ends.  fn and arg
+ * travel on the child's stack, so the child never touches the parent's
+ * registers or stack frame.  tid is passed as both parent_tid and child_tid.
+ * Returns the child's thread id in the parent, or -errno.
+ *
+ * The raw argument order differs per arch (kernel/fork.c, chosen by each
+ * arch's Kconfig; qemu's linux-user/<arch>/target_syscall.h agrees):
+ *   x86_64        flags, newsp, parent_tid, child_tid, tls  (the default)
+ *   arm64, ppc64  flags, newsp, parent_tid, tls, child_tid  (CLONE_BACKWARDS)
+ *   s390x         newsp, flags, parent_tid, child_tid, tls  (CLONE_BACKWARDS2)
+ * tls is 0 (no CLONE_SETTLS).
+ */
+long rt_clone(unsigned long flags, void *stack_top, volatile int *tid,
+              int (*fn)(void *arg), void *arg);
+
+/*
+ * A thread with CLONE_THREAD_FLAGS.  The kernel stores the new thread id in
+ * *tid before clone returns in the parent (CLONE_PARENT_SETTID, so a thread
+ * that exits at once cannot race with the parent's store), and at thread exit
+ * sets *tid = 0 and futex-wakes it (CLONE_CHILD_CLEARTID); thread_join waits
+ * for that.  tid must stay valid until the join.  Returns the thread id or
+ * -errno.
+ */
+long thread_start(int (*fn)(void *arg), void *arg, void *stack, size_t stack_size,
+                  volatile int *tid);
+void thread_join(volatile int *tid);
 
 /* ---- helpers (rt.c) ------------------------------------------------------ */
 void put_char(char c);
