@@ -71,12 +71,13 @@ def check_bugs(inject: list[str]) -> None:
 # -- one schedule ----------------------------------------------------------------------------
 
 def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
-            inject: tuple[str, ...] = (), max_steps: int = MAX_STEPS) -> Outcome:
+            inject: tuple[str, ...] = (), max_steps: int | None = None) -> Outcome:
     """Build the world fresh, run its tasks under ``strategy``, tear down, audit."""
     changes: dict = {}
     for bug in inject:
         changes.update(PROFILE_BUGS.get(bug, {}))
-    sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, **changes)
+    sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, cpus=spec.cpus,
+                  quantum=spec.quantum, **changes)
     k = sc.kernel
     for bug in inject:
         k.bugs[bug] = True
@@ -86,7 +87,7 @@ def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel
         world = spec.build(sc)
         sc.sched.observers.append(digest.observe)
         try:
-            sc.sched.run(max_steps=max_steps)
+            sc.sched.run(max_steps=max_steps or spec.max_steps)
             _teardown(sc, world)
         except Finding as f:
             finding = f
@@ -115,6 +116,12 @@ def _teardown(sc: Scenario, world: World) -> None:
     for t in sc.sched.tasks:
         if t.state is not TaskState.DONE and not t.daemon:
             raise Finding("DEADLOCK", f"DEADLOCK: {t.name} never finished", f"STUCK:{t.name}")
+    proc = world.extra.get("proc")
+    if proc is not None:                          # a guest program: its own checks, then exit
+        if proc.exit_code != 0 or world.extra["expect"] not in proc.stdout:
+            raise Finding("ORACLE", f"ORACLE: guest {proc.path.rsplit('/', 1)[-1]} exited {proc.exit_code}"
+                          f"{' (' + proc.signal.name + ')' if proc.signal else ''}", "ORACLE:guest",
+                          [f"  stdout: {proc.stdout.decode(errors='replace')!r}"])
     for mm in world.mms:
         m.exit_mm(mm)
     for f in world.files:
@@ -142,7 +149,8 @@ def replay(schedule: Schedule, lenient: bool = False) -> Outcome:
 
 def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) -> dict[str, int]:
     """Task name -> tid in a fresh build of the scenario (tids follow spawn order)."""
-    sc = Scenario(arch=schedule.arch, kernel=schedule.kernel, mem=spec.mem)
+    sc = Scenario(arch=schedule.arch, kernel=schedule.kernel, mem=spec.mem, cpus=spec.cpus,
+                  quantum=spec.quantum)
     try:
         spec.build(sc)
         return {t.name: t.tid for t in sc.sched.tasks}

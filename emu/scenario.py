@@ -29,16 +29,18 @@ from mm_core.config import Profile, get_profile
 
 class Scenario:
     def __init__(self, arch: str = "x86_64", kernel: str | Profile = "6.6", mem: str = "64M",
-                 strategy: Strategy | str = "round-robin", **profile_changes: Any) -> None:
+                 strategy: Strategy | str = "round-robin", cpus: int = 1, quantum: int = 20000,
+                 **profile_changes: Any) -> None:
         profile = kernel if isinstance(kernel, Profile) else get_profile(kernel)
         if profile_changes:
             profile = dataclasses.replace(profile, name=f"{profile.name}+custom", **profile_changes)
-        self.machine = Machine(arch=arch, mem=mem, kernel=profile, policy=strategy)
+        self.machine = Machine(arch=arch, mem=mem, kernel=profile, policy=strategy, cpus=cpus,
+                               quantum=quantum)
         self.kernel = self.machine.kernel
         self.sched = self.machine.scheduler
         self.trace: list[tuple[str, tuple]] = []
         self.results: dict[str, Any] = {}
-        self.sched.spawn(self._traced("rcu_gp", rcu.rcu_gp_kthread(self.kernel)), "rcu_gp", daemon=True)
+        self.machine._start_kthreads()          # rcu_gp and khugepaged, as in any run
 
     def task(self, name: str, coro: Coroutine[Any, Any, Any]) -> Task:
         """A task running ``coro``; its return value lands in ``results[name]``."""

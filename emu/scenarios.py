@@ -45,6 +45,9 @@ class ScenarioSpec:
     build: Callable[[Scenario], World]
     catches: tuple[str, ...] = ()       # injectable bugs this scenario is meant to find
     mem: str = "8M"
+    cpus: int = 1
+    quantum: int = 20000
+    max_steps: int = 20000
 
 
 SCENARIOS: dict[str, ScenarioSpec] = {}
@@ -73,9 +76,9 @@ BUGS: dict[str, str] = {
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
-def scenario(name: str, description: str, catches: tuple[str, ...] = ()):
+def scenario(name: str, description: str, catches: tuple[str, ...] = (), **settings):
     def register(build: Callable[[Scenario], World]) -> Callable[[Scenario], World]:
-        SCENARIOS[name] = ScenarioSpec(name, description, build, catches)
+        SCENARIOS[name] = ScenarioSpec(name, description, build, catches, **settings)
         return build
     return register
 
@@ -237,3 +240,16 @@ def mremap_vs_retract(sc: Scenario) -> World:
                                        mremap.MREMAP_MAYMOVE | mremap.MREMAP_FIXED, w.addr + 8 * size))
     sc.task("retract", collapse_file_tail(k, w))
     return w
+
+
+@scenario("guest-collapse-race",
+          "the collapse_race guest program: two threads verify a shmem mapping while a third "
+          "loops MADV_COLLAPSE and MADV_DONTNEED over it, on four vCPUs; every quantum, fault, "
+          "syscall and table access is a scheduling point",
+          mem="64M", cpus=4, quantum=2000, max_steps=2_000_000)
+def guest_collapse_race(sc: Scenario) -> World:
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "workloads", "bin", sc.machine.arch.name, "collapse_race")
+    proc = sc.machine.spawn(path, ["collapse_race", "2"])
+    return World(extra={"proc": proc, "expect": b"mismatches 0\n"})

@@ -40,10 +40,21 @@ def test_injected_bug_is_found_shrunk_certified_and_replayed(scenario: str, bug:
         assert again.digest == decoded.digest
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+KERNEL_SCENARIOS = [n for n, s in SCENARIOS.items() if not n.startswith("guest-")]
+
+
+@pytest.mark.parametrize("scenario", KERNEL_SCENARIOS)
 def test_fixed_twin_runs_clean_under_the_portfolio(scenario: str) -> None:
     result = ex.explore(SCENARIOS[scenario], budget=150, seed=7)
     assert result.outcome is None and result.schedules == 150
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_guest_collapse_race_runs_clean_on_four_vcpus_under_the_portfolio(arch: str) -> None:
+    """Three guest threads on four vCPUs, khugepaged and rcu_gp, scheduled by PCT and
+    random walks; the guest checks its own data and check_mm checks the kernel's."""
+    result = ex.explore(SCENARIOS["guest-collapse-race"], budget=2, seed=3, arch=arch)
+    assert result.outcome is None and result.schedules == 2
 
 
 def test_profile_64_with_lockless_retraction_is_caught_and_66_is_clean() -> None:

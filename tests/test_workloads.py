@@ -104,3 +104,22 @@ def test_more_processes_than_vcpus_share_them_by_context_switching(arch_name: st
     assert a.stdout == expected("qsort")[0] and b.stdout == expected("pagetouch")[0]
     assert c.stdout.startswith(b"hello from emu\nargc 2\n")
     assert len(m.vcpus) == 1 and m.kernel.stats["context_switches"] > 10
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+def test_collapse_race_threads_on_four_vcpus(arch_name: str) -> None:
+    """clone, futex join, sched_yield; MADV_COLLAPSE retracting tables under threads that
+    keep reading and writing the range; the guest verifies every word."""
+    m = Machine(arch=arch_name, mem="64M", cpus=4, quantum=5000)
+    m.spawn(workload(arch_name, "collapse_race"), ["collapse_race"])
+    r = m.run()
+    assert (r.stdout, r.exit_code) == (expected("collapse_race")[0], 0)
+    assert m.kernel.stats["threads_created"] == 3 and len(m.vcpus) == 4
+    assert r.summary["pt_tables_rcu_deferred"] >= 1
+
+
+def test_threads_outnumbering_vcpus_share_one() -> None:
+    m = Machine(arch="ppc64", mem="64M", cpus=1, quantum=3000)
+    m.spawn(workload("ppc64", "collapse_race"), ["collapse_race", "3"])
+    r = m.run()
+    assert r.exit_code == 0 and b"mismatches 0\n" in r.stdout and len(m.vcpus) == 1

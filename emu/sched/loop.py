@@ -16,6 +16,7 @@ from emu.sched.strategy import Strategy, make_strategy
 from emu.sched.task import Task, TaskState
 
 POLICIES = ("round-robin", "timed")
+FAIR_QUANTA = 8              # user quanta in a row before another runnable thread must run
 
 
 class Deadlock(Exception):
@@ -43,6 +44,9 @@ class Scheduler:
         self._rr = 0
         self.switches = 0
         self.preemptions = 0        # switches away from a task that could have gone on
+        self._user_streak = 0
+        self._streak_task: Task | None = None
+        self._last_ran: dict[int, int] = {}
         self.traps = 0
         self._time_floor = 0
 
@@ -57,7 +61,21 @@ class Scheduler:
         return [t for t in self.tasks if t.state is TaskState.RUNNABLE]
 
     def _pick(self, runnable: list[Task]) -> Task:
-        return self.strategy.pick(runnable, self.current, len(self.picks))
+        task = self.strategy.pick(runnable, self.current, len(self.picks))
+        # Fairness for guest code: a thread that keeps running user quanta while others
+        # could run (a busy-wait on a flag another thread must set) is preempted after
+        # FAIR_QUANTA of them, in favour of the runnable task that ran least recently.
+        # Strategies stay adversarial inside that bound (CHESS's fair scheduling).
+        if self.strategy.fair and task.pending is not None and task.pending[0] == "user" \
+                and len(runnable) > 1:
+            self._user_streak = self._user_streak + 1 if task is self._streak_task else 1
+            self._streak_task = task
+            if self._user_streak > FAIR_QUANTA:
+                others = [t for t in runnable if t is not task]
+                task = min(others, key=lambda t: (self._last_ran.get(t.tid, -1), t.tid))
+                self._user_streak, self._streak_task = 0, task
+        self._last_ran[task.tid] = len(self.picks)
+        return task
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, stop: Callable[[], bool] | None = None, max_steps: int | None = None) -> None:

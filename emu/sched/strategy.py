@@ -25,6 +25,7 @@ class Divergence(Exception):
 
 class Strategy:
     name = "strategy"
+    fair = True          # the scheduler may override a pick to end a busy-wait (see loop.py)
 
     def pick(self, runnable: Sequence[Task], current: Task | None, step: int) -> Task:
         raise NotImplementedError
@@ -119,6 +120,7 @@ class Replay(Strategy):
     the shrinker needs; otherwise raise Divergence."""
 
     name = "replay"
+    fair = False         # the recorded picks already include every fairness override
 
     def __init__(self, picks: Sequence[int], lenient: bool = False) -> None:
         self.picks = list(picks)
