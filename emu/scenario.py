@@ -23,7 +23,6 @@ from emu.sched.loop import close_coroutine
 from emu.sched.script import run_script
 from emu.sched.strategy import Strategy
 from emu.sched.task import Task, TaskState
-from mm_core import rcu
 from mm_core.config import Profile, get_profile
 
 
