@@ -43,7 +43,9 @@ class Scenario:
 
     def task(self, name: str, coro: Coroutine[Any, Any, Any]) -> Task:
         """A task running ``coro``; its return value lands in ``results[name]``."""
-        return self.sched.spawn(self._traced(name, coro), name)
+        task = self.sched.spawn(self._traced(name, coro), name)
+        task.kstate["coro"] = coro             # the traced body, for reports
+        return task
 
     async def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Any:
         # forward every trap, recording it: the coroutine protocol by hand

@@ -69,6 +69,9 @@ BUGS: dict[str, str] = {
         "snapshot of the pmd",
     "pte_offset_map_lock_without_recheck":
         "pte_offset_map_lock() takes the ptl but does not recheck pmd_same()",
+    "damon_endless_again":
+        "DAMON's damon_mkold_pmd_entry() answers a failed pte_offset_map_lock() with "
+        "ACTION_AGAIN (before the 2025 fix): endless on a pmd that stays a migration entry",
     "move_normal_pmd_without_recheck":
         "mremap's move_normal_pmd() trusts the pmd it read before taking the rmap locks "
         "(before Jann Horn's 2024 fix): a pmd retracted meanwhile is moved as pfn 0",
@@ -253,3 +256,24 @@ def guest_collapse_race(sc: Scenario) -> World:
     path = os.path.join(root, "workloads", "bin", sc.machine.arch.name, "collapse_race")
     proc = sc.machine.spawn(path, ["collapse_race", "2"])
     return World(extra={"proc": proc, "expect": b"mismatches 0\n"})
+
+
+@scenario("damon-vs-thp-migration",
+          "a DAMON aging walk (walk_page_range + damon_mkold_pmd_entry) over a THP whose pmd is "
+          "a migration entry for as long as the walk runs: spec §6 case 6; the retry loop "
+          "must end",
+          catches=("damon_endless_again",))
+def damon_vs_thp_migration(sc: Scenario) -> World:
+    from mm_core import damon
+    from mm_core.sched_helpers import stalled_thp_migration
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)                                   # one THP
+    pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("damon", damon.damon_va_mkold(k, mm, a, a + size))
+    return World([mm], [], a, pmdp)

@@ -207,3 +207,32 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
     await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(deposit.paddr))
     await traps.unlock(pml)
     k.stats["thp_split_pmd"] += 1
+
+
+# -- THP migration entries --------------------------------------------------------------------
+
+async def set_pmd_migration_entry(k, vma, pmdp: int) -> Entry | None:
+    """set_pmd_migration_entry(): replace a PMD leaf by a migration entry while the folio
+    is copied; returns the leaf to put back (None if the pmd was not a leaf)."""
+    from emu.arch import SWP_MIGRATION_WRITE, swap_entry
+    pml = await pgtable.pmd_lock(k, vma.mm, pmdp)
+    try:
+        cur = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+        if cur.kind is not Kind.LEAF:
+            return None
+        await pgtable.set_entry(k, pmdp, k.arch.pmd_level,
+                                swap_entry(SWP_MIGRATION_WRITE, cur.paddr >> PAGE_SHIFT))
+        k.flush_tlb_range(vma.mm, vma.start, vma.end)
+        return cur
+    finally:
+        await traps.unlock(pml)
+
+
+async def remove_migration_pmd(k, vma, pmdp: int, leaf: Entry) -> None:
+    """remove_migration_pmd(): the copy is done (here: back to the same folio)."""
+    pml = await pgtable.pmd_lock(k, vma.mm, pmdp)
+    try:
+        if (await pgtable.get_entry(k, pmdp, k.arch.pmd_level)).kind is Kind.MIGRATION:
+            await pgtable.set_entry(k, pmdp, k.arch.pmd_level, leaf)
+    finally:
+        await traps.unlock(pml)

@@ -34,6 +34,22 @@ class Finding(Exception):
         return "\n".join([bar, f"BUG: {self.title}", *self.details, bar])
 
 
+RETRY_LIMIT = 1000          # retries of one task before a retry loop counts as endless
+
+
+def coroutine_site(coro) -> str:
+    """The innermost kernel function a (suspended) task is in."""
+    site = "?"
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            name = frame.f_code.co_filename.rsplit("/", 1)[-1]
+            if name not in _HELPERS and not frame.f_code.co_name.startswith("<"):
+                site = frame.f_code.co_name
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return site
+
+
 def call_site() -> str:
     """The innermost kernel function outside the table helpers (deterministic)."""
     f = sys._getframe(2)
@@ -59,6 +75,14 @@ class Sanitizers:
         if not self.enabled:
             return
         kind = event[0]
+        if kind == "point" and event[1] == "retry":
+            n = task.kstate["retries"] = task.kstate.get("retries", 0) + 1
+            if n > RETRY_LIMIT:
+                site = coroutine_site(task.kstate.get("coro", task.coro))
+                raise Finding("LIVELOCK", f"LIVELOCK: {task.name} retried {n} times in {site} without "
+                              "progress", f"LIVELOCK:{site}",
+                              ["  a retry after a failed pte_offset_map*() must re-read the pmd and end "
+                               "when it is stable but not a table"])
         if kind in ("lock", "wait", "trylock"):
             lock = event[1]
             depth = self.k.rcu.readers.get(task, 0)

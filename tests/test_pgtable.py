@@ -161,3 +161,41 @@ def test_guest_programs_run_under_every_profile(kernel: str) -> None:
     m = emu.Machine(arch="arm64", mem="32M", kernel=kernel)
     m.spawn(workload("arm64", "pagetouch"), ["pagetouch"])
     assert m.run().stdout == expected("pagetouch")[0]
+
+
+def test_walk_page_range_retries_a_failed_map_and_reports_holes() -> None:
+    """walk_pte_range's failed pte_offset_map_lock is ACTION_AGAIN: walk_pmd_range reads
+    the pmd again and, now none, reports a hole (RETRY category)."""
+    from mm_core import pagewalk
+    m, k, mm, a, pmdp, size = world("x86_64")
+    seen = {"holes": [], "ptes": 0}
+
+    async def pte_entry(ptep, addr, end, walk):
+        seen["ptes"] += 1
+        return 0
+
+    async def pte_hole(addr, end, walk):
+        seen["holes"].append((addr, end))
+        return 0
+
+    ops = pagewalk.MmWalkOps(pte_entry=pte_entry, pte_hole=pte_hole)
+    assert run_sync(pagewalk.walk_page_range(k, mm, a, a + 2 * size, ops)) == 0
+    assert seen["ptes"] == size // PAGE_SIZE and seen["holes"] == [(a + size, a + 2 * size)]
+    # the pmd is retracted between the walker's pmd read and its map: RETRY, then a hole
+    from emu.scenario import Scenario
+    from emu.scenarios import collapse_file_tail, collapsed_shmem
+    from mm_core.locks import mmap_read_lock, mmap_read_unlock
+    sc = Scenario(arch="x86_64", mem="8M")
+    w = collapsed_shmem(sc)
+    seen = {"holes": [], "ptes": 0}
+    walk = pagewalk.MmWalk(sc.kernel, w.mms[0], ops)
+
+    async def walker():
+        await mmap_read_lock(w.mms[0])                 # walk_page_range's caller holds it
+        await pagewalk.walk_pmd_range(sc.kernel, walk, w.pmdp, w.addr, w.addr + size)
+        await mmap_read_unlock(w.mms[0])
+
+    sc.task("walker", walker())
+    sc.task("retract", collapse_file_tail(sc.kernel, w))
+    sc.run("walker:pt_read#1 retract:* walker:*")
+    assert walk.retries == 1 and seen["holes"] == [(w.addr, w.addr + size)] and seen["ptes"] == 0
