@@ -245,13 +245,14 @@ def plugins_list(as_json: bool) -> None:
               type=click.Choice(list(PROFILES)))
 @click.option("--arch", default="x86_64", show_default=True)
 @click.option("--inject", multiple=True, metavar="BUG", help="re-create a historical bug (repeatable)")
+@click.option("--workers", default=1, show_default=True, help="processes exploring in parallel")
 @click.option("--no-shrink", is_flag=True, help="report the schedule as found")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="also write the finding as JSON to this file")
 @click.option("--json", "as_json", is_flag=True)
 def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, seconds: float | None,
-                seed: int, profile: str, arch: str, inject: tuple[str, ...], no_shrink: bool,
-                report_path: str | None, as_json: bool) -> None:
+                seed: int, profile: str, arch: str, inject: tuple[str, ...], workers: int,
+                no_shrink: bool, report_path: str | None, as_json: bool) -> None:
     """Search SCENARIO's interleavings for a race; exit 1 with a report if one is found."""
     from emu import explore as ex
     if list_:
@@ -269,15 +270,17 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
             raise ex.ExploreError(f"unknown arch {arch!r}")
     except (ex.ExploreError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
     if as_json:
-        result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject)
+        result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject, workers=workers)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
             job = bar.add_task(f"{scenario} ({strategy})", total=budget)
             result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject,
-                                progress=lambda n: bar.update(job, completed=n))
+                                progress=lambda n: bar.update(job, completed=n), workers=workers)
     if result.outcome is not None and not no_shrink:
         result.outcome = ex.shrink(spec, result.outcome)
         result.outcome, result.certified, result.certify_runs = ex.certify(spec, result.outcome)

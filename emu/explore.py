@@ -160,35 +160,72 @@ def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) ->
 
 # -- search ----------------------------------------------------------------------------------
 
+BATCH = 32      # schedules per batch; PCT's k is learned between batches
+
+
+def strategy_for(name: str, seed: int, index: int, expected_steps: int) -> tuple[str, Strategy]:
+    """The strategy of schedule ``index`` (portfolio: round-robin over PORTFOLIO)."""
+    pick = PORTFOLIO[index % len(PORTFOLIO)] if name == "portfolio" else name
+    return pick, make_strategy(pick, seed * 1_000_003 + index, expected_steps)
+
+
 def strategies(name: str, seed: int, steps_seen: list[int]):
     """An endless stream of (label, strategy), one per schedule; PCT's k follows the
-    longest run seen so far."""
+    longest run in ``steps_seen`` so far (for callers that drive execute() themselves)."""
     i = 0
     while True:
-        pick = PORTFOLIO[i % len(PORTFOLIO)] if name == "portfolio" else name
-        yield pick, make_strategy(pick, seed * 1_000_003 + i, max(steps_seen, default=200))
+        yield strategy_for(name, seed, i, max(steps_seen, default=200))
         i += 1
+
+
+def _job(args: tuple) -> Outcome:
+    """One schedule in a worker process (everything by name: worlds do not pickle)."""
+    scenario, name, seed, index, k_steps, arch, kernel, inject = args
+    _, strat = strategy_for(name, seed, index, k_steps)
+    return execute(SCENARIOS[scenario], strat, arch, kernel, inject)
 
 
 def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
             seconds: float | None = None, seed: int = 0, arch: str = "x86_64", kernel: str = "6.6",
-            inject: tuple[str, ...] = (), progress: Callable[[int], None] | None = None) -> ExploreResult:
-    """Run schedules until a finding, the budget or the time runs out."""
+            inject: tuple[str, ...] = (), progress: Callable[[int], None] | None = None,
+            workers: int = 1) -> ExploreResult:
+    """Run schedules until a finding, the budget or the time runs out.
+
+    Schedules go in batches; within a batch the finding with the lowest index wins, and
+    PCT learns run lengths only between batches, so the result depends on the seed and
+    not on ``workers`` or timing."""
     result = ExploreResult(spec.name)
     t0 = time.perf_counter()
     steps_seen: list[int] = []
-    for n, (label, strat) in enumerate(strategies(strategy, seed, steps_seen), 1):
-        if n > budget or (seconds is not None and time.perf_counter() - t0 > seconds):
-            break
-        out = execute(spec, strat, arch, kernel, inject)
-        steps_seen.append(out.steps)
-        result.schedules = n
-        if progress is not None:
-            progress(n)
-        if out.finding is not None:
-            result.outcome = result.original = out
-            result.found_by, result.found_after = label, n
-            break
+    pool = None
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        index = 0
+        while index < budget and (seconds is None or time.perf_counter() - t0 <= seconds):
+            batch = range(index, min(index + BATCH, budget))
+            k_steps = max(steps_seen, default=200)
+            jobs = [(spec.name, strategy, seed, i, k_steps, arch, kernel, inject) for i in batch]
+            outs = (pool.map(_job, jobs, chunksize=max(1, len(jobs) // workers)) if pool is not None
+                    else map(_job, jobs))
+            for i, out in zip(batch, outs, strict=True):
+                steps_seen.append(out.steps)
+                result.schedules = i + 1
+                if out.finding is not None:
+                    result.outcome = result.original = out
+                    result.found_by = strategy_for(strategy, seed, i, k_steps)[0]
+                    result.found_after = i + 1
+                    break
+            if progress is not None:
+                progress(result.schedules)
+            if result.outcome is not None:
+                break
+            index = batch.stop
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -29,6 +29,9 @@ class Finding(Exception):
     def __str__(self) -> str:
         return self.title
 
+    def __reduce__(self):                       # findings cross process boundaries (--workers)
+        return (Finding, (self.sanitizer, self.title, self.signature, self.details))
+
     def report(self) -> str:
         bar = "=" * 66
         return "\n".join([bar, f"BUG: {self.title}", *self.details, bar])

@@ -143,3 +143,11 @@ def test_explore_command_exit_codes() -> None:
     assert r.returncode == 0 and all(name in r.stdout for name in list(SCENARIOS) + list(BUGS))
     r = emu("replay", "emu1.nonsense")
     assert r.returncode == 2 and "corrupt schedule" in r.stderr
+
+
+def test_workers_do_not_change_the_result() -> None:
+    spec = SCENARIOS["retract-vs-zap"]
+    one = ex.explore(spec, budget=200, seed=5, inject=("walker_ignores_map_failure",), workers=1)
+    two = ex.explore(spec, budget=200, seed=5, inject=("walker_ignores_map_failure",), workers=2)
+    assert one.outcome is not None
+    assert (one.found_after, one.outcome.schedule.encode()) == (two.found_after, two.outcome.schedule.encode())
