@@ -89,6 +89,7 @@ class Machine:
         self.kernel.current_step = lambda: len(sched.picks)
         sched.on_task_end.append(self.kernel.san.task_ended)
         sched.observers.append(self.kernel.san.on_trap)
+        self.kernel.vcpus = lambda: self.vcpus
         self.processes: list[Process] = []
         page = self.kernel.page_size
         task_top = self.arch.task_size & ~(page - 1)

@@ -16,6 +16,7 @@ class TLB:
         self.small: dict[int, tuple[int, int]] = {}       # vpn -> (page paddr, perms)
         self.huge: dict[tuple[int, int], tuple[int, int]] = {}  # (shift, va >> shift) -> (base, perms)
         self.huge_shifts: list[int] = []
+        self.by_frame: dict[int, list[int]] = {}   # frame -> vpns inserted for it (sanitizer)
         self.inserts = 0
         self.evictions = 0
         self.flushes = 0
@@ -43,10 +44,23 @@ class TLB:
             del self.small[next(iter(self.small))]
             self.evictions += 1
         self.small[va >> PAGE_SHIFT] = (page, perms)
+        self.by_frame.setdefault(page, []).append(va >> PAGE_SHIFT)
         return page, perms
+
+    def maps_frame(self, frame: int) -> int | None:
+        """A VA this TLB still translates to ``frame`` (4K), or None."""
+        for vpn in self.by_frame.get(frame, ()):
+            e = self.small.get(vpn)
+            if e is not None and e[0] == frame:
+                return vpn << PAGE_SHIFT
+        for (shift, vhn), (base, _) in self.huge.items():
+            if base <= frame < base + (1 << shift):
+                return (vhn << shift) + (frame - base)
+        return None
 
     def flush_all(self) -> None:
         self.small.clear()
+        self.by_frame.clear()
         self.huge.clear()
         self.huge_shifts.clear()
         self.flushes += 1

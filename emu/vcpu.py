@@ -203,6 +203,10 @@ class VCPU:
             self.pending_flush = []
         self.pending_flush.append((start, end))
 
+    def flush_pending_for(self, va: int) -> bool:
+        """Is a shootdown covering ``va`` queued for this vCPU's next scheduling point?"""
+        return any(start <= va < end for start, end in self.pending_flush or ())
+
     def apply_flushes(self) -> None:
         if self.pending_flush:
             for start, end in self.pending_flush:

@@ -147,7 +147,7 @@ async def do_set_pmd(k, vmf, folio) -> bool:
 
 # -- zap and split ------------------------------------------------------------------------------
 
-async def zap_huge_pmd(k, vma, pmdp: int) -> bool:
+async def zap_huge_pmd(k, vma, pmdp: int, tlb: list | None = None) -> bool:
     """zap_huge_pmd(): clear a PMD leaf under pml, drop the folio, free the deposit."""
     from mm_core.memory import _put_mapped_page
     mm, arch = vma.mm, k.arch
@@ -164,7 +164,7 @@ async def zap_huge_pmd(k, vma, pmdp: int) -> bool:
         pte_free(k, deposit)
     folio = k.alloc.page_of(cur.paddr)
     if folio is not None:
-        _put_mapped_page(k, mm, folio, hpage_pmd_nr(k))
+        _put_mapped_page(k, mm, folio, hpage_pmd_nr(k), tlb)
     k.stats["thp_zapped"] += 1
     return True
 

@@ -32,6 +32,8 @@ class Kernel:
         self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
         self.bugs: dict[str, object] = {}        # named bug injections (explorer self-tests)
         self.san = Sanitizers(self)
+        self.alloc.on_free = self.san.page_freed
+        self.vcpus: Callable[[], list] = lambda: []          # set by the machine
         # set by the machine: who is running, and the step number (for reports)
         self.current_task: Callable[[], object] = lambda: None
         self.current_step: Callable[[], int] = lambda: 0

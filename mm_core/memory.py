@@ -313,17 +313,23 @@ def add_mapped_page(k, mm: MMStruct, page, nr: int = 1) -> None:
     mm.rss[mm_counter(page)] += nr
 
 
-def _put_mapped_page(k, mm: MMStruct, page, nr: int = 1) -> None:
+def _put_mapped_page(k, mm: MMStruct, page, nr: int = 1, tlb: list | None = None) -> None:
     """folio_remove_rmap() + put_page(): drop one mapping (of ``nr`` pages) and reference."""
     page.mapcount -= 1
     mm.rss[mm_counter(page)] -= nr
-    put_page(k, page)
+    put_page(k, page, tlb)
 
 
-def put_page(k, page) -> None:
+def put_page(k, page, tlb: list | None = None) -> None:
+    """Drop a reference; the last one frees the page, or, under an mmu_gather (``tlb``),
+    queues it to be freed after the TLB flush (tlb_finish_mmu): until every vCPU has
+    dropped its translation the frame must not be reused."""
     page.refcount -= 1
     if page.refcount == 0:
-        k.alloc.free_pages(page)
+        if tlb is not None:
+            tlb.append(page)
+        else:
+            k.alloc.free_pages(page)
 
 
 # -- tearing down ------------------------------------------------------------------------------
@@ -351,7 +357,7 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
         yield item
 
 
-async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> bool:
+async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None) -> bool:
     """zap_pte_range(): clear every PTE in [start, end) under ptl and drop the pages.
     Returns False without progress when the PTE table could not be mapped; the caller
     (zap_pmd_range) then looks at the same pmd again (RETRY)."""
@@ -367,7 +373,7 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> boo
             await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
             page = None if ent.special else k.alloc.page_of(ent.paddr)
             if page is not None:
-                _put_mapped_page(k, mm, page)
+                _put_mapped_page(k, mm, page, tlb=tlb)
             k.stats["ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)
@@ -375,7 +381,7 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int) -> boo
     return True
 
 
-async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None) -> None:
     """zap_pmd_range() for one pmd: a PMD leaf is zapped whole (or split first when only
     part of it goes); a table goes to zap_pte_range, retried while its map fails and the
     pmd still holds something."""
@@ -395,24 +401,28 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
             return
         if pmdval.kind is Kind.LEAF:
             if start & (size - 1) == 0 and end - start == size:
-                if await huge_memory.zap_huge_pmd(k, vma, pmdp):
+                if await huge_memory.zap_huge_pmd(k, vma, pmdp, tlb):
                     return
             else:
                 await huge_memory.split_huge_pmd(k, vma, pmdp, start)
             continue
         if pmdval.kind is Kind.MIGRATION:
             return
-        if await zap_pte_range(k, mm, pmdp, start, end):
+        if await zap_pte_range(k, mm, pmdp, start, end, tlb):
             return
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
 
 async def unmap_page_range(k, vma: VMA, start: int, end: int) -> None:
-    """unmap_page_range(): zap every pmd of [start, end), then flush the TLBs."""
+    """unmap_page_range() under an mmu_gather: zap every pmd of [start, end), flush the
+    TLBs, and only then free the pages (tlb_finish_mmu)."""
+    tlb: list = []
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
-        await zap_pmd_range(k, vma, pmdp, lo, hi)
+        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb)
     k.flush_tlb_range(vma.mm, start, end)
+    for page in tlb:
+        k.alloc.free_pages(page)
 
 
 async def unmap_mapping_range(k, mapping, first: int, last: int) -> None:

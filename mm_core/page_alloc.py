@@ -71,6 +71,7 @@ class PageAllocator:
         # freed page-table blocks stay poisoned and unused for a while, so a stale access
         # finds poison (and the sanitizer finds it freed) rather than a reused page
         self.quarantine: list[tuple[int, int]] = []
+        self.on_free = None                        # sanitizer hook: called with each freed block
         pfn, end = 1, physmem.nr_pages
         while pfn < end:
             order = MAX_ORDER
@@ -108,6 +109,8 @@ class PageAllocator:
         """__free_pages(): poison, then merge with free buddies."""
         if self.pages.get(page.pfn) is not page:
             raise RuntimeError(f"freeing pfn {page.pfn:#x} that is not allocated (double free?)")
+        if self.on_free is not None:
+            self.on_free(page)
         del self.pages[page.pfn]
         self.nr_free += page.nr_pages
         self.freed[page.use] += page.nr_pages

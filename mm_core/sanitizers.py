@@ -127,6 +127,21 @@ class Sanitizers:
             if pt.level < arch.pte_level:
                 self._check_table_entry(pt, entp, value)
 
+    def page_freed(self, page) -> None:
+        """TLB coherence: no vCPU may still translate to a frame being freed, unless a
+        shootdown covering it is queued (it lands before that vCPU runs guest code)."""
+        if not self.enabled:
+            return
+        for vcpu in self.k.vcpus():
+            for off in range(0, page.nr_pages << 12, 1 << 12):
+                va = vcpu.tlb.maps_frame(page.paddr + off)
+                if va is not None and not vcpu.flush_pending_for(va) and vcpu.mm is not None:
+                    site = call_site()
+                    raise Finding("TLB", f"TLB: vCPU {vcpu.index} still maps freed frame "
+                                  f"{page.paddr + off:#x} in {site}", f"TLB:stale:{site}",
+                                  [f"  va {va:#x} -> pa {page.paddr + off:#x} ({page.use.value}), "
+                                   f"no flush queued: the page is freed before the TLB flush"])
+
     def table_released(self, pt) -> None:
         """A PTE table on its way out (pte_free / pte_free_defer) must be empty: a present
         entry left in it is a page mapped where no walker or rmap will find it."""

@@ -78,3 +78,29 @@ def test_pmd_pointing_at_pfn_0_is_reported() -> None:
     sc, m, k, mm, a, pmdp = world("ppc64")
     with pytest.raises(Finding, match="BADPMD: pmd entry pointing at a pfn 0"):
         run_sync(pgtable.set_entry(k, pmdp, k.arch.pmd_level, table_entry(0)))
+
+
+def _vcpu_with_translation(arch: str = "arm64"):
+    import ctypes
+    m = emu.Machine(arch=arch, mem="16M")
+    mm = m.new_mm()
+    va = m.mmap(mm, 0, 4 * 4096, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS)
+    m.touch(mm, va, write=True)
+    vcpu = m._free_vcpu()
+    vcpu.switch_mm(mm)
+    entry = (ctypes.c_uint64 * 2)()
+    assert vcpu._fill(None, va, 16, entry, None)         # the vCPU's TLB now maps the page
+    return m, mm, va, vcpu
+
+
+def test_munmap_flushes_before_the_page_is_freed() -> None:
+    m, mm, va, vcpu = _vcpu_with_translation()
+    m.munmap(mm, va, 4 * 4096)                            # mmu_gather: flush queued, then free
+    assert vcpu.pending_flush and m.kernel.alloc.page_of(vcpu.tlb.small[va >> 12][0]) is None
+
+
+def test_freeing_a_frame_a_vcpu_still_maps_is_reported() -> None:
+    m, mm, va, vcpu = _vcpu_with_translation("s390x")
+    page = m.kernel.alloc.page_of(vcpu.tlb.small[va >> 12][0])
+    with pytest.raises(Finding, match=r"TLB: vCPU 0 still maps freed frame"):
+        m.kernel.alloc.free_pages(page)                   # no zap, no flush: a stale TLB entry
