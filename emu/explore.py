@@ -104,7 +104,8 @@ def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel
         picks = [names[tid] for tid in sc.sched.picks]
         schedule = Schedule.from_picks(picks, scenario=spec.name, kernel=kernel, arch=arch,
                                        inject=",".join(inject), digest=digest.hexdigest(),
-                                       strategy=strategy.describe())
+                                       strategy=strategy.describe(),
+                                       data=[v for _, _, v in sc.sched.data_log])
         return Outcome(finding, schedule, sc.sched.preemptions, len(picks), digest.hexdigest())
     finally:
         sc.close()
@@ -143,8 +144,8 @@ def replay(schedule: Schedule, lenient: bool = False) -> Outcome:
     inject = tuple(b for b in schedule.inject.split(",") if b)
     check_bugs(list(inject))
     tids = _tids_of(spec, schedule, inject)
-    return execute(spec, Replay([tids[n] for n in schedule.picks()], lenient), schedule.arch,
-                   schedule.kernel, inject)
+    return execute(spec, Replay([tids[n] for n in schedule.picks()], lenient, schedule.data),
+                   schedule.arch, schedule.kernel, inject)
 
 
 def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) -> dict[str, int]:
@@ -250,7 +251,8 @@ def shrink(spec: ScenarioSpec, found: Outcome, max_runs: int = 400) -> Outcome:
         nonlocal runs_done
         runs_done += 1
         picks = [tids[best.schedule.tasks[i]] for i, n in runs for _ in range(n)]
-        out = execute(spec, Replay(picks, lenient=True), sched.arch, sched.kernel, inject)
+        out = execute(spec, Replay(picks, lenient=True, data=best.schedule.data), sched.arch,
+                      sched.kernel, inject)
         return out if _same(out, signature) else None
 
     improved = True

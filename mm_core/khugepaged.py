@@ -475,6 +475,8 @@ async def khugepaged_scan_mm_slot(k, mm) -> None:
             work.append((vma, haddr))
             haddr += size
     await traps.unlock(mm.mmap_lock, "r")
+    start = await traps.choose(len(work), "khugepaged.addr")    # where the scan resumes
+    work = work[start:] + work[:start]
     for vma, haddr in work:
         if hpage_collapse_test_exit(mm):
             return

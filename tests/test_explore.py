@@ -152,3 +152,23 @@ def test_workers_do_not_change_the_result() -> None:
     assert one.outcome is not None
     assert one.found_after == two.found_after
     assert one.outcome.schedule.encode() == two.outcome.schedule.encode()
+
+
+def test_data_choices_come_from_the_strategy_and_replay() -> None:
+    from emu.scenario import Scenario
+    from emu.sched import traps
+
+    async def chooser():
+        return [await traps.choose(5, "demo") for _ in range(6)]
+
+    first = Scenario(mem="4M", strategy=RandomWalk(seed=4))
+    first.task("c", chooser())
+    first.run()
+    values = first.results["c"]
+    assert [v for _, _, v in first.sched.data_log] == values and len(set(values)) > 1
+    again = Scenario(mem="4M", strategy=Replay(first.sched.picks, data=values))
+    again.task("c", chooser())
+    again.run()
+    assert again.results["c"] == values
+    s = Schedule.from_picks(["c"] * 3, scenario="x", data=values)
+    assert Schedule.decode(s.encode()).data == values and "[data" in s.text()

@@ -13,7 +13,7 @@ from capstone import Cs
 from emu.arch import Access, Translation
 from emu.linux import syscalls
 from emu.linux.process import SIGBUS, SIGILL, SIGKILL, SIGSEGV, SignalReport
-from emu.sched.traps import run_user
+from emu.sched.traps import choose, run_user
 from mm_core.memory import FaultResult, do_user_addr_fault, exit_mmap
 
 # a fault that mm_core reports fixed but that keeps coming back is a livelock, not progress
@@ -28,7 +28,9 @@ async def guest_thread(machine, thread) -> None:
     ctx = syscalls.SyscallContext(machine, thread)
     last_fault, repeats = None, 0
     while not thread.exited and not proc.exited:
-        stop = await run_user(thread, machine.quantum)
+        # quantum length: full, 1/8 or 1/64 (a data choice; always full unless exploring)
+        quantum = max(1, machine.quantum >> (3 * await choose(3, "quantum")))
+        stop = await run_user(thread, quantum)
         if stop.kind == "quantum":
             continue
         if stop.kind == "tlb_miss":                  # stepped walks: the MMU runs as a task

@@ -35,6 +35,7 @@ class Scheduler:
         self.strategy = make_strategy(policy) if isinstance(policy, str) else policy
         self.policy = self.strategy.name
         self.picks: list[int] = []          # the tid run at every step: the schedule
+        self.data_log: list[tuple[int, str, int]] = []   # (step, label, value) of data choices
         self.observers: list[Callable[[Task, tuple], None]] = []    # sanitizers, digests
         self.on_task_end: list[Callable[[Task], None]] = []
         self.on_task_end: list[Callable[[Task], None]] = []
@@ -162,7 +163,11 @@ class Scheduler:
             else:
                 task.state, task.blocked_on = TaskState.BLOCKED, (lock, mode)
         elif kind == "trylock":
-            ok = event[1].try_acquire(task, event[2])
+            # a read trylock of an rw_semaphore also fails when a writer is queued somewhere:
+            # the strategy decides (a recorded data choice)
+            spurious = getattr(event[1], "sleeps", False) and event[2] == "r" \
+                and self.choose(2, f"trylock:{getattr(event[1], 'cls', '?')}") == 1
+            ok = not spurious and event[1].try_acquire(task, event[2])
             if ok:
                 task.held.append(event[1])
             task.send_value = ok
@@ -182,6 +187,8 @@ class Scheduler:
             self._wake(event[1])
         elif kind == "self":
             task.send_value = task
+        elif kind == "choose":
+            task.send_value = self.choose(event[1], event[2])
         else:
             raise RuntimeError(f"unknown trap {event!r}")
 
@@ -205,6 +212,14 @@ class Scheduler:
         self._time_floor = max(self._time_floor, min(sleepers))
         self._wake_sleepers()
         return True
+
+    def choose(self, n: int, label: str) -> int:
+        """A nondeterministic data choice (0 = the ordinary case), recorded for replay."""
+        if n <= 1:
+            return 0
+        value = self.strategy.data(n, label)
+        self.data_log.append((len(self.picks), label, value))
+        return value
 
     def _poll_waiters(self) -> None:
         """Wait queues posted to without a wake trap (call_rcu never sleeps)."""
@@ -273,6 +288,9 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
         if kind in ("point", "sleep", "wake"):
             if kind == "wake":
                 event[1].post()
+            continue
+        if kind == "choose":
+            value = 0
             continue
         if kind == "self":
             value = task

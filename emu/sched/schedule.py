@@ -38,6 +38,7 @@ class Schedule:
     digest: str = ""
     strategy: str = ""
     seed: int = 0
+    data: list[int] = field(default_factory=list)        # data choices, in order
 
     # -- building ------------------------------------------------------------------------
     @classmethod
@@ -69,12 +70,13 @@ class Schedule:
 
     # -- forms ---------------------------------------------------------------------------
     def text(self) -> str:
-        return " ".join(f"{self.tasks[i]}:{n}" for i, n in self.runs)
+        runs = " ".join(f"{self.tasks[i]}:{n}" for i, n in self.runs)
+        return runs + (f"  [data {' '.join(map(str, self.data))}]" if any(self.data) else "")
 
     def encode(self) -> str:
         body = msgpack.packb([1, self.scenario, self.kernel, self.arch, self.inject, self.tasks,
                               [x for run in self.runs for x in run], self.digest, self.strategy,
-                              self.seed])
+                              self.seed, self.data])
         return PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
 
     @classmethod
@@ -89,13 +91,13 @@ class Schedule:
         except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError,
                 msgpack.StackError) as err:
             raise ScheduleFormatError(f"corrupt schedule: {err}") from None
-        if not isinstance(fields, list) or len(fields) != 10 or fields[0] != 1:
+        if not isinstance(fields, list) or len(fields) != 11 or fields[0] != 1:
             raise ScheduleFormatError("corrupt schedule: unknown layout or version")
-        _, scenario, kernel, arch, inject, tasks, flat, digest, strategy, seed = fields
+        _, scenario, kernel, arch, inject, tasks, flat, digest, strategy, seed, data = fields
         if len(flat) % 2 or any(not 0 <= i < len(tasks) for i in flat[0::2]):
             raise ScheduleFormatError("corrupt schedule: bad run list")
         runs = list(zip(flat[0::2], flat[1::2], strict=True))
-        return cls(scenario, kernel, arch, inject, list(tasks), runs, digest, strategy, seed)
+        return cls(scenario, kernel, arch, inject, list(tasks), runs, digest, strategy, seed, list(data))
 
 
 class Digest:

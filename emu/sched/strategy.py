@@ -122,10 +122,25 @@ class Replay(Strategy):
     name = "replay"
     fair = False         # the recorded picks already include every fairness override
 
-    def __init__(self, picks: Sequence[int], lenient: bool = False) -> None:
+    def __init__(self, picks: Sequence[int], lenient: bool = False, data: Sequence[int] = ()) -> None:
         self.picks = list(picks)
         self.lenient = lenient
         self.diverged_at: int | None = None
+        self.data_values = list(data)
+        self._data_i = 0
+
+    def data(self, n, label):
+        """The recorded data choices, in order (0 once they run out, as lenient replay
+        needs)."""
+        if self._data_i < len(self.data_values):
+            value = self.data_values[self._data_i]
+            self._data_i += 1
+            if value < n:
+                return value
+            if not self.lenient:
+                raise Divergence(f"data choice {self._data_i} ({label}) recorded as {value}, "
+                                 f"but only {n} options exist now")
+        return 0
 
     def pick(self, runnable, current, step):
         if step < len(self.picks):

@@ -16,6 +16,7 @@ Event kinds:
     ("wait", waitq)                    block until the wait queue has an event for us
     ("wake", waitq)                    post an event to a wait queue and wake its waiters
     ("self",)                          returns the current task (per-task kernel state: RCU)
+    ("choose", n, label)               a data choice 0..n-1 made by the strategy, recorded
 """
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ async def wake(waitq: object) -> None:
 async def forward(event: tuple) -> Any:
     """Pass an event from a wrapped coroutine on to the scheduler (tracing wrappers)."""
     return await _trap(*event)
+
+
+async def choose(n: int, label: str) -> int:
+    """A nondeterministic data choice among ``n`` options (0 is the ordinary one): the
+    strategy decides, and the schedule records it."""
+    return await _trap("choose", n, label)
 
 
 async def current_task() -> object:
