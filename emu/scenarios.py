@@ -69,6 +69,9 @@ BUGS: dict[str, str] = {
         "snapshot of the pmd",
     "pte_offset_map_lock_without_recheck":
         "pte_offset_map_lock() takes the ptl but does not recheck pmd_same()",
+    "retract_without_anon_vma_recheck":
+        "retract_page_tables() checks vma->anon_vma only before taking pml and ptl, not again "
+        "under them: a UFFDIO_COPY in between leaves an anon pte in the retracted table",
     "damon_endless_again":
         "DAMON's damon_mkold_pmd_entry() answers a failed pte_offset_map_lock() with "
         "ACTION_AGAIN (before the 2025 fix): endless on a pmd that stays a migration entry",
@@ -277,3 +280,15 @@ def damon_vs_thp_migration(sc: Scenario) -> World:
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("damon", damon.damon_va_mkold(k, mm, a, a + size))
     return World([mm], [], a, pmdp)
+
+
+@scenario("retract-vs-uffdio-copy",
+          "retract_page_tables() on a private shmem mapping while UFFDIO_COPY puts an anon page "
+          "into it (anon_vma_prepare, then the pte): spec §6 case 9, the recheck under the locks",
+          catches=("retract_without_anon_vma_recheck",))
+def retract_vs_uffdio_copy(sc: Scenario) -> World:
+    w = collapsed_shmem(sc, private=True)
+    k = sc.kernel
+    sc.task("retract", collapse_file_tail(k, w))
+    sc.task("uffd", userfaultfd.mfill_atomic_copy(k, w.mms[0], w.addr + 5 * k.page_size, b"\xa5" * 64))
+    return w

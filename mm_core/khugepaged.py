@@ -123,7 +123,8 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
                 ptl = pgtable.pte_lockptr(k, mm, pmdval)
                 if ptl is not pml:
                     await traps.lock(ptl)
-                if not (vma.anon_vma or vma.uffd_wp):     # recheck under the locks
+                # recheck under the locks: a racing UFFDIO_COPY or COW may have added anon ptes
+                if not (vma.anon_vma or vma.uffd_wp) or "retract_without_anon_vma_recheck" in k.bugs:
                     await pmdp_collapse_flush(k, vma, addr, pmdp)
                     done = k.ptdescs.get(pmdval.paddr)
                     if done is not None:

@@ -154,7 +154,7 @@ class Sanitizers:
             if k.arch.decode(pt.level, value).present:
                 site = call_site()
                 raise Finding(
-                    "PTFREE", f"BUG: page table freed with a present pte in {site}",
+                    "PTFREE", f"PTFREE: page table freed with a present pte in {site}",
                     f"PTFREE:{site}",
                     [f"entry {i} of table {pt.paddr:#x} = {value:#018x} still maps a page "
                      f"({self._where()})", "  the page is leaked: expect Bad rss-counter state at exit",
