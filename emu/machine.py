@@ -20,6 +20,7 @@ from emu.vcpu import VCPU, UserStop
 from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
+from mm_core import mincore as mm_mincore
 from mm_core import mremap as mm_mremap
 from mm_core.config import Profile
 from mm_core.kernel import Kernel
@@ -130,6 +131,11 @@ class Machine:
         """mremap(2) (MREMAP_MAYMOVE = 1, MREMAP_FIXED = 2); returns the new address."""
         return _check(run_sync(mm_mremap.do_mremap(self.kernel, mm, addr, old_len, new_len, flags,
                                                    new_addr)))
+
+    def mincore(self, mm: MMStruct, addr: int, length: int) -> list[int]:
+        """mincore(2): one entry per page, 1 where it is resident."""
+        result = run_sync(mm_mincore.do_mincore(self.kernel, mm, addr, length))
+        return result if isinstance(result, list) else _check(result)
 
     def memfd_create(self, name: str = "emu", size: int = 0) -> Any:
         """memfd_create() + ftruncate(): a shmem file; release it with close_file()."""

@@ -292,3 +292,24 @@ def retract_vs_uffdio_copy(sc: Scenario) -> World:
     sc.task("retract", collapse_file_tail(k, w))
     sc.task("uffd", userfaultfd.mfill_atomic_copy(k, w.mms[0], w.addr + 5 * k.page_size, b"\xa5" * 64))
     return w
+
+
+@scenario("mincore-vs-retract",
+          "mincore()'s mincore_pte_range racing retract_page_tables(): a failed map is "
+          "ACTION_AGAIN, the retracted pmd then a hole answered from the page cache")
+def mincore_vs_retract(sc: Scenario) -> World:
+    from mm_core import mincore
+    w = collapsed_shmem(sc)
+    k = sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+
+    async def check():
+        vec = await mincore.do_mincore(k, w.mms[0], w.addr, size)
+        if vec != [1] * (size // k.page_size):
+            raise Finding("ORACLE", "ORACLE: mincore saw a cached shmem page as not resident",
+                          "ORACLE:mincore", [f"  vec[:8] = {vec[:8]}"])
+        return "ok"
+
+    sc.task("mincore", check())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w

@@ -199,3 +199,18 @@ def test_walk_page_range_retries_a_failed_map_and_reports_holes() -> None:
     sc.task("retract", collapse_file_tail(sc.kernel, w))
     sc.run("walker:pt_read#1 retract:* walker:*")
     assert walk.retries == 1 and seen["holes"] == [(w.addr, w.addr + size)] and seen["ptes"] == 0
+
+
+def test_mincore_reports_resident_pages_and_retries_a_failed_map() -> None:
+    m, k, mm, a, pmdp, size = world("arm64")
+    vec = m.mincore(mm, a, 2 * size)
+    assert vec[0] == 1 and sum(vec) == 1                      # one touched page
+    with pytest.raises(OSError):
+        m.mincore(mm, a + 1, 4096)
+    from emu.scenario import Scenario
+    from emu.scenarios import SCENARIOS
+    sc = Scenario(arch="x86_64", mem="8M")
+    w = SCENARIOS["mincore-vs-retract"].build(sc)
+    sc.run("mincore:pt_read#4 retract:* mincore:*")           # the map comes after the retract
+    assert sc.results["mincore"] == "ok"
+    assert sc.kernel.stats["pte_map_failed"] == 1             # failed once: RETRY, then a hole

@@ -11,6 +11,7 @@ from emu.sched import traps
 from mm_core import madvise, shmem
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
+from mm_core import mincore as mm_mincore
 from mm_core import mremap as mm_mremap
 from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
 
@@ -232,6 +233,15 @@ async def sys_mprotect(ctx, addr, length, prot, *_):
 @syscall("mremap")
 async def sys_mremap(ctx, addr, old_len, new_len, flags, new_addr, *_):
     return await mm_mremap.do_mremap(ctx.k, ctx.mm, addr, old_len, new_len, flags, new_addr)
+
+
+@syscall("mincore")
+async def sys_mincore(ctx, addr, length, vec, *_):
+    result = await mm_mincore.do_mincore(ctx.k, ctx.mm, addr, length)
+    if isinstance(result, int):
+        return result
+    await copy_to_user(ctx.machine, ctx.mm, vec, bytes(result))
+    return 0
 
 
 @syscall("brk")

@@ -1,0 +1,82 @@
+"""mincore(2) (mm/mincore.c): which pages of a range are resident.
+
+``mincore_pte_range`` is a walk_page_range() pmd_entry: a PMD leaf is resident whole; a
+PTE table is mapped with pte_offset_map_lock(), and a failed map asks for ACTION_AGAIN
+(RETRY: the walker reads the pmd again, and a retracted pmd becomes a hole, answered from
+the page cache for file mappings).
+"""
+from __future__ import annotations
+
+from emu.arch import Kind
+from mm_core import pagewalk, pgtable, shmem
+from mm_core.locks import mmap_read_lock, mmap_read_unlock
+from mm_core.mmap import EINVAL, ENOMEM
+
+
+def _cached(walk: pagewalk.MmWalk, addr: int) -> int:
+    """mincore_page(): for a file VMA, whether the page cache holds the page."""
+    vma = walk.vma
+    if vma.file is None:
+        return 0
+    index = vma.pgoff + ((addr - vma.start) >> walk.k.page_shift)
+    return 1 if shmem.filemap_get_folio(vma.file.mapping, index) is not None else 0
+
+
+async def mincore_unmapped_range(addr: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """The pte_hole callback: no table, so ask the page cache."""
+    vec, start = walk.private
+    for a in range(addr, end, walk.k.page_size):
+        vec[(a - start) >> walk.k.page_shift] = _cached(walk, a)
+    return 0
+
+
+async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """mincore_pte_range(): RETRY on a failed map."""
+    k, arch = walk.k, walk.k.arch
+    vec, start = walk.private
+    walk.action = pagewalk.ACTION_CONTINUE
+    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    if pmdval.kind is Kind.LEAF:
+        for a in range(addr, end, k.page_size):
+            vec[(a - start) >> k.page_shift] = 1
+        return 0
+    locked = await pgtable.pte_offset_map_lock(k, walk.mm, pmdp, addr)
+    if locked is None:
+        walk.action = pagewalk.ACTION_AGAIN
+        return 0
+    ptep, ptl = locked
+    for a in range(addr, end, k.page_size):
+        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + ((a - addr) >> k.page_shift) * 8))
+        if ent.kind is Kind.LEAF:
+            vec[(a - start) >> k.page_shift] = 1
+        elif ent.kind is Kind.NONE:
+            vec[(a - start) >> k.page_shift] = _cached(walk, a)
+        else:
+            vec[(a - start) >> k.page_shift] = 0      # swap or migration: not resident here
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return 0
+
+
+MINCORE_OPS = pagewalk.MmWalkOps(pmd_entry=mincore_pte_range, pte_hole=mincore_unmapped_range)
+
+
+async def do_mincore(k, mm, start: int, length: int) -> list[int] | int:
+    """sys_mincore() core: one byte per page (1 = resident), or -errno."""
+    if start % k.page_size:
+        return -EINVAL
+    pages = (length + k.page_size - 1) >> k.page_shift
+    end = start + (pages << k.page_shift)
+    await mmap_read_lock(mm)
+    try:
+        addr = start
+        for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
+            if vma.start > addr:
+                return -ENOMEM
+            addr = vma.end
+        if addr < end:
+            return -ENOMEM
+        vec = [0] * pages
+        await pagewalk.walk_page_range(k, mm, start, end, MINCORE_OPS, (vec, start))
+        return vec
+    finally:
+        await mmap_read_unlock(mm)
