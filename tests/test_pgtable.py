@@ -210,7 +210,7 @@ def test_mincore_reports_resident_pages_and_retries_a_failed_map() -> None:
     from emu.scenario import Scenario
     from emu.scenarios import SCENARIOS
     sc = Scenario(arch="x86_64", mem="8M")
-    w = SCENARIOS["mincore-vs-retract"].build(sc)
+    SCENARIOS["mincore-vs-retract"].build(sc)
     sc.run("mincore:pt_read#4 retract:* mincore:*")           # the map comes after the retract
     assert sc.results["mincore"] == "ok"
     assert sc.kernel.stats["pte_map_failed"] == 1             # failed once: RETRY, then a hole
