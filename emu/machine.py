@@ -18,9 +18,9 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
 from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import mincore as mm_mincore
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
-from mm_core import mincore as mm_mincore
 from mm_core import mremap as mm_mremap
 from mm_core.config import Profile
 from mm_core.kernel import Kernel

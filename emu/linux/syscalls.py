@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from_user
 from emu.sched import traps
 from mm_core import madvise, shmem
+from mm_core import mincore as mm_mincore
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
-from mm_core import mincore as mm_mincore
 from mm_core import mremap as mm_mremap
 from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
 
