@@ -445,10 +445,22 @@ def vma_link_file(k, vma: VMA) -> None:
         vma.file.refs += 1
 
 
-def remove_vma(k, vma: VMA) -> None:
-    """remove_vma(): unlink from the file's i_mmap and drop the file reference."""
-    if vma.file is not None:
+async def unlink_file_vma(k, vma: VMA) -> None:
+    """unlink_file_vma(): take the VMA out of the file's i_mmap under i_mmap_rwsem, before
+    free_pgtables() frees its tables without any ptl: after this, rmap walkers such as
+    retract_page_tables() can no longer reach them."""
+    if vma.file is not None and vma in vma.file.mapping.i_mmap:
+        rwsem = vma.file.mapping.i_mmap_rwsem
+        await traps.lock(rwsem, "w")
         vma.file.mapping.i_mmap.remove(vma)
+        await traps.unlock(rwsem, "w")
+
+
+def remove_vma(k, vma: VMA) -> None:
+    """remove_vma(): drop the file reference (the VMA is already out of i_mmap)."""
+    if vma.file is not None:
+        if vma in vma.file.mapping.i_mmap:
+            vma.file.mapping.i_mmap.remove(vma)
         from mm_core.shmem import iput
         iput(k, vma.file)
 
@@ -489,6 +501,8 @@ async def exit_mmap(k, mm: MMStruct) -> None:
         await unmap_page_range(k, vma, vma.start, vma.end)
     vmas = list(mm.vmas)
     mm.vmas.clear()
+    for vma in vmas:
+        await unlink_file_vma(k, vma)
     for vma in vmas:
         await free_pgtables(k, mm, vma.start, vma.end)
     for vma in vmas:

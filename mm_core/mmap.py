@@ -135,6 +135,8 @@ async def _munmap_locked(k, mm: MMStruct, start: int, length: int) -> None:
     for vma in victims:                          # unmap_region(): zap, then free tables
         await memory.unmap_page_range(k, vma, vma.start, vma.end)
     for vma in victims:
+        await memory.unlink_file_vma(k, vma)
+    for vma in victims:
         await memory.free_pgtables(k, mm, vma.start, vma.end)
         memory.remove_vma(k, vma)
 
