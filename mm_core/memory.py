@@ -13,7 +13,7 @@ from emu.arch import Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import filemap, huge_memory, pgtable
-from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock
+from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
     MM_FILEPAGES,
@@ -497,6 +497,7 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
 async def exit_mmap(k, mm: MMStruct) -> None:
     """exit_mmap(): unmap every VMA, free every table and the root, then check_mm()."""
     mm.users = 0                                   # mmput(): hpage_collapse_test_exit()
+    await mmap_write_lock(mm)                      # exit_mmap() frees tables under it
     for vma in list(mm.vmas):
         await unmap_page_range(k, vma, vma.start, vma.end)
     vmas = list(mm.vmas)
@@ -508,6 +509,7 @@ async def exit_mmap(k, mm: MMStruct) -> None:
     for vma in vmas:
         remove_vma(k, vma)
     pte_frag_destroy(k, mm)
+    await mmap_write_unlock(mm)
     root = k.ptdescs.get(mm.pgd)
     if root is not None:
         pgtable.pte_free(k, root)

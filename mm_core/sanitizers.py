@@ -78,6 +78,8 @@ class Sanitizers:
         if not self.enabled:
             return
         kind = event[0]
+        if kind == "point" and event[1] == "pt_write":
+            self._check_table_pmd_clear(task, event[2])
         if kind == "point" and event[1] == "retry":
             n = task.kstate["retries"] = task.kstate.get("retries", 0) + 1
             if n > RETRY_LIMIT:
@@ -184,6 +186,31 @@ class Sanitizers:
             if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
                 return pt
         return None
+
+    def _check_table_pmd_clear(self, task, entp: int) -> None:
+        """Who may change a pmd that points to a page table (Jann Horn's rule, in its 6.6
+        form): the mmap_lock writer (munmap, exit, mremap, anon collapse), or the holder
+        of both the pmd's lock and the table's ptl (retract_page_tables,
+        collapse_pte_mapped_thp): every lockless walker then fails its recheck."""
+        k = self.k
+        pt = self._table_of(entp)
+        if pt is None or pt.level != k.arch.pmd_level or pt.state != "live":
+            return
+        old = k.arch.decode(pt.level, k.physmem.read_entry(entp))
+        if old.kind.value != "table":
+            return
+        mm = pt.mm
+        if mm is not None and getattr(mm.mmap_lock, "writer", None) is task:
+            return
+        child = k.ptdescs.get(old.paddr)
+        if pt.ptl is not None and pt.ptl.holder is task and child is not None \
+                and (child.ptl is None or child.ptl.holder is task):
+            return
+        site = coroutine_site(task.kstate.get("coro", task.coro))
+        raise Finding("LOCKDEP", f"LOCKDEP: pmd pointing to a page table changed without "
+                      f"mmap_lock(W) or pml+ptl in {site}", f"LOCKDEP:pmd-clear:{site}",
+                      [f"  pmd {entp:#x} -> table {old.paddr:#x}, by {task.name}; held: "
+                       f"{', '.join(map(repr, task.held)) or 'nothing'}"])
 
     def _check_table_entry(self, pt, entp: int, value: int) -> None:
         """A table entry written above the PTE level must name a live table of the next

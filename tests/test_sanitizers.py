@@ -104,3 +104,29 @@ def test_freeing_a_frame_a_vcpu_still_maps_is_reported() -> None:
     page = m.kernel.alloc.page_of(vcpu.tlb.small[va >> 12][0])
     with pytest.raises(Finding, match=r"TLB: vCPU 0 still maps freed frame"):
         m.kernel.alloc.free_pages(page)                   # no zap, no flush: a stale TLB entry
+
+
+def test_clearing_a_table_pmd_needs_mmap_lock_or_pml_and_ptl() -> None:
+    sc, m, k, mm, a, pmdp = world("x86_64")
+    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
+
+    async def pml_only():
+        pml = await pgtable.pmd_lock(k, mm, pmdp)         # but not the table's ptl
+        await pgtable.clear_entry(k, pmdp, k.arch.pmd_level)
+        await traps.unlock(pml)
+
+    async def pml_and_ptl():
+        pml = await pgtable.pmd_lock(k, mm, pmdp)
+        await traps.lock(table.ptl)
+        await pgtable.clear_entry(k, pmdp, k.arch.pmd_level)
+        await traps.unlock(table.ptl)
+        await traps.unlock(pml)
+
+    sc.task("bad", pml_only())
+    with pytest.raises(Finding, match="changed without mmap_lock"):
+        sc.run()
+    sc2, m2, k2, mm2, a2, pmdp2 = world("x86_64")
+    pmdp, k, mm, table = pmdp2, k2, mm2, k2.ptdescs[k2.arch.decode(k2.arch.pmd_level,
+                                                                     k2.physmem.read_entry(pmdp2)).paddr]
+    sc2.task("good", pml_and_ptl())
+    sc2.run()                                              # the retract_page_tables way: fine
