@@ -77,7 +77,7 @@ def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel
     for bug in inject:
         changes.update(PROFILE_BUGS.get(bug, {}))
     sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, cpus=spec.cpus,
-                  quantum=spec.quantum, **changes)
+                  quantum=spec.quantum, prefault=spec.prefault, **changes)
     k = sc.kernel
     for bug in inject:
         k.bugs[bug] = True
@@ -151,7 +151,7 @@ def replay(schedule: Schedule, lenient: bool = False) -> Outcome:
 def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) -> dict[str, int]:
     """Task name -> tid in a fresh build of the scenario (tids follow spawn order)."""
     sc = Scenario(arch=schedule.arch, kernel=schedule.kernel, mem=spec.mem, cpus=spec.cpus,
-                  quantum=spec.quantum)
+                  quantum=spec.quantum, prefault=False)
     try:
         spec.build(sc)
         return {t.name: t.tid for t in sc.sched.tasks}

@@ -34,12 +34,12 @@ class PhysicalAddressError(Exception):
 class PhysMem:
     """``size`` bytes of guest RAM. Sizes are rounded up to 2 MiB so huge frames fit."""
 
-    def __init__(self, size: int, big_endian: bool) -> None:
+    def __init__(self, size: int, big_endian: bool, prefault: bool = True) -> None:
         if size < 4 << 20:
             raise ValueError("guest memory must be at least 4M")
         size = (size + (2 << 20) - 1) & ~((2 << 20) - 1)
         self.size = size
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
         # MAP_POPULATE prefaults: a first touch costs ~9 us a page from inside a guest run.
         self.buf = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.buf)
@@ -56,10 +56,12 @@ class PhysMem:
         self.view[paddr:paddr + len(data)] = data
 
     def zero(self, paddr: int, n: int = PAGE_SIZE) -> None:
-        self.buf[paddr:paddr + n] = bytes(n)
+        self.fill(paddr, n, 0)
 
     def fill(self, paddr: int, n: int, byte: int) -> None:
-        self.buf[paddr:paddr + n] = bytes([byte]) * n
+        if not 0 <= paddr <= self.size - n:
+            raise PhysicalAddressError(f"fill of {n} bytes at {paddr:#x}: outside guest RAM")
+        ctypes.memset(self.address + paddr, byte, n)
 
     def copy(self, dst: int, src: int, n: int = PAGE_SIZE) -> None:
         self.buf[dst:dst + n] = self.buf[src:src + n]
@@ -70,6 +72,12 @@ class PhysMem:
             raise PhysicalAddressError(f"table entry read at {paddr:#x}: outside guest RAM "
                                        f"(0..{self.size:#x}); a page table is corrupt")
         return self.entry.unpack_from(self.buf, paddr)[0]
+
+    def read_entries(self, paddr: int, count: int) -> tuple[int, ...]:
+        """``count`` consecutive entries (a table scan in one unpack)."""
+        if not 0 <= paddr <= self.size - 8 * count:
+            raise PhysicalAddressError(f"table read at {paddr:#x}+{8 * count}: outside guest RAM")
+        return struct.unpack_from(("<" if not self.big_endian else ">") + f"{count}Q", self.buf, paddr)
 
     def write_entry(self, paddr: int, value: int) -> None:
         self.entry.pack_into(self.buf, paddr, value)

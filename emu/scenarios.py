@@ -48,6 +48,7 @@ class ScenarioSpec:
     cpus: int = 1
     quantum: int = 20000
     max_steps: int = 20000
+    prefault: bool = False          # guest programs want prefaulted RAM; kernel tasks don't
 
 
 SCENARIOS: dict[str, ScenarioSpec] = {}
@@ -252,7 +253,7 @@ def mremap_vs_retract(sc: Scenario) -> World:
           "the collapse_race guest program: two threads verify a shmem mapping while a third "
           "loops MADV_COLLAPSE and MADV_DONTNEED over it, on four vCPUs; every quantum, fault, "
           "syscall and table access is a scheduling point",
-          mem="64M", cpus=4, quantum=2000, max_steps=2_000_000)
+          mem="64M", cpus=4, quantum=2000, max_steps=2_000_000, prefault=True)
 def guest_collapse_race(sc: Scenario) -> World:
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -473,11 +473,17 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
 
     async def down(table: int, level: int, lo: int, hi: int) -> None:
         lv = arch.levels[level]
-        addr = lo
-        while addr < hi:
-            base = addr & ~(lv.span - 1)
-            nxt = min(hi, base + lv.span)
-            entp = pgtable.entry_addr(k, table, level, addr)
+        first, last = lv.index(lo), lv.index(hi - 1)
+        table_va = lo & ~((lv.span << lv.index_bits) - 1)
+        # one scan of the raw entries: only non-empty ones are visited (each visit is a
+        # table read with its scheduling point, as before)
+        raws = k.physmem.read_entries(table + first * 8, last - first + 1)
+        for i, raw in enumerate(raws):
+            if arch.decode(level, raw).kind is Kind.NONE:
+                continue
+            base = table_va + (first + i) * lv.span
+            addr, nxt = max(lo, base), min(hi, base + lv.span)
+            entp = table + (first + i) * 8
             ent = await pgtable.get_entry(k, entp, level)
             if ent.kind is Kind.TABLE:
                 unused = not mm.overlapping(base, base + lv.span)
@@ -489,7 +495,6 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
                     child.state = "detached"
                     child.note(k, "detached by free_pgtables")
                     pgtable.pte_free(k, child)
-            addr = nxt
 
     await down(mm.pgd, 0, start, end)
 

@@ -151,9 +151,9 @@ class Sanitizers:
         if not self.enabled or pt.level != k.arch.pte_level:
             return
         lv = k.arch.levels[pt.level]
-        for i in range(lv.entries):
-            value = k.physmem.read_entry(pt.paddr + i * 8)
-            if k.arch.decode(pt.level, value).present:
+        empty = k.arch.empty_value(pt.level)
+        for i, value in enumerate(k.physmem.read_entries(pt.paddr, lv.entries)):
+            if value != empty and k.arch.decode(pt.level, value).present:
                 site = call_site()
                 raise Finding(
                     "PTFREE", f"PTFREE: page table freed with a present pte in {site}",
