@@ -71,6 +71,9 @@ class PageAllocator:
         # freed page-table blocks stay poisoned and unused for a while, so a stale access
         # finds poison (and the sanitizer finds it freed) rather than a reused page
         self.quarantine: list[tuple[int, int]] = []
+        # frames never handed out are still zero (fresh anonymous host memory): zeroing
+        # them again would only fault the host pages in
+        self.used = bytearray(physmem.nr_pages)
         self.on_free = None                        # sanitizer hook: called with each freed block
         pfn, end = 1, physmem.nr_pages
         while pfn < end:
@@ -101,8 +104,10 @@ class PageAllocator:
         self.pages[pfn] = page
         self.nr_free -= 1 << order
         self.allocated[use] += 1 << order
-        if zero:
+        n = 1 << order
+        if zero and self.used.find(1, pfn, pfn + n) != -1:
             self.physmem.zero(pfn << PAGE_SHIFT, PAGE_SIZE << order)
+        self.used[pfn:pfn + n] = b"\x01" * n
         return page
 
     def free_pages(self, page: Page) -> None:
