@@ -237,7 +237,7 @@ def plugins_list(as_json: bool) -> None:
 @click.argument("scenario", required=False)
 @click.option("--list", "list_", is_flag=True, help="list scenarios and injectable bugs")
 @click.option("--strategy", default="portfolio", show_default=True,
-              help="portfolio, pct[:DEPTH], random[:STICKINESS], round-robin")
+              help="portfolio, pct[:DEPTH], random[:STICKINESS], round-robin, dfs[:MAX_PREEMPTIONS]")
 @click.option("--budget", default=1000, show_default=True, help="schedules to try")
 @click.option("--seconds", type=float, default=None, help="stop after this many seconds")
 @click.option("--seed", default=0, show_default=True)
@@ -264,7 +264,7 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
         spec = ex.get_spec(scenario)
         ex.check_bugs(list(inject))
         from emu.sched.strategy import make_strategy
-        if strategy != "portfolio":
+        if strategy != "portfolio" and not strategy.startswith("dfs"):
             make_strategy(strategy)
         if arch not in plugins.arches():
             raise ex.ExploreError(f"unknown arch {arch!r}")

@@ -195,6 +195,9 @@ def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
     Schedules go in batches; within a batch the finding with the lowest index wins, and
     PCT learns run lengths only between batches, so the result depends on the seed and
     not on ``workers`` or timing."""
+    if strategy.startswith("dfs"):
+        return explore_dfs(spec, int(strategy.partition(":")[2] or 2), budget, seconds, arch, kernel,
+                           inject, progress)
     result = ExploreResult(spec.name)
     t0 = time.perf_counter()
     steps_seen: list[int] = []
@@ -227,6 +230,36 @@ def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def explore_dfs(spec: ScenarioSpec, max_bound: int, budget: int, seconds: float | None, arch: str,
+                kernel: str, inject: tuple[str, ...],
+                progress: Callable[[int], None] | None = None) -> ExploreResult:
+    """Systematic search (CHESS): every schedule with 0 preemptions, then 1, ... up to
+    ``max_bound``, depth first; the first finding has the fewest preemptions there are."""
+    result = ExploreResult(spec.name)
+    t0 = time.perf_counter()
+    for bound in range(max_bound + 1):
+        prefix: list[int] | None = []
+        while prefix is not None:
+            if result.schedules >= budget or (seconds is not None and time.perf_counter() - t0 > seconds):
+                result.seconds = time.perf_counter() - t0
+                return result
+            dfs = BoundedDFS(prefix, bound)
+            out = execute(spec, dfs, arch, kernel, inject)
+            result.schedules += 1
+            if progress is not None:
+                progress(result.schedules)
+            if out.finding is not None:
+                out.schedule.strategy = f"dfs(pb={bound})"
+                result.outcome = result.original = out
+                result.found_by, result.found_after = f"dfs(pb={bound})", result.schedules
+                result.certified = True
+                result.seconds = time.perf_counter() - t0
+                return result
+            prefix = dfs.next_prefix()
     result.seconds = time.perf_counter() - t0
     return result
 

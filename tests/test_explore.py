@@ -172,3 +172,17 @@ def test_data_choices_come_from_the_strategy_and_replay() -> None:
     assert again.results["c"] == values
     s = Schedule.from_picks(["c"] * 3, scenario="x", data=values)
     assert Schedule.decode(s.encode()).data == values and "[data" in s.text()
+
+
+def test_dfs_finds_the_bug_with_the_fewest_preemptions_and_the_fixed_kernel_is_clean() -> None:
+    """Preemption-bounded depth-first search (CHESS) is systematic: its first finding has
+    the lowest preemption count there is, and replay reproduces it."""
+    spec = SCENARIOS["retract-vs-reader"]
+    bug = "retract_without_pte_free_defer"
+    found = ex.explore(spec, "dfs:1", budget=300, inject=(bug,))
+    assert found.outcome is not None and found.outcome.preemptions <= 1
+    assert found.found_by.startswith("dfs(pb=")
+    assert ex.replay(Schedule.decode(found.outcome.schedule.encode())).finding.signature \
+        == found.outcome.finding.signature
+    clean = ex.explore(spec, "dfs:1", budget=120)
+    assert clean.outcome is None and clean.schedules > 0
