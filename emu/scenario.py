@@ -74,6 +74,9 @@ class Scenario:
         for t in self.sched.tasks:
             if t.state is not TaskState.DONE:
                 close_coroutine(t.coro)
+                inner = t.kstate.get("coro")
+                if inner is not None:       # a wrapper that never started leaves its body unstarted
+                    close_coroutine(inner)
         self.machine.ram.close()
 
     def state(self, name: str) -> TaskState:

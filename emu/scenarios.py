@@ -79,7 +79,13 @@ BUGS: dict[str, str] = {
     "move_normal_pmd_without_recheck":
         "mremap's move_normal_pmd() trusts the pmd it read before taking the rmap locks "
         "(before Jann Horn's 2024 fix): a pmd retracted meanwhile is moved as pfn 0",
+    "move_ptes_without_pmd_same":
+        "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
+        "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
+        "without mmap_lock); found by the walker-contract check, run with --kernel 6.13",
 }
+# Bugs that only exist under another kernel profile than the default 6.6.
+BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13"}
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
@@ -314,3 +320,33 @@ def mincore_vs_retract(sc: Scenario) -> World:
     sc.task("mincore", check())
     sc.task("retract", collapse_file_tail(k, w))
     return w
+
+
+@scenario("mremap-move-ptes",
+          "mremap moving four present anon ptes into another PTE table (move_ptes) while "
+          "mincore() walks the destination; under 6.13 the new table comes from "
+          "pte_offset_map_rw_nolock() and must be rechecked with pmd_same() under its ptl",
+          catches=("move_ptes_without_pmd_same",))
+def mremap_move_ptes(sc: Scenario) -> World:
+    from mm_core import mincore, mremap
+    from mm_core.memory import FAULT_FLAG_WRITE, handle_mm_fault
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    addr = m.mmap(mm, BASE, 64 * page, emu.PROT_READ | emu.PROT_WRITE,
+                  emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(4):
+        run_sync(handle_mm_fault(k, mm.vma_lookup(addr), addr + i * page, FAULT_FLAG_WRITE))
+    dest = addr + huge_memory.hpage_pmd_size(k) + 32 * page      # another PTE table
+
+    async def move():
+        got = await mremap.do_mremap(k, mm, addr, 4 * page, 4 * page,
+                                     mremap.MREMAP_MAYMOVE | mremap.MREMAP_FIXED, dest)
+        return "moved" if got == dest else got
+
+    async def check():
+        return await mincore.do_mincore(k, mm, dest, 4 * page)
+
+    sc.task("mremap", move())
+    sc.task("mincore", check())
+    return World([mm], [], addr)

@@ -192,7 +192,8 @@ async def move_ptes(k, vma: VMA, old_pmdp: int, old_addr: int, old_end: int, new
     new_ptep, new_ptl, new_pmdval = mapped
     if new_ptl is not old_ptl:
         await traps.lock(new_ptl)
-    if k.profile.rw_nolock and not pgtable.pmd_same(k, new_pmdval, await pgtable.get_raw(k, new_pmdp)):
+    if k.profile.rw_nolock and "move_ptes_without_pmd_same" not in k.bugs \
+            and not pgtable.pmd_same(k, new_pmdval, await pgtable.get_raw(k, new_pmdp)):
         ret = -EAGAIN                              # 6.13: the new table changed under us
     else:
         for i in range((old_end - old_addr) >> k.page_shift):

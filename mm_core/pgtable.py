@@ -196,6 +196,7 @@ async def pte_offset_map(k, pmdp: int, addr: int) -> int | None:
 
 async def pte_unmap(k, ptep: int) -> None:
     """pte_unmap(): end the map (and its RCU read section, 6.6+)."""
+    k.san.pte_unmapped(ptep)
     if k.profile.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs:
         await rcu_read_unlock(k)
 
@@ -283,7 +284,10 @@ async def pte_offset_map_rw_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, Sp
     """pte_offset_map_rw_nolock() (6.13): also hands back pmdval; a writer must check
     pmd_same() (or pte_same()) after taking the ptl."""
     _require_613(k, "pte_offset_map_rw_nolock")
-    return await _map_nolock(k, mm, pmdp, addr)
+    mapped = await _map_nolock(k, mm, pmdp, addr)
+    if mapped is not None:
+        k.san.rw_nolock_mapped(pmdp, mapped[0], mapped[1])
+    return mapped
 
 
 def _require_613(k, name: str) -> None:

@@ -72,6 +72,8 @@ class Sanitizers:
         self.enabled = True
         self.dead: dict[int, object] = {}        # table paddr -> freed PageTable (quarantined)
         self.lock_order: dict[tuple[str, str], str] = {}   # (outer class, inner class) -> first seen
+        # pte_offset_map_rw_nolock() maps still open: task -> {table: [pmdp, ptl, revalidated, site]}
+        self.rw_nolock: dict[object, dict[int, list]] = {}
 
     # -- lockdep-lite and RCU sleeping checks, from the scheduler's trap stream ----------------
     def on_trap(self, task, event: tuple) -> None:
@@ -121,6 +123,8 @@ class Sanitizers:
             return
         if pt.state == "freed":
             self._uaf(pt, entp, write)
+        if self.rw_nolock:
+            self._check_rw_nolock(entp, write)
         if write and value is not None:
             arch = self.k.arch
             if pt.state in ("detached", "deferred") and pt.level == arch.pte_level \
@@ -128,6 +132,43 @@ class Sanitizers:
                 self._lost_pte(pt, entp)
             if pt.level < arch.pte_level:
                 self._check_table_entry(pt, entp, value)
+
+    # -- walker contract of pte_offset_map_rw_nolock() (6.13) ---------------------------------
+    def rw_nolock_mapped(self, pmdp: int, ptep: int, ptl) -> None:
+        task = self.k.current_task()
+        if task is not None and self.enabled:
+            base = ptep & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1)
+            self.rw_nolock.setdefault(task, {})[base] = [pmdp, ptl, False, call_site()]
+
+    def pte_unmapped(self, ptep: int) -> None:
+        if self.rw_nolock:
+            maps = self.rw_nolock.get(self.k.current_task())
+            if maps:
+                maps.pop(ptep & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1), None)
+
+    def _check_rw_nolock(self, entp: int, write: bool) -> None:
+        """The caller of pte_offset_map_rw_nolock() must, after taking the ptl and before
+        writing a pte, re-read the pmd (pmd_same) or the pte (pte_same): the table may have
+        been retracted between the map and the lock. A read under the ptl counts as that
+        recheck; a write before one is a contract violation even when no race happened."""
+        task = self.k.current_task()
+        maps = self.rw_nolock.get(task)
+        if not maps:
+            return
+        base = entp & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1)
+        for table, rec in maps.items():
+            pmdp, ptl, checked, site = rec
+            if entp == pmdp or base == table:
+                if not write and ptl.holder is task:
+                    rec[2] = True
+                elif write and base == table and not checked:
+                    where = call_site()
+                    raise Finding("WALKER", f"WALKER: pte written after pte_offset_map_rw_nolock() with no "
+                                  f"pmd_same()/pte_same() under the ptl in {where}",
+                                  f"WALKER:rw_nolock:{where}",
+                                  [f"  table {table:#x} mapped in {site} via pmd {pmdp:#x}; "
+                                   f"write to {entp:#x} by {self._where()}",
+                                   "  the table may have been retracted between the map and the lock"])
 
     def page_freed(self, page) -> None:
         """TLB coherence: no vCPU may still translate to a frame being freed, unless a
@@ -169,6 +210,7 @@ class Sanitizers:
         self.dead.pop(paddr, None)
 
     def task_ended(self, task) -> None:
+        self.rw_nolock.pop(task, None)
         depth = self.k.rcu.readers.get(task, 0)
         if self.enabled and depth:
             raise Finding("RCU", f"RCU: {task.name} ended inside {depth} rcu_read_lock() section(s)",

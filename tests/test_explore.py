@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from emu import explore as ex
-from emu.scenarios import BUGS, SCENARIOS
+from emu.scenarios import BUG_KERNELS, BUGS, SCENARIOS
 from emu.sched.schedule import Schedule, ScheduleFormatError
 from emu.sched.strategy import PCT, Divergence, RandomWalk, Replay
 
-CASES = [(name, bug, "6.4" if bug == "retract_without_mmap_lock" else "6.6")
+CASES = [(name, bug, BUG_KERNELS.get(bug, "6.6"))
          for name, spec in SCENARIOS.items() for bug in spec.catches]
 
 
@@ -186,3 +186,11 @@ def test_dfs_finds_the_bug_with_the_fewest_preemptions_and_the_fixed_kernel_is_c
         == found.outcome.finding.signature
     clean = ex.explore(spec, "dfs:1", budget=120)
     assert clean.outcome is None and clean.schedules > 0
+
+
+@pytest.mark.parametrize("scenario", ["mremap-move-ptes", "retract-vs-refault", "mremap-vs-retract"])
+def test_rw_nolock_callers_keep_their_contract_under_613(scenario: str) -> None:
+    """Under 6.13 move_ptes and handle_pte_fault map with pte_offset_map_rw_nolock(); the
+    walker-contract check watches that they recheck under the ptl before writing."""
+    result = ex.explore(SCENARIOS[scenario], budget=80, seed=4, kernel="6.13")
+    assert result.outcome is None and result.schedules == 80
