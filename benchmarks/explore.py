@@ -7,10 +7,11 @@
 
 Sections (the default run does 1-3; --full-clean does only 4):
 
-  1 throughput   each scenario's fixed twin (kernel 6.6, nothing injected) under the default
-                 portfolio for --budget schedules (default 500): schedules/s, and where a
-                 schedule's time goes (machine + RAM, world build, run, teardown and audit,
-                 schedule record, close), measured on a second pass over the same schedules.
+  1 throughput   each small scenario's fixed twin (kernel 6.6, nothing injected) under the
+                 default portfolio for --budget schedules (default 500): schedules/s in one
+                 process (the verdict) and with explore(workers=--workers); then where a
+                 schedule's time goes: the real execute() with its phases wrapped and timed
+                 (machine + RAM, world build, run, teardown and audit, close, other).
                  Target: >= 2000 schedules/s on the small scenarios.
   2 detection    every (scenario, injectable bug) pair, every strategy (portfolio, pct:1-3,
                  random:0.5, random:0.9), --seeds seeds (default 10, seeds 0..N-1), each an
@@ -18,10 +19,10 @@ Sections (the default run does 1-3; --full-clean does only 4):
                  the bug, median and max time to the first detection in seconds and schedules.
                  A seed that found nothing counts as "more than the budget" (so a median is a
                  miss when half the seeds or more missed). Target: portfolio median < 10 s.
-  3 determinism  every bug, the portfolio run twice with the same seed (and against section 2's
-                 run of that seed): the found schedule (Schedule.encode()), found_after,
-                 found_by and the signature must be identical; the schedule must replay to
-                 the same signature.
+  3 determinism  every bug, the portfolio run twice with the same seed, against section 2's
+                 run of that seed and with --workers processes: the found schedule
+                 (Schedule.encode()), found_after, found_by and the signature must be
+                 identical; the schedule must replay to the same signature.
   4 full clean   every fixed twin for --clean-budget schedules (default 10000): the 6.6 rules
                  for every scenario, plus the scenario under the bug's kernel for each bug
                  that needs another one (retract-vs-reader under 6.4 for
@@ -46,6 +47,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from typing import Any
@@ -168,14 +170,18 @@ def physmem_cost(size: int, prefault: bool, n: int = 50) -> tuple[float, float]:
     return new / n, close / n
 
 
-def throughput(scenarios: list[str], budget: int, split_budget: int) -> list[dict[str, Any]]:
+def throughput(scenarios: list[str], budget: int, split_budget: int, workers: int) -> list[dict[str, Any]]:
     rows = []
     for name in scenarios:
         spec = SCENARIOS[name]
         ex.explore(spec, budget=5, seed=99)                               # warm-up
         r = ex.explore(spec, strategy="portfolio", budget=budget, seed=0, kernel="6.6")
         rate = r.schedules / r.seconds
-        # the same schedules again (same seed, same strategy stream), timed phase by phase
+        rate_w = None
+        if workers > 1:
+            rw = ex.explore(spec, strategy="portfolio", budget=budget, seed=0, kernel="6.6", workers=workers)
+            rate_w = rw.schedules / rw.seconds
+        # schedules of the same portfolio stream (seed 0) again, timed phase by phase
         times = dict.fromkeys(PHASES, 0.0)
         steps: list[int] = []
         gen = ex.strategies("portfolio", 0, steps)
@@ -194,6 +200,7 @@ def throughput(scenarios: list[str], budget: int, split_budget: int) -> list[dic
         ram_new, ram_close = physmem_cost(ram_bytes, spec.prefault)
         rows.append({
             "scenario": name, "schedules": r.schedules, "seconds": r.seconds, "rate": rate,
+            "workers": workers, "rate_workers": rate_w,
             "clean": r.outcome is None,
             "finding": None if r.outcome is None else r.outcome.finding.signature,
             "split_schedules": split_budget, "split_seconds": split_total,
@@ -212,20 +219,25 @@ def throughput(scenarios: list[str], budget: int, split_budget: int) -> list[dic
 def print_throughput(rows: list[dict[str, Any]], budget: int) -> None:
     print(f"1. THROUGHPUT: fixed twins (kernel 6.6, nothing injected), portfolio, seed 0, "
           f"{budget} schedules")
-    print(f"{'scenario':<24} {'sched':>6} {'secs':>7} {'sched/s':>8} {'us/sched':>9} {'steps':>6} "
-          f"{'us/step':>8} {'clean':>6}  target >= {TARGET_RATE:.0f}/s")
+    workers = rows[0]["workers"] if rows else 1
+    print(f"{'scenario':<24} {'sched':>5} {'secs':>5} {'sched/s':>7} {f'w={workers} /s':>8} {'us/sch':>6} "
+          f"{'steps':>5} {'us/st':>5} {'clean':>5}  target >= {TARGET_RATE:.0f}/s")
     for r in rows:
         clean = "yes" if r["clean"] else "NO"
         verdict = "MET" if r["target_met"] else f"NOT MET ({r['rate'] / TARGET_RATE:.0%})"
-        print(f"{r['scenario']:<24} {r['schedules']:>6} {r['seconds']:>7.2f} {r['rate']:>8.0f} "
-              f"{r['us_per_schedule']:>9.0f} {r['steps_mean']:>6.1f} "
-              f"{r['us_per_schedule'] / r['steps_mean']:>8.0f} {clean:>6}  {verdict}")
+        rw = "-" if r["rate_workers"] is None else f"{r['rate_workers']:.0f}"
+        print(f"{r['scenario']:<24} {r['schedules']:>5} {r['seconds']:>5.2f} {r['rate']:>7.0f} {rw:>8} "
+              f"{r['us_per_schedule']:>6.0f} {r['steps_mean']:>5.1f} "
+              f"{r['us_per_schedule'] / r['steps_mean']:>5.0f} {clean:>5}  {verdict}")
         if not r["clean"]:
             print(f"    FINDING on a fixed twin: {r['finding']}")
     n = rows[0]["split_schedules"] if rows else 0
+    print(f"   sched/s: one process (the verdict); w={workers} /s: explore(workers={workers}), the same")
+    print("   schedules; us/sch: microseconds a schedule; steps: mean scheduler steps a schedule;")
+    print("   us/st = us/sch / steps")
     print()
-    print(f"   where a schedule's time goes: us/schedule by phase, the first {n} of the same "
-          "schedules again")
+    print(f"   where a schedule's time goes, us/schedule by phase ({n} schedules of the same "
+          "portfolio stream):")
     print(f"{'scenario':<23} " + " ".join(f"{p:>8}" for p in PHASES)
           + f" {'total':>7} {'RAMnew':>6} {'RAMcls':>6}")
     for r in rows:
@@ -251,8 +263,10 @@ def schedule_hash(outcome) -> str:
     return hashlib.sha256(outcome.schedule.encode().encode()).hexdigest()[:12]
 
 
-def one_search(spec, strategy: str, budget: int, seed: int, kernel: str, bug: str) -> dict[str, Any]:
-    r = ex.explore(spec, strategy=strategy, budget=budget, seed=seed, kernel=kernel, inject=(bug,))
+def one_search(spec, strategy: str, budget: int, seed: int, kernel: str, bug: str,
+               workers: int = 1) -> dict[str, Any]:
+    r = ex.explore(spec, strategy=strategy, budget=budget, seed=seed, kernel=kernel, inject=(bug,),
+                   workers=workers)
     found = r.outcome is not None
     return {
         "seed": seed, "found": found, "schedules": r.schedules, "seconds": r.seconds,
@@ -335,23 +349,26 @@ def print_detection(cells: list[dict[str, Any]], seeds: int, budget: int) -> Non
 # -- 3. determinism -------------------------------------------------------------------------
 
 def determinism(todo: list[tuple[str, str, str]], budget: int, seed: int,
-                cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                cells: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     rows = []
     for name, bug, kernel in todo:
         spec = SCENARIOS[name]
         a = one_search(spec, "portfolio", budget, seed, kernel, bug)
         b = one_search(spec, "portfolio", budget, seed, kernel, bug)
+        w = one_search(spec, "portfolio", budget, seed, kernel, bug, workers) if workers > 1 else None
         earlier = next((r for c in cells if (c["scenario"], c["bug"], c["strategy"]) ==
                         (name, bug, "portfolio") for r in c["runs"] if r["seed"] == seed), None)
         fields = ("found", "found_after", "found_by", "signature", "encoded")
         same = all(a[f] == b[f] for f in fields)
         same_earlier = None if earlier is None else all(a[f] == earlier[f] for f in fields)
+        same_workers = None if w is None else all(a[f] == w[f] for f in fields)
         replayed = None
         if a["found"]:
             out = ex.replay(Schedule.decode(a["encoded"]))
             replayed = out.finding is not None and out.finding.signature == a["signature"]
         rows.append({"scenario": name, "bug": bug, "kernel": kernel, "seed": seed, "a": a, "b": b,
                      "identical": same, "identical_to_detection_run": same_earlier,
+                     "workers": workers, "identical_with_workers": same_workers,
                      "replay_same_signature": replayed})
         log(f"determinism {bug}: {'identical' if same else 'DIFFERENT'}")
     return rows
@@ -361,8 +378,9 @@ def print_determinism(rows: list[dict[str, Any]]) -> None:
     seed = rows[0]["seed"] if rows else 0
     print(f"3. DETERMINISM: portfolio, seed {seed}, run twice (and against section 2's run of "
           "that seed)")
+    workers = rows[0]["workers"] if rows else 1
     print(f"{'bug':<41} {'found_after':>11} {'by':<10} {'schedule':<12} {'same':>4} {'as 2.':>5} "
-          f"{'replay':>6}")
+          f"{f'w={workers}':>4} {'replay':>6}")
 
     def yn(v) -> str:
         return "-" if v is None else ("yes" if v else "NO")
@@ -372,9 +390,10 @@ def print_determinism(rows: list[dict[str, Any]]) -> None:
         fa = f"{a['found_after']}/{b['found_after']}" if a["found"] else "not found"
         print(f"{r['bug']:<41} {fa:>11} {a['found_by'] or '-':<10} {a['schedule_hash'] or '-':<12} "
               f"{yn(r['identical']):>4} {yn(r['identical_to_detection_run']):>5} "
-              f"{yn(r['replay_same_signature']):>6}")
+              f"{yn(r['identical_with_workers']):>4} {yn(r['replay_same_signature']):>6}")
     print("   found_after = run 1/run 2; schedule = sha256 of Schedule.encode(), first 12 hex;")
     print("   same = found, found_after, found_by, signature and encoded schedule all equal;")
+    print(f"   w={workers} = the same with explore(workers={workers}) (schedules in {workers} processes);")
     print("   replay = emu.explore.replay() of the encoded schedule gives the same signature")
     print()
 
@@ -384,7 +403,7 @@ def print_determinism(rows: list[dict[str, Any]]) -> None:
 def twins(scenarios: list[str]) -> list[tuple[str, str, str]]:
     """(scenario, kernel, why) for every fixed twin."""
     rows = [(name, "6.6", "6.6 rules") for name in scenarios]
-    rows += sorted({(name, "6.4", f"twin of {bug}") for name, bug, kernel in pairs(scenarios)
+    rows += sorted({(name, kernel, f"twin of {bug}") for name, bug, kernel in pairs(scenarios)
                     if kernel != "6.6"})
     return rows
 
@@ -395,8 +414,11 @@ def full_clean(scenarios: list[str], budget: int) -> list[dict[str, Any]]:
         spec = SCENARIOS[name]
         t0 = time.perf_counter()
 
-        def progress(n: int, name=name, kernel=kernel, t0=t0) -> None:
-            if n % 1000 == 0:
+        last = [0]
+
+        def progress(n: int, name=name, kernel=kernel, t0=t0, last=last) -> None:
+            if n // 1000 > last[0]:                  # explore() reports once per batch
+                last[0] = n // 1000
                 log(f"  clean {name} {kernel}: {n} schedules, {time.perf_counter() - t0:.0f} s")
 
         r = ex.explore(spec, strategy="portfolio", budget=budget, seed=0, kernel=kernel,
@@ -414,11 +436,11 @@ def full_clean(scenarios: list[str], budget: int) -> list[dict[str, Any]]:
 
 def print_clean(rows: list[dict[str, Any]], budget: int) -> None:
     print(f"4. FULL CLEAN: every fixed twin, portfolio, seed 0, budget {budget} schedules")
-    print(f"{'scenario':<24} {'kernel':<6} {'twin':<30} {'sched':>6} {'secs':>7} {'sched/s':>7}  result")
+    print(f"{'scenario':<24} {'kernel':<6} {'twin':<36} {'sched':>6} {'secs':>6} {'sched/s':>7}  result")
     for r in rows:
         res = "clean" if r["clean"] else f"FINDING after {r['found_after']} ({r['found_by']})"
-        print(f"{r['scenario']:<24} {r['kernel']:<6} {r['why']:<30} {r['schedules']:>6} "
-              f"{r['seconds']:>7.1f} {r['rate']:>7.0f}  {res}")
+        print(f"{r['scenario']:<24} {r['kernel']:<6} {r['why']:<36} {r['schedules']:>6} "
+              f"{r['seconds']:>6.1f} {r['rate']:>7.0f}  {res}")
         if not r["clean"]:
             print(f"    {r['finding']}")
             print(f"    {r['schedule']}")
@@ -430,8 +452,11 @@ def print_clean(rows: list[dict[str, Any]], budget: int) -> None:
 def targets(out: dict[str, Any]) -> list[str]:
     lines = []
     for r in out.get("throughput", []):
-        lines.append(f"throughput {r['scenario']:<24} {r['rate']:>6.0f} sched/s >= {TARGET_RATE:.0f}: "
-                     + ("MET" if r["target_met"] else "NOT MET"))
+        extra = "" if r["rate_workers"] is None else \
+            f"  ({r['rate_workers']:.0f} with {r['workers']} workers: " \
+            f"{'MET' if r['rate_workers'] >= TARGET_RATE else 'NOT MET'})"
+        lines.append(f"throughput {r['scenario']:<24} {r['rate']:>4.0f} sched/s >= {TARGET_RATE:.0f}: "
+                     + ("MET" if r["target_met"] else "NOT MET") + extra)
     for c in out.get("detection", []):
         if c["strategy"] != "portfolio":
             continue
@@ -442,7 +467,8 @@ def targets(out: dict[str, Any]) -> list[str]:
                      f"< {TARGET_DETECT:.0f} s: {'MET' if ok else 'NOT MET'}"
                      f"  ({c['found']}/{c['seeds']} seeds{'' if all_found else ' - SOME MISSED'})")
     for r in out.get("determinism", []):
-        ok = r["identical"] and r["identical_to_detection_run"] is not False
+        ok = (r["identical"] and r["identical_to_detection_run"] is not False
+              and r["identical_with_workers"] is not False)
         verdict = "MET" if ok else "NOT MET"
         if ok and not r["a"]["found"]:
             verdict = "n/a (nothing found within the budget)"
@@ -457,13 +483,14 @@ def targets(out: dict[str, Any]) -> list[str]:
 def profile(name: str, budget: int) -> str:
     spec = SCENARIOS[name]
     ex.explore(spec, budget=5, seed=99)
+    plain = ex.explore(spec, strategy="portfolio", budget=budget, seed=0)
     pr = cProfile.Profile()
     pr.enable()
     r = ex.explore(spec, strategy="portfolio", budget=budget, seed=0)
     pr.disable()
     buf = io.StringIO()
     buf.write(f"cProfile: {name}, portfolio, seed 0, {r.schedules} schedules in {r.seconds:.2f} s "
-              f"(profiled; unprofiled runs are ~2x faster)\n")
+              f"profiled, {plain.seconds:.2f} s without the profiler\n")
     st = pstats.Stats(pr, stream=buf)
     st.sort_stats("cumulative").print_stats(30)
     st.sort_stats("tottime").print_stats(20)
@@ -496,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all six)")
     ap.add_argument("--scenarios", default=",".join(SMALL),
                     help="comma-separated (default: the small ones: kernel tasks, not guest programs)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="also measure explore(workers=N): throughput and determinism (default: CPUs)")
     ap.add_argument("--det-seed", type=int, default=0, help="seed of the determinism check (default 0)")
     ap.add_argument("--full-clean", action="store_true", help="only section 4: every fixed twin, full budget")
     ap.add_argument("--profile", metavar="SCENARIO",
@@ -522,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out: dict[str, Any] = {"config": {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "arch": ARCH, "seeds": seeds, "budget": budget, "detect_budget": detect_budget,
+        "arch": ARCH, "workers": args.workers, "seeds": seeds, "budget": budget,
+        "detect_budget": detect_budget,
         "clean_budget": args.clean_budget, "strategies": strategies, "scenarios": scenarios,
         "quick": args.quick, "full_clean": args.full_clean, "profile_bugs": sorted(PROFILE_BUGS),
         "bugs_without_scenario": uncovered, "scenarios_left_out": left_out, "commit": commit()}}
@@ -530,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_clean:
         out["clean"] = full_clean(scenarios, args.clean_budget)
     else:
-        out["throughput"] = throughput(scenarios, budget, split_budget)
+        out["throughput"] = throughput(scenarios, budget, split_budget, args.workers)
         out["detection"] = detection(todo, strategies, seeds, detect_budget)
-        out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"])
+        out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"], args.workers)
     out["targets"] = targets(out)
     out["config"]["wall_seconds"] = time.perf_counter() - t_start
 
@@ -542,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"emu explorer benchmark: Python {out['config']['python']}, {out['config']['cpus']} CPUs, "
           f"arch {ARCH}, commit {out['config']['commit']}{', --quick' if args.quick else ''}")
     if left_out:
-        print(f"scenarios not run (see --scenarios): {', '.join(left_out)}")
+        print(textwrap.fill(f"scenarios not run (see --scenarios): {', '.join(left_out)}", 96,
+                            subsequent_indent="    "))
     if uncovered:
         print(f"bugs no scenario catches (not measured): {', '.join(uncovered)}")
     print()
