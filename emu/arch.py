@@ -148,6 +148,10 @@ class Level:
     def index(self, va: int) -> int:
         return (va >> self.shift) & ((1 << self.index_bits) - 1)
 
+    def table_base(self, entp: int) -> int:
+        """Physical address of the table of this level holding the entry at ``entp``."""
+        return entp & ~(self.table_bytes - 1)
+
 
 # -- the hardware walk protocol --------------------------------------------------------
 # A walk is a generator. It yields ReadEntry (the driver sends back the 8-byte entry

@@ -216,7 +216,7 @@ def retract_vs_refault(sc: Scenario) -> World:
                 return "no table"
             ptep, ptl = locked
             pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp))
-            if pmd.kind is not Kind.TABLE or pmd.paddr != (ptep & ~(k.arch.levels[-1].table_bytes - 1)):
+            if pmd.kind is not Kind.TABLE or pmd.paddr != k.arch.levels[-1].table_base(ptep):
                 await pgtable.pte_unmap_unlock(k, ptep, ptl)
                 raise Finding("LOCKING", "LOCKING: pte_offset_map_lock() returned a table its pmd no "
                               "longer points to", "LOCKING:late_locker",

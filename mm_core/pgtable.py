@@ -63,8 +63,7 @@ def _under_own_ptl(k, entp: int) -> bool:
     task = k.current_task()
     if task is None or not task.held:
         return False
-    lv = k.arch.levels[k.arch.pte_level]
-    pt = k.ptdescs.get(entp & ~(lv.table_bytes - 1))
+    pt = k.ptdescs.get(k.arch.levels[k.arch.pte_level].table_base(entp))
     return pt is not None and pt.level == k.arch.pte_level and pt.ptl in task.held
 
 

@@ -137,14 +137,16 @@ class Sanitizers:
     def rw_nolock_mapped(self, pmdp: int, ptep: int, ptl) -> None:
         task = self.k.current_task()
         if task is not None and self.enabled:
-            base = ptep & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1)
-            self.rw_nolock.setdefault(task, {})[base] = [pmdp, ptl, False, call_site()]
+            self.rw_nolock.setdefault(task, {})[self._pte_table(ptep)] = [pmdp, ptl, False, call_site()]
 
     def pte_unmapped(self, ptep: int) -> None:
         if self.rw_nolock:
             maps = self.rw_nolock.get(self.k.current_task())
             if maps:
-                maps.pop(ptep & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1), None)
+                maps.pop(self._pte_table(ptep), None)
+
+    def _pte_table(self, entp: int) -> int:
+        return self.k.arch.levels[self.k.arch.pte_level].table_base(entp)
 
     def _check_rw_nolock(self, entp: int, write: bool) -> None:
         """The caller of pte_offset_map_rw_nolock() must, after taking the ptl and before
@@ -155,7 +157,7 @@ class Sanitizers:
         maps = self.rw_nolock.get(task)
         if not maps:
             return
-        base = entp & ~(self.k.arch.levels[self.k.arch.pte_level].table_bytes - 1)
+        base = self._pte_table(entp)
         for table, rec in maps.items():
             pmdp, ptl, checked, site = rec
             if entp == pmdp or base == table:
@@ -220,7 +222,7 @@ class Sanitizers:
     def _table_of(self, entp: int):
         k = self.k
         for level, lv in enumerate(k.arch.levels):
-            base = entp & ~(lv.table_bytes - 1)
+            base = lv.table_base(entp)
             for pt in (k.ptdescs.get(base), self.dead.get(base)):
                 if pt is not None and pt.level == level:
                     return pt
