@@ -19,6 +19,7 @@
  * to stderr only: stdout is the same whether the collapse happened or not.
  */
 #include "rt.h"
+#include "shmem_map.h"
 
 #define FILE_SIZE  (4UL << 20)
 #define HUGE_SIZE  (2UL << 20)
@@ -80,33 +81,6 @@ static void err_result(const char *what, long r)
     sys_write(2, buf, n);
 }
 
-/* Map the whole file MAP_SHARED at a 2 MiB aligned address; returns the
- * address or -errno. */
-static long map_aligned(int fd)
-{
-    size_t resv_len = FILE_SIZE + HUGE_SIZE;
-    long r = sys_mmap(0, resv_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (rt_is_err(r))
-        return r;
-    u64 resv = (u64)r;
-    u64 at = (resv + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1);
-    r = sys_mmap((void *)at, FILE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
-    if (rt_is_err(r))
-        return r;
-    if (at > resv) {                       /* the unused head of the reservation */
-        r = sys_munmap((void *)resv, at - resv);
-        if (r)
-            return r;
-    }
-    u64 end = at + FILE_SIZE, resv_end = resv + resv_len;
-    if (end < resv_end) {                  /* and its tail */
-        r = sys_munmap((void *)end, resv_end - end);
-        if (r)
-            return r;
-    }
-    return (long)at;
-}
-
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -120,11 +94,11 @@ int main(int argc, char **argv)
     if (r)
         return fail("ftruncate", r);
 
-    r = map_aligned(fd);
+    r = map_shared_aligned(fd, FILE_SIZE, HUGE_SIZE);
     if (rt_is_err(r))
         return fail("mmap 1", r);
     u8 *m1 = (u8 *)r;
-    r = map_aligned(fd);
+    r = map_shared_aligned(fd, FILE_SIZE, HUGE_SIZE);
     if (rt_is_err(r))
         return fail("mmap 2", r);
     u8 *m2 = (u8 *)r;
