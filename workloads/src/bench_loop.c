@@ -18,15 +18,6 @@
  */
 #include "rt.h"
 
-static int fail(const char *what, long r)
-{
-    put_str(what);
-    put_str(" failed: -");
-    put_udec((u64)-r);
-    put_char('\n');
-    return 1;
-}
-
 static int stream(u64 npages, u64 passes, u64 stride)
 {
     if (npages == 0)

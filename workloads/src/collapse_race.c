@@ -80,15 +80,6 @@ static volatile u64 *own_word(u8 *base, u64 i)
     return (volatile u64 *)(base + i * PAGE_SIZE + (page_offset(i) ^ 2048));
 }
 
-static int fail(const char *what, long r)
-{
-    put_str(what);
-    put_str(" failed: -");
-    put_udec((u64)-r);
-    put_char('\n');
-    return 1;
-}
-
 /* "what N\n" on stderr, in one write. */
 static void err_line(const char *what, long r)
 {

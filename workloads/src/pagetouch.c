@@ -29,15 +29,6 @@ static u64 mix(u64 sum, u64 v)
     return sum * 0x100000001b3UL ^ v;
 }
 
-static int fail(const char *what, long r)
-{
-    put_str(what);
-    put_str(" failed: -");
-    put_udec((u64)-r);
-    put_char('\n');
-    return 1;
-}
-
 int main(int argc, char **argv)
 {
     u64 npages = parse_udec(argc > 1 ? argv[1] : 0, DEFAULT_PAGES);

@@ -348,6 +348,17 @@ void put_flush(void);          /* also done on '\n' and at exit */
 void put_kv_dec(const char *key, u64 v);   /* "key v\n" */
 void put_kv_hex(const char *key, u64 v);   /* "key 0x...\n" */
 
+/* "what failed: -ERRNO\n" for a syscall that returned -ERRNO; returns 1 (the
+ * exit status) so callers can write `return fail("mmap", r);`. */
+static inline int fail(const char *what, long r)
+{
+    put_str(what);
+    put_str(" failed: -");
+    put_udec((u64)-r);
+    put_char('\n');
+    return 1;
+}
+
 size_t strlen(const char *s);
 u64 parse_udec(const char *s, u64 dflt);   /* dflt if s is empty or not all digits */
 

@@ -48,15 +48,6 @@ static volatile u64 *word(u8 *base, u64 i)
     return (volatile u64 *)(base + i * PAGE_SIZE + page_offset(i));
 }
 
-static int fail(const char *what, long r)
-{
-    put_str(what);
-    put_str(" failed: -");
-    put_udec((u64)-r);
-    put_char('\n');
-    return 1;
-}
-
 /* "what returned N\n" on stderr, in one write. */
 static void err_result(const char *what, long r)
 {
