@@ -320,7 +320,12 @@ class ArchSpec(ABC):
         a fresh table is filled with (not always 0: s390x)."""
 
     def empty_value(self, level: int) -> int:
-        return self.encode(level, NONE_ENTRY)
+        """The raw value of an empty entry at ``level`` (cached: hot in table scans)."""
+        cache = self.__dict__.setdefault("_empty_values", {})
+        value = cache.get(level)
+        if value is None:
+            value = cache[level] = self.encode(level, NONE_ENTRY)
+        return value
 
     # -- hardware ----------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,14 @@ def parse_size(text: str | int) -> int:
     return int(num) * _SIZE_UNITS[unit]
 
 
+# Guest RAM buffers given back by close(recycle=True), by size: the race explorer builds a
+# fresh world for every schedule, and a fresh host mapping costs a host page fault on every
+# first touch (~1 us a page), more than the rest of a small schedule.
+_POOL: dict[int, list[mmap.mmap]] = {}
+_POOL_MAX = 4
+_ZERO_GAP = 32          # clean frames between two dirty ones zeroed anyway (one memset)
+
+
 class PhysicalAddressError(Exception):
     """An access beyond guest RAM: on hardware a machine check, here always a bug."""
 
@@ -39,21 +47,45 @@ class PhysMem:
             raise ValueError("guest memory must be at least 4M")
         size = (size + (2 << 20) - 1) & ~((2 << 20) - 1)
         self.size = size
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (getattr(mmap, "MAP_POPULATE", 0) if prefault else 0)
-        # MAP_POPULATE prefaults: a first touch costs ~9 us a page from inside a guest run.
-        self.buf = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view = memoryview(self.buf)
+        pooled = _POOL.get(size)
+        if pooled:
+            self.buf = pooled.pop()             # all zero again: see close()
+        else:
+            populate = getattr(mmap, "MAP_POPULATE", 0) if prefault else 0
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+            # MAP_POPULATE prefaults: a first touch costs ~9 us a page from inside a guest run.
+            self.buf = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self.buf)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         self.big_endian = big_endian
         self.entry = struct.Struct(">Q" if big_endian else "<Q")
         self.nr_pages = size >> PAGE_SHIFT
+        # frames written through this object's methods, so close(recycle=True) can zero
+        # just those; writers it cannot see (Unicorn, users of ``view``) set ``exposed``
+        self.dirty = bytearray(self.nr_pages)
+        self.exposed = False
+
+    @property
+    def view(self) -> memoryview:
+        """All of RAM as a writable memoryview. Writes through it are not tracked, so a
+        PhysMem whose view was handed out is never recycled."""
+        self.exposed = True
+        return self._view
+
+    def _mark(self, paddr: int, n: int) -> None:
+        first, last = paddr >> PAGE_SHIFT, (paddr + n - 1) >> PAGE_SHIFT
+        if first == last:
+            self.dirty[first] = 1
+        else:
+            self.dirty[first:last + 1] = b"\x01" * (last + 1 - first)
 
     # -- bytes -------------------------------------------------------------------------
     def read(self, paddr: int, n: int) -> bytes:
-        return bytes(self.view[paddr:paddr + n])
+        return bytes(self._view[paddr:paddr + n])
 
     def write(self, paddr: int, data: bytes) -> None:
-        self.view[paddr:paddr + len(data)] = data
+        self._view[paddr:paddr + len(data)] = data
+        self._mark(paddr, len(data))
 
     def zero(self, paddr: int, n: int = PAGE_SIZE) -> None:
         self.fill(paddr, n, 0)
@@ -62,9 +94,11 @@ class PhysMem:
         if not 0 <= paddr <= self.size - n:
             raise PhysicalAddressError(f"fill of {n} bytes at {paddr:#x}: outside guest RAM")
         ctypes.memset(self.address + paddr, byte, n)
+        self._mark(paddr, n)
 
     def copy(self, dst: int, src: int, n: int = PAGE_SIZE) -> None:
         self.buf[dst:dst + n] = self.buf[src:src + n]
+        self._mark(dst, n)
 
     # -- 8-byte table entries in the guest's byte order --------------------------------------
     def read_entry(self, paddr: int) -> int:
@@ -81,12 +115,14 @@ class PhysMem:
 
     def write_entry(self, paddr: int, value: int) -> None:
         self.entry.pack_into(self.buf, paddr, value)
+        self.dirty[paddr >> PAGE_SHIFT] = 1
 
     def cmpxchg_entry(self, paddr: int, old: int, new: int) -> bool:
         """Atomic with respect to emu's own tasks (Python code between traps is atomic)."""
         if self.entry.unpack_from(self.buf, paddr)[0] != old:
             return False
         self.entry.pack_into(self.buf, paddr, new)
+        self.dirty[paddr >> PAGE_SHIFT] = 1
         return True
 
     def fill_entries(self, paddr: int, count: int, value: int) -> None:
@@ -95,7 +131,26 @@ class PhysMem:
             self.zero(paddr, count * 8)
         else:
             self.buf[paddr:paddr + count * 8] = self.entry.pack(value) * count
+            self._mark(paddr, count * 8)
 
-    def close(self) -> None:
-        self.view.release()
-        self.buf.close()
+    def close(self, recycle: bool = False) -> None:
+        """Unmap the RAM; with ``recycle`` (and nobody untracked ever wrote to it) zero
+        the frames written and keep the buffer for the next PhysMem of this size."""
+        self._view.release()
+        pool = _POOL.setdefault(self.size, [])
+        if not recycle or self.exposed or len(pool) >= _POOL_MAX:
+            self.buf.close()
+            return
+        # one memset per cluster of dirty frames: a call costs as much as zeroing ~16 pages
+        dirty, start = self.dirty, self.dirty.find(1)
+        while start != -1:
+            end = dirty.find(0, start)
+            while end != -1:
+                nxt = dirty.find(1, end, end + _ZERO_GAP)
+                if nxt == -1:
+                    break
+                end = dirty.find(0, nxt)
+            end = len(dirty) if end == -1 else end
+            ctypes.memset(self.address + (start << PAGE_SHIFT), 0, (end - start) << PAGE_SHIFT)
+            start = dirty.find(1, end)
+        pool.append(self.buf)

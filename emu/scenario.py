@@ -77,7 +77,7 @@ class Scenario:
                 inner = t.kstate.get("coro")
                 if inner is not None:       # a wrapper that never started leaves its body unstarted
                     close_coroutine(inner)
-        self.machine.ram.close()
+        self.machine.ram.close(recycle=True)    # the next scenario reuses the zeroed buffer
 
     def state(self, name: str) -> TaskState:
         return next(t.state for t in self.sched.tasks if t.name == name)

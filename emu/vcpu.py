@@ -70,6 +70,7 @@ class VCPU:
         arch.cpu_setup(uc)                # arm64 page size must be set before anything else
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         uc.mem_map_ptr(0, physmem.size, UC_PROT_ALL, physmem.address)
+        physmem.exposed = True                  # guest stores are not tracked: never recycle
         self.uc = uc
         self.tlb = TLB()
         self.tlb_small = self.tlb.small          # the hit path's dict, without an attribute hop

@@ -269,9 +269,10 @@ async def _clear_folio_ptes(k, mm, ptep: int, folio) -> int:
     """Step 2: clear the PTEs that map the folio, dropping their rmap and counters."""
     from mm_core.memory import _put_mapped_page
     arch, cleared = k.arch, 0
-    for i in range(huge_memory.hpage_pmd_nr(k)):
+    empty = arch.empty_value(arch.pte_level)
+    for i, raw in enumerate(await pgtable.get_raws_locked(k, ptep, huge_memory.hpage_pmd_nr(k))):
         entp = ptep + i * 8
-        if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is Kind.LEAF:
+        if raw != empty and arch.decode(arch.pte_level, raw).kind is Kind.LEAF:
             await pgtable.clear_entry(k, entp, arch.pte_level)
             _put_mapped_page(k, mm, folio)
             cleared += 1
@@ -306,8 +307,11 @@ async def _clear_then_relock(k, vma, haddr: int, pmdp: int, folio):
 
 async def _ptes_map_folio(k, ptep: int, folio) -> bool:
     arch = k.arch
-    for i in range(huge_memory.hpage_pmd_nr(k)):
-        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + i * 8))
+    empty = arch.empty_value(arch.pte_level)
+    for i, raw in enumerate(await pgtable.get_raws_locked(k, ptep, huge_memory.hpage_pmd_nr(k))):
+        if raw == empty:
+            continue
+        ent = arch.decode(arch.pte_level, raw)
         if ent.kind is Kind.NONE:
             continue
         if ent.kind is not Kind.LEAF or ent.paddr != folio.paddr + i * k.page_size:

@@ -366,9 +366,13 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
     if locked is None:
         return False
     ptep, ptl = locked
-    for addr in range(start, end, k.page_size):
-        entp = ptep + ((addr - start) >> k.page_shift) * 8
-        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
+    empty = arch.empty_value(arch.pte_level)
+    raws = await pgtable.get_raws_locked(k, ptep, (end - start) >> k.page_shift)
+    for i, raw in enumerate(raws):
+        if raw == empty:
+            continue
+        entp = ptep + i * 8
+        ent = arch.decode(arch.pte_level, raw)
         if ent.kind is Kind.LEAF:
             await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
             page = None if ent.special else k.alloc.page_of(ent.paddr)
@@ -478,8 +482,9 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
         # one scan of the raw entries: only non-empty ones are visited (each visit is a
         # table read with its scheduling point, as before)
         raws = k.physmem.read_entries(table + first * 8, last - first + 1)
+        empty = arch.empty_value(level)
         for i, raw in enumerate(raws):
-            if arch.decode(level, raw).kind is Kind.NONE:
+            if raw == empty or arch.decode(level, raw).kind is Kind.NONE:
                 continue
             base = table_va + (first + i) * lv.span
             addr, nxt = max(lo, base), min(hi, base + lv.span)
