@@ -15,7 +15,7 @@ from emu.linux.thread import guest_thread
 from emu.linux.uaccess import copy_to_user
 from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
-from emu.sched.loop import Scheduler, run_sync
+from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.vcpu import VCPU, UserStop
 from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mincore as mm_mincore
@@ -89,7 +89,9 @@ class Machine:
         self.vcpus: list[VCPU] = []
         self.scheduler = Scheduler(policy, run_user=self._run_user)
         sched = self.scheduler
-        self.kernel.current_task = lambda: sched.current
+        # outside a run, API calls are the caller (run_sync's API_TASK), not the task the
+        # scheduler ran last
+        self.kernel.current_task = lambda: API_TASK if in_sync() else sched.current
         self.kernel.current_step = lambda: len(sched.picks)
         sched.on_task_end.append(self.kernel.san.task_ended)
         sched.observers.append(self.kernel.san.on_trap)

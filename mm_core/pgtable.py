@@ -64,8 +64,9 @@ async def get_raws_locked(k, ptep: int, nr: int) -> tuple[int, ...]:
     under its ptl (zap_pte_range, the collapse checks). Under the table's own ptl no read
     is a scheduling point and no other writer can run, so one checked bulk read is the
     same as ``nr`` get_raw() calls; without that ptl (the 6.4 rules' bogus lock) it falls
-    back to reading entry by entry, each a scheduling point."""
-    if not _under_own_ptl(k, ptep):
+    back to reading entry by entry, each a scheduling point. Outside a run (API calls,
+    the explorer's teardown) nothing else can run either."""
+    if k.current_task() is not None and not _under_own_ptl(k, ptep):
         return tuple([await get_raw(k, ptep + i * 8) for i in range(nr)])
     k.san.entry_access(ptep, False)
     return k.physmem.read_entries(ptep, nr)

@@ -268,6 +268,12 @@ def close_coroutine(coro: Coroutine[Any, Any, Any]) -> None:
 
 
 API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over
+_sync_depth = 0           # > 0 while run_sync() drives kernel code
+
+
+def in_sync() -> bool:
+    """True while kernel code runs through run_sync(): ``current`` is then API_TASK."""
+    return _sync_depth > 0
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -276,6 +282,15 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     Only uncontended traps are allowed: with no other task alive, a lock that is taken
     is a bug, and guest code cannot run here.
     """
+    global _sync_depth
+    _sync_depth += 1
+    try:
+        return _drive(coro)
+    finally:
+        _sync_depth -= 1
+
+
+def _drive(coro: Coroutine[Any, Any, Any]) -> Any:
     value: Any = None
     task = API_TASK
     while True:
@@ -301,8 +316,11 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
                 coro.close()
                 raise Deadlock(f"{event[1]!r} is not available; cannot wait outside a run")
             value = ok if kind == "trylock" else None
+            if ok and kind != "wait":
+                task.held.append(event[1])
         elif kind == "unlock":
             event[1].release(task, event[2])
+            task.held.remove(event[1])
         else:
             coro.close()
             raise RuntimeError(f"trap {kind!r} cannot be served outside a run")
