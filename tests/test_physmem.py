@@ -1,0 +1,45 @@
+"""Guest RAM recycling: a buffer handed back zeroed is indistinguishable from a fresh one."""
+from __future__ import annotations
+
+from emu import physmem
+from emu.physmem import PhysMem
+
+SIZE = 6 << 20          # a size no other test uses, so the pool is ours
+
+
+def _all_zero(ram: PhysMem) -> bool:
+    return ram.read(0, ram.size) == bytes(ram.size)
+
+
+def test_recycled_buffer_comes_back_zeroed() -> None:
+    physmem._POOL.pop(SIZE, None)
+    ram = PhysMem(SIZE, big_endian=True, prefault=False)
+    ram.write(0x1234, b"data")
+    ram.write_entry(0x200000, 0xDEADBEEF)
+    ram.fill(0x300000, 3 * 4096 + 5, 0x6B)                  # crosses page boundaries
+    ram.copy(0x500000, 0x1000)
+    assert ram.cmpxchg_entry(0x200008, 0, 7)
+    ram.fill_entries(0x5ff000, 512, 0x400)                  # s390x-style empty entries
+    assert not _all_zero(ram)
+    address = ram.address
+    ram.close(recycle=True)
+    assert len(physmem._POOL[SIZE]) == 1
+    again = PhysMem(SIZE, big_endian=False, prefault=False)
+    try:
+        assert again.address == address                    # the same host buffer
+        assert _all_zero(again)
+        assert physmem._POOL[SIZE] == []
+    finally:
+        again.close()
+
+
+def test_buffer_written_behind_its_back_is_not_recycled() -> None:
+    physmem._POOL.pop(SIZE, None)
+    ram = PhysMem(SIZE, big_endian=False, prefault=False)
+    ram.view[0x10:0x14] = b"user"                           # untracked: Machine.physmem users, Unicorn
+    ram.close(recycle=True)
+    assert physmem._POOL.get(SIZE) == []
+    plain = PhysMem(SIZE, big_endian=False, prefault=False)
+    plain.write(0, b"x")
+    plain.close()                                           # recycling is opt-in
+    assert physmem._POOL.get(SIZE) == []
