@@ -16,6 +16,7 @@ from emu.linux.uaccess import copy_to_user
 from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
+from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
 from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mincore as mm_mincore
@@ -95,6 +96,8 @@ class Machine:
         self.kernel.current_step = lambda: len(sched.picks)
         sched.on_task_end.append(self.kernel.san.task_ended)
         sched.observers.append(self.kernel.san.on_trap)
+        sched.observers.append(self._ipi_point)
+        self._thread_of_task: dict[Any, Thread] = {}
         self.kernel.vcpus = lambda: self.vcpus
         self.processes: list[Process] = []
         page = self.kernel.page_size
@@ -237,6 +240,7 @@ class Machine:
         vcpu.loaded = thread
         proc.threads.append(thread)
         thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(path)}:{pid}")
+        self._thread_of_task[thread.task] = thread
         self.processes.append(proc)
         self._start_kthreads()
         return proc
@@ -360,18 +364,48 @@ class Machine:
         proc.threads.append(child)
         name = f"{os.path.basename(proc.path)}:{child.tid}"
         child.task = self.scheduler.spawn(guest_thread(self, child), name)
+        self._thread_of_task[child.task] = child
         return child
 
     def _run_user(self, thread: Thread, quantum: int) -> UserStop:
         return self.bind(thread).run(quantum)
 
-    def _shootdown(self, mm: MMStruct, start: int, end: int) -> None:
-        """flush_tlb_range(): an IPI to every vCPU running ``mm``; each applies it at its
-        next scheduling point."""
-        self.kernel.stats["tlb_shootdowns"] += 1
+    def _shootdown(self, mm: MMStruct, start: int, end: int) -> TlbShootdown | None:
+        """flush_tlb_range(): an IPI to every vCPU running ``mm``. The flusher's own vCPU
+        flushes before it next runs guest code; the others acknowledge at their next
+        scheduling point, and the flusher waits for that (mm_core/tlbflush.py)."""
+        k = self.kernel
+        k.stats["tlb_shootdowns"] += 1
+        me = self._thread_of_task.get(k.current_task())
+        remote = []
         for v in self.vcpus:
             if v.mm is mm:
                 v.request_flush(start, end)
+                if me is None or v is not me.vcpu:
+                    remote.append(v)
+        k.stats["tlb_ipis"] += len(remote)
+        return TlbShootdown(self, remote) if remote else None
+
+    def _ipi_acked(self, vcpu: VCPU) -> bool:
+        """Has ``vcpu`` run the flushes queued for it? An idle vCPU (no runnable thread
+        on it, or no run going on) takes the IPI at once."""
+        if vcpu.pending_flush is None:
+            return True
+        busy = not in_sync() and any(
+            t.vcpu is vcpu and not t.exited and t.task is not None and t.task.state is TaskState.RUNNABLE
+            for p in self.processes for t in p.threads)
+        if busy:
+            return False
+        vcpu.apply_flushes()
+        return True
+
+    def _ipi_point(self, task: Any, event: tuple) -> None:
+        """A step of a thread on a vCPU is that vCPU's scheduling point: it runs the queued
+        flushes (acknowledging the IPIs), unless it is in the middle of a hardware walk —
+        interrupts are taken between instructions, after the walk has filled the TLB."""
+        thread = self._thread_of_task.get(task)
+        if thread is not None and thread.vcpu.pending_flush and not thread.vcpu.in_walk:
+            thread.vcpu.apply_flushes()
 
     # -- running --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -437,6 +471,24 @@ class Machine:
             "seconds": round(secs, 4),
             "mips": round(insns / secs / 1e6, 2) if secs > 0 and self.count_instructions else None,
         }
+
+
+class TlbShootdown:
+    """One round of shootdown IPIs, as the flusher waits on it: it passes once every
+    target vCPU has acknowledged."""
+
+    sleeps = False          # csd_lock_wait() spins: allowed under spinlocks and in RCU sections
+
+    def __init__(self, machine: Machine, vcpus: list[VCPU]) -> None:
+        self.machine = machine
+        self.pending = vcpus
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        self.pending = [v for v in self.pending if not self.machine._ipi_acked(v)]
+        return not self.pending
+
+    def __repr__(self) -> str:
+        return f"<tlb shootdown waiting for vCPU {', '.join(str(v.index) for v in self.pending)}>"
 
 
 def _check(ret: int) -> int:

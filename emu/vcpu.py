@@ -79,6 +79,7 @@ class VCPU:
         self.loaded = None                       # the guest thread whose registers are in uc
         self.root = 0
         self.pending_flush: list[tuple[int, int]] | None = None
+        self.in_walk = False
         # statistics
         self.fills = self.tlb_hits = self.walks = self.walk_reads = 0
         self.instructions = 0
@@ -172,6 +173,7 @@ class VCPU:
         self.walks += 1
         pm = self.physmem
         walk = self.arch.walk(self.root, va, acc)
+        self.in_walk = True             # mid-instruction: IPIs wait until the walk is done
         try:
             step = next(walk)
             while True:
@@ -183,6 +185,8 @@ class VCPU:
                     step = walk.send(pm.cmpxchg_entry(step.paddr, step.old, step.new))
         except StopIteration as stop:
             result = stop.value
+        finally:
+            self.in_walk = False
         if type(result) is Translation:
             self.tlb.insert(va, result)
         return result

@@ -12,6 +12,7 @@ from mm_core import pgtable
 from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import alloc_table, pte_free
+from mm_core.tlbflush import flush_tlb_range
 
 
 def hpage_pmd_size(k) -> int:
@@ -186,7 +187,7 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
     # the pmd goes through an invalid window: pmdp_invalidate(), then populate
     await pgtable.clear_entry(k, pmdp, arch.pmd_level)
     haddr = addr & ~(hpage_pmd_size(k) - 1)
-    k.flush_tlb_range(mm, haddr, haddr + hpage_pmd_size(k))
+    await flush_tlb_range(k, mm, haddr, haddr + hpage_pmd_size(k))
     if deposit is None or folio is None or folio.use is not PageUse.ANON:
         await traps.unlock(pml)
         if deposit is not None:
@@ -222,7 +223,7 @@ async def set_pmd_migration_entry(k, vma, pmdp: int) -> Entry | None:
             return None
         await pgtable.set_entry(k, pmdp, k.arch.pmd_level,
                                 swap_entry(SWP_MIGRATION_WRITE, cur.paddr >> PAGE_SHIFT))
-        k.flush_tlb_range(vma.mm, vma.start, vma.end)
+        await flush_tlb_range(k, vma.mm, vma.start, vma.end)
         return cur
     finally:
         await traps.unlock(pml)

@@ -42,7 +42,9 @@ class Kernel:
         self.stats: Counter[str] = Counter()
         self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)
         # set by the machine: TLB shootdown of [start, end) for every vCPU using mm
-        self.flush_tlb_range: Callable[[object, int, int], None] = lambda mm, start, end: None
+        # the IPI side of a shootdown (the machine's): returns what the flusher waits on,
+        # or None when no other CPU needs one (see mm_core/tlbflush.py)
+        self.flush_tlb_range: Callable[[object, int, int], object | None] = lambda mm, start, end: None
         self._next_asid = 1
 
     def next_id(self, kind: str) -> int:

@@ -19,6 +19,7 @@ from mm_core.locks import WaitQueue, mmap_read_lock, mmap_read_unlock, mmap_writ
 from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import pte_free, pte_free_defer
+from mm_core.tlbflush import flush_tlb_range
 
 MAX_PTES_NONE = 511          # /sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none
 PAGES_TO_SCAN = 4096         # .../khugepaged/pages_to_scan
@@ -66,7 +67,7 @@ async def pmdp_collapse_flush(k, vma, addr: int, pmdp: int) -> int:
     """pmdp_collapse_flush(): clear a table pmd and flush the range; returns the old raw pmd."""
     old = await pgtable.clear_entry(k, pmdp, k.arch.pmd_level)
     size = huge_memory.hpage_pmd_size(k)
-    k.flush_tlb_range(vma.mm, addr, addr + size)
+    await flush_tlb_range(k, vma.mm, addr, addr + size)
     return old
 
 

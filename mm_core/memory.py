@@ -29,6 +29,7 @@ from mm_core.mm import (
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import pte_frag_destroy
+from mm_core.tlbflush import flush_tlb_range
 
 # fault flags (include/linux/mm_types.h, enum fault_flag)
 FAULT_FLAG_WRITE = 0x1
@@ -292,7 +293,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     new_page.mapcount = 1
     # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
-    k.flush_tlb_range(mm, vmf.address, vmf.address + k.page_size)
+    await flush_tlb_range(k, mm, vmf.address, vmf.address + k.page_size)
     mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:
         _put_mapped_page(k, mm, old_page)
@@ -424,7 +425,7 @@ async def unmap_page_range(k, vma: VMA, start: int, end: int) -> None:
     tlb: list = []
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
         await zap_pmd_range(k, vma, pmdp, lo, hi, tlb)
-    k.flush_tlb_range(vma.mm, start, end)
+    await flush_tlb_range(k, vma.mm, start, end)
     for page in tlb:
         k.alloc.free_pages(page)
 

@@ -18,6 +18,7 @@ from mm_core.mm import (
 )
 from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
 from mm_core.page_alloc import PageUse
+from mm_core.tlbflush import flush_tlb_range
 
 EAGAIN = 11
 
@@ -55,7 +56,7 @@ async def change_protection(k, vma: VMA, start: int, end: int) -> None:
     """change_protection() -> change_pmd_range() -> change_pte_range(), then flush."""
     async for pmdp, lo, hi in memory.for_each_pmd(k, vma.mm, start, end):
         await change_pmd_range(k, vma, pmdp, lo, hi)
-    k.flush_tlb_range(vma.mm, start, end)
+    await flush_tlb_range(k, vma.mm, start, end)
 
 
 async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:

@@ -16,6 +16,7 @@ from mm_core import huge_memory, memory, pgtable, rmap
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VMA
 from mm_core.mmap import EINVAL, ENOMEM, _munmap_locked, get_unmapped_area, page_align, split_range
+from mm_core.tlbflush import flush_tlb_range
 
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 EAGAIN, EFAULT = 11, 14
@@ -112,7 +113,7 @@ async def move_page_tables(k, vma: VMA, old_addr: int, new_vma: VMA, new_addr: i
             await sched_point("retry", old_pmdp)
             continue                                 # again: look at this extent anew
         done += extent
-    k.flush_tlb_range(mm, old_addr, old_addr + length)
+    await flush_tlb_range(k, mm, old_addr, old_addr + length)
     return done
 
 
@@ -144,7 +145,7 @@ async def move_normal_pmd(k, vma: VMA, old_addr: int, new_addr: int, old_pmdp: i
         await pgtable.clear_entry(k, old_pmdp, arch.pmd_level)
         # pmd_populate(new, pmd_pgtable(pmd)): with a none pmd that is pfn 0
         await pgtable.set_entry(k, new_pmdp, arch.pmd_level, table_entry(pmd.paddr))
-        k.flush_tlb_range(mm, old_addr, old_addr + huge_memory.hpage_pmd_size(k))
+        await flush_tlb_range(k, mm, old_addr, old_addr + huge_memory.hpage_pmd_size(k))
         moved = True
         k.stats["move_normal_pmd"] += 1
     if new_ptl is not old_ptl:

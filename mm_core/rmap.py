@@ -5,6 +5,7 @@ from __future__ import annotations
 from emu.arch import Kind
 from emu.sched import traps
 from mm_core import pgtable
+from mm_core.tlbflush import flush_tlb_range
 
 
 def vma_address(vma, index: int) -> int | None:
@@ -48,7 +49,7 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
             ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
             if ent.kind is Kind.LEAF and ent.paddr == paddr:
                 await pgtable.clear_entry(k, ptep, arch.pte_level)       # ptep_clear_flush()
-                k.flush_tlb_range(vma.mm, addr, addr + k.page_size)
+                await flush_tlb_range(k, vma.mm, addr, addr + k.page_size)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
             await pgtable.pte_unmap_unlock(k, ptep, ptl)

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import pytest
+from conftest import workload
 
 import emu
 from emu.arch import table_entry
 from emu.scenario import Scenario
 from emu.sched import traps
 from emu.sched.loop import run_sync
+from emu.sched.task import TaskState
 from mm_core import huge_memory, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.sanitizers import Finding
+from mm_core.tlbflush import flush_tlb_range
 
 RW = emu.PROT_READ | emu.PROT_WRITE
 
@@ -95,8 +98,10 @@ def _vcpu_with_translation(arch: str = "arm64"):
 
 def test_munmap_flushes_before_the_page_is_freed() -> None:
     m, mm, va, vcpu = _vcpu_with_translation()
-    m.munmap(mm, va, 4 * 4096)                            # mmu_gather: flush queued, then free
-    assert vcpu.pending_flush and m.kernel.alloc.page_of(vcpu.tlb.small[va >> 12][0]) is None
+    frame = vcpu.tlb.small[va >> 12][0]
+    m.munmap(mm, va, 4 * 4096)              # mmu_gather: flush (an idle vCPU acks at once), then free
+    assert vcpu.pending_flush is None and va >> 12 not in vcpu.tlb.small
+    assert m.kernel.alloc.page_of(frame) is None and m.kernel.stats["tlb_ipis"] == 1
 
 
 def test_freeing_a_frame_a_vcpu_still_maps_is_reported() -> None:
@@ -130,3 +135,54 @@ def test_clearing_a_table_pmd_needs_mmap_lock_or_pml_and_ptl() -> None:
                                                                      k2.physmem.read_entry(pmdp2)).paddr]
     sc2.task("good", pml_and_ptl())
     sc2.run()                                              # the retract_page_tables way: fine
+
+
+# -- TLB shootdowns: the flusher waits for every target vCPU's acknowledgement -------------------
+
+def _guest_and_flusher(arch: str = "x86_64"):
+    sc = Scenario(arch=arch, kernel="6.6", mem="32M")
+    proc = sc.machine.spawn(workload(arch, "bench_loop"))
+    thread = proc.threads[0]
+    thread.vcpu.switch_mm(proc.mm)                       # the vCPU is running this mm
+    done: list[str] = []
+
+    async def flusher():
+        await flush_tlb_range(sc.kernel, proc.mm, 0, 1 << 30)
+        done.append("returned")
+
+    sc.task("flusher", flusher())
+    return sc, thread, done
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "s390x"])
+def test_shootdown_waits_until_the_target_vcpu_acknowledges(arch: str) -> None:
+    sc, thread, done = _guest_and_flusher(arch)
+    vcpu, flusher = thread.vcpu, sc.sched.tasks[-1]
+    sc.run("flusher:2", finish=False)                   # IPI sent; the guest thread is runnable
+    assert vcpu.pending_flush and flusher.state is TaskState.BLOCKED and not done
+    assert sc.kernel.stats["tlb_ack_waits"] == 1
+    sc.run(f"{thread.task.name}:2", finish=False)       # start, then its next scheduling point: the ack
+    assert vcpu.pending_flush is None
+    sc.run("flusher:*", finish=False)
+    assert done == ["returned"]
+
+
+def test_a_vcpu_in_the_middle_of_a_hardware_walk_acknowledges_after_it() -> None:
+    sc, thread, done = _guest_and_flusher()
+    vcpu = thread.vcpu
+    sc.run("flusher:1", finish=False)
+    vcpu.in_walk = True                                 # hw_walk_stepped() is between two reads
+    sc.machine._ipi_point(thread.task, ("point", "hw_walk", 0))
+    assert vcpu.pending_flush                            # interrupts wait for the instruction
+    vcpu.in_walk = False
+    sc.machine._ipi_point(thread.task, ("user", thread, 1))
+    assert vcpu.pending_flush is None
+
+
+def test_an_idle_vcpu_acknowledges_at_once() -> None:
+    sc, thread, done = _guest_and_flusher()
+    thread.task.state = TaskState.BLOCKED                # its only thread sleeps (futex, ...)
+    sc.run("flusher:*", finish=False)
+    assert done == ["returned"] and thread.vcpu.pending_flush is None
+    assert sc.kernel.stats["tlb_ack_waits"] == 0
+    thread.task.state = TaskState.RUNNABLE
