@@ -17,7 +17,7 @@ from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
-from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mincore as mm_mincore
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
@@ -160,6 +160,18 @@ class Machine:
 
     def mprotect(self, mm: MMStruct, addr: int, length: int, prot: int) -> None:
         _check(run_sync(mm_mprotect.do_mprotect(self.kernel, mm, addr, length, prot)))
+
+    def fork_mm(self, mm: MMStruct) -> MMStruct:
+        """fork()'s dup_mm(): a new mm with a copy of every VMA of ``mm``; page tables are
+        copied where the kernel copies them (anon memory: both sides write-protected,
+        copy-on-write on the next write), file mappings without anon pages refault.
+        Raises OSError(ENOMEM) (after tearing the half-built child down) on failure."""
+        child = self.new_mm()
+        ret = run_sync(fork.dup_mmap(self.kernel, child, mm))
+        if ret < 0:
+            self.exit_mm(child)          # mmput() of the half-built child
+            _check(ret)
+        return child
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
