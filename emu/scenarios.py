@@ -381,7 +381,8 @@ def fork_vs_retract(sc: Scenario) -> World:
                           "ORACLE:fork", [f"  copy_pte_range -ENOMEM: {k.stats['copy_pte_range_enomem']}"])
         pmdp = await pgtable.walk_alloc(k, child, anon, k.arch.pmd_level)
         ptep = await pgtable.pte_offset_map(k, pmdp, anon)
-        seen = [k.arch.decode(k.arch.pte_level, await pgtable.get_raw(k, ptep + 8 * i)).paddr for i in range(2)]
+        raw = [await pgtable.get_raw(k, ptep + 8 * i) for i in range(2)]
+        seen = [k.arch.decode(k.arch.pte_level, v).paddr for v in raw]
         await pgtable.pte_unmap(k, ptep)
         if seen != frames:
             raise Finding("ORACLE", "ORACLE: the child does not share the parent's anon pages",
