@@ -152,7 +152,8 @@ class Machine:
         shmem.iput(self.kernel, inode)
 
     def madvise(self, mm: MMStruct, addr: int, length: int, advice: int) -> None:
-        """madvise(2): MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
+        """madvise(2): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_HUGEPAGE,
+        MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
         _check(run_sync(madvise.do_madvise(self.kernel, mm, addr, length, advice)))
 
     def munmap(self, mm: MMStruct, addr: int, length: int) -> None:

@@ -267,6 +267,50 @@ async def copy_huge_pmd(k, dst_vma, src_vma, dst_pmdp: int, src_pmdp: int, addr:
     return ret
 
 
+# -- madvise ----------------------------------------------------------------------------------
+
+async def pmd_trans_huge_lock(k, mm, pmdp: int):
+    """pmd_trans_huge_lock(): the pml if the pmd is (still) huge or a swap pmd, else None."""
+    pml = await pgtable.pmd_lock(k, mm, pmdp)
+    cur = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+    if cur.kind in (Kind.LEAF, Kind.MIGRATION, Kind.SWAP):
+        return pml, cur
+    await traps.unlock(pml)
+    return None, cur
+
+
+async def madvise_free_huge_pmd(k, vma, pmdp: int, addr: int, nxt: int) -> bool:
+    """madvise_free_huge_pmd(): a whole, exclusively mapped anon THP becomes lazyfree (pmd
+    old and clean). True when done; False sends the caller on to the PTE level (whose map
+    then fails on a huge pmd). A partial range wants split_folio(), which the model does
+    not have: it behaves as a failed split (the THP stays as it is)."""
+    mm, arch = vma.mm, k.arch
+    pml, orig = await pmd_trans_huge_lock(k, mm, pmdp)
+    if pml is None:
+        return False
+    try:
+        if orig.kind is not Kind.LEAF:
+            return False                                  # a migration entry
+        folio = k.alloc.page_of(orig.paddr)
+        if folio is None or folio.mapcount != 1:          # folio_estimated_sharers() != 1
+            return False
+        if folio.locked:                                  # !folio_trylock()
+            return False
+        if nxt - addr != hpage_pmd_size(k):
+            k.stats["madv_free_split_folio_unmodelled"] += 1
+            return False
+        folio.extra.pop("dirty", None)                    # folio_clear_dirty()
+        if orig.young or orig.dirty:
+            # pmdp_invalidate() + set_pmd_at(pmd_mkold(pmd_mkclean()))
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, orig.with_(young=False, dirty=False))
+            k.flush_tlb_range(mm, addr, nxt)
+        folio.extra["lazyfree"] = True                    # folio_mark_lazyfree()
+        k.stats["madv_free_thp"] += 1
+        return True
+    finally:
+        await traps.unlock(pml)
+
+
 # -- THP migration entries --------------------------------------------------------------------
 
 async def set_pmd_migration_entry(k, vma, pmdp: int) -> Entry | None:
