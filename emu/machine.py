@@ -19,6 +19,7 @@ from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
 from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mincore as mm_mincore
+from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core import mremap as mm_mremap
@@ -155,6 +156,15 @@ class Machine:
         """madvise(2): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_HUGEPAGE,
         MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
         _check(run_sync(madvise.do_madvise(self.kernel, mm, addr, length, advice)))
+
+    def mlock(self, mm: MMStruct, addr: int, length: int, flags: int = 0) -> None:
+        """mlock2(2) (flags 0: mlock(2); 1: MLOCK_ONFAULT): VM_LOCKED, the mapped folios
+        mlocked, the rest faulted in."""
+        _check(run_sync(mm_mlock.do_mlock(self.kernel, mm, addr, length, flags)))
+
+    def munlock(self, mm: MMStruct, addr: int, length: int) -> None:
+        """munlock(2)."""
+        _check(run_sync(mm_mlock.do_munlock(self.kernel, mm, addr, length)))
 
     def munmap(self, mm: MMStruct, addr: int, length: int) -> None:
         _check(run_sync(mm_mmap.do_munmap(self.kernel, mm, addr, length)))

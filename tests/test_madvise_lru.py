@@ -176,6 +176,7 @@ def test_a_migration_pmd_is_skipped_and_the_walk_ends(arch: str, advice: int) ->
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.MIGRATION
     name = "madv_free_map_failed" if advice == madvise.MADV_FREE else "madv_cold_map_failed"
     assert k.stats[name] == 1 and k.stats["madv_cold_deactivated"] == 0
+    assert not any(" retry" in t for t in sc.trace_of("advise"))
     sc.run()
     assert sc.results["migrate"] is True
     finish(m, mm)
@@ -204,5 +205,6 @@ def test_cold_walk_skips_a_table_retracted_under_it(arch: str) -> None:
     sc.run(f"cold:pt_read#{reads} retract:* cold:*")
     assert sc.results == {"retract": 1, "cold": 0}
     assert k.stats["madv_cold_map_failed"] == 1 and k.stats["madv_cold"] == 1
+    assert not any(" retry" in t for t in sc.trace_of("cold"))       # SKIP: no second look
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.NONE
     finish(m, mm, files=[inode])
