@@ -243,3 +243,34 @@ def test_copy_pte_range_copies_when_retraction_comes_after() -> None:
     sc.run("copy:* retract:*")
     assert sc.results["copy"] == 0 and sc.results["retract"] == 2 and k.stats["copy_pte_range"] == 1
     finish(m, mm, child, files=[inode])
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "ppc64"])
+def test_copy_huge_pmd_eagain_falls_through_to_the_ptes(arch: str) -> None:
+    """The THP is split between copy_pmd_range()'s read of the pmd and copy_huge_pmd()'s
+    recheck under both pmd locks: -EAGAIN, and the PTE table is copied instead."""
+    sc = Scenario(arch=arch, mem="64M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    size, page = huge_memory.hpage_pmd_size(k), k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)
+    child = m.new_mm()
+    src_vma = mm.vma_lookup(a)
+    dst_vma = fork.vm_area_dup(child, src_vma)
+    child.insert_vma(dst_vma)
+    src_pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    sc.task("copy", fork.copy_pmd_range(k, dst_vma, src_vma, src_pmdp, a, a + size))
+    sc.task("split", huge_memory.split_huge_pmd(k, src_vma, src_pmdp, a))
+    sc.run("copy:pt_read#1 split:* copy:*")
+    assert sc.results["copy"] == 0
+    assert k.stats["copy_huge_pmd_eagain"] == 1 and k.stats["copy_pte_range"] == 1
+    for i in (0, 3):
+        p, c = pte_of(k, mm, a + i * page), pte_of(k, child, a + i * page)
+        assert p.kind is c.kind is Kind.LEAF and p.paddr == c.paddr == thp + i * page
+        assert not p.prot & Access.W and not c.prot & Access.W
+    nr = huge_memory.hpage_pmd_nr(k)
+    folio = k.alloc.page_of(thp)
+    assert (folio.mapcount, folio.refcount) == (2 * nr, 2 * nr) and child.rss[MM_ANONPAGES] == nr
+    finish(m, mm, child)
