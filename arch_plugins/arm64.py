@@ -349,6 +349,7 @@ class Arm64(ArchSpec):
         pc_advance=0,
         numbers={
             "read": 63, "write": 64, "writev": 66, "ioctl": 29, "brk": 214, "mmap": 222,
+            "mlock": 228, "munlock": 229, "mlock2": 284,
             "munmap": 215, "mprotect": 226, "madvise": 233, "mremap": 216, "exit": 93,
             "exit_group": 94, "set_tid_address": 96, "set_robust_list": 99, "rseq": 293,
             "prlimit64": 261, "readlinkat": 78, "getrandom": 278, "newfstatat": 79,

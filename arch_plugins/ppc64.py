@@ -300,6 +300,7 @@ class Ppc64(ArchSpec):
         ret_reg=uc_ppc.UC_PPC_REG_3,
         numbers={
             "read": 3, "write": 4, "writev": 146, "ioctl": 54, "brk": 45, "mmap": 90,
+            "mlock": 150, "munlock": 151, "mlock2": 378,
             "munmap": 91, "mprotect": 125, "madvise": 205, "mremap": 163, "exit": 1,
             "exit_group": 234, "set_tid_address": 232, "set_robust_list": 300, "rseq": 387,
             "prlimit64": 325, "readlink": 85, "readlinkat": 296, "getrandom": 359,

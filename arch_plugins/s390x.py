@@ -387,6 +387,7 @@ class S390x(ArchSpec):
         old_mmap=True,
         numbers={
             "read": 3, "write": 4, "writev": 146, "ioctl": 54, "brk": 45, "mmap": 90,
+            "mlock": 150, "munlock": 151, "mlock2": 374,
             "munmap": 91, "mprotect": 125, "madvise": 219, "mremap": 163, "exit": 1,
             "exit_group": 248, "set_tid_address": 252, "set_robust_list": 304, "rseq": 383,
             "prlimit64": 334, "readlink": 85, "readlinkat": 298, "getrandom": 349,

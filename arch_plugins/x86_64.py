@@ -355,6 +355,7 @@ class X86_64(ArchSpec):
         pc_advance=0,
         numbers={
             "read": 0, "write": 1, "writev": 20, "ioctl": 16, "brk": 12, "mmap": 9,
+            "mlock": 149, "munlock": 150, "mlock2": 325,
             "munmap": 11, "mprotect": 10, "madvise": 28, "mremap": 25, "exit": 60,
             "exit_group": 231, "set_tid_address": 218, "set_robust_list": 273, "rseq": 334,
             "prlimit64": 302, "readlink": 89, "readlinkat": 267, "getrandom": 318,

@@ -9,7 +9,15 @@
 from typing import Any
 
 from emu.hookspecs import hookimpl
-from mm_core.madvise import MADV_COLLAPSE, MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE
+from mm_core.madvise import (
+    MADV_COLD,
+    MADV_COLLAPSE,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
+)
 from mm_core.mmap import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -28,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE", "PROT_READ",
            "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_FIXED", "MAP_ANONYMOUS",
            "MAP_GROWSDOWN", "MAP_POPULATE", "MAP_FIXED_NOREPLACE", "MADV_DONTNEED", "MADV_HUGEPAGE",
-           "MADV_NOHUGEPAGE", "MADV_COLLAPSE"]
+           "MADV_NOHUGEPAGE", "MADV_COLLAPSE", "MADV_FREE", "MADV_COLD", "MADV_PAGEOUT"]
 
 
 def __getattr__(name: str) -> Any:

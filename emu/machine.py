@@ -18,8 +18,9 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem
 from mm_core import mincore as mm_mincore
+from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core import mremap as mm_mremap
@@ -157,14 +158,36 @@ class Machine:
         shmem.iput(self.kernel, inode)
 
     def madvise(self, mm: MMStruct, addr: int, length: int, advice: int) -> None:
-        """madvise(2): MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
+        """madvise(2): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_HUGEPAGE,
+        MADV_NOHUGEPAGE, MADV_COLLAPSE, ..."""
         _check(run_sync(madvise.do_madvise(self.kernel, mm, addr, length, advice)))
+
+    def mlock(self, mm: MMStruct, addr: int, length: int, flags: int = 0) -> None:
+        """mlock2(2) (flags 0: mlock(2); 1: MLOCK_ONFAULT): VM_LOCKED, the mapped folios
+        mlocked, the rest faulted in."""
+        _check(run_sync(mm_mlock.do_mlock(self.kernel, mm, addr, length, flags)))
+
+    def munlock(self, mm: MMStruct, addr: int, length: int) -> None:
+        """munlock(2)."""
+        _check(run_sync(mm_mlock.do_munlock(self.kernel, mm, addr, length)))
 
     def munmap(self, mm: MMStruct, addr: int, length: int) -> None:
         _check(run_sync(mm_mmap.do_munmap(self.kernel, mm, addr, length)))
 
     def mprotect(self, mm: MMStruct, addr: int, length: int, prot: int) -> None:
         _check(run_sync(mm_mprotect.do_mprotect(self.kernel, mm, addr, length, prot)))
+
+    def fork_mm(self, mm: MMStruct) -> MMStruct:
+        """fork()'s dup_mm(): a new mm with a copy of every VMA of ``mm``; page tables are
+        copied where the kernel copies them (anon memory: both sides write-protected,
+        copy-on-write on the next write), file mappings without anon pages refault.
+        Raises OSError(ENOMEM) (after tearing the half-built child down) on failure."""
+        child = self.new_mm()
+        ret = run_sync(fork.dup_mmap(self.kernel, child, mm))
+        if ret < 0:
+            self.exit_mm(child)          # mmput() of the half-built child
+            _check(ret)
+        return child
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

@@ -83,6 +83,11 @@ BUGS: dict[str, str] = {
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
         "without mmap_lock); found by the walker-contract check, run with --kernel 6.13",
+    "fork_copies_file_vma_without_anon_vma":
+        "fork's vma_needs_copy() without its anon_vma test: the page tables of a shared file "
+        "VMA are copied, so copy_pte_range() is no longer kept apart from retract_page_tables() "
+        "(which skips only VMAs with an anon_vma) and its pte_alloc_map_lock() of the child's "
+        "fresh table can fail: a spurious -ENOMEM from fork",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13"}
@@ -350,3 +355,40 @@ def mremap_move_ptes(sc: Scenario) -> World:
     sc.task("mremap", move())
     sc.task("mincore", check())
     return World([mm], [], addr)
+
+
+@scenario("fork-vs-retract",
+          "fork (dup_mmap -> copy_page_range -> copy_pte_range) of a process mapping a shmem file "
+          "whose page cache was just collapsed, plus some anon memory, while retract_page_tables() "
+          "runs without mmap_lock: vma_needs_copy() and retract's anon_vma test keep them apart",
+          catches=("fork_copies_file_vma_without_anon_vma",))
+def fork_vs_retract(sc: Scenario) -> World:
+    from mm_core import fork
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    parent = w.mms[0]
+    size = huge_memory.hpage_pmd_size(k)
+    anon = m.mmap(parent, BASE + 4 * size, 4 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
+                  emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    frames = [m.touch(parent, anon + i * k.page_size, write=True) for i in range(2)]
+    child = m.new_mm()                                  # dup_mm(): mm_alloc + pgd_alloc
+    w.mms.append(child)
+
+    async def do_fork():
+        ret = await fork.dup_mmap(k, child, parent)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: fork failed with {ret} with memory to spare",
+                          "ORACLE:fork", [f"  copy_pte_range -ENOMEM: {k.stats['copy_pte_range_enomem']}"])
+        pmdp = await pgtable.walk_alloc(k, child, anon, k.arch.pmd_level)
+        ptep = await pgtable.pte_offset_map(k, pmdp, anon)
+        raw = [await pgtable.get_raw(k, ptep + 8 * i) for i in range(2)]
+        seen = [k.arch.decode(k.arch.pte_level, v).paddr for v in raw]
+        await pgtable.pte_unmap(k, ptep)
+        if seen != frames:
+            raise Finding("ORACLE", "ORACLE: the child does not share the parent's anon pages",
+                          "ORACLE:fork-cow", [f"  child {seen}, parent {frames}"])
+        return "forked"
+
+    sc.task("fork", do_fork())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w

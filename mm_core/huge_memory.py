@@ -67,6 +67,7 @@ async def create_huge_pmd(k, vmf) -> int:
     Falls back to PTEs (VM_FAULT_FALLBACK) when no huge folio can be had."""
     from mm_core.memory import VM_FAULT_FALLBACK, vm_get_page_prot
     vma, mm = vmf.vma, vmf.vma.mm
+    vma.anon_vma = True                                 # anon_vma_prepare()
     try:
         folio = k.alloc.alloc_pages(hpage_pmd_order(k), PageUse.ANON, owner=mm)
     except OutOfMemory:
@@ -203,11 +204,112 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
         sub = cur.with_(paddr=cur.paddr + i * k.page_size)
         k.physmem.write_entry(deposit.paddr + i * 8, arch.encode(pte_level, sub))
     await traps.sched_point("pt_write", pmdp)
-    folio.mapcount = nr                        # one mapping per subpage from now on
+    folio.mapcount += nr - 1                   # the pmd mapping becomes nr pte mappings
     folio.refcount += nr - 1
     await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(deposit.paddr))
     await traps.unlock(pml)
     k.stats["thp_split_pmd"] += 1
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+async def copy_huge_pmd(k, dst_vma, src_vma, dst_pmdp: int, src_pmdp: int, addr: int) -> int:
+    """copy_huge_pmd(): share an anon THP with the child (both pmds write-protected and
+    old, a deposited table for the child). A file huge pmd is skipped (0: the child
+    refaults it); a pmd that is no longer huge under the locks is -EAGAIN (the caller
+    falls through to copy_pte_range); no table for the deposit is -ENOMEM."""
+    from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, swap_entry
+    from mm_core.mm import MM_ANONPAGES
+    arch = k.arch
+    dst_mm, src_mm = dst_vma.mm, src_vma.mm
+    if not dst_vma.anonymous:
+        k.stats["copy_huge_pmd_file_skipped"] += 1
+        return 0                                  # "Skip if can be re-fill on fault"
+    try:
+        pgtable_ = alloc_table(k, dst_mm, arch.pte_level)     # pte_alloc_one()
+    except OutOfMemory:
+        return -12
+    dst_ptl = await pgtable.pmd_lock(k, dst_mm, dst_pmdp)
+    src_ptl = await pgtable.pmd_lockptr(k, src_mm, src_pmdp)
+    await traps.lock(src_ptl)                     # spin_lock_nested()
+    pmd = await pgtable.get_entry(k, src_pmdp, arch.pmd_level)
+    nr = hpage_pmd_nr(k)
+    ret = 0
+    if pmd.kind is Kind.MIGRATION:
+        if pmd.swp_type == SWP_MIGRATION_WRITE:   # make_readable_migration_entry()
+            pmd = swap_entry(SWP_MIGRATION_READ, pmd.swp_offset, soft_dirty=pmd.soft_dirty,
+                             uffd_wp=pmd.uffd_wp)
+            await pgtable.set_entry(k, src_pmdp, arch.pmd_level, pmd)
+        dst_mm.rss[MM_ANONPAGES] += nr
+        pgtable_trans_huge_deposit(k, dst_mm, dst_pmdp, pgtable_)
+        if not dst_vma.uffd_wp:
+            pmd = pmd.with_(uffd_wp=False)
+        await pgtable.set_entry(k, dst_pmdp, arch.pmd_level, pmd)
+    elif pmd.kind is not Kind.LEAF:
+        pte_free(k, pgtable_)
+        ret = -11                                 # -EAGAIN
+    else:
+        folio = k.alloc.page_of(pmd.paddr)
+        if folio is not None:                     # get_page() + page_try_dup_anon_rmap()
+            folio.mapcount += 1
+            folio.refcount += 1
+            folio.extra["forked"] = True
+        dst_mm.rss[MM_ANONPAGES] += nr
+        pgtable_trans_huge_deposit(k, dst_mm, dst_pmdp, pgtable_)
+        pmd = pmd.with_(prot=pmd.prot & ~Access.W)
+        await pgtable.set_entry(k, src_pmdp, arch.pmd_level, pmd)    # pmdp_set_wrprotect()
+        pmd = pmd.with_(young=False)
+        if not dst_vma.uffd_wp:
+            pmd = pmd.with_(uffd_wp=False)
+        await pgtable.set_entry(k, dst_pmdp, arch.pmd_level, pmd)
+        k.stats["copy_huge_pmd"] += 1
+    await traps.unlock(src_ptl)
+    await traps.unlock(dst_ptl)
+    return ret
+
+
+# -- madvise ----------------------------------------------------------------------------------
+
+async def pmd_trans_huge_lock(k, mm, pmdp: int):
+    """pmd_trans_huge_lock(): the pml if the pmd is (still) huge or a swap pmd, else None."""
+    pml = await pgtable.pmd_lock(k, mm, pmdp)
+    cur = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+    if cur.kind in (Kind.LEAF, Kind.MIGRATION, Kind.SWAP):
+        return pml, cur
+    await traps.unlock(pml)
+    return None, cur
+
+
+async def madvise_free_huge_pmd(k, vma, pmdp: int, addr: int, nxt: int) -> bool:
+    """madvise_free_huge_pmd(): a whole, exclusively mapped anon THP becomes lazyfree (pmd
+    old and clean). True when done; False sends the caller on to the PTE level (whose map
+    then fails on a huge pmd). A partial range wants split_folio(), which the model does
+    not have: it behaves as a failed split (the THP stays as it is)."""
+    mm, arch = vma.mm, k.arch
+    pml, orig = await pmd_trans_huge_lock(k, mm, pmdp)
+    if pml is None:
+        return False
+    try:
+        if orig.kind is not Kind.LEAF:
+            return False                                  # a migration entry
+        folio = k.alloc.page_of(orig.paddr)
+        if folio is None or folio.mapcount != 1:          # folio_estimated_sharers() != 1
+            return False
+        if folio.locked:                                  # !folio_trylock()
+            return False
+        if nxt - addr != hpage_pmd_size(k):
+            k.stats["madv_free_split_folio_unmodelled"] += 1
+            return False
+        folio.extra.pop("dirty", None)                    # folio_clear_dirty()
+        if orig.young or orig.dirty:
+            # pmdp_invalidate() + set_pmd_at(pmd_mkold(pmd_mkclean()))
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, orig.with_(young=False, dirty=False))
+            k.flush_tlb_range(mm, addr, nxt)
+        folio.extra["lazyfree"] = True                    # folio_mark_lazyfree()
+        k.stats["madv_free_thp"] += 1
+        return True
+    finally:
+        await traps.unlock(pml)
 
 
 # -- THP migration entries --------------------------------------------------------------------

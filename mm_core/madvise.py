@@ -1,12 +1,36 @@
-"""madvise (mm/madvise.c): MADV_DONTNEED, MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE."""
+"""madvise (mm/madvise.c): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT,
+MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE.
+
+MADV_FREE, MADV_COLD and MADV_PAGEOUT are walk_page_range() users whose pmd_entry maps
+the PTE table with pte_offset_map_lock() and answers a failed map with ``return 0``:
+SKIP (that pmd's extent is left alone; the walker does not retry). A huge pmd is handled
+whole under pmd_trans_huge_lock() when the range covers it; a partial range (or a
+PTE-mapped large folio) wants split_folio(), which the model does not have: it behaves
+as a split that failed (the kernel's outcome when the folio has extra references), so
+the THP is left alone (return 0 / break).
+
+The model has no LRU lists and no swap device, so:
+  MADV_FREE     clears young and dirty of exclusively mapped anon ptes (and of a whole
+                THP's pmd) and marks the folio lazyfree; rss is unchanged until reclaim
+  MADV_COLD     clears young (pte and pmd) and deactivates the folio: counted in
+                ``k.stats["madv_cold_deactivated"]``, there is no LRU to move it on
+  MADV_PAGEOUT  as MADV_COLD, then reclaim_pages() on the isolated folios: only a clean
+                lazyfree anon page can go (it is unmapped and freed: the next read sees
+                zeroes); swap-backed anon and shmem pages need swap and stay mapped
+"""
 from __future__ import annotations
 
-from mm_core import khugepaged, memory
+from emu.arch import Kind
+from emu.sched import traps
+from mm_core import huge_memory, khugepaged, memory, pagewalk, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE
 from mm_core.mmap import EINVAL, ENOMEM, page_align, split_range
+from mm_core.page_alloc import PageUse
 
 MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED = 0, 1, 2, 3, 4
+MADV_FREE, MADV_COLD, MADV_PAGEOUT = 8, 20, 21
+EINTR = 4
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 MADV_COLLAPSE = 25
 _NO_OPS = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
@@ -24,6 +48,8 @@ async def do_madvise(k, mm, start: int, length: int, behavior: int) -> int:
         return await khugepaged.madvise_collapse(k, mm, start, end)
     if behavior == MADV_DONTNEED:
         return await madvise_dontneed(k, mm, start, end)
+    if behavior in (MADV_FREE, MADV_COLD, MADV_PAGEOUT):
+        return await madvise_walk_vmas(k, mm, start, end, behavior)
     if behavior in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
         return await madvise_hugepage(k, mm, start, end, behavior)
     if behavior in _NO_OPS:
@@ -70,3 +96,217 @@ async def madvise_hugepage(k, mm, start: int, end: int, behavior: int) -> int:
         return 0 if _covered(mm, start, end) else -ENOMEM
     finally:
         await mmap_write_unlock(mm)
+
+
+# -- MADV_FREE, MADV_COLD, MADV_PAGEOUT: walk_page_range() users ----------------------------------
+
+async def madvise_walk_vmas(k, mm, start: int, end: int, behavior: int) -> int:
+    """madvise_walk_vmas() under mmap_read_lock for the LRU advices: each VMA in turn; an
+    error stops the walk, an unmapped gap is -ENOMEM after the mapped parts are done."""
+    await mmap_read_lock(mm)
+    try:
+        for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
+            lo, hi = max(start, vma.start), min(end, vma.end)
+            if behavior == MADV_FREE:
+                err = await madvise_free_single_vma(k, vma, lo, hi)
+            else:
+                err = await madvise_cold_or_pageout(k, vma, lo, hi, behavior == MADV_PAGEOUT)
+            if err:
+                return err
+        return 0 if _covered(mm, start, end) else -ENOMEM
+    finally:
+        await mmap_read_unlock(mm)
+
+
+async def madvise_free_single_vma(k, vma, start: int, end: int) -> int:
+    """madvise_free_single_vma(): anonymous VMAs only (-EINVAL otherwise, and for VM_LOCKED
+    as madvise_dontneed_free_valid_vma() says); walk with madvise_free_pte_range, then
+    tlb_finish_mmu() flushes."""
+    if not vma.anonymous or vma.flags & VM_LOCKED:
+        return -EINVAL
+    await pagewalk.walk_page_range(k, vma.mm, start, end, MADV_FREE_OPS)
+    k.flush_tlb_range(vma.mm, start, end)
+    k.stats["madv_free"] += 1
+    return 0
+
+
+async def madvise_free_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """madvise_free_pte_range(): a huge pmd goes to madvise_free_huge_pmd(); otherwise,
+    under the ptl, every exclusively mapped anon pte is made old and clean and its folio
+    lazyfree. A failed pte_offset_map_lock() is SKIP (return 0)."""
+    k, arch, vma = walk.k, walk.k.arch, walk.vma
+    mm = vma.mm
+    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    if pmdval.kind is Kind.LEAF:
+        if await huge_memory.madvise_free_huge_pmd(k, vma, pmdp, addr, end):
+            return 0
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None:
+        k.stats["madv_free_map_failed"] += 1
+        return 0                                        # SKIP
+    ptep, ptl = locked
+    nr_swap = 0
+    for i in range((end - addr) >> k.page_shift):
+        entp = ptep + 8 * i
+        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
+        if ptent.kind is Kind.NONE:
+            continue
+        if ptent.kind is not Kind.LEAF:
+            if ptent.kind is Kind.SWAP:                 # free_swap_and_cache(): no swap device here
+                nr_swap -= 1
+                await pgtable.clear_entry(k, entp, arch.pte_level)
+            continue
+        folio = None if ptent.special else k.alloc.page_of(ptent.paddr)
+        if folio is None:
+            continue
+        if folio.order != k.page_order:                 # a large folio: split_folio() not modelled
+            k.stats["madv_free_large_folio_break"] += 1
+            break
+        if folio.extra.get("dirty"):
+            if folio.locked or folio.mapcount != 1:     # !folio_trylock() / shared: keep it dirty
+                continue
+            folio.extra.pop("dirty")                    # folio_clear_dirty()
+        if ptent.young or ptent.dirty:
+            await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
+            await pgtable.set_entry(k, entp, arch.pte_level, ptent.with_(young=False, dirty=False))
+            k.flush_tlb_range(mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
+        if folio.use is PageUse.ANON:                   # folio_mark_lazyfree()
+            folio.extra["lazyfree"] = True
+            k.stats["madv_free_lazyfree"] += 1
+    if nr_swap:
+        mm.rss[2] += nr_swap                            # MM_SWAPENTS
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return 0
+
+
+MADV_FREE_OPS = pagewalk.MmWalkOps(pmd_entry=madvise_free_pte_range)
+
+
+async def madvise_cold_or_pageout(k, vma, start: int, end: int, pageout: bool) -> int:
+    """madvise_cold() / madvise_pageout(): -EINVAL unless can_madv_lru_vma() (no
+    VM_LOCKED); walk with madvise_cold_or_pageout_pte_range, then flush."""
+    if vma.flags & VM_LOCKED:
+        return -EINVAL
+    private = {"pageout": pageout}
+    await pagewalk.walk_page_range(k, vma.mm, start, end, COLD_WALK_OPS, private)
+    k.flush_tlb_range(vma.mm, start, end)
+    k.stats["madv_pageout" if pageout else "madv_cold"] += 1
+    return 0
+
+
+def _deactivate(k, folio, pageout: bool, isolated: list, vma, addr: int) -> None:
+    """folio_clear_referenced() + folio_test_clear_young(), then folio_deactivate() for
+    MADV_COLD (no LRU here: only counted) or folio_isolate_lru() onto the reclaim list,
+    with its one mapping (the anon rmap's answer), for MADV_PAGEOUT."""
+    if pageout:
+        isolated.append((folio, vma, addr))
+    else:
+        k.stats["madv_cold_deactivated"] += 1
+
+
+async def madvise_cold_or_pageout_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """madvise_cold_or_pageout_pte_range(): a huge pmd covering the whole range is made old
+    and its folio deactivated (or reclaimed); a partial one wants split_folio() (not
+    modelled: as if it failed, return 0). PTEs: a failed pte_offset_map_lock() is SKIP
+    (return 0); young is cleared on every exclusively mapped small folio."""
+    k, arch, vma = walk.k, walk.k.arch, walk.vma
+    mm = vma.mm
+    pageout = walk.private["pageout"]
+    isolated: list = []
+    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    if pmdval.kind is Kind.LEAF:
+        pml, orig = await huge_memory.pmd_trans_huge_lock(k, mm, pmdp)
+        if pml is None:
+            return 0
+        folio = k.alloc.page_of(orig.paddr) if orig.kind is Kind.LEAF else None
+        if folio is not None and folio.mapcount == 1:   # folio_estimated_sharers() == 1
+            if end - addr != huge_memory.hpage_pmd_size(k):
+                k.stats["madv_cold_split_folio_unmodelled"] += 1
+            else:
+                if orig.young:                          # pmdp_invalidate() + pmd_mkold()
+                    await pgtable.set_entry(k, pmdp, arch.pmd_level, orig.with_(young=False))
+                    k.flush_tlb_range(mm, addr, end)
+                _deactivate(k, folio, pageout, isolated, vma, addr)
+        await traps.unlock(pml)
+        if pageout:
+            await reclaim_pages(k, isolated)
+        return 0
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None:
+        k.stats["madv_cold_map_failed"] += 1
+        return 0                                        # SKIP
+    ptep, ptl = locked
+    for i in range((end - addr) >> k.page_shift):
+        entp = ptep + 8 * i
+        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
+        if ptent.kind is not Kind.LEAF:
+            continue
+        folio = None if ptent.special else k.alloc.page_of(ptent.paddr)
+        if folio is None:
+            continue
+        if folio.order != k.page_order:                 # split_folio() not modelled: a failed split
+            k.stats["madv_cold_large_folio_break"] += 1
+            break
+        if folio.mapcount != 1:                         # do not interfere with other mappings
+            continue
+        if ptent.young:
+            await pgtable.clear_entry(k, entp, arch.pte_level)
+            await pgtable.set_entry(k, entp, arch.pte_level, ptent.with_(young=False))
+            k.flush_tlb_range(mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
+        _deactivate(k, folio, pageout, isolated, vma, addr + i * k.page_size)
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    if pageout:
+        await reclaim_pages(k, isolated)
+    return 0
+
+
+COLD_WALK_OPS = pagewalk.MmWalkOps(pmd_entry=madvise_cold_or_pageout_pte_range)
+
+
+async def reclaim_pages(k, isolated: list) -> int:
+    """reclaim_pages() -> shrink_folio_list() without a swap device: a lazyfree anon
+    folio is unmapped and freed if still clean (try_to_unmap_one's MADV_FREE discard);
+    every other folio needs swap (anon, shmem) and goes back to the LRU."""
+    reclaimed = 0
+    for folio, vma, addr in isolated:
+        if folio.use is PageUse.ANON and folio.extra.get("lazyfree") and folio.order == k.page_order:
+            if await try_to_unmap_lazyfree(k, folio, vma, addr):
+                reclaimed += 1
+                continue
+        k.stats["pageout_kept"] += 1
+    k.stats["pageout_reclaimed"] += reclaimed
+    return reclaimed
+
+
+async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
+    """try_to_unmap_one() for an exclusively mapped lazyfree anon folio, found through its
+    anon rmap at (vma, addr) by page_vma_mapped_walk(): a failed map means it is not
+    mapped there (nothing unmapped). The pte is cleared and flushed; if it was dirtied
+    again (or the folio is), it is put back and the folio is swap-backed again;
+    otherwise the page is discarded (MM_ANONPAGES drops, the page is freed)."""
+    mm, arch = vma.mm, k.arch
+    pmdp = await rmap.walk_to_pmd(k, mm, addr)
+    if pmdp is None:
+        return False
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None:
+        k.stats["pvmw_map_failed"] += 1
+        return False
+    ptep, ptl = locked
+    ok = False
+    pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
+    if pte.kind is Kind.LEAF and pte.paddr == folio.paddr:
+        await pgtable.clear_entry(k, ptep, arch.pte_level)          # ptep_clear_flush()
+        k.flush_tlb_range(mm, addr, addr + k.page_size)
+        if pte.dirty:
+            folio.extra["dirty"] = True                              # folio_mark_dirty()
+        if folio.refcount == folio.mapcount and not folio.extra.get("dirty"):
+            memory._put_mapped_page(k, mm, folio)                    # discard
+            k.stats["lazyfree_discarded"] += 1
+            ok = True
+        else:                                                        # redirtied: remap
+            await pgtable.set_entry(k, ptep, arch.pte_level, pte)
+            folio.extra.pop("lazyfree", None)                        # folio_set_swapbacked()
+            k.stats["lazyfree_redirtied"] += 1
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return ok

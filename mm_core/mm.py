@@ -66,6 +66,7 @@ class MMStruct:
     vmas: list[VMA] = field(default_factory=list)     # sorted by start, non-overlapping
     rss: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     pgtables_bytes: int = 0
+    locked_vm: int = 0                      # pages under VM_LOCKED (mlock)
     start_brk: int = 0
     brk: int = 0
     mmap_base: int = 0

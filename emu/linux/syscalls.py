@@ -10,6 +10,7 @@ from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from
 from emu.sched import traps
 from mm_core import madvise, shmem
 from mm_core import mincore as mm_mincore
+from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
 from mm_core import mremap as mm_mremap
@@ -211,6 +212,21 @@ async def sys_close(ctx, fd, *_):
     if isinstance(inode, shmem.ShmemInode):
         shmem.iput(ctx.k, inode)
     return 0
+
+
+@syscall("mlock")
+async def sys_mlock(ctx, addr, length, *_):
+    return await mm_mlock.do_mlock(ctx.k, ctx.mm, addr, _signed(length))
+
+
+@syscall("mlock2")
+async def sys_mlock2(ctx, addr, length, flags, *_):
+    return await mm_mlock.do_mlock(ctx.k, ctx.mm, addr, _signed(length), flags)
+
+
+@syscall("munlock")
+async def sys_munlock(ctx, addr, length, *_):
+    return await mm_mlock.do_munlock(ctx.k, ctx.mm, addr, _signed(length))
 
 
 @syscall("madvise")

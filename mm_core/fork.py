@@ -1,0 +1,247 @@
+"""fork's address-space copy (kernel/fork.c dup_mmap, mm/memory.c copy_page_range).
+
+    dup_mmap()         under mmap_write_lock of the parent and (nested) of the child: every
+                       VMA is duplicated (vm_area_dup), gets the parent's anon_vma
+                       (anon_vma_fork), is linked into its file's i_mmap right after the
+                       parent's VMA, and then its page tables are copied
+    copy_page_range()  only when vma_needs_copy(): a VMA with an anon_vma (or uffd-wp in
+                       the child, or VM_PFNMAP/MIXEDMAP); file VMAs without one refault
+    copy_pmd_range()   per pmd: huge and migration pmds go to copy_huge_pmd() (file huge
+                       pmds are skipped: they refault), -EAGAIN falls through to the PTEs
+    copy_pte_range()   the child's table with pte_alloc_map_lock(), the parent's with
+                       pte_offset_map_nolock() (6.5-6.12) / pte_offset_map_rw_nolock()
+                       (6.13, with a dummy pmdval: no pmd_same) and spin_lock_nested()
+
+Failure handling (the 6.5 series, 3db82b9374ca "mm/memory: allow pte_offset_map[_lock]()
+to fail"): a child table that cannot be allocated or mapped is -ENOMEM (GIVEUP: fork
+fails); a parent table that cannot be mapped returns 0 (SKIP: that extent stays empty in
+the child). Both rest on the exclusion Hugh's comment in copy_pte_range() describes:
+exclusive mmap_lock keeps anon THPs stable, and retract_page_tables(), which takes no
+mmap_lock, skips VMAs with an anon_vma while vma_needs_copy() skips VMAs without one. Qi
+Zheng's 6.13 conversion (v4 of "mm: copy_pte_range() use pte_offset_map_rw_nolock()")
+kept that reasoning and added no pmd_same() recheck; the ptes are read under the ptl
+before any is written, which is the pte_same-style recheck the walker contract asks for.
+
+Not modelled: the -EAGAIN path for possibly pinned anon pages (copy_present_page with a
+preallocated folio: nothing pins pages here), need_resched()/spin_needbreak() breaks of
+the loop (the scheduler preempts only at traps), VM_DONTCOPY / VM_WIPEONFORK (no madvise
+sets them), the huge zero page, and uffd contexts (the child's VMAs lose uffd-wp as
+dup_userfaultfd() does without UFFD_FEATURE_EVENT_FORK).
+"""
+from __future__ import annotations
+
+from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap_entry
+from emu.sched import traps
+from mm_core import huge_memory, memory, pgtable
+from mm_core.locks import mmap_write_lock, mmap_write_unlock
+from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VMA, MMStruct
+from mm_core.page_alloc import OutOfMemory
+
+ENOMEM, EAGAIN = 12, 11
+VM_PFNMAP, VM_MIXEDMAP = 0x400, 0x10000000
+
+
+def is_cow_mapping(flags: int) -> bool:
+    """is_cow_mapping(): may write but not shared."""
+    return flags & (VM_SHARED | VM_MAYWRITE) == VM_MAYWRITE
+
+
+def vma_needs_copy(k, dst_vma: VMA, src_vma: VMA) -> bool:
+    """vma_needs_copy(): copy the page tables only where a fault could not refill them.
+    The anon_vma test is half of the exclusion with retract_page_tables()."""
+    if dst_vma.uffd_wp:
+        return True
+    if src_vma.flags & (VM_PFNMAP | VM_MIXEDMAP):
+        return True
+    if src_vma.anon_vma:
+        return True
+    return "fork_copies_file_vma_without_anon_vma" in k.bugs
+
+
+def vm_area_dup(mm: MMStruct, vma: VMA) -> VMA:
+    """vm_area_dup() + anon_vma_fork() + dup_userfaultfd(): the child's copy of ``vma``;
+    VM_LOCKED is not inherited, nor is uffd-wp without UFFD_FEATURE_EVENT_FORK."""
+    return VMA(mm, vma.start, vma.end, vma.flags & ~VM_LOCKED, vma.name, vma.file, vma.pgoff,
+               anon_vma=vma.anon_vma, uffd_wp=False)
+
+
+async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
+    """dup_mmap(): copy every VMA of ``oldmm`` into the new, empty ``mm`` and copy the page
+    tables where vma_needs_copy() says so. 0 or -ENOMEM (the caller then tears ``mm``
+    down with exit_mmap, as mmput() does)."""
+    await mmap_write_lock(oldmm)
+    await mmap_write_lock(mm)              # mmap_write_lock_nested(): same class, no lockdep report
+    retval = 0
+    copied: list[VMA] = []
+    try:
+        mm.start_brk, mm.brk, mm.start_stack = oldmm.start_brk, oldmm.brk, oldmm.start_stack
+        mm.mmap_base = oldmm.mmap_base
+        for mpnt in list(oldmm.vmas):
+            tmp = vm_area_dup(mm, mpnt)
+            if tmp.file is not None:
+                mapping = tmp.file.mapping
+                tmp.file.refs += 1                             # get_file()
+                await traps.lock(mapping.i_mmap_rwsem, "w")
+                # vma_interval_tree_insert_after(tmp, mpnt): right behind the parent's VMA
+                pos = mapping.i_mmap.index(mpnt) + 1 if mpnt in mapping.i_mmap else len(mapping.i_mmap)
+                mapping.i_mmap.insert(pos, tmp)
+                await traps.unlock(mapping.i_mmap_rwsem, "w")
+            mm.insert_vma(tmp)
+            retval = await copy_page_range(k, tmp, mpnt)
+            if retval:
+                break
+            copied.append(mpnt)
+        k.stats["forks" if not retval else "fork_failed"] += 1
+    finally:
+        await mmap_write_unlock(mm)
+        for mpnt in copied:                                   # flush_tlb_mm(oldmm)
+            if is_cow_mapping(mpnt.flags):
+                k.flush_tlb_range(oldmm, mpnt.start, mpnt.end)
+        await mmap_write_unlock(oldmm)
+    return retval
+
+
+async def copy_page_range(k, dst_vma: VMA, src_vma: VMA) -> int:
+    """copy_page_range(): walk the parent's tables over the VMA (only present upper
+    entries are descended into) and copy each pmd; 0 or -ENOMEM."""
+    if not vma_needs_copy(k, dst_vma, src_vma):
+        k.stats["fork_vma_skipped"] += 1
+        return 0
+    async for src_pmdp, addr, nxt in memory.for_each_pmd(k, src_vma.mm, src_vma.start, src_vma.end):
+        ret = await copy_pmd_range(k, dst_vma, src_vma, src_pmdp, addr, nxt)
+        if ret:
+            return ret
+    return 0
+
+
+async def copy_pmd_range(k, dst_vma: VMA, src_vma: VMA, src_pmdp: int, addr: int, end: int) -> int:
+    """copy_pmd_range() for one pmd: pmd_alloc() in the child, then huge / table."""
+    arch = k.arch
+    src_pmd = await pgtable.get_entry(k, src_pmdp, arch.pmd_level)
+    if src_pmd.kind is Kind.NONE:
+        return 0
+    try:
+        dst_pmdp = await pgtable.walk_alloc(k, dst_vma.mm, addr, arch.pmd_level)
+    except OutOfMemory:
+        return -ENOMEM
+    if dst_pmdp is None:
+        return -ENOMEM
+    if src_pmd.kind in (Kind.LEAF, Kind.MIGRATION):
+        err = await huge_memory.copy_huge_pmd(k, dst_vma, src_vma, dst_pmdp, src_pmdp, addr)
+        if err == -ENOMEM:
+            return -ENOMEM
+        if not err:
+            return 0
+        k.stats["copy_huge_pmd_eagain"] += 1          # -EAGAIN: fall through to the PTEs
+        src_pmd = await pgtable.get_entry(k, src_pmdp, arch.pmd_level)
+    # pmd_none_or_clear_bad()
+    if src_pmd.kind is Kind.NONE:
+        return 0
+    if src_pmd.kind is Kind.BAD:
+        k.printk(f"pmd_ERROR: bad pmd {src_pmdp:#x}")
+        await pgtable.clear_entry(k, src_pmdp, arch.pmd_level)
+        return 0
+    if await copy_pte_range(k, dst_vma, src_vma, dst_pmdp, src_pmdp, addr, end):
+        return -ENOMEM
+    return 0
+
+
+async def copy_pte_range(k, dst_vma: VMA, src_vma: VMA, dst_pmdp: int, src_pmdp: int,
+                         addr: int, end: int) -> int:
+    """copy_pte_range(): GIVEUP (-ENOMEM) when the child's table cannot be allocated or
+    mapped (pte_alloc_map_lock), SKIP (return 0, nothing copied) when the parent's cannot
+    be mapped (pte_offset_map_nolock / _rw_nolock)."""
+    arch = k.arch
+    dst_mm, src_mm = dst_vma.mm, src_vma.mm
+    rss = [0, 0, 0, 0]
+    # pte_alloc_map_lock(dst_mm, dst_pmd, addr, &dst_ptl)
+    if not await pgtable.pte_alloc(k, dst_mm, dst_pmdp):
+        k.stats["copy_pte_range_enomem"] += 1
+        return -ENOMEM
+    locked = await pgtable.pte_offset_map_lock(k, dst_mm, dst_pmdp, addr)
+    if locked is None:
+        k.stats["copy_pte_range_enomem"] += 1
+        return -ENOMEM
+    dst_pte, dst_ptl = locked
+    # 6.13: pte_offset_map_rw_nolock(src_mm, src_pmd, addr, &dummy_pmdval, &src_ptl)
+    mapped = await pgtable.pte_offset_map_for_write_nolock(k, src_mm, src_pmdp, addr)
+    if mapped is None:
+        await pgtable.pte_unmap_unlock(k, dst_pte, dst_ptl)
+        k.stats["copy_pte_range_src_map_failed"] += 1
+        return 0                                            # ret == 0: SKIP
+    src_pte, src_ptl, _dummy_pmdval = mapped
+    await traps.lock(src_ptl)                               # spin_lock_nested(SINGLE_DEPTH_NESTING)
+    for i in range((end - addr) >> k.page_shift):
+        va = addr + (i << k.page_shift)
+        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, src_pte + 8 * i))
+        if ptent.kind is Kind.NONE:
+            continue
+        if ptent.kind is not Kind.LEAF:
+            await copy_nonpresent_pte(k, dst_vma, src_vma, dst_pte + 8 * i, src_pte + 8 * i, ptent, rss)
+            continue
+        await copy_present_pte(k, dst_vma, src_vma, dst_pte + 8 * i, src_pte + 8 * i, ptent, va, rss)
+    await pgtable.pte_unmap_unlock(k, src_pte, src_ptl)
+    for i, n in enumerate(rss):                             # add_mm_rss_vec()
+        dst_mm.rss[i] += n
+    await pgtable.pte_unmap_unlock(k, dst_pte, dst_ptl)
+    k.stats["copy_pte_range"] += 1
+    return 0
+
+
+def vm_normal_page(k, pte):
+    """vm_normal_page(): the struct page behind a pte, None for special ones (zero page)."""
+    return None if pte.special else k.alloc.page_of(pte.paddr)
+
+
+def _dup_page(page) -> None:
+    """folio_get() + page_try_dup_anon_rmap() / page_dup_file_rmap(): one more mapping.
+    A page shared with a child outlives the parent's check_mm ownership audit."""
+    page.mapcount += 1
+    page.refcount += 1
+    page.extra["forked"] = True
+
+
+async def copy_present_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_ptep: int, pte,
+                           addr: int, rss: list[int]) -> int:
+    """copy_present_pte(): share the page with the child (anon: dup the anon rmap; file:
+    dup the file rmap), write-protect both ptes of a writable COW mapping, a clean pte
+    for a shared mapping, an old one always; uffd-wp only if the child keeps it."""
+    arch = k.arch
+    page = vm_normal_page(k, pte)
+    if page is not None:
+        _dup_page(page)
+        rss[memory.mm_counter(page)] += 1
+    if is_cow_mapping(src_vma.flags) and pte.prot & Access.W:
+        # ptep_set_wrprotect(src_mm, addr, src_pte): the parent's TLB is flushed at the
+        # end of dup_mmap (flush_tlb_mm), still under its mmap_write_lock
+        await pgtable.set_entry(k, src_ptep, arch.pte_level, pte.with_(prot=pte.prot & ~Access.W))
+        pte = pte.with_(prot=pte.prot & ~Access.W)
+    if src_vma.flags & VM_SHARED:
+        pte = pte.with_(dirty=False)                        # pte_mkclean()
+    pte = pte.with_(young=False)                            # pte_mkold()
+    if not dst_vma.uffd_wp:
+        pte = pte.with_(uffd_wp=False)
+    await pgtable.set_entry(k, dst_ptep, arch.pte_level, pte)
+    return 0
+
+
+async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_ptep: int, pte,
+                              rss: list[int]) -> int:
+    """copy_nonpresent_pte(): a swap entry is duplicated (MM_SWAPENTS; there is no swap
+    device to count it in), a writable migration entry becomes readable in both for a
+    COW mapping, and the entry goes to the child."""
+    arch = k.arch
+    if pte.kind is Kind.SWAP:
+        rss[MM_SWAPENTS] += 1
+    elif pte.kind is Kind.MIGRATION:
+        page = k.alloc.page_of(pte.swp_offset << 12)
+        if page is not None:
+            rss[memory.mm_counter(page)] += 1
+        if pte.swp_type == SWP_MIGRATION_WRITE and is_cow_mapping(src_vma.flags):
+            pte = swap_entry(SWP_MIGRATION_READ, pte.swp_offset, soft_dirty=pte.soft_dirty,
+                             uffd_wp=pte.uffd_wp)
+            await pgtable.set_entry(k, src_ptep, arch.pte_level, pte)
+    if not dst_vma.uffd_wp:
+        pte = pte.with_(uffd_wp=False)
+    await pgtable.set_entry(k, dst_ptep, arch.pte_level, pte)
+    return 0
