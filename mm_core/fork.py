@@ -36,6 +36,7 @@ from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
+from mm_core.tlbflush import flush_tlb_range
 
 ENOMEM, EAGAIN = 12, 11
 VM_PFNMAP, VM_MIXEDMAP = 0x400, 0x10000000
@@ -96,7 +97,7 @@ async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
         await mmap_write_unlock(mm)
         for mpnt in copied:                                   # flush_tlb_mm(oldmm)
             if is_cow_mapping(mpnt.flags):
-                k.flush_tlb_range(oldmm, mpnt.start, mpnt.end)
+                await flush_tlb_range(k, oldmm, mpnt.start, mpnt.end)
         await mmap_write_unlock(oldmm)
     return retval
 

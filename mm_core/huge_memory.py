@@ -304,7 +304,7 @@ async def madvise_free_huge_pmd(k, vma, pmdp: int, addr: int, nxt: int) -> bool:
         if orig.young or orig.dirty:
             # pmdp_invalidate() + set_pmd_at(pmd_mkold(pmd_mkclean()))
             await pgtable.set_entry(k, pmdp, arch.pmd_level, orig.with_(young=False, dirty=False))
-            k.flush_tlb_range(mm, addr, nxt)
+            await flush_tlb_range(k, mm, addr, nxt)
         folio.extra["lazyfree"] = True                    # folio_mark_lazyfree()
         k.stats["madv_free_thp"] += 1
         return True

@@ -27,6 +27,7 @@ from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mma
 from mm_core.mm import VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE
 from mm_core.mmap import EINVAL, ENOMEM, page_align, split_range
 from mm_core.page_alloc import PageUse
+from mm_core.tlbflush import flush_tlb_range
 
 MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED = 0, 1, 2, 3, 4
 MADV_FREE, MADV_COLD, MADV_PAGEOUT = 8, 20, 21
@@ -125,7 +126,7 @@ async def madvise_free_single_vma(k, vma, start: int, end: int) -> int:
     if not vma.anonymous or vma.flags & VM_LOCKED:
         return -EINVAL
     await pagewalk.walk_page_range(k, vma.mm, start, end, MADV_FREE_OPS)
-    k.flush_tlb_range(vma.mm, start, end)
+    await flush_tlb_range(k, vma.mm, start, end)
     k.stats["madv_free"] += 1
     return 0
 
@@ -169,7 +170,7 @@ async def madvise_free_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.
         if ptent.young or ptent.dirty:
             await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
             await pgtable.set_entry(k, entp, arch.pte_level, ptent.with_(young=False, dirty=False))
-            k.flush_tlb_range(mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
+            await flush_tlb_range(k, mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
         if folio.use is PageUse.ANON:                   # folio_mark_lazyfree()
             folio.extra["lazyfree"] = True
             k.stats["madv_free_lazyfree"] += 1
@@ -189,7 +190,7 @@ async def madvise_cold_or_pageout(k, vma, start: int, end: int, pageout: bool) -
         return -EINVAL
     private = {"pageout": pageout}
     await pagewalk.walk_page_range(k, vma.mm, start, end, COLD_WALK_OPS, private)
-    k.flush_tlb_range(vma.mm, start, end)
+    await flush_tlb_range(k, vma.mm, start, end)
     k.stats["madv_pageout" if pageout else "madv_cold"] += 1
     return 0
 
@@ -225,7 +226,7 @@ async def madvise_cold_or_pageout_pte_range(pmdp: int, addr: int, end: int, walk
             else:
                 if orig.young:                          # pmdp_invalidate() + pmd_mkold()
                     await pgtable.set_entry(k, pmdp, arch.pmd_level, orig.with_(young=False))
-                    k.flush_tlb_range(mm, addr, end)
+                    await flush_tlb_range(k, mm, addr, end)
                 _deactivate(k, folio, pageout, isolated, vma, addr)
         await traps.unlock(pml)
         if pageout:
@@ -252,7 +253,7 @@ async def madvise_cold_or_pageout_pte_range(pmdp: int, addr: int, end: int, walk
         if ptent.young:
             await pgtable.clear_entry(k, entp, arch.pte_level)
             await pgtable.set_entry(k, entp, arch.pte_level, ptent.with_(young=False))
-            k.flush_tlb_range(mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
+            await flush_tlb_range(k, mm, addr + i * k.page_size, addr + (i + 1) * k.page_size)
         _deactivate(k, folio, pageout, isolated, vma, addr + i * k.page_size)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     if pageout:
@@ -297,7 +298,7 @@ async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
     pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
     if pte.kind is Kind.LEAF and pte.paddr == folio.paddr:
         await pgtable.clear_entry(k, ptep, arch.pte_level)          # ptep_clear_flush()
-        k.flush_tlb_range(mm, addr, addr + k.page_size)
+        await flush_tlb_range(k, mm, addr, addr + k.page_size)
         if pte.dirty:
             folio.extra["dirty"] = True                              # folio_mark_dirty()
         if folio.refcount == folio.mapcount and not folio.extra.get("dirty"):
