@@ -150,41 +150,58 @@ async def copy_pmd_range(k, dst_vma: VMA, src_vma: VMA, src_pmdp: int, addr: int
 async def copy_pte_range(k, dst_vma: VMA, src_vma: VMA, dst_pmdp: int, src_pmdp: int,
                          addr: int, end: int) -> int:
     """copy_pte_range(): GIVEUP (-ENOMEM) when the child's table cannot be allocated or
-    mapped (pte_alloc_map_lock), SKIP (return 0, nothing copied) when the parent's cannot
-    be mapped (pte_offset_map_nolock / _rw_nolock)."""
+    mapped (pte_alloc_map_lock), SKIP (return 0, nothing more copied) when the parent's
+    cannot be mapped (pte_offset_map_nolock / _rw_nolock). Every 32 units of progress it
+    may stop for need_resched() (a recorded data choice), drop both ptls and go ``again``:
+    the maps are then taken afresh and may fail the second time."""
     arch = k.arch
     dst_mm, src_mm = dst_vma.mm, src_vma.mm
-    rss = [0, 0, 0, 0]
-    # pte_alloc_map_lock(dst_mm, dst_pmd, addr, &dst_ptl)
-    if not await pgtable.pte_alloc(k, dst_mm, dst_pmdp):
-        k.stats["copy_pte_range_enomem"] += 1
-        return -ENOMEM
-    locked = await pgtable.pte_offset_map_lock(k, dst_mm, dst_pmdp, addr)
-    if locked is None:
-        k.stats["copy_pte_range_enomem"] += 1
-        return -ENOMEM
-    dst_pte, dst_ptl = locked
-    # 6.13: pte_offset_map_rw_nolock(src_mm, src_pmd, addr, &dummy_pmdval, &src_ptl)
-    mapped = await pgtable.pte_offset_map_for_write_nolock(k, src_mm, src_pmdp, addr)
-    if mapped is None:
+    while True:                                             # again:
+        rss = [0, 0, 0, 0]
+        progress = 0
+        # pte_alloc_map_lock(dst_mm, dst_pmd, addr, &dst_ptl)
+        if not await pgtable.pte_alloc(k, dst_mm, dst_pmdp):
+            k.stats["copy_pte_range_enomem"] += 1
+            return -ENOMEM
+        locked = await pgtable.pte_offset_map_lock(k, dst_mm, dst_pmdp, addr)
+        if locked is None:
+            k.stats["copy_pte_range_enomem"] += 1
+            return -ENOMEM
+        dst_pte, dst_ptl = locked
+        # 6.13: pte_offset_map_rw_nolock(src_mm, src_pmd, addr, &dummy_pmdval, &src_ptl)
+        mapped = await pgtable.pte_offset_map_for_write_nolock(k, src_mm, src_pmdp, addr)
+        if mapped is None:
+            await pgtable.pte_unmap_unlock(k, dst_pte, dst_ptl)
+            k.stats["copy_pte_range_src_map_failed"] += 1
+            return 0                                        # ret == 0: SKIP
+        src_pte, src_ptl, _dummy_pmdval = mapped
+        await traps.lock(src_ptl)                           # spin_lock_nested(SINGLE_DEPTH_NESTING)
+        # the pte pointers are offsets into the two tables from the first address mapped
+        first = addr
+        while addr != end:
+            if progress >= 32:
+                progress = 0
+                # need_resched() || spin_needbreak(src_ptl) || spin_needbreak(dst_ptl)
+                if await traps.choose(2, "need_resched"):
+                    k.stats["copy_pte_range_resched"] += 1
+                    break
+            off = ((addr - first) >> k.page_shift) * 8
+            ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, src_pte + off))
+            if ptent.kind is Kind.NONE:
+                progress += 1
+            elif ptent.kind is not Kind.LEAF:
+                await copy_nonpresent_pte(k, dst_vma, src_vma, dst_pte + off, src_pte + off, ptent, rss)
+                progress += 8
+            else:
+                await copy_present_pte(k, dst_vma, src_vma, dst_pte + off, src_pte + off, ptent, addr, rss)
+                progress += 8
+            addr += k.page_size
+        await pgtable.pte_unmap_unlock(k, src_pte, src_ptl)
+        for j, n in enumerate(rss):                         # add_mm_rss_vec()
+            dst_mm.rss[j] += n
         await pgtable.pte_unmap_unlock(k, dst_pte, dst_ptl)
-        k.stats["copy_pte_range_src_map_failed"] += 1
-        return 0                                            # ret == 0: SKIP
-    src_pte, src_ptl, _dummy_pmdval = mapped
-    await traps.lock(src_ptl)                               # spin_lock_nested(SINGLE_DEPTH_NESTING)
-    for i in range((end - addr) >> k.page_shift):
-        va = addr + (i << k.page_shift)
-        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, src_pte + 8 * i))
-        if ptent.kind is Kind.NONE:
-            continue
-        if ptent.kind is not Kind.LEAF:
-            await copy_nonpresent_pte(k, dst_vma, src_vma, dst_pte + 8 * i, src_pte + 8 * i, ptent, rss)
-            continue
-        await copy_present_pte(k, dst_vma, src_vma, dst_pte + 8 * i, src_pte + 8 * i, ptent, va, rss)
-    await pgtable.pte_unmap_unlock(k, src_pte, src_ptl)
-    for i, n in enumerate(rss):                             # add_mm_rss_vec()
-        dst_mm.rss[i] += n
-    await pgtable.pte_unmap_unlock(k, dst_pte, dst_ptl)
+        if addr == end:                                     # else cond_resched(); goto again
+            break
     k.stats["copy_pte_range"] += 1
     return 0
 

@@ -274,3 +274,37 @@ def test_copy_huge_pmd_eagain_falls_through_to_the_ptes(arch: str) -> None:
     folio = k.alloc.page_of(thp)
     assert (folio.mapcount, folio.refcount) == (2 * nr, 2 * nr) and child.rss[MM_ANONPAGES] == nr
     finish(m, mm, child)
+
+
+def test_copy_pte_range_stops_for_need_resched_and_goes_again() -> None:
+    """need_resched() is a recorded data choice: when it says yes, copy_pte_range() drops
+    both ptls and maps the two tables afresh from where it stopped; every pte is copied
+    exactly once."""
+    from emu.sched.strategy import RoundRobin
+
+    class ReschedEvery(RoundRobin):
+        def data(self, n, label):
+            return 1 if label == "need_resched" else 0
+
+    sc = Scenario(arch="arm64", kernel="6.6", mem="64M", strategy=ReschedEvery())
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 64 * page, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(0, 64, 3):
+        pa = m.touch(mm, a + i * page, write=True)
+        m.physmem[pa:pa + 8] = i.to_bytes(8, "little")
+    child_mm = m.new_mm()
+    sc.task("fork", fork.dup_mmap(k, child_mm, mm))
+    sc.run("fork:*")
+    assert sc.results["fork"] == 0
+    assert k.stats["copy_pte_range_resched"] >= 2              # 22 ptes * 8 progress / 32
+    assert sc.sched.data_log and all(label == "need_resched" for _, label, _ in sc.sched.data_log)
+    for i in range(64):
+        p, c = pte_of(k, mm, a + i * page), pte_of(k, child_mm, a + i * page)
+        if i % 3:
+            assert c.kind is Kind.NONE
+        else:
+            assert c.kind is Kind.LEAF and c.paddr == p.paddr and not c.prot & Access.W
+    assert child_mm.rss[MM_ANONPAGES] == len(range(0, 64, 3))
+    finish(m, mm, child_mm)
