@@ -11,6 +11,7 @@ a process whose PTE table for that range is still there but already empty.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -112,8 +113,7 @@ def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) ->
     size = huge_memory.hpage_pmd_size(k)
     inode = m.memfd_create("race", size)
     folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
-    for i in range(0, size, 8 << 10):                   # recognisable file data
-        k.physmem.write(folio.paddr + i, (i // 4096 + 1).to_bytes(8, "little"))
+    k.physmem.write(folio.paddr, _file_data(size))
     shmem.add_to_page_cache(inode.mapping, folio, 0)
     folio.locked = locked
     mm = m.new_mm()
@@ -122,6 +122,16 @@ def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) ->
     pmdp = run_sync(pgtable.walk_alloc(k, mm, addr, k.arch.pmd_level))
     run_sync(pgtable.pte_alloc(k, mm, pmdp))
     return World([mm], [inode], addr, pmdp, inode, {"folio": folio})
+
+
+@functools.cache
+def _file_data(size: int) -> bytes:
+    """Recognisable file contents: every 8K, the 4K-page number + 1 as a little-endian
+    u64 (a THP misread as a page table shows up as small bogus entries)."""
+    data = bytearray(size)
+    for i in range(0, size, 8 << 10):
+        data[i:i + 8] = (i // 4096 + 1).to_bytes(8, "little")
+    return bytes(data)
 
 
 async def collapse_file_tail(k, w: World):

@@ -88,18 +88,34 @@ class Scheduler:
             if max_steps is not None and len(self.picks) > max_steps:
                 raise Livelock(f"no end after {max_steps} steps: " + ", ".join(
                     f"{t.name} ({t.steps} traps)" for t in self.tasks if t.state is not TaskState.DONE))
-            if all(t.daemon for t in self.tasks if t.state is not TaskState.DONE):
+            # one pass over the tasks: is a non-daemon left, does anyone sleep or wait
+            # on a wait queue (the polls below are no-ops otherwise, and this loop is hot)
+            live = sleeping = waiting = False
+            for t in self.tasks:
+                state = t.state
+                if state is TaskState.DONE:
+                    continue
+                if not t.daemon:
+                    live = True
+                if state is TaskState.SLEEPING:
+                    sleeping = True
+                elif state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
+                    waiting = True
+            if not live:
                 # only kernel threads are left: let them finish what they started, so
                 # no lock, folio lock or RCU section is left half-way
-                self._poll_waiters()
+                if waiting:
+                    self._poll_waiters()
                 busy = self._runnable()
                 if not busy:
                     return
                 self.current = busy[0]
                 self.step(busy[0])
                 continue
-            self._poll_waiters()
-            self._wake_sleepers()
+            if waiting:
+                self._poll_waiters()
+            if sleeping:
+                self._wake_sleepers()
             runnable = self._runnable()
             if not runnable and self._advance_time():
                 continue
