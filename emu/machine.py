@@ -17,7 +17,7 @@ from emu.loader import PF_R, PF_W, PF_X, LoadError, build_stack, read_elf
 from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import Scheduler, run_sync
 from emu.vcpu import VCPU, UserStop
-from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd
 from mm_core import mincore as mm_mincore
 from mm_core import mmap as mm_mmap
 from mm_core import mprotect as mm_mprotect
@@ -160,6 +160,13 @@ class Machine:
 
     def mprotect(self, mm: MMStruct, addr: int, length: int, prot: int) -> None:
         _check(run_sync(mm_mprotect.do_mprotect(self.kernel, mm, addr, length, prot)))
+
+    def uffdio_move(self, mm: MMStruct, dst: int, src: int, length: int, mode: int = 0) -> int:
+        """ioctl(UFFDIO_MOVE) (kernel profiles 6.8 and later): move the private anonymous
+        pages of [src, src + length) to dst without copying them. Returns the bytes moved
+        (uffdio_move.move); raises OSError when nothing was (EEXIST, ENOENT, EBUSY, ...).
+        ``mode`` takes UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES (2)."""
+        return _check(run_sync(userfaultfd.move_pages(self.kernel, mm, dst, src, length, mode)))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

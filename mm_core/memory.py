@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, pgtable
+from mm_core import filemap, huge_memory, pgtable, rmap
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -236,6 +236,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
         return 0
     if page is not None:
         page.mapcount = 1
+        rmap.folio_add_new_anon_rmap(k, page, vma, vmf.address)
         mm.rss[MM_ANONPAGES] += 1
         k.stats["anon_pages_faulted"] += 1
     else:
@@ -274,7 +275,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     pte_offset_map_lock and install it if pte_same still holds (a map failure or a
     changed pte is FAULT-RETRY)."""
     mm, arch = vmf.vma.mm, k.arch
-    vmf.vma.anon_vma = True                                # anon_vma_prepare()
+    rmap.anon_vma_prepare(k, vmf.vma)
     try:
         new_page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:
@@ -290,6 +291,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     ptep, ptl = locked
     prot = vm_get_page_prot(vmf.vma.flags) | Access.W
     new_page.mapcount = 1
+    rmap.folio_add_new_anon_rmap(k, new_page, vmf.vma, vmf.address)
     # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
     k.flush_tlb_range(mm, vmf.address, vmf.address + k.page_size)
