@@ -83,9 +83,18 @@ BUGS: dict[str, str] = {
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
         "without mmap_lock); found by the walker-contract check, run with --kernel 6.13",
+    "move_pages_pte_unmaps_stack_copy":
+        "UFFDIO_MOVE's move_pages_pte() ends its maps with pte_unmap(&orig_src_pte) and "
+        "pte_unmap(&orig_dst_pte), the stack copies, before sleeping on a contended folio lock "
+        "(before 927e926d72d9, 2025): the kmap_local slots leak under HIGHPTE; run with --kernel 6.13",
+    "move_pages_pte_unmaps_in_map_order":
+        "move_pages_pte() unmaps dst_pte before src_pte at its exit although it mapped dst first "
+        "(before \"mm/userfaultfd: fix kmap_local LIFO ordering for CONFIG_HIGHPTE\", 2025): "
+        "kunmap_local() out of LIFO order; run with --kernel 6.13",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
-BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13"}
+BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
+               "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13"}
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
@@ -350,3 +359,47 @@ def mremap_move_ptes(sc: Scenario) -> World:
     sc.task("mremap", move())
     sc.task("mincore", check())
     return World([mm], [], addr)
+
+
+@scenario("uffd-move-vs-folio-lock",
+          "UFFDIO_MOVE of an anon page while reclaim (shrink_folio_list, no swap) holds its folio "
+          "lock: move_pages_pte()'s folio_trylock() fails, so it unmaps both ptes, sleeps in "
+          "folio_lock() and retries; spec §6 case 14 (map/unmap balance). Needs --kernel 6.8 or "
+          "later (under older profiles the ioctl is -EINVAL and only reclaim runs)",
+          catches=("move_pages_pte_unmaps_stack_copy", "move_pages_pte_unmaps_in_map_order"))
+def uffd_move_vs_folio_lock(sc: Scenario) -> World:
+    from mm_core import vmscan
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    src, dst = a + 2 * page, a + size + 5 * page            # dst in another PTE table
+    paddr = m.touch(mm, src, write=True)
+    marker = b"uffdmove" + (src >> k.page_shift).to_bytes(8, "little")
+    k.physmem.write(paddr, marker)
+    folio = k.alloc.page_of(paddr)                          # isolated from the LRU by reclaim
+
+    async def move():
+        ret = await userfaultfd.move_pages(k, mm, dst, src, page)
+        if not k.profile.uffdio_move and ret == -userfaultfd.EINVAL:
+            return "no UFFDIO_MOVE"
+        moved = m.read_user(mm, dst, len(marker))
+        if ret != page or moved != marker or m.translate(mm, src) is not None:
+            raise Finding("ORACLE", "ORACLE: UFFDIO_MOVE did not move the page", "ORACLE:uffdio_move",
+                          [f"  returned {ret}, dst reads {moved!r}, src still mapped: "
+                           f"{m.translate(mm, src) is not None}"])
+        return "moved"
+
+    async def reclaim():
+        [res] = await vmscan.shrink_folio_list(k, [folio])
+        if not res.kept_locked and res.mappings_found != res.mapcount:
+            raise Finding("ORACLE", "ORACLE: folio_referenced() missed a mapping of a locked anon folio",
+                          "ORACLE:folio_referenced",
+                          [f"  found {res.mappings_found} of mapcount {res.mapcount}: the anon rmap "
+                           f"(anon_vma, index {folio.index}) does not lead to the pte"])
+        return "kept" if res.kept_locked else "activated"
+
+    sc.task("uffd", move())
+    sc.task("reclaim", reclaim())
+    return World([mm], [], src, 0, extra={"folio": folio, "dst": dst})

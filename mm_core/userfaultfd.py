@@ -107,8 +107,9 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
     Returns the bytes moved, or -errno when nothing was. -EAGAIN from move_pages_pte()
     means "look at this page again" (RETRY). Refused here, not modelled: a huge or
     migration src pmd (the kernel splits it or moves it whole with move_pages_huge_pmd())
-    is -EBUSY. Before 6.8 there is no such ioctl: -EINVAL, as userfaultfd_ioctl() answers
-    an unknown command."""
+    is -EBUSY. Per page: find or allocate both pmds, refuse a huge dst (-EEXIST), allocate
+    the PTE tables, move_pages_pte(). Before 6.8 there is no such ioctl: -EINVAL, as
+    userfaultfd_ioctl() answers an unknown command."""
     if not k.profile.uffdio_move:
         return -EINVAL
     page = k.page_size
@@ -131,81 +132,53 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
         err = validate_move_areas(src_vma, dst_vma)
         if err:
             return err
-        return await _move_pages_locked(k, mm, dst_vma, src_vma, dst_start, src_start, length, mode)
-    finally:
-        await mmap_read_unlock(mm)
-
-
-async def _move_pages_locked(k, mm, dst_vma, src_vma, dst_start: int, src_start: int, length: int,
-                             mode: int) -> int:
-    """The per-pmd loop of move_pages()."""
-    arch = k.arch
-    src_addr, dst_addr, moved, err = src_start, dst_start, 0, 0
-    while src_addr < src_start + length:
-        src_pmd = await rmap.walk_to_pmd(k, mm, src_addr)            # mm_find_pmd()
-        try:
-            if src_pmd is None:
+        arch = k.arch
+        src_addr, dst_addr, moved, err = src_start, dst_start, 0, 0
+        while src_addr < src_start + length:
+            src_pmd = await rmap.walk_to_pmd(k, mm, src_addr)            # mm_find_pmd()
+            try:
+                if src_pmd is None:
+                    if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
+                        err = -ENOENT
+                        break
+                    src_pmd = await pgtable.walk_alloc(k, mm, src_addr, arch.pmd_level)
+                dst_pmd = await pgtable.walk_alloc(k, mm, dst_addr, arch.pmd_level)   # mm_alloc_pmd()
+            except OutOfMemory:
+                err = -ENOMEM
+                break
+            if src_pmd is None or dst_pmd is None:
+                err = -ENOMEM
+                break
+            dst_pmdval = await pgtable.pmdp_get_lockless(k, dst_pmd)
+            if arch.decode(arch.pmd_level, dst_pmdval).kind is Kind.LEAF:
+                err = -EEXIST                                  # a THP at dst: be strict
+                break
+            src_pmdval = await pgtable.get_entry(k, src_pmd, arch.pmd_level)
+            if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION):   # pmd_trans_huge_lock() succeeds
+                k.stats["uffdio_move_huge_refused"] += 1
+                err = -EBUSY                                   # not modelled: split / move_pages_huge_pmd
+                break
+            if src_pmdval.kind is Kind.NONE:
                 if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
                     err = -ENOENT
                     break
-                src_pmd = await pgtable.walk_alloc(k, mm, src_addr, arch.pmd_level)
-            dst_pmd = await pgtable.walk_alloc(k, mm, dst_addr, arch.pmd_level)   # mm_alloc_pmd()
-        except OutOfMemory:
-            err = -ENOMEM
-            break
-        if src_pmd is None or dst_pmd is None:
-            err = -ENOMEM
-            break
-        dst_pmdval = await pgtable.pmdp_get_lockless(k, dst_pmd)
-        if arch.decode(arch.pmd_level, dst_pmdval).kind is Kind.LEAF:
-            err = -EEXIST                                  # a THP at dst: be strict
-            break
-        src_pmdval = await pgtable.get_entry(k, src_pmd, arch.pmd_level)
-        if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION):   # pmd_trans_huge_lock() succeeds
-            k.stats["uffdio_move_huge_refused"] += 1
-            err = -EBUSY                                   # not modelled: split / move_pages_huge_pmd
-            break
-        if src_pmdval.kind is Kind.NONE:
-            if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
-                err = -ENOENT
-                break
-            if not await pgtable.pte_alloc(k, mm, src_pmd):
+                if not await pgtable.pte_alloc(k, mm, src_pmd):
+                    err = -ENOMEM
+                    break
+            if not await pgtable.pte_alloc(k, mm, dst_pmd):
                 err = -ENOMEM
                 break
-        if not await pgtable.pte_alloc(k, mm, dst_pmd):
-            err = -ENOMEM
-            break
-        err = await move_pages_pte(k, mm, dst_pmd, src_pmd, dst_vma, src_vma, dst_addr, src_addr, mode)
-        if err == -EAGAIN:
-            k.stats["uffdio_move_eagain"] += 1
-            await sched_point("retry", src_pmd)
-            continue
-        if err:
-            break
-        src_addr, dst_addr, moved = src_addr + k.page_size, dst_addr + k.page_size, moved + k.page_size
-    return moved if moved else err
-
-
-async def _map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock] | None:
-    """pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
-    rechecks under the ptl stand in for pmd_same()), pte_offset_map_nolock() before."""
-    if k.profile.rw_nolock:
-        mapped = await pgtable.pte_offset_map_rw_nolock(k, mm, pmdp, addr)
-    else:
-        mapped = await pgtable.pte_offset_map_nolock(k, mm, pmdp, addr)
-    return None if mapped is None else (mapped[0], mapped[1])
-
-
-async def _unmap_both(k, src_pte: int, dst_pte: int) -> None:
-    """pte_unmap(src_pte); pte_unmap(dst_pte): before sleeping on a lock, in LIFO order
-    (dst was mapped first). Before 927e926d72d9 the pointers passed were those of the
-    stack copies, &orig_src_pte and &orig_dst_pte (bug ``move_pages_pte_unmaps_stack_copy``)."""
-    if "move_pages_pte_unmaps_stack_copy" in k.bugs:
-        await pgtable.pte_unmap(k, STACK_ORIG_SRC_PTE)
-        await pgtable.pte_unmap(k, STACK_ORIG_DST_PTE)
-        return
-    await pgtable.pte_unmap(k, src_pte)
-    await pgtable.pte_unmap(k, dst_pte)
+            err = await move_pages_pte(k, mm, dst_pmd, src_pmd, dst_vma, src_vma, dst_addr, src_addr, mode)
+            if err == -EAGAIN:
+                k.stats["uffdio_move_eagain"] += 1
+                await sched_point("retry", src_pmd)
+                continue
+            if err:
+                break
+            src_addr, dst_addr, moved = src_addr + k.page_size, dst_addr + k.page_size, moved + k.page_size
+        return moved if moved else err
+    finally:
+        await mmap_read_unlock(mm)
 
 
 def vm_normal_folio(k, entry):
@@ -230,22 +203,26 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     a large folio (the kernel splits it) and swap / migration entries are -EBUSY."""
     arch = k.arch
     level = arch.pte_level
+    # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
+    # rechecks under the ptl stand in for pmd_same()), pte_offset_map_nolock() before
+    map_nolock = pgtable.pte_offset_map_rw_nolock if k.profile.rw_nolock else pgtable.pte_offset_map_nolock
+    stack_copy_bug = "move_pages_pte_unmaps_stack_copy" in k.bugs
     src_folio = None
     src_folio_pte = 0
     src_anon_vma = None
     src_pte = dst_pte = None
     err = 0
     while True:                                                    # retry:
-        mapped = await _map_nolock(k, mm, dst_pmd, dst_addr)
+        mapped = await map_nolock(k, mm, dst_pmd, dst_addr)
         if mapped is None:                      # a huge pmd materialized from under us
             err = -EAGAIN
             break
-        dst_pte, dst_ptl = mapped
-        mapped = await _map_nolock(k, mm, src_pmd, src_addr)
+        dst_pte, dst_ptl = mapped[0], mapped[1]
+        mapped = await map_nolock(k, mm, src_pmd, src_addr)
         if mapped is None:                      # MADV_DONTNEED zapped a THP, or a THP fault
             err = -EAGAIN
             break
-        src_pte, src_ptl = mapped
+        src_pte, src_ptl = mapped[0], mapped[1]
         # sanity checks of the live pmds (WARN_ON_ONCE in the kernel)
         live = [arch.decode(arch.pmd_level, await pgtable.get_raw(k, p)).kind for p in (dst_pmd, src_pmd)]
         if any(kind in (Kind.NONE, Kind.LEAF) for kind in live):
@@ -293,7 +270,10 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
             await traps.unlock(src_ptl)
             if not await shmem.folio_trylock(k, src_folio):
                 k.stats["uffdio_move_folio_lock_retry"] += 1
-                await _unmap_both(k, src_pte, dst_pte)
+                # pte_unmap(src_pte); pte_unmap(dst_pte) (LIFO); before 927e926d72d9 the
+                # stack copies: pte_unmap(&orig_src_pte); pte_unmap(&orig_dst_pte)
+                await pgtable.pte_unmap(k, STACK_ORIG_SRC_PTE if stack_copy_bug else src_pte)
+                await pgtable.pte_unmap(k, STACK_ORIG_DST_PTE if stack_copy_bug else dst_pte)
                 src_pte = dst_pte = None
                 await shmem.folio_lock(k, src_folio)          # now we can block and wait
                 await sched_point("retry", src_pmd)
@@ -309,7 +289,10 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 break
             if not await traps.trylock(src_anon_vma.rwsem, "w"):       # anon_vma_trylock_write()
                 k.stats["uffdio_move_anon_vma_retry"] += 1
-                await _unmap_both(k, src_pte, dst_pte)
+                # pte_unmap(src_pte); pte_unmap(dst_pte) (LIFO); before 927e926d72d9 the
+                # stack copies: pte_unmap(&orig_src_pte); pte_unmap(&orig_dst_pte)
+                await pgtable.pte_unmap(k, STACK_ORIG_SRC_PTE if stack_copy_bug else src_pte)
+                await pgtable.pte_unmap(k, STACK_ORIG_DST_PTE if stack_copy_bug else dst_pte)
                 src_pte = dst_pte = None
                 await traps.lock(src_anon_vma.rwsem, "w")               # anon_vma_lock_write()
                 await sched_point("retry", src_pmd)
