@@ -194,3 +194,13 @@ def test_rw_nolock_callers_keep_their_contract_under_613(scenario: str) -> None:
     walker-contract check watches that they recheck under the ptl before writing."""
     result = ex.explore(SCENARIOS[scenario], budget=80, seed=4, kernel="6.13")
     assert result.outcome is None and result.schedules == 80
+
+
+@pytest.mark.parametrize("kernel", ["6.8", "6.13"])
+def test_uffd_move_twin_runs_clean_where_uffdio_move_exists(kernel: str) -> None:
+    """UFFDIO_MOVE exists from 6.8 (pte_offset_map_nolock) and in 6.13 (_rw_nolock, under
+    the walker contract): with the 2025 fixes its folio-lock retry keeps every map
+    balanced, the rmap walk of the racing reclaim finds the moved page, and no bug is
+    reported; under the default 6.6 the ioctl is -EINVAL (the generic twin test above)."""
+    result = ex.explore(SCENARIOS["uffd-move-vs-folio-lock"], budget=150, seed=7, kernel=kernel)
+    assert result.outcome is None and result.schedules == 150
