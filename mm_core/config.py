@@ -19,6 +19,8 @@ class Profile:
     rw_nolock: bool              # 6.13: pte_offset_map_ro_nolock / _rw_nolock
     summary: str
     uffdio_move: bool = False    # 6.8: the UFFDIO_MOVE ioctl (mm/userfaultfd.c move_pages)
+    pt_reclaim: bool = False     # 6.14: MADV_DONTNEED frees emptied PTE tables, and the rechecks
+                                 # that came with it (move_pages_pte's dst pmd_same)
 
 
 PROFILES = {
@@ -33,6 +35,9 @@ PROFILES = {
                    uffdio_move=True),
     "6.13": Profile("6.13", True, True, True, True, True,
                     "6.6 plus pte_offset_map_ro_nolock/_rw_nolock with pmd_same rechecks", uffdio_move=True),
+    "6.14": Profile("6.14", True, True, True, True, True,
+                    "6.13 plus PT_RECLAIM (MADV_DONTNEED frees empty PTE tables) and move_pages_pte's "
+                    "dst pmd_same recheck", uffdio_move=True, pt_reclaim=True),
 }
 DEFAULT_PROFILE = "6.6"
 

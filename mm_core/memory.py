@@ -383,7 +383,8 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
     return True
 
 
-async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None) -> None:
+async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None,
+                        reclaim_pt: bool = False) -> None:
     """zap_pmd_range() for one pmd: a PMD leaf is zapped whole (or split first when only
     part of it goes); a table goes to zap_pte_range, retried while its map fails and the
     pmd still holds something."""
@@ -411,17 +412,21 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list 
         if pmdval.kind is Kind.MIGRATION:
             return
         if await zap_pte_range(k, mm, pmdp, start, end, tlb):
+            # 6.14 PT_RECLAIM (MADV_DONTNEED over a whole PMD extent): free the empty table
+            if reclaim_pt and k.profile.pt_reclaim and end - start >= size:
+                from mm_core import pt_reclaim
+                await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
             return
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
 
-async def unmap_page_range(k, vma: VMA, start: int, end: int) -> None:
+async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool = False) -> None:
     """unmap_page_range() under an mmu_gather: zap every pmd of [start, end), flush the
     TLBs, and only then free the pages (tlb_finish_mmu)."""
     tlb: list = []
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
-        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb)
+        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb, reclaim_pt)
     k.flush_tlb_range(vma.mm, start, end)
     for page in tlb:
         k.alloc.free_pages(page)

@@ -11,6 +11,8 @@ mapped (pte_offset_map_rw_nolock() in 6.13, pte_offset_map_nolock() in 6.8-6.12)
 the move itself, both ptls (double_pt_lock) after pte_same() rechecks of both ptes. Mapped
 ptes pin an RCU read section (and a kmap_local slot under HIGHPTE), so on contention for
 the folio lock or the anon_vma lock it unmaps both, sleeps on the lock and retries.
+Under 6.14 it also rechecks the dst pmd (pmd_same) under the ptls, since PT_RECLAIM may free
+the dst table meanwhile and a none dst pte reads the same in a freed table.
 """
 from __future__ import annotations
 
@@ -196,7 +198,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     """move_pages_pte(): move one pte from src_addr to dst_addr (mmap_read_lock held).
 
     Categories: a failed map of either table is -EAGAIN (the caller looks again: RETRY);
-    so is a src pte that changed under us (pte_same) and a folio whose anon_vma is gone.
+    so is a src pte that changed under us (pte_same), a dst pmd that changed (6.14,
+    pmd_same) and a folio whose anon_vma is gone.
     -EEXIST if dst is not none, -ENOENT for a src hole (0 with ALLOW_SRC_HOLES), -EBUSY
     for a folio that is not exclusive anon. Contention on the folio lock or the anon_vma
     lock: unmap both ptes, sleep on the lock, retry from the maps. Refused, not modelled:
@@ -204,8 +207,11 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     arch = k.arch
     level = arch.pte_level
     # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
-    # rechecks under the ptl stand in for pmd_same()), pte_offset_map_nolock() before
+    # rechecks under the ptl stand in for pmd_same()), pte_offset_map_nolock() before; 6.14
+    # keeps dst's pmdval for a pmd_same() recheck: a none dst pte proves nothing about a
+    # table that PT_RECLAIM may free meanwhile
     map_nolock = pgtable.pte_offset_map_rw_nolock if k.profile.rw_nolock else pgtable.pte_offset_map_nolock
+    recheck_dst_pmd = k.profile.pt_reclaim and "move_pages_pte_without_dst_pmd_recheck" not in k.bugs
     stack_copy_bug = "move_pages_pte_unmaps_stack_copy" in k.bugs
     src_folio = None
     src_folio_pte = 0
@@ -218,6 +224,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
             err = -EAGAIN
             break
         dst_pte, dst_ptl = mapped[0], mapped[1]
+        dst_pmdval = mapped[2] if recheck_dst_pmd else None
         mapped = await map_nolock(k, mm, src_pmd, src_addr)
         if mapped is None:                      # MADV_DONTNEED zapped a THP, or a THP fault
             err = -EAGAIN
@@ -226,7 +233,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
         # sanity checks of the live pmds (WARN_ON_ONCE in the kernel)
         live = [arch.decode(arch.pmd_level, await pgtable.get_raw(k, p)).kind for p in (dst_pmd, src_pmd)]
         if any(kind in (Kind.NONE, Kind.LEAF) for kind in live):
-            k.printk(f"WARNING: move_pages_pte: pmd none or huge under a mapped pte ({live})")
+            k.printk(f"move_pages_pte: pmd none or huge under a mapped pte ({live}): -EINVAL")
+            k.stats["uffdio_move_sanity_einval"] += 1
             err = -EINVAL
             break
         await traps.lock(dst_ptl)
@@ -251,7 +259,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
             break
         if src_ent.paddr == k.zero_page.paddr:
             err = await move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr, src_addr, dst_pte, src_pte,
-                                          orig_dst_pte, orig_src_pte, dst_ptl, src_ptl)
+                                          orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval, dst_ptl, src_ptl)
             break
         if src_folio is None:
             # pin the folio while holding the ptl, so it is not freed under us
@@ -298,7 +306,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 await sched_point("retry", src_pmd)
                 continue
         err = await move_present_pte(k, mm, dst_vma, src_vma, dst_addr, src_addr, dst_pte, src_pte,
-                                     orig_dst_pte, orig_src_pte, dst_ptl, src_ptl, src_folio)
+                                     orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval, dst_ptl, src_ptl,
+                                     src_folio)
         break
     # out:
     if src_anon_vma is not None:
@@ -338,9 +347,18 @@ async def double_pt_unlock(k, ptl1: SpinLock, ptl2: SpinLock) -> None:
         await traps.unlock(ptl2)
 
 
+async def is_pte_pages_stable(k, dst_pte: int, src_pte: int, orig_dst_pte: int, orig_src_pte: int,
+                              dst_pmd: int, dst_pmdval) -> bool:
+    """is_pte_pages_stable() (6.14; open-coded pte_same() pairs before): both ptes
+    unchanged, and (6.14, ``dst_pmdval`` given) dst's pmd still names the mapped table."""
+    if await pgtable.get_raw(k, src_pte) != orig_src_pte or await pgtable.get_raw(k, dst_pte) != orig_dst_pte:
+        return False
+    return dst_pmdval is None or pgtable.pmd_same(k, dst_pmdval, await pgtable.pmdp_get_lockless(k, dst_pmd))
+
+
 async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int, dst_pte: int, src_pte: int,
-                           orig_dst_pte: int, orig_src_pte: int, dst_ptl: SpinLock, src_ptl: SpinLock,
-                           src_folio) -> int:
+                           orig_dst_pte: int, orig_src_pte: int, dst_pmd: int, dst_pmdval,
+                           dst_ptl: SpinLock, src_ptl: SpinLock, src_folio) -> int:
     """move_present_pte(): under both ptls, recheck both ptes (pte_same; -EAGAIN), clear and
     flush the src pte, move the folio's rmap to dst (anon_vma, index), set the dst pte
     writable and dirty (like mremap). The folio stays mapped once in the same mm: mapcount
@@ -349,7 +367,7 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
     level = arch.pte_level
     await double_pt_lock(k, dst_ptl, dst_pte, src_ptl, src_pte)
     err = 0
-    if await pgtable.get_raw(k, src_pte) != orig_src_pte or await pgtable.get_raw(k, dst_pte) != orig_dst_pte:
+    if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
         err = -EAGAIN
     elif src_folio.order != k.page_order or src_folio.extra.get("pinned") \
             or not page_anon_exclusive(src_folio):                # folio_maybe_dma_pinned()
@@ -367,13 +385,13 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
 
 
 async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int, dst_pte: int,
-                            src_pte: int, orig_dst_pte: int, orig_src_pte: int, dst_ptl: SpinLock,
-                            src_ptl: SpinLock) -> int:
+                            src_pte: int, orig_dst_pte: int, orig_src_pte: int, dst_pmd: int, dst_pmdval,
+                            dst_ptl: SpinLock, src_ptl: SpinLock) -> int:
     """move_zeropage_pte(): the zero page is not moved but mapped afresh at dst."""
     arch = k.arch
     level = arch.pte_level
     await double_pt_lock(k, dst_ptl, dst_pte, src_ptl, src_pte)
-    if await pgtable.get_raw(k, src_pte) != orig_src_pte or await pgtable.get_raw(k, dst_pte) != orig_dst_pte:
+    if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
         await double_pt_unlock(k, dst_ptl, src_ptl)
         return -EAGAIN
     prot = memory.vm_get_page_prot(dst_vma.flags) & ~Access.W

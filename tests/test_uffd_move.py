@@ -260,3 +260,65 @@ def test_lifo_violation_at_exit_is_reported_without_any_race() -> None:
         sc.run("uffd:*")
     assert found.value.signature == "PTEMAP:lifo:move_pages_pte"
     assert "out of LIFO order" in found.value.title
+
+
+# -- 6.14: PT_RECLAIM and the dst pmd recheck -----------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_pt_reclaim_frees_a_table_dontneed_emptied_only_under_614(arch: str) -> None:
+    for kernel, freed in (("6.13", False), ("6.14", True)):
+        m, k, mm, a, size = world(arch, kernel)
+        fill(m, mm, a + size + 3 * k.page_size, 1)
+        fill(m, mm, a, 2)
+        pmdp = run_sync(rmap.walk_to_pmd(k, mm, a + size))
+        tables = mm.pgtables_bytes
+        m.madvise(mm, a, size // 2, emu.MADV_DONTNEED)           # part of an extent: never
+        m.madvise(mm, a + size, size, emu.MADV_DONTNEED)         # a whole extent: under 6.14
+        pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+        assert (pmd.kind is Kind.NONE) == freed and k.stats["pt_reclaimed"] == int(freed)
+        part = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(run_sync(rmap.walk_to_pmd(k, mm, a))))
+        assert part.kind is Kind.TABLE and pte_of(m, k, mm, a).kind is Kind.NONE
+        assert (mm.pgtables_bytes < tables) == freed
+        m.rcu_barrier()
+        assert m.read_user(mm, a + size + 3 * k.page_size, 8) == b""
+        m.touch(mm, a + size, write=True)                        # refaults into a new table
+        m.exit_mm(mm)
+
+
+def reclaim_race(kernel: str, **bugs):
+    """UFFDIO_MOVE into a table whose only other page MADV_DONTNEED drops (whole extent)."""
+    sc = Scenario(arch="x86_64", kernel=kernel, mem="16M")
+    m, k = sc.machine, sc.kernel
+    k.bugs.update(bugs)
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * size, RW, ANON)
+    src, dst = a + 2 * page, a + size + 5 * page
+    fill(m, mm, src, 0xD57)
+    fill(m, mm, a + size + page, 1)
+    from mm_core import madvise
+    sc.task("uffd", userfaultfd.move_pages(k, mm, dst, src, page))
+    sc.task("dontneed", madvise.madvise_dontneed(k, mm, a + size, a + 2 * size))
+    return sc, m, k, mm, src, dst
+
+
+# uffd has read orig_dst_pte (none) and orig_src_pte under their ptls; MADV_DONTNEED then
+# zaps the dst table's other page and PT_RECLAIM frees the table
+RECLAIM_SCHEDULE = "uffd:unlock#2 dontneed:* uffd:*"
+
+
+def test_dst_pmd_recheck_sends_the_move_to_a_fresh_table_under_614() -> None:
+    sc, m, k, mm, src, dst = reclaim_race("6.14")
+    sc.run(RECLAIM_SCHEDULE)
+    assert k.stats["pt_reclaimed"] == 1 and k.stats["uffdio_move_eagain"] == 1
+    assert sc.results["uffd"] == k.page_size
+    assert m.read_user(mm, dst, 8) == (0xD57).to_bytes(8, "little") and m.translate(mm, src) is None
+    m.exit_mm(mm)
+
+
+def test_without_the_dst_pmd_recheck_the_page_lands_in_the_freed_table() -> None:
+    sc, m, k, mm, src, dst = reclaim_race("6.14", move_pages_pte_without_dst_pmd_recheck=True)
+    with pytest.raises(Finding) as found:
+        sc.run(RECLAIM_SCHEDULE)
+    assert found.value.signature == "LOSTPTE:move_present_pte"
+    assert any("PT_RECLAIM" in line for line in found.value.details)
