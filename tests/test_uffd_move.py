@@ -53,7 +53,12 @@ def test_move_moves_the_page_itself_and_keeps_the_counters(arch: str, kernel: st
     fill(m, mm, src + page, 0x0B0E)                              # a neighbour that stays
     folio = k.alloc.page_of(pa)
     rss, tables = list(mm.rss), mm.pgtables_bytes
+    flushes: list = []
+    shootdown = k.flush_tlb_range
+    k.flush_tlb_range = lambda mm_, lo, hi: (flushes.append((mm_, lo, hi)), shootdown(mm_, lo, hi))
     assert m.uffdio_move(mm, dst, src, page) == page
+    assert (mm, src, src + page) in flushes                      # ptep_clear_flush() of src
+    k.flush_tlb_range = shootdown
     # the guest sees the old src bytes at dst, from the very same frame; src is none
     assert m.read_user(mm, dst, 8) == (0x5EED).to_bytes(8, "little")
     assert m.translate(mm, dst, "w") == pa
