@@ -31,12 +31,14 @@ from mm_core.mmap import (
     PROT_READ,
     PROT_WRITE,
 )
+from mm_core.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
 
 __version__ = "0.1.0"
 __all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE", "PROT_READ",
            "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_FIXED", "MAP_ANONYMOUS",
            "MAP_GROWSDOWN", "MAP_POPULATE", "MAP_FIXED_NOREPLACE", "MADV_DONTNEED", "MADV_HUGEPAGE",
-           "MADV_NOHUGEPAGE", "MADV_COLLAPSE", "MADV_FREE", "MADV_COLD", "MADV_PAGEOUT"]
+           "MADV_NOHUGEPAGE", "MADV_COLLAPSE", "MADV_FREE", "MADV_COLD", "MADV_PAGEOUT",
+           "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES"]
 
 
 def __getattr__(name: str) -> Any:

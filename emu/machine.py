@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -188,6 +188,12 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
+    def uffdio_move(self, mm: MMStruct, dst: int, src: int, length: int, mode: int = 0) -> int:
+        """ioctl(UFFDIO_MOVE) (kernel profiles 6.8 and later): move the private anonymous
+        pages of [src, src + length) to dst without copying them. Returns the bytes moved
+        (uffdio_move.move); raises OSError when nothing was (EEXIST, ENOENT, EBUSY, ...).
+        ``mode`` takes UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES (2)."""
+        return _check(run_sync(userfaultfd.move_pages(self.kernel, mm, dst, src, length, mode)))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

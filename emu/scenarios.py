@@ -89,9 +89,24 @@ BUGS: dict[str, str] = {
         "VMA are copied, so copy_pte_range() is no longer kept apart from retract_page_tables() "
         "(which skips only VMAs with an anon_vma) and its pte_alloc_map_lock() of the child's "
         "fresh table can fail: a spurious -ENOMEM from fork",
+    "move_pages_pte_unmaps_stack_copy":
+        "UFFDIO_MOVE's move_pages_pte() ends its maps with pte_unmap(&orig_src_pte) and "
+        "pte_unmap(&orig_dst_pte), the stack copies, before sleeping on a contended folio lock "
+        "(before 927e926d72d9, 2025): the kmap_local slots leak under HIGHPTE; run with --kernel 6.13",
+    "move_pages_pte_unmaps_in_map_order":
+        "move_pages_pte() unmaps dst_pte before src_pte at its exit although it mapped dst first "
+        "(before \"mm/userfaultfd: fix kmap_local LIFO ordering for CONFIG_HIGHPTE\", 2025): "
+        "kunmap_local() out of LIFO order; run with --kernel 6.13",
+    "move_pages_pte_without_dst_pmd_recheck":
+        "move_pages_pte() under 6.14 (PT_RECLAIM) trusts pte_same() of its none dst pte and "
+        "does not recheck pmd_same() of dst (before \"mm: userfaultfd: recheck dst_pmd entry in "
+        "move_pages_pte()\"): the page is moved into a table MADV_DONTNEED just freed; run "
+        "with --kernel 6.14",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
-BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13"}
+BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
+               "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13",
+               "move_pages_pte_without_dst_pmd_recheck": "6.14"}
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
@@ -402,3 +417,82 @@ def fork_vs_retract(sc: Scenario) -> World:
     sc.task("fork", do_fork())
     sc.task("retract", collapse_file_tail(k, w))
     return w
+@scenario("uffd-move-vs-folio-lock",
+          "UFFDIO_MOVE of an anon page while reclaim (shrink_folio_list, no swap) holds its folio "
+          "lock: move_pages_pte()'s folio_trylock() fails, so it unmaps both ptes, sleeps in "
+          "folio_lock() and retries; spec §6 case 14 (map/unmap balance). Needs --kernel 6.8 or "
+          "later (under older profiles the ioctl is -EINVAL and only reclaim runs)",
+          catches=("move_pages_pte_unmaps_stack_copy", "move_pages_pte_unmaps_in_map_order"))
+def uffd_move_vs_folio_lock(sc: Scenario) -> World:
+    from mm_core import vmscan
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    src, dst = a + 2 * page, a + size + 5 * page            # dst in another PTE table
+    paddr = m.touch(mm, src, write=True)
+    marker = b"uffdmove" + (src >> k.page_shift).to_bytes(8, "little")
+    k.physmem.write(paddr, marker)
+    folio = k.alloc.page_of(paddr)                          # isolated from the LRU by reclaim
+
+    async def move():
+        ret = await userfaultfd.move_pages(k, mm, dst, src, page)
+        if not k.profile.uffdio_move and ret == -userfaultfd.EINVAL:
+            return "no UFFDIO_MOVE"
+        moved = m.read_user(mm, dst, len(marker))
+        if ret != page or moved != marker or m.translate(mm, src) is not None:
+            raise Finding("ORACLE", "ORACLE: UFFDIO_MOVE did not move the page", "ORACLE:uffdio_move",
+                          [f"  returned {ret}, dst reads {moved!r}, src still mapped: "
+                           f"{m.translate(mm, src) is not None}"])
+        return "moved"
+
+    async def reclaim():
+        [res] = await vmscan.shrink_folio_list(k, [folio])
+        if not res.kept_locked and res.mappings_found != res.mapcount:
+            raise Finding("ORACLE", "ORACLE: folio_referenced() missed a mapping of a locked anon folio",
+                          "ORACLE:folio_referenced",
+                          [f"  found {res.mappings_found} of mapcount {res.mapcount}: the anon rmap "
+                           f"(anon_vma, index {folio.index}) does not lead to the pte"])
+        return "kept" if res.kept_locked else "activated"
+
+    sc.task("uffd", move())
+    sc.task("reclaim", reclaim())
+    return World([mm], [], src, 0, extra={"folio": folio, "dst": dst})
+
+
+@scenario("uffd-move-vs-pt-reclaim",
+          "UFFDIO_MOVE into a PTE table whose only other page MADV_DONTNEED zaps, and whose "
+          "table 6.14's PT_RECLAIM then frees (pml + ptl, pmd_clear, RCU free), all under "
+          "mmap_read_lock: move_pages_pte() must recheck the dst pmd under the ptl; spec §7 "
+          "(6.14). Needs --kernel 6.14 (before it the table stays and the move just happens)",
+          catches=("move_pages_pte_without_dst_pmd_recheck",))
+def uffd_move_vs_pt_reclaim(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    src, dst = a + 2 * page, a + size + 5 * page
+    paddr = m.touch(mm, src, write=True)
+    marker = b"uffdmove" + (src >> k.page_shift).to_bytes(8, "little")
+    k.physmem.write(paddr, marker)
+    m.touch(mm, a + size + page, write=True)                # the dst table's only other page
+
+    async def move():
+        ret = await userfaultfd.move_pages(k, mm, dst, src, page)
+        if not k.profile.uffdio_move and ret == -userfaultfd.EINVAL:
+            return "no UFFDIO_MOVE"
+        intact = m.read_user(mm, src, len(marker)) == marker
+        if ret == -userfaultfd.EINVAL and k.profile.pt_reclaim and intact:
+            return "EINVAL (the dst table went between the map and the sanity check)"
+        moved = m.read_user(mm, dst, len(marker))          # b"": MADV_DONTNEED dropped it since
+        if ret != page or moved not in (marker, b"") or m.translate(mm, src) is not None:
+            raise Finding("ORACLE", "ORACLE: UFFDIO_MOVE did not move the page", "ORACLE:uffdio_move",
+                          [f"  returned {ret}, dst reads {moved!r}, src still mapped: "
+                           f"{m.translate(mm, src) is not None}"])
+        return "moved"
+
+    sc.task("uffd", move())
+    sc.task("dontneed", madvise.madvise_dontneed(k, mm, a + size, a + 2 * size))
+    return World([mm], [], src, 0, extra={"dst": dst})

@@ -18,6 +18,9 @@ class Profile:
     retract_without_mmap_lock: bool   # 6.6: retract_page_tables under i_mmap + pml + ptl only
     rw_nolock: bool              # 6.13: pte_offset_map_ro_nolock / _rw_nolock
     summary: str
+    uffdio_move: bool = False    # 6.8: the UFFDIO_MOVE ioctl (mm/userfaultfd.c move_pages)
+    pt_reclaim: bool = False     # 6.14: MADV_DONTNEED frees emptied PTE tables, and the rechecks
+                                 # that came with it (move_pages_pte's dst pmd_same)
 
 
 PROFILES = {
@@ -27,8 +30,14 @@ PROFILES = {
                    "fallible pte_offset_map[_lock]; no RCU around the map yet"),
     "6.6": Profile("6.6", True, True, True, True, False,
                    "RCU-protected map, pte_free_defer, retract_page_tables without mmap_lock (default)"),
+    "6.8": Profile("6.8", True, True, True, True, False,
+                   "6.6 plus UFFDIO_MOVE (move_pages_pte maps with pte_offset_map_nolock; 6.8-6.12)",
+                   uffdio_move=True),
     "6.13": Profile("6.13", True, True, True, True, True,
-                    "6.6 plus pte_offset_map_ro_nolock/_rw_nolock with pmd_same rechecks"),
+                    "6.6 plus pte_offset_map_ro_nolock/_rw_nolock with pmd_same rechecks", uffdio_move=True),
+    "6.14": Profile("6.14", True, True, True, True, True,
+                    "6.13 plus PT_RECLAIM (MADV_DONTNEED frees empty PTE tables) and move_pages_pte's "
+                    "dst pmd_same recheck", uffdio_move=True, pt_reclaim=True),
 }
 DEFAULT_PROFILE = "6.6"
 

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from emu.arch import Access, Kind, leaf_entry
-from mm_core import huge_memory, pgtable, shmem
+from mm_core import huge_memory, pgtable, rmap, shmem
 from mm_core.mm import VM_SHARED, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 
@@ -76,7 +76,7 @@ async def do_cow_fault(k, vmf) -> int:
     k.physmem.copy(anon.paddr, shmem.folio_page_paddr(folio, index), k.page_size)
     shmem.folio_unlock(folio)
     anon.refcount = 0                  # finish_fault takes the mapping's reference
-    vmf.vma.anon_vma = True            # anon_vma_prepare()
+    rmap.folio_add_new_anon_rmap(k, anon, vmf.vma, vmf.address)     # anon_vma_prepare() too
     ret = await finish_fault(k, vmf, anon, anon.paddr, write=True)
     if anon.refcount == 0:
         k.alloc.free_pages(anon)

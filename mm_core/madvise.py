@@ -76,7 +76,8 @@ async def madvise_dontneed(k, mm, start: int, end: int) -> int:
         if any(v.flags & VM_LOCKED for v in vmas):
             return -EINVAL
         for vma in vmas:
-            await memory.unmap_page_range(k, vma, max(start, vma.start), min(end, vma.end))
+            # zap_details.reclaim_pt: 6.14's PT_RECLAIM frees the tables this empties
+            await memory.unmap_page_range(k, vma, max(start, vma.start), min(end, vma.end), reclaim_pt=True)
         k.stats["madv_dontneed"] += 1
         return 0 if _covered(mm, start, end) else -ENOMEM
     finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, pgtable
+from mm_core import filemap, huge_memory, pgtable, rmap
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -238,6 +238,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
         return 0
     if page is not None:
         page.mapcount = 1
+        rmap.folio_add_new_anon_rmap(k, page, vma, vmf.address)
         mm.rss[MM_ANONPAGES] += 1
         k.stats["anon_pages_faulted"] += 1
     else:
@@ -276,7 +277,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     pte_offset_map_lock and install it if pte_same still holds (a map failure or a
     changed pte is FAULT-RETRY)."""
     mm, arch = vmf.vma.mm, k.arch
-    vmf.vma.anon_vma = True                                # anon_vma_prepare()
+    rmap.anon_vma_prepare(k, vmf.vma)
     try:
         new_page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm, zero=orig.special)
     except OutOfMemory:
@@ -292,6 +293,7 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     ptep, ptl = locked
     prot = vm_get_page_prot(vmf.vma.flags) | Access.W
     new_page.mapcount = 1
+    rmap.folio_add_new_anon_rmap(k, new_page, vmf.vma, vmf.address)
     # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
     await flush_tlb_range(k, mm, vmf.address, vmf.address + k.page_size)
@@ -387,7 +389,8 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
     return True
 
 
-async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None) -> None:
+async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None,
+                        reclaim_pt: bool = False) -> None:
     """zap_pmd_range() for one pmd: a PMD leaf is zapped whole (or split first when only
     part of it goes); a table goes to zap_pte_range, retried while its map fails and the
     pmd still holds something."""
@@ -415,17 +418,21 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list 
         if pmdval.kind is Kind.MIGRATION:
             return
         if await zap_pte_range(k, mm, pmdp, start, end, tlb):
+            # 6.14 PT_RECLAIM (MADV_DONTNEED over a whole PMD extent): free the empty table
+            if reclaim_pt and k.profile.pt_reclaim and end - start >= size:
+                from mm_core import pt_reclaim
+                await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
             return
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
 
-async def unmap_page_range(k, vma: VMA, start: int, end: int) -> None:
+async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool = False) -> None:
     """unmap_page_range() under an mmu_gather: zap every pmd of [start, end), flush the
     TLBs, and only then free the pages (tlb_finish_mmu)."""
     tlb: list = []
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
-        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb)
+        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb, reclaim_pt)
     await flush_tlb_range(k, vma.mm, start, end)
     for page in tlb:
         k.alloc.free_pages(page)

@@ -39,7 +39,7 @@ class VMA:
     name: str = ""              # "[heap]", "[stack]", ... as /proc/PID/maps shows
     file: object = None
     pgoff: int = 0
-    anon_vma: bool = False      # has private anon pages (a COW happened in a file mapping)
+    anon_vma: object = None     # rmap.AnonVma once it has private anon pages (anon_vma_prepare)
     uffd_wp: bool = False       # registered with userfaultfd in write-protect mode
 
     @property

@@ -183,14 +183,18 @@ async def __pte_offset_map(k, pmdp: int, addr: int) -> tuple[int | None, Entry]:
     if not prof.fallible_pte_map:
         pmdval = k.arch.decode(pmd_level, await get_raw(k, pmdp))
         # pmd_page_vaddr() of whatever is there: a none pmd names pfn 0, a huge one its THP
-        return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
+        ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+        k.san.pte_mapped(ptep, pmdp)                  # kmap_atomic() under HIGHPTE
+        return ptep, pmdval
     rcu = prof.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs
     if rcu:
         await rcu_read_lock(k)
     raw = await pmdp_get_lockless(k, pmdp)
     pmdval = k.arch.decode(pmd_level, raw)
     if pmdval.kind is Kind.TABLE:
-        return entry_addr(k, pmdval.paddr, pmd_level + 1, addr), pmdval
+        ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+        k.san.pte_mapped(ptep, pmdp)                  # kmap_local_page() under HIGHPTE
+        return ptep, pmdval
     if pmdval.kind is Kind.BAD:
         k.printk(f"pmd_ERROR: bad pmd {pmdp:#x}({raw:#018x})")     # pmd_clear_bad()
         k.stats["pmd_clear_bad"] += 1
@@ -207,7 +211,8 @@ async def pte_offset_map(k, pmdp: int, addr: int) -> int | None:
 
 
 async def pte_unmap(k, ptep: int) -> None:
-    """pte_unmap(): end the map (and its RCU read section, 6.6+)."""
+    """pte_unmap(): end the map (kunmap_local under HIGHPTE, and the RCU read section,
+    6.6+). ``ptep`` must point into the table of the caller's latest map (sanitizer PTEMAP)."""
     k.san.pte_unmapped(ptep)
     if k.profile.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs:
         await rcu_read_unlock(k)

@@ -1,10 +1,13 @@
-"""Reverse mapping for file pages (mm/rmap.c, mm/page_vma_mapped.c, reduced): find the PTEs
-of every VMA that maps a page-cache folio and unmap them (try_to_unmap)."""
+"""Reverse mapping (mm/rmap.c, mm/page_vma_mapped.c, reduced): find the PTEs of every VMA
+that maps a page-cache folio and unmap them (try_to_unmap); for anonymous folios the
+anon_vma (its rwsem, folio->mapping/folio->index, UFFDIO_MOVE's folio_move_anon_rmap)
+and the folio_referenced() walk reclaim does under the folio lock."""
 from __future__ import annotations
 
 from emu.arch import Kind
 from emu.sched import traps
 from mm_core import pgtable
+from mm_core.locks import RwSemaphore
 from mm_core.tlbflush import flush_tlb_range
 
 
@@ -56,3 +59,86 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
     finally:
         await traps.unlock(mapping.i_mmap_rwsem, "r")
     return unmapped
+
+
+# -- anonymous folios ----------------------------------------------------------------------
+
+class AnonVma:
+    """struct anon_vma (reduced): the root's rwsem, and the mm whose VMAs it covers. With
+    no fork() in the model every anon_vma has one mm; the rmap walk looks at that mm's
+    VMAs (the anon_vma_chain) and lets page_vma_mapped_walk's pfn check pick the pte."""
+
+    def __init__(self, k, mm) -> None:
+        self.mm = mm
+        self.rwsem = RwSemaphore(f"mm{mm.id}.anon_vma{k.next_id('anon_vma')}", "anon_vma")
+
+    def __repr__(self) -> str:
+        return f"<{self.rwsem.name}>"
+
+
+def anon_vma_prepare(k, vma) -> AnonVma:
+    """anon_vma_prepare(): give ``vma`` an anon_vma before its first anon page."""
+    if not isinstance(vma.anon_vma, AnonVma):
+        vma.anon_vma = AnonVma(k, vma.mm)
+    return vma.anon_vma
+
+
+def linear_page_index(k, vma, addr: int) -> int:
+    """linear_page_index(): the page offset ``addr`` stands for in ``vma``'s object."""
+    return ((addr - vma.start) >> k.page_shift) + vma.pgoff
+
+
+def folio_add_new_anon_rmap(k, folio, vma, addr: int) -> None:
+    """folio_add_new_anon_rmap(): folio->mapping = anon_vma | PAGE_MAPPING_ANON,
+    folio->index = linear_page_index(); the folio is exclusive (PageAnonExclusive)."""
+    folio.extra["anon_vma"] = anon_vma_prepare(k, vma)
+    folio.index = linear_page_index(k, vma, addr)
+
+
+def folio_anon_vma(folio) -> AnonVma | None:
+    """folio_get_anon_vma() / folio_anon_vma(): None once the folio is no longer anon-mapped."""
+    return folio.extra.get("anon_vma") if folio.mapcount > 0 else None
+
+
+def folio_move_anon_rmap(k, folio, vma) -> None:
+    """folio_move_anon_rmap(): point an exclusive anon folio at ``vma``'s anon_vma (the
+    caller holds the folio lock; UFFDIO_MOVE also holds the old anon_vma's write lock)."""
+    folio.extra["anon_vma"] = anon_vma_prepare(k, vma)
+
+
+async def folio_referenced_anon(k, folio) -> tuple[int, int]:
+    """folio_referenced() of a locked anon folio: rmap_walk_anon() under the anon_vma read
+    lock, page_vma_mapped_walk() (pte_offset_map_lock) at vma_address(folio->index) in
+    each VMA, ptep_clear_flush_young() where it maps the folio. Returns (referenced,
+    mappings found)."""
+    arch = k.arch
+    anon_vma = folio_anon_vma(folio)
+    if anon_vma is None:
+        return 0, 0
+    referenced = found = 0
+    await traps.lock(anon_vma.rwsem, "r")
+    try:
+        for vma in list(anon_vma.mm.vmas):
+            if not vma.anon_vma:
+                continue
+            addr = vma_address(vma, folio.index)
+            if addr is None:
+                continue
+            pmdp = await walk_to_pmd(k, vma.mm, addr)
+            if pmdp is None:
+                continue
+            locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+            if locked is None:
+                continue
+            ptep, ptl = locked
+            ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
+            if ent.kind is Kind.LEAF and ent.paddr == folio.paddr:
+                found += 1
+                if ent.young:
+                    referenced += 1
+                    await pgtable.set_entry(k, ptep, arch.pte_level, ent.with_(young=False))
+                    await flush_tlb_range(k, vma.mm, addr, addr + k.page_size)
+            await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    finally:
+        await traps.unlock(anon_vma.rwsem, "r")
+    return referenced, found

@@ -4,7 +4,10 @@
                freed (its page is poisoned and held in a quarantine), with alloc /
                detach / free provenance
   LOSTPTE      a present PTE written into a table already detached from its pmd
-  RCU          rcu_read_lock imbalance when a task ends
+  RCU          rcu_read_lock imbalance when a task ends, sleeping inside rcu_read_lock
+  PTEMAP       map/unmap balance of pte_offset_map*() (the kmap_local stack of HIGHPTE):
+               pte_unmap() of a pointer no map of this task returned (a stack copy),
+               out of LIFO order, or a task that sleeps or ends with maps outstanding
   check_mm     counters at teardown (mm_core.memory.check_mm)
 
 A finding raises ``Finding`` inside the task that did the access, which ends the run; the
@@ -35,6 +38,17 @@ class Finding(Exception):
     def report(self) -> str:
         bar = "=" * 66
         return "\n".join([bar, f"BUG: {self.title}", *self.details, bar])
+
+
+@dataclass
+class PteMap:
+    """One pte_offset_map*() not yet ended by pte_unmap() (a kmap_local slot under HIGHPTE)."""
+
+    ptep: int                      # the pointer the map returned
+    table: int                     # the PTE table it points into
+    pmdp: int                      # the pmd it was mapped through
+    site: str                      # the kernel function that mapped it
+    step: int
 
 
 RETRY_LIMIT = 1000          # retries of one task before a retry loop counts as endless
@@ -74,6 +88,8 @@ class Sanitizers:
         self.lock_order: dict[tuple[str, str], str] = {}   # (outer class, inner class) -> first seen
         # pte_offset_map_rw_nolock() maps still open: task -> {table: [pmdp, ptl, revalidated, site]}
         self.rw_nolock: dict[object, dict[int, list]] = {}
+        # every pte_offset_map*() still mapped, per task, oldest first (the kmap_local stack)
+        self.pte_maps: dict[object, list[PteMap]] = {}
 
     # -- lockdep-lite and RCU sleeping checks, from the scheduler's trap stream ----------------
     def on_trap(self, task, event: tuple) -> None:
@@ -93,10 +109,18 @@ class Sanitizers:
         if kind in ("lock", "wait", "trylock"):
             lock = event[1]
             depth = self.k.rcu.readers.get(task, 0)
-            if depth and getattr(lock, "sleeps", kind == "wait") and kind != "trylock":
+            sleeps = getattr(lock, "sleeps", kind == "wait") and kind != "trylock"
+            if depth and sleeps:
                 raise Finding("RCU", f"RCU: sleeping on {lock!r} inside rcu_read_lock() in {task.name}",
                               f"RCU:sleep:{getattr(lock, 'cls', type(lock).__name__)}",
-                              ["  a pte_offset_map() holder must not sleep: pte_unmap() first"])
+                              ["  a pte_offset_map() holder must not sleep: pte_unmap() first",
+                               *self._outstanding(task)])
+            if sleeps and self.pte_maps.get(task):
+                maps = self.pte_maps[task]
+                raise Finding("PTEMAP", f"PTEMAP: {task.name} sleeps on {lock!r} with {len(maps)} pte map(s) "
+                              f"outstanding", f"PTEMAP:sleep:{maps[-1].site}",
+                              ["  a pte_offset_map() holder must not sleep (kmap_local / RCU): "
+                               "pte_unmap() first", *self._outstanding(task)])
             if kind == "wait" and not hasattr(lock, "cls"):
                 return
             inner = getattr(lock, "cls", "?")
@@ -140,10 +164,61 @@ class Sanitizers:
             self.rw_nolock.setdefault(task, {})[self._pte_table(ptep)] = [pmdp, ptl, False, call_site()]
 
     def pte_unmapped(self, ptep: int) -> None:
+        """pte_unmap(ptep): ``ptep`` must point into the table of this task's most recent
+        map still outstanding (kunmap_local() masks the pointer to its page; kmap_local
+        slots are a stack, so maps end in LIFO order). A pointer into no mapped table (a
+        stack copy of a pte, as UFFDIO_MOVE's move_pages_pte() passed before 927e926d72d9)
+        or into an older map is reported at once: under HIGHPTE the kmap slot leaks or the
+        wrong one is popped, and even when the RCU counts balance the map is not ended."""
+        task = self.k.current_task()
         if self.rw_nolock:
-            maps = self.rw_nolock.get(self.k.current_task())
+            maps = self.rw_nolock.get(task)
             if maps:
                 maps.pop(self._pte_table(ptep), None)
+        if not self.enabled:
+            return
+        stack = self.pte_maps.get(task, [])
+        hit = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].ptep == ptep), None)
+        if hit is None:
+            table = self._pte_table(ptep)
+            hit = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].table == table), None)
+        site = call_site()
+        who = task.name if task is not None else "the API caller"
+        if hit is None:
+            pt = self._table_of(ptep)
+            what = (f"an entry of page table {pt.paddr:#x} ({pt.state}) that {who} has not mapped"
+                    if pt is not None and pt.level == self.k.arch.pte_level else
+                    "not a pointer into any page table (a copy of a pte on the kernel stack?)")
+            raise Finding("PTEMAP", f"PTEMAP: pte_unmap() of {ptep:#x} that no pte_offset_map*() of {who} "
+                          f"returned, in {site}", f"PTEMAP:bad-unmap:{site}",
+                          [f"  {ptep:#x} is {what}; by {self._where()}",
+                           "  under HIGHPTE kunmap_local() leaves the real map's kmap slot in place "
+                           "(and a later unmap pops the wrong one)", *self._outstanding(task)])
+        if hit != len(stack) - 1:
+            raise Finding("PTEMAP", f"PTEMAP: pte_unmap() out of LIFO order in {site}", f"PTEMAP:lifo:{site}",
+                          [f"  {who} unmaps {ptep:#x} (mapped in {stack[hit].site} at step "
+                           f"{stack[hit].step}) while a later map is still outstanding; by {self._where()}",
+                           "  kmap_local slots are a stack: WARNING in kunmap_local_indexed() under HIGHPTE",
+                           *self._outstanding(task)])
+        stack.pop()
+        if not stack:
+            self.pte_maps.pop(task, None)
+
+    def pte_mapped(self, ptep: int, pmdp: int) -> None:
+        """A successful pte_offset_map*(): push it on this task's map stack."""
+        if not self.enabled:
+            return
+        task = self.k.current_task()
+        self.pte_maps.setdefault(task, []).append(
+            PteMap(ptep, self._pte_table(ptep), pmdp, call_site(), self.k.current_step()))
+
+    def _outstanding(self, task, maps: list[PteMap] | None = None) -> list[str]:
+        maps = self.pte_maps.get(task, []) if maps is None else maps
+        if not maps:
+            return []
+        return ["  pte maps outstanding (oldest first):",
+                *[f"    {m.ptep:#x} (table {m.table:#x}, pmd {m.pmdp:#x}) mapped in {m.site} at step {m.step}"
+                  for m in maps]]
 
     def _pte_table(self, entp: int) -> int:
         return self.k.arch.levels[self.k.arch.pte_level].table_base(entp)
@@ -213,10 +288,17 @@ class Sanitizers:
 
     def task_ended(self, task) -> None:
         self.rw_nolock.pop(task, None)
+        maps = self.pte_maps.pop(task, [])
         depth = self.k.rcu.readers.get(task, 0)
         if self.enabled and depth:
             raise Finding("RCU", f"RCU: {task.name} ended inside {depth} rcu_read_lock() section(s)",
-                          f"RCU:imbalance:{task.name}", ["  a pte_offset_map() without its pte_unmap()"])
+                          f"RCU:imbalance:{task.name}", ["  a pte_offset_map() without its pte_unmap()",
+                                                         *self._outstanding(task, maps)])
+        if self.enabled and maps:
+            raise Finding("PTEMAP", f"PTEMAP: {task.name} ended with {len(maps)} pte map(s) outstanding",
+                          f"PTEMAP:leak:{maps[-1].site}",
+                          ["  a pte_offset_map*() without its pte_unmap() (a leaked kmap_local slot "
+                           "under HIGHPTE)", *self._outstanding(task, maps)])
 
     # -- reports ------------------------------------------------------------------------
     def _table_of(self, entp: int):

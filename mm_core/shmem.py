@@ -118,6 +118,16 @@ async def folio_lock(k, folio: Page) -> None:
     await traps.wait(_FolioLock(folio))
 
 
+async def folio_trylock(k, folio: Page) -> bool:
+    """folio_trylock(): test_and_set PG_locked, never sleeping (an atomic: one scheduling
+    point before it)."""
+    await traps.sched_point("folio_trylock", folio.pfn)
+    if folio.locked:
+        return False
+    folio.locked = True
+    return True
+
+
 def folio_unlock(folio: Page) -> None:
     folio.locked = False
 

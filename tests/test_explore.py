@@ -194,3 +194,16 @@ def test_rw_nolock_callers_keep_their_contract_under_613(scenario: str) -> None:
     walker-contract check watches that they recheck under the ptl before writing."""
     result = ex.explore(SCENARIOS[scenario], budget=80, seed=4, kernel="6.13")
     assert result.outcome is None and result.schedules == 80
+
+
+@pytest.mark.parametrize("scenario, kernel", [("uffd-move-vs-folio-lock", "6.8"),
+                                              ("uffd-move-vs-folio-lock", "6.13"),
+                                              ("uffd-move-vs-pt-reclaim", "6.14")])
+def test_uffd_move_twins_run_clean_where_uffdio_move_exists(scenario: str, kernel: str) -> None:
+    """UFFDIO_MOVE exists from 6.8 (pte_offset_map_nolock), in 6.13 (_rw_nolock, under the
+    walker contract) and in 6.14 (with PT_RECLAIM freeing tables under it, and the dst
+    pmd_same recheck): with the 2025 fixes its retries keep every map balanced, the racing
+    reclaim's rmap walk finds the moved page, no pte lands in a freed table; under the
+    default 6.6 the ioctl is -EINVAL (the generic twin test above)."""
+    result = ex.explore(SCENARIOS[scenario], budget=60, seed=7, kernel=kernel)
+    assert result.outcome is None and result.schedules == 60

@@ -49,8 +49,92 @@ def test_rcu_imbalance_at_task_end_is_reported() -> None:
         await pgtable.pte_offset_map(k, pmdp, a)      # no pte_unmap()
 
     sc.task("leaky", leaky())
-    with pytest.raises(Finding, match="RCU: leaky ended inside 1 rcu_read_lock"):
+    with pytest.raises(Finding, match="RCU: leaky ended inside 1 rcu_read_lock") as found:
         sc.run()
+    assert any("mapped in leaky" in line for line in found.value.details)     # where the map came from
+
+
+def two_tables(kernel: str = "6.6"):
+    """Two PTE tables of one mm (two PMD extents, one page faulted in each)."""
+    sc = Scenario(arch="arm64", mem="8M", kernel=kernel)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, 0x40000000, 2 * size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.touch(mm, a, write=True)
+    m.touch(mm, a + size, write=True)
+    return sc, k, mm, [(run_sync(rmap.walk_to_pmd(k, mm, va)), va) for va in (a, a + size)]
+
+
+def test_pte_unmap_of_a_pointer_no_map_returned_is_reported() -> None:
+    """pte_unmap(&orig_pte), a stack copy: the RCU counts balance, the map does not end."""
+    sc, k, mm, maps = two_tables()
+    stack_copy = 0xFFFFC90000001F48
+
+    async def wrong_pointer():
+        ptep = await pgtable.pte_offset_map(k, *maps[0])
+        await pgtable.pte_unmap(k, stack_copy)
+        return ptep
+
+    sc.task("walker", wrong_pointer())
+    with pytest.raises(Finding) as found:
+        sc.run()
+    f = found.value
+    assert f.sanitizer == "PTEMAP" and f.signature == "PTEMAP:bad-unmap:wrong_pointer"
+    assert f"pte_unmap() of {stack_copy:#x} that no pte_offset_map*() of walker returned" in f.title
+    assert any("mapped in wrong_pointer" in line for line in f.details)
+    assert k.rcu.nesting(next(t for t in sc.sched.tasks if t.name == "walker")) == 1
+
+
+def test_pte_unmap_out_of_lifo_order_is_reported() -> None:
+    sc, k, mm, maps = two_tables()
+
+    async def fifo():
+        first = await pgtable.pte_offset_map(k, *maps[0])
+        second = await pgtable.pte_offset_map(k, *maps[1])
+        await pgtable.pte_unmap(k, first)                 # kmap_local: second must go first
+        await pgtable.pte_unmap(k, second)
+
+    async def lifo():
+        first = await pgtable.pte_offset_map(k, *maps[0])
+        second = await pgtable.pte_offset_map(k, *maps[1])
+        await pgtable.pte_unmap(k, second + 8)            # any pointer into the table will do
+        await pgtable.pte_unmap(k, first)
+
+    sc.task("lifo", lifo())
+    sc.run()                                              # the right order: quiet
+    sc.task("fifo", fifo())
+    with pytest.raises(Finding, match="PTEMAP: pte_unmap\\(\\) out of LIFO order in fifo") as found:
+        sc.run()
+    assert found.value.signature == "PTEMAP:lifo:fifo"
+
+
+def test_a_map_outstanding_at_sleep_or_task_end_is_reported_without_rcu() -> None:
+    """Under 6.5 the map holds no RCU read section, so only the map-balance check sees a
+    task that sleeps, or ends, with a pte still mapped."""
+    sc, k, mm, maps = two_tables("6.5")
+
+    async def sleeper():
+        ptep = await pgtable.pte_offset_map(k, *maps[1])
+        await mmap_read_lock(mm)
+        await mmap_read_unlock(mm)
+        await pgtable.pte_unmap(k, ptep)
+
+    sc.task("sleeper", sleeper())
+    with pytest.raises(Finding, match="PTEMAP: sleeper sleeps on <mm1.mmap_lock> with 1 pte map") as found:
+        sc.run()
+    assert found.value.signature == "PTEMAP:sleep:sleeper"
+
+    sc, k, mm, maps = two_tables("6.5")
+
+    async def leaker():
+        await pgtable.pte_offset_map(k, *maps[0])
+
+    sc.task("leaker", leaker())
+    with pytest.raises(Finding, match="PTEMAP: leaker ended with 1 pte map") as found:
+        sc.run()
+    assert found.value.signature == "PTEMAP:leak:leaker"
+    assert any("mapped in leaker" in line for line in found.value.details)
 
 
 def test_lock_order_inversion_is_reported_without_a_deadlock() -> None:
