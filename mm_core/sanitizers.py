@@ -4,6 +4,8 @@
                freed (its page is poisoned and held in a quarantine), with alloc /
                detach / free provenance
   LOSTPTE      a present PTE written into a table already detached from its pmd
+  SPINLOCK     "bad magic": a ptl taken that belongs to no live or RCU-deferred PTE
+               table (pte_lockptr() of a pmd that is none or huge by now)
   RCU          rcu_read_lock imbalance when a task ends
   check_mm     counters at teardown (mm_core.memory.check_mm)
 
@@ -92,6 +94,8 @@ class Sanitizers:
                                "when it is stable but not a table"])
         if kind in ("lock", "wait", "trylock"):
             lock = event[1]
+            if getattr(lock, "not_a_ptl", False):
+                self._bad_ptl(task, lock)
             depth = self.k.rcu.readers.get(task, 0)
             if depth and getattr(lock, "sleeps", kind == "wait") and kind != "trylock":
                 raise Finding("RCU", f"RCU: sleeping on {lock!r} inside rcu_read_lock() in {task.name}",
@@ -112,6 +116,38 @@ class Sanitizers:
                         f"LOCKDEP:{min(outer, inner)}/{max(outer, inner)}",
                         [f"  {task.name} takes {inner} while holding {outer};",
                          f"  {inner} -> {outer} was seen earlier ({first})"])
+
+    def _bad_ptl(self, task, lock) -> None:
+        """CONFIG_DEBUG_SPINLOCK's "bad magic", for split ptlocks: a task takes the "ptl"
+        of a page that is no live or RCU-deferred PTE table (pte_lockptr() of a pmd value
+        that names pfn 0, a THP head or a freed table). Such a lock excludes nobody, and
+        in the kernel it is a spinlock written into (or a ptlock pointer read from)
+        memory that is not one: spec §6 case 2, a ptl derived from the live pmd instead
+        of the snapshot the map validated."""
+        k = self.k
+        site = coroutine_site(task.kstate.get("coro", task.coro))
+        details = [f"  lock: ptlock of {lock.what}, .magic: not a spinlock, .owner: none",
+                   f"  taken by {task.name} at step {k.current_step()} in {site}; {lock.derived}"]
+        if lock.pmdp is not None:
+            now = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(lock.pmdp))
+            details.append(f"  pmd {lock.pmdp:#x} now {k.physmem.read_entry(lock.pmdp):#018x} "
+                           f"({now.kind.value}{f' {now.paddr:#x}' if now.kind.value != 'none' else ''})")
+        if lock.snapshot is not None:
+            details.append(f"  snapshot {lock.snapshot}: its ptl is the one to take")
+        else:
+            details.append("  no validated snapshot: the pre-6.5 map trusts the live pmd")
+        pt = None
+        if lock.table is not None:
+            pt = k.ptdescs.get(lock.table) or self.dead.get(lock.table) or next(
+                (d for d in k.deferred if d.paddr == lock.table), None)
+        if pt is not None:
+            holder = getattr(pt.ptl, "holder", None)
+            if holder is not None:
+                details.append(f"  the real ptl of table {pt.paddr:#x} ({pt.ptl!r}) is held by "
+                               f"{getattr(holder, 'name', holder)}: this lock excludes nobody")
+            details.extend(pt.provenance())
+        raise Finding("SPINLOCK", f"SPINLOCK: bad magic: {task.name} takes the ptl of {lock.short}, "
+                      f"not of a page table, in {site}", f"SPINLOCK:bad-ptl:{site}", details)
 
     # -- hooks --------------------------------------------------------------------------
     def entry_access(self, entp: int, write: bool, value: int | None = None) -> None:
