@@ -126,6 +126,92 @@ def test_64_rules_with_mmap_lock_retraction_skip_a_table_in_use() -> None:
     assert k.stats["retract_mmap_trylock_failed"] == 1
 
 
+# -- case 2: a ptl from the live pmd instead of the snapshot is pfn 0's or a THP head's -------
+
+STALE_PTL = "pte_lockptr_from_live_pmd"
+
+
+def stale_ptl_world(arch: str, huge: bool, inject: tuple[str, ...] = ()):
+    """The writer maps the table (snapshot T) and is parked before anything else; the
+    retractor clears the pmd (and, with ``huge``, a refault maps the folio by PMD)."""
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
+    for bug in inject:
+        k.bugs[bug] = True
+    page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
+    page.refcount = 0
+    sc.task("writer", pte_installer(k, mm, pmdp, addr, page))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    if huge:
+        sc.task("refault", huge_refault(k, mm, addr))
+    schedule = "writer:pt_read#1 retract:*" + (" refault:*" if huge else "") + " writer:* rcu_gp:*"
+    return sc, m, k, mm, inode, addr, pmdp, table, page, schedule
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["none", "huge"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_writer_taking_the_ptl_of_the_live_pmd_is_reported(arch: str, huge: bool) -> None:
+    """pte_lockptr(mm, pmd) re-reading *pmd after the map: the retracted pmd names pfn 0
+    (none) or the THP head (huge refault), whose "ptl" excludes nobody."""
+    sc, m, k, mm, inode, addr, pmdp, table, page, schedule = stale_ptl_world(arch, huge, (STALE_PTL,))
+    with pytest.raises(Finding) as found:
+        sc.run(schedule)
+    f = found.value
+    assert f.sanitizer == "SPINLOCK" and f.signature == "SPINLOCK:bad-ptl:pte_installer"
+    folio = inode.mapping.i_pages[0]
+    what = "a THP head page" if huge else "pfn 0"
+    assert f.title == f"SPINLOCK: bad magic: writer takes the ptl of {what}, not of a page table, in " \
+        "pte_installer"
+    report = f.report()
+    assert (f"pfn {folio.pfn:#x} (the head page of the PMD-mapped shmem folio" in report) if huge \
+        else "pfn 0 (pmd_page() of a none pmd" in report
+    assert f"(table {table.paddr:#x}), validated by __pte_offset_map()" in report
+    assert f"page table {table.paddr:#x}: detached by retract_page_tables by retract" in report
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert pmdval.kind is (Kind.LEAF if huge else Kind.NONE)
+    writer = next(t for t in sc.sched.tasks if t.name == "writer")
+    assert table.ptl not in writer.held and [lk.name for lk in writer.held] == []   # parked at the lock
+    assert table.state == "deferred" and k.stats["bogus_ptl"] == 1
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["none", "huge"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_writer_taking_the_ptl_of_its_snapshot_retries_and_gets_no_table(arch: str, huge: bool) -> None:
+    """The same schedule under 6.6: the ptl is the one of the table the map validated (kept
+    alive with it through the grace period); pmd_same fails under it, the retry's map
+    fails on the none or huge pmd, and pte_offset_map_lock returns NULL."""
+    sc, m, k, mm, inode, addr, pmdp, table, page, schedule = stale_ptl_world(arch, huge)
+    sc.run(schedule)
+    assert sc.results["writer"] == "no table"
+    assert k.stats["pte_map_lock_retry"] == 1 and k.stats["bogus_ptl"] == 0
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert pmdval.kind is (Kind.LEAF if huge else Kind.NONE) and table.state == "freed"
+    k.alloc.free_pages(page)
+    assert_clean_teardown(sc, m, k, mm, inode)
+
+
+@pytest.mark.parametrize("sanitize", [True, False])
+def test_stale_ptl_without_recheck_writes_while_the_retractor_holds_the_real_ptl(monkeypatch,
+                                                                                sanitize: bool) -> None:
+    """The pre-6.5 macro on the 6.6 map (ptl from the live pmd and no pmd_same): with the
+    SPINLOCK report silenced, the writer does not wait for the retractor and installs its
+    pte into the detached table while the retractor still holds that table's ptl."""
+    sc, m, k, mm, inode, addr, pmdp, table, page, _ = stale_ptl_world(
+        "x86_64", False, (STALE_PTL, "pte_offset_map_lock_without_recheck"))
+    monkeypatch.setattr(k.san, "_bad_ptl", lambda task, lock: None)
+    k.san.enabled = sanitize
+    sc.run("writer:pt_read#1 retract:pt_write#1", finish=False)     # pmd cleared, ptl still held
+    assert table.state == "detached" and table.ptl.holder.name == "retract"
+    if sanitize:
+        with pytest.raises(Finding, match="LOSTPTE: pte installed into a detached page table in pte_inst"):
+            sc.run("writer:*")
+        assert table.ptl.holder.name == "retract"
+        return
+    sc.run("writer:* retract:* rcu_gp:*")
+    assert sc.results["writer"] == "installed" and table.state == "freed"
+    with pytest.raises(CheckMMError, match="Bad rss-counter state"):
+        m.exit_mm(mm)                                 # the lost pte: counted, never unmapped
+
+
 # -- case 3: a writer spinning on ptl during retraction gets pmd_same failure, then NULL -----
 
 @pytest.mark.parametrize("arch", ARCHES)
