@@ -15,6 +15,7 @@ from mm_core.locks import SpinLock
 from mm_core.page_alloc import OutOfMemory
 from mm_core.pgalloc import PageTable, alloc_table, pte_free
 from mm_core.rcu import rcu_read_lock, rcu_read_unlock
+from mm_core.sanitizers import call_site
 
 __all__ = ["PageTable", "alloc_table", "pte_free"]
 
@@ -243,7 +244,6 @@ def pte_lockptr(k, mm, pmdval: Entry, pmdp: int | None = None,
     k.stats["bogus_ptl"] += 1
     raw = k.arch.encode(k.arch.pmd_level, pmdval)
     cur = k.current_task()
-    from mm_core.sanitizers import call_site
     derived = (f"derived by {cur.name if cur is not None else 'the API caller'} in {call_site()} at step "
                f"{k.current_step()} from pmd value {raw:#018x} ({pmdval.kind.value})")
     snap = None

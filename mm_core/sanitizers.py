@@ -141,7 +141,8 @@ class Sanitizers:
         if lock.snapshot is not None:
             details.append(f"  snapshot {lock.snapshot}: its ptl is the one to take")
         else:
-            details.append("  no validated snapshot: the pre-6.5 map trusts the live pmd")
+            details.append("  no validated snapshot: the value was read from the live pmd, not handed "
+                           "over by __pte_offset_map()")
         pt = None
         if lock.table is not None:
             pt = k.ptdescs.get(lock.table) or self.dead.get(lock.table) or next(
