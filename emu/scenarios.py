@@ -80,6 +80,10 @@ BUGS: dict[str, str] = {
     "move_normal_pmd_without_recheck":
         "mremap's move_normal_pmd() trusts the pmd it read before taking the rmap locks "
         "(before Jann Horn's 2024 fix): a pmd retracted meanwhile is moved as pfn 0",
+    "pte_lockptr_from_live_pmd":
+        "pte_offset_map_lock() and pte_offset_map_nolock() derive the ptl from the live pmd "
+        "read again after the map (the pre-6.5 pte_lockptr(mm, pmd)) instead of from the "
+        "snapshot they validated: after a retraction that is pfn 0's or a THP head's \"lock\"",
     "move_ptes_without_pmd_same":
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
@@ -187,6 +191,40 @@ async def locked_collapse(k, mm, addr: int):
         await mmap_read_unlock(mm)
 
 
+async def madvise_collapse_tail(k, w: World):
+    """The end of MADV_COLLAPSE on the shmem range: collapse_file() retracts the PTE table
+    and unlocks the huge folio, then madvise_collapse() maps the folio in the caller's mm
+    (collapse_pte_mapped_thp(install_pmd=true) under mmap_read_lock): the collapser itself
+    takes the pmd TABLE -> NONE -> HUGE."""
+    await collapse_file_tail(k, w)
+    mm = w.mms[0]
+    await mmap_read_lock(mm)
+    try:
+        return (await khugepaged.collapse_pte_mapped_thp(k, mm, w.addr, install_pmd=True)).value
+    finally:
+        await mmap_read_unlock(mm)
+
+
+async def read_fault(k, w: World, addr: int):
+    """A read fault on the file mapping under mmap_read_lock: do_read_fault() maps what
+    the page cache has around it (filemap_map_pages() under pte_offset_map_lock()), then
+    finish_fault() installs the pte, or the whole PMD-order folio by one PMD
+    (do_set_pmd) once the pmd is none and the folio unlocked."""
+    from mm_core.memory import handle_mm_fault
+    mm = w.mms[0]
+    await mmap_read_lock(mm)
+    try:
+        return await handle_mm_fault(k, mm.vma_lookup(addr), addr, 0)
+    finally:
+        await mmap_read_unlock(mm)
+
+
+def huge_refault(k, w: World):
+    """The refault at the start of the mapping that turns a retracted pmd huge: the
+    TABLE -> NONE -> HUGE sequence of spec §6 case 5."""
+    return read_fault(k, w, w.addr)
+
+
 # -- scenarios ------------------------------------------------------------------------------
 
 @scenario("retract-vs-reader",
@@ -256,17 +294,23 @@ def retract_vs_refault(sc: Scenario) -> World:
         finally:
             await mmap_read_unlock(mm)
 
-    async def refault():
-        from mm_core.memory import handle_mm_fault
-        await mmap_read_lock(mm)
-        try:
-            return await handle_mm_fault(k, mm.vma_lookup(w.addr), w.addr, 0)
-        finally:
-            await mmap_read_unlock(mm)
-
     sc.task("walker", late_locker())
     sc.task("retract", collapse_file_tail(k, w))
-    sc.task("refault", refault())
+    sc.task("refault", huge_refault(k, w))
+    return w
+
+
+@scenario("stale-ptl-writer",
+          "a read fault installing ptes under pte_offset_map_lock() (filemap_map_pages, "
+          "finish_fault) racing MADV_COLLAPSE, which retracts the table and then maps the "
+          "huge folio by PMD: the ptl must be the one of the table the map validated, not of "
+          "whatever the pmd names when read again (pfn 0, the THP head): spec §6 case 2",
+          catches=("pte_lockptr_from_live_pmd",))
+def stale_ptl_writer(sc: Scenario) -> World:
+    w = collapsed_shmem(sc)
+    k = sc.kernel
+    sc.task("collapse", madvise_collapse_tail(k, w))
+    sc.task("writer", read_fault(k, w, w.addr + 7 * k.page_size))
     return w
 
 

@@ -8,13 +8,14 @@ write is a scheduling point.
 """
 from __future__ import annotations
 
-from emu.arch import Entry, Kind, table_entry
+from emu.arch import PAGE_SHIFT, Entry, Kind, table_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core.locks import SpinLock
 from mm_core.page_alloc import OutOfMemory
 from mm_core.pgalloc import PageTable, alloc_table, pte_free
 from mm_core.rcu import rcu_read_lock, rcu_read_unlock
+from mm_core.sanitizers import call_site
 
 __all__ = ["PageTable", "alloc_table", "pte_free"]
 
@@ -223,18 +224,69 @@ def pte_offset_kernel(k, pmdval: Entry, addr: int) -> int:
     return entry_addr(k, pmdval.paddr, k.arch.pmd_level + 1, addr)
 
 
-def pte_lockptr(k, mm, pmdval: Entry) -> SpinLock:
-    """pte_lockptr(mm, &pmdval): the split ptl of the table the *snapshot* names.
+class NotAPtl(SpinLock):
+    """What spin_lock(pte_lockptr()) gets when the pmd value it is given names no PTE
+    table: the "ptl" field of whatever struct page pmd_page() lands on (pfn 0's for a none
+    pmd, a THP head's for a huge one, a freed table's). Nobody else takes it, so it
+    excludes nobody; the SPINLOCK sanitizer reports it when it is taken. It carries the
+    provenance for that report."""
 
-    A snapshot that names no table (possible only under the 6.4 rules, where the live pmd
-    is used) yields the lock of whatever page it names: a bogus lock nobody else takes."""
-    pt = k.ptdescs.get(pmdval.paddr)
-    if pt is not None and pt.ptl is not None:
-        return pt.ptl
-    if pmdval.kind is Kind.TABLE and pt is None:
-        return mm.page_table_lock             # split ptlocks off for this table size
+    not_a_ptl = True
+
+    def __init__(self, page: tuple[str, str], pmdp: int | None, raw: int, derived: str,
+                 snapshot: str | None, table: int | None) -> None:
+        super().__init__(f"not-a-ptl@{page[1].split(' (')[0]}", "ptl")
+        self.short, self.what = page   # what the page really is
+        self.pmdp = pmdp               # the pmd the value was read from (None: a caller's copy)
+        self.raw = raw                 # the pmd value the lock was derived from
+        self.derived = derived         # who derived it, where, when
+        self.snapshot = snapshot       # the validated snapshot it should have come from
+        self.table = table             # the table that snapshot names
+
+
+def pte_lockptr(k, mm, pmdval: Entry, pmdp: int | None = None,
+                snapshot: Entry | None = None, mapped_at: str = "") -> SpinLock:
+    """pte_lockptr(mm, &pmdval): the split ptl of the PTE table ``pmdval`` names.
+
+    Given the snapshot __pte_offset_map() validated, that table is live or, after a
+    retraction, waiting for its grace period (its ptlock lives as long as the table).
+    Given anything else (the 6.4 rules' live pmd, or a re-read of the live pmd under the
+    ``pte_lockptr_from_live_pmd`` bug) it may name no table at all: the result is the
+    "lock" inside whatever page pmd_page() lands on (``NotAPtl``). ``pmdp``, ``snapshot``
+    and ``mapped_at`` only feed the sanitizer's report."""
+    pt = k.ptdescs.get(pmdval.paddr) if pmdval.kind is Kind.TABLE else None
+    if pt is None and pmdval.kind is Kind.TABLE:
+        pt = next((d for d in k.deferred if d.paddr == pmdval.paddr and d.state == "deferred"), None)
+    if pt is not None:
+        return pt.ptl if pt.ptl is not None else mm.page_table_lock   # split ptlocks off
     k.stats["bogus_ptl"] += 1
-    return SpinLock(f"bogus-ptl@{pmdval.paddr:#x}")
+    raw = k.arch.encode(k.arch.pmd_level, pmdval)
+    cur = k.current_task()
+    derived = (f"derived by {cur.name if cur is not None else 'the API caller'} in {call_site()} at step "
+               f"{k.current_step()} from pmd value {raw:#018x} ({pmdval.kind.value})")
+    snap = None
+    if snapshot is not None:
+        snap = (f"{k.arch.encode(k.arch.pmd_level, snapshot):#018x} ({snapshot.kind.value} "
+                f"{snapshot.paddr:#x}), validated by __pte_offset_map(){mapped_at}")
+    return NotAPtl(_page_named_by(k, pmdval), pmdp, raw, derived, snap,
+                   snapshot.paddr if snapshot is not None and snapshot.kind is Kind.TABLE else None)
+
+
+def _page_named_by(k, pmdval: Entry) -> tuple[str, str]:
+    """What pmd_page(pmdval) really is, short and long, for the report."""
+    paddr = pmdval.paddr
+    pfn = f"pfn {paddr >> PAGE_SHIFT:#x}"
+    if pmdval.kind is Kind.NONE or paddr == 0:
+        return "pfn 0", f"pfn 0 (pmd_page() of a {pmdval.kind.value} pmd: a reserved page, never allocated)"
+    if paddr in k.san.dead:
+        return "a freed page table", f"{pfn} (page table {paddr:#x}, freed)"
+    page = k.alloc.page_of(paddr)
+    if page is None:
+        return "free memory", f"{pfn} (free memory)"
+    if page.order and page.paddr == paddr and pmdval.kind is Kind.LEAF:
+        return "a THP head page", f"{pfn} (the head page of the PMD-mapped {page.use.value} folio, " \
+            f"order {page.order})"
+    return f"a {page.use.value} page", f"{pfn} (a {page.use.value} page, order {page.order})"
 
 
 def pmd_same(k, a: Entry, raw_b: int) -> bool:
@@ -246,7 +298,7 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
     start again if the pmd changed meanwhile. None when there is no PTE table (any more)."""
     if not k.profile.fallible_pte_map:        # 6.4: trust the live pmd, no recheck
         pmdval = k.arch.decode(k.arch.pmd_level, await get_raw(k, pmdp))
-        ptl = pte_lockptr(k, mm, pmdval)
+        ptl = pte_lockptr(k, mm, pmdval, pmdp=pmdp)
         ptep, _ = await __pte_offset_map(k, pmdp, addr)
         await traps.lock(ptl)
         return ptep, ptl
@@ -254,7 +306,10 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
         ptep, pmdval = await __pte_offset_map(k, pmdp, addr)
         if ptep is None:
             return None
-        ptl = pte_lockptr(k, mm, pmdval)
+        if "pte_lockptr_from_live_pmd" in k.bugs:
+            ptl = await _pte_lockptr_live(k, mm, pmdp, pmdval)
+        else:
+            ptl = pte_lockptr(k, mm, pmdval)
         await traps.lock(ptl)
         if "pte_offset_map_lock_without_recheck" in k.bugs:
             return ptep, ptl
@@ -263,6 +318,17 @@ async def pte_offset_map_lock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLoc
         await pte_unmap_unlock(k, ptep, ptl)
         k.stats["pte_map_lock_retry"] += 1
         await sched_point("retry", pmdp)
+
+
+async def _pte_lockptr_live(k, mm, pmdp: int, snapshot: Entry) -> SpinLock:
+    """Bug injection ``pte_lockptr_from_live_pmd``: the pre-6.5 ``pte_lockptr(mm, pmd)``
+    inside the 6.5+ map: the ptl is derived from a second, later read of the live ``*pmd``
+    (a scheduling point after the map) instead of from the snapshot the map validated.
+    If a retraction cleared the pmd meanwhile (or a refault made it huge), that names pfn
+    0's or the THP head's page, not the table the caller has mapped (spec §6 case 2)."""
+    mapped_at = f" at step {k.current_step()}"
+    live = k.arch.decode(k.arch.pmd_level, await get_raw(k, pmdp))
+    return pte_lockptr(k, mm, live, pmdp=pmdp, snapshot=snapshot, mapped_at=mapped_at)
 
 
 async def pte_unmap_unlock(k, ptep: int, ptl: SpinLock) -> None:
@@ -287,6 +353,8 @@ async def _map_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, SpinLock, Entry
     ptep, pmdval = await __pte_offset_map(k, pmdp, addr)
     if ptep is None:
         return None
+    if "pte_lockptr_from_live_pmd" in k.bugs:
+        return ptep, await _pte_lockptr_live(k, mm, pmdp, pmdval), pmdval
     return ptep, pte_lockptr(k, mm, pmdval), pmdval
 
 

@@ -4,6 +4,8 @@
                freed (its page is poisoned and held in a quarantine), with alloc /
                detach / free provenance
   LOSTPTE      a present PTE written into a table already detached from its pmd
+  SPINLOCK     "bad magic": a ptl taken that belongs to no live or RCU-deferred PTE
+               table (pte_lockptr() of a pmd that is none or huge by now)
   RCU          rcu_read_lock imbalance when a task ends, sleeping inside rcu_read_lock
   PTEMAP       map/unmap balance of pte_offset_map*() (the kmap_local stack of HIGHPTE):
                pte_unmap() of a pointer no map of this task returned (a stack copy),
@@ -108,6 +110,8 @@ class Sanitizers:
                                "when it is stable but not a table"])
         if kind in ("lock", "wait", "trylock"):
             lock = event[1]
+            if getattr(lock, "not_a_ptl", False):
+                self._bad_ptl(task, lock)
             depth = self.k.rcu.readers.get(task, 0)
             sleeps = getattr(lock, "sleeps", kind == "wait") and kind != "trylock"
             if depth and sleeps:
@@ -136,6 +140,45 @@ class Sanitizers:
                         f"LOCKDEP:{min(outer, inner)}/{max(outer, inner)}",
                         [f"  {task.name} takes {inner} while holding {outer};",
                          f"  {inner} -> {outer} was seen earlier ({first})"])
+
+    def _bad_ptl(self, task, lock) -> None:
+        """CONFIG_DEBUG_SPINLOCK's "bad magic", for split ptlocks: a task takes the "ptl"
+        of a page that is no live or RCU-deferred PTE table (pte_lockptr() of a pmd value
+        that names pfn 0, a THP head or a freed table). Such a lock excludes nobody, and
+        in the kernel it is a spinlock written into (or a ptlock pointer read from)
+        memory that is not one: spec §6 case 2, a ptl derived from the live pmd instead
+        of the snapshot the map validated.
+
+        Not under the 6.4 rules' own map: pte_offset_map_lock() then takes the ptl of the
+        live pmd by design and its caller vouches for the pmd (pmd_trans_unstable() under
+        mmap_lock); what goes wrong there is reported where the table is used."""
+        k = self.k
+        if lock.snapshot is None and not k.profile.fallible_pte_map:
+            return
+        site = coroutine_site(task.kstate.get("coro", task.coro))
+        details = [f"  lock: ptlock of {lock.what}, .magic: not a spinlock, .owner: none",
+                   f"  taken by {task.name} at step {k.current_step()} in {site}; {lock.derived}"]
+        if lock.pmdp is not None:
+            now = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(lock.pmdp))
+            details.append(f"  pmd {lock.pmdp:#x} now {k.physmem.read_entry(lock.pmdp):#018x} "
+                           f"({now.kind.value}{f' {now.paddr:#x}' if now.kind.value != 'none' else ''})")
+        if lock.snapshot is not None:
+            details.append(f"  snapshot {lock.snapshot}: its ptl is the one to take")
+        else:
+            details.append("  no validated snapshot: the value was read from the live pmd, not handed "
+                           "over by __pte_offset_map()")
+        pt = None
+        if lock.table is not None:
+            pt = k.ptdescs.get(lock.table) or self.dead.get(lock.table) or next(
+                (d for d in k.deferred if d.paddr == lock.table), None)
+        if pt is not None:
+            holder = getattr(pt.ptl, "holder", None)
+            if holder is not None:
+                details.append(f"  the real ptl of table {pt.paddr:#x} ({pt.ptl!r}) is held by "
+                               f"{getattr(holder, 'name', holder)}: this lock excludes nobody")
+            details.extend(pt.provenance())
+        raise Finding("SPINLOCK", f"SPINLOCK: bad magic: {task.name} takes the ptl of {lock.short}, "
+                      f"not of a page table, in {site}", f"SPINLOCK:bad-ptl:{site}", details)
 
     # -- hooks --------------------------------------------------------------------------
     def entry_access(self, entp: int, write: bool, value: int | None = None) -> None:

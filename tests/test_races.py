@@ -13,6 +13,7 @@ import pytest
 import emu
 from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
 from emu.scenario import Scenario
+from emu.scenarios import collapse_file_tail, collapsed_shmem
 from emu.sched.loop import run_sync
 from mm_core import filemap, huge_memory, khugepaged, memory, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
@@ -124,6 +125,127 @@ def test_64_rules_with_mmap_lock_retraction_skip_a_table_in_use() -> None:
     sc.run("walker:pt_read#2 retract:* walker:*")
     assert sc.results["retract"] == 0 and table.state == "live"
     assert k.stats["retract_mmap_trylock_failed"] == 1
+
+
+# -- case 2: a ptl from the live pmd instead of the snapshot is pfn 0's or a THP head's -------
+
+STALE_PTL = "pte_lockptr_from_live_pmd"
+
+
+def explorer_world(arch: str, kernel: str = "6.6", inject: tuple[str, ...] = ()):
+    """The explorer's world (emu.scenarios.collapsed_shmem): the page cache holds the
+    locked huge folio, the mapping's PTE table T is empty, collapse_file() is about to
+    retract it. Returns the world and T."""
+    sc = Scenario(arch=arch, kernel=kernel, mem="8M", prefault=False)
+    k = sc.kernel
+    w = collapsed_shmem(sc)
+    for bug in inject:
+        k.bugs[bug] = True
+    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp)).paddr]
+    return sc, sc.machine, k, w, table
+
+
+def stale_ptl_world(arch: str, huge: bool, inject: tuple[str, ...] = ()):
+    """The writer maps T (its snapshot) and is parked right after; the collapser retracts
+    T and unlocks the folio (and, with ``huge``, a refault maps the folio by PMD); then
+    the writer derives its ptl and locks."""
+    sc, m, k, w, table = explorer_world(arch, inject=inject)
+    mm = w.mms[0]
+    page = k.alloc.alloc_pages(0, PageUse.ANON, owner=mm)
+    page.refcount = 0
+    sc.task("writer", pte_installer(k, mm, w.pmdp, w.addr, page))
+    sc.task("retract", collapse_file_tail(k, w))
+    if huge:
+        sc.task("refault", huge_refault(k, mm, w.addr))
+    schedule = "writer:pt_read#1 retract:*" + (" refault:*" if huge else "") + " writer:* rcu_gp:*"
+    return sc, m, k, w, table, page, schedule
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["none", "huge"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_writer_taking_the_ptl_of_the_live_pmd_is_reported(arch: str, huge: bool) -> None:
+    """pte_lockptr(mm, pmd) re-reading *pmd after the map: the retracted pmd names pfn 0
+    (none) or the THP head (huge refault), whose "ptl" excludes nobody."""
+    sc, m, k, w, table, page, schedule = stale_ptl_world(arch, huge, (STALE_PTL,))
+    with pytest.raises(Finding) as found:
+        sc.run(schedule)
+    f = found.value
+    assert f.sanitizer == "SPINLOCK" and f.signature == "SPINLOCK:bad-ptl:pte_installer"
+    what = "a THP head page" if huge else "pfn 0"
+    assert f.title == f"SPINLOCK: bad magic: writer takes the ptl of {what}, not of a page table, in " \
+        "pte_installer"
+    report = f.report()
+    folio = w.extra["folio"]
+    assert (f"pfn {folio.pfn:#x} (the head page of the PMD-mapped shmem folio" in report) if huge \
+        else "pfn 0 (pmd_page() of a none pmd" in report
+    assert f"(table {table.paddr:#x}), validated by __pte_offset_map()" in report
+    assert f"page table {table.paddr:#x}: detached by retract_page_tables by retract" in report
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp))
+    assert pmdval.kind is (Kind.LEAF if huge else Kind.NONE)
+    writer = next(t for t in sc.sched.tasks if t.name == "writer")
+    assert writer.held == [] and writer.last_event[0] == "lock"   # stopped taking the bogus lock
+    assert table.state == "deferred" and k.stats["bogus_ptl"] == 1
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["none", "huge"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_writer_taking_the_ptl_of_its_snapshot_retries_and_gets_no_table(arch: str, huge: bool) -> None:
+    """The same schedule under 6.6: the ptl is the one of the table the map validated (kept
+    alive with it through the grace period); pmd_same fails under it, the retry's map
+    fails on the none or huge pmd, and pte_offset_map_lock returns NULL."""
+    sc, m, k, w, table, page, schedule = stale_ptl_world(arch, huge)
+    sc.run(schedule)
+    assert sc.results["writer"] == "no table"
+    assert k.stats["pte_map_lock_retry"] == 1 and k.stats["bogus_ptl"] == 0
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp))
+    assert pmdval.kind is (Kind.LEAF if huge else Kind.NONE) and table.state == "freed"
+    k.alloc.free_pages(page)
+    assert_clean_teardown(sc, m, k, w.mms[0], w.inode)
+
+
+@pytest.mark.parametrize("kernel", ["6.6", "6.13"])
+def test_nolock_map_naming_the_ptl_of_the_live_pmd_is_reported_when_taken(kernel: str) -> None:
+    """pte_offset_map_nolock() (_rw_nolock from 6.13) under the same bug: the ptl handed to
+    the caller is derived from the pmd read again after the map; the caller takes it
+    later, before its pmd_same(), and that lock is pfn 0's."""
+    for inject in ((STALE_PTL,), ()):
+        sc, m, k, w, table = explorer_world("arm64", kernel, inject)
+        sc.task("walker", nolock_then_recheck(k, w.mms[0], w.pmdp, w.addr))
+        sc.task("retract", collapse_file_tail(k, w))
+        if inject:
+            with pytest.raises(Finding) as found:
+                sc.run("walker:pt_read#1 retract:* walker:*")
+            assert found.value.signature == "SPINLOCK:bad-ptl:nolock_then_recheck"
+            assert "derived by walker in nolock_then_recheck" in found.value.report()
+            continue
+        # without the bug the caller takes the retracted table's own ptl and pmd_same fails
+        sc.run("walker:pt_read#1 retract:* walker:* rcu_gp:*")
+        assert sc.results["walker"] == (False, table.paddr) and k.stats["bogus_ptl"] == 0
+        assert_clean_teardown(sc, m, k, w.mms[0], w.inode)
+
+
+@pytest.mark.parametrize("sanitize", [True, False])
+def test_stale_ptl_without_recheck_writes_while_the_retractor_holds_the_real_ptl(monkeypatch,
+                                                                                sanitize: bool) -> None:
+    """The pre-6.5 macro on the 6.6 map (ptl from the live pmd and no pmd_same): with the
+    SPINLOCK report silenced, the writer does not wait for the retractor and installs its
+    pte into the detached table while the retractor still holds that table's ptl."""
+    sc, m, k, w, table, page, _ = stale_ptl_world("x86_64", False,
+                                                  (STALE_PTL, "pte_offset_map_lock_without_recheck"))
+    monkeypatch.setattr(k.san, "_bad_ptl", lambda task, lock: None)
+    k.san.enabled = sanitize
+    sc.run("writer:pt_read#1 retract:pt_write#1", finish=False)     # pmd cleared, ptl still held
+    assert table.state == "detached" and table.ptl.holder.name == "retract"
+    if sanitize:
+        with pytest.raises(Finding, match="LOSTPTE: pte installed into a detached page table in pte_inst"):
+            sc.run("writer:*")
+        assert table.ptl.holder.name == "retract"
+        sc.close()                                    # the retractor stays parked with its locks
+        return
+    sc.run("writer:* retract:* rcu_gp:*")
+    assert sc.results["writer"] == "installed" and table.state == "freed"
+    with pytest.raises(CheckMMError, match="Bad rss-counter state"):
+        m.exit_mm(w.mms[0])                           # the lost pte: counted, never unmapped
 
 
 # -- case 3: a writer spinning on ptl during retraction gets pmd_same failure, then NULL -----

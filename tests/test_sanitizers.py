@@ -5,12 +5,12 @@ import pytest
 from conftest import workload
 
 import emu
-from emu.arch import table_entry
+from emu.arch import Entry, Kind, table_entry
 from emu.scenario import Scenario
 from emu.sched import traps
 from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
-from mm_core import huge_memory, pgtable, rmap
+from mm_core import huge_memory, khugepaged, pgalloc, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.sanitizers import Finding
 from mm_core.tlbflush import flush_tlb_range
@@ -18,8 +18,8 @@ from mm_core.tlbflush import flush_tlb_range
 RW = emu.PROT_READ | emu.PROT_WRITE
 
 
-def world(arch: str = "x86_64"):
-    sc = Scenario(arch=arch, mem="8M")
+def world(arch: str = "x86_64", kernel: str = "6.6"):
+    sc = Scenario(arch=arch, kernel=kernel, mem="8M")
     m, k = sc.machine, sc.kernel
     mm = m.new_mm()
     a = m.mmap(mm, 0x40000000, huge_memory.hpage_pmd_size(k), RW,
@@ -270,3 +270,51 @@ def test_an_idle_vcpu_acknowledges_at_once() -> None:
     assert done == ["returned"] and thread.vcpu.pending_flush is None
     assert sc.kernel.stats["tlb_ack_waits"] == 0
     thread.task.state = TaskState.RUNNABLE
+@pytest.mark.parametrize("kernel", ["6.4", "6.6"])
+def test_taking_the_ptl_of_a_pmd_that_names_no_table_is_reported_under_the_65_rules(kernel: str) -> None:
+    """pte_lockptr() of a none pmd value is pfn 0's "lock". From 6.5 on pte_lockptr() is
+    only ever given a validated snapshot, so taking such a lock is a bug even with no race;
+    the 6.4 map takes the live pmd's ptl by design (its callers vouch for the pmd)."""
+    sc, m, k, mm, a, pmdp = world("arm64", kernel)
+
+    async def lock_none_pmd():
+        ptl = pgtable.pte_lockptr(k, mm, Entry(Kind.NONE), pmdp=pmdp)
+        await traps.lock(ptl)
+        await traps.unlock(ptl)
+        return ptl
+
+    sc.task("locker", lock_none_pmd())
+    if kernel == "6.4":
+        sc.run()
+        assert isinstance(sc.results["locker"], pgtable.NotAPtl) and k.stats["bogus_ptl"] == 1
+        return
+    with pytest.raises(Finding) as found:
+        sc.run()
+    assert found.value.signature == "SPINLOCK:bad-ptl:lock_none_pmd"
+    report = found.value.report()
+    assert "BUG: SPINLOCK: bad magic: locker takes the ptl of pfn 0, not of a page table" in report
+    assert "no validated snapshot" in report and f"pmd {pmdp:#x} now" in report
+
+
+def test_a_retracted_table_keeps_its_own_ptl_until_its_grace_period() -> None:
+    """The ptlock lives in the table's ptdesc: a snapshot naming a table already queued by
+    pte_free_defer still gives that table's lock (not mm->page_table_lock, not a bogus one)."""
+    sc = Scenario(arch="s390x", mem="8M")
+    m, k = sc.machine, sc.kernel
+    mm = m.new_mm()
+    a = m.mmap(mm, 0x40000000, huge_memory.hpage_pmd_size(k), RW,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
+    assert run_sync(pgtable.pte_alloc(k, mm, pmdp))                    # an empty PTE table
+    snapshot = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    table = k.ptdescs[snapshot.paddr]
+    assert pgtable.pte_lockptr(k, mm, snapshot) is table.ptl
+    run_sync(pgtable.clear_entry(k, pmdp, k.arch.pmd_level))          # what retract_page_tables does
+    khugepaged._detached(k, table, "the test")
+    run_sync(pgalloc.pte_free_defer(k, table))
+    assert table.state == "deferred" and snapshot.paddr not in k.ptdescs
+    assert pgtable.pte_lockptr(k, mm, snapshot) is table.ptl and k.stats["bogus_ptl"] == 0
+    m.rcu_barrier()
+    assert table.state == "freed"
+    lock = pgtable.pte_lockptr(k, mm, snapshot)                        # after the grace period
+    assert isinstance(lock, pgtable.NotAPtl) and "freed" in lock.what
