@@ -1,12 +1,19 @@
-"""Shared fixtures: the four built-in arches and the committed guest workloads."""
+"""Shared fixtures: the four built-in arches, the committed guest workloads, and the
+world most race tests start from."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+import emu
+from emu.scenario import Scenario
+from emu.sched.loop import run_sync
+from mm_core import huge_memory, khugepaged, rmap
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
+BASE = 0x40000000
 
 
 def workload(arch: str, name: str) -> str:
@@ -28,3 +35,22 @@ def expected(name: str) -> tuple[bytes, int]:
 @pytest.fixture(params=ARCHES)
 def arch(request) -> str:
     return request.param
+
+
+def collapsed_world(arch: str, kernel: str = "6.6", mem: str = "64M", prefault: bool = True, **changes):
+    """A shmem file mapped shared at BASE, every page touched, then collapsed in the page
+    cache up to (not including) retract_page_tables(): its PTE table is still there.
+    Returns (scenario, machine, kernel, mm, inode, addr, pmdp, the PTE table)."""
+    sc = Scenario(arch=arch, kernel=kernel, mem=mem, prefault=prefault, **changes)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    inode = m.memfd_create("race", size)
+    mm = m.new_mm()
+    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for off in range(0, size, k.page_size):
+        m.touch(mm, addr + off, write=True)
+    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
+        is khugepaged.Scan.SUCCEED
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, addr))
+    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
+    return sc, m, k, mm, inode, addr, pmdp, table

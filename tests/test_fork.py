@@ -5,6 +5,7 @@ child's cannot) forced with hand-written schedules."""
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import Access, Kind
@@ -188,16 +189,8 @@ def fork_world(arch: str, kernel: str, link_child: bool):
     """The parent maps a shmem file whose page cache was just collapsed (its PTE table
     empty, retract_page_tables() about to run); the child has its VMA and tables ready,
     as dup_mmap() would have built them up to copy_pte_range()."""
-    sc = Scenario(arch=arch, kernel=kernel, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, kernel, mem="32M", prefault=False)
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
     child = m.new_mm()
     src_vma = mm.vma_lookup(a)
     dst_vma = fork.vm_area_dup(child, src_vma)

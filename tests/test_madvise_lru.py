@@ -4,6 +4,7 @@ pte_offset_map_lock() skips the pmd: no retry, the walk ends) forced by schedule
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import Kind
@@ -187,17 +188,8 @@ def test_cold_walk_skips_a_table_retracted_under_it(arch: str) -> None:
     """retract_page_tables() clears the pmd between walk_pmd_range()'s read (a table, so
     the pmd_entry runs) and the pte_offset_map_lock() in madvise_cold_or_pageout_pte_range:
     SKIP, the walk does not look at the pmd again."""
-    sc = Scenario(arch=arch, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("cold", madvise.do_madvise(k, mm, a, size, madvise.MADV_COLD))
     sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
     # cold: mmap_read_lock, the walk's reads down to the pmd, then the pmd_entry's own read

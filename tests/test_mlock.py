@@ -4,6 +4,7 @@ pte_offset_map_lock() is ACTION_AGAIN: the walker rereads the pmd) forced by sch
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import Kind
@@ -89,17 +90,8 @@ def test_mlock_of_an_anon_thp_marks_it_through_the_pmd() -> None:
 
 @pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
 def test_mlock_walk_retries_a_retracted_table_and_then_sees_a_hole(arch: str) -> None:
-    sc = Scenario(arch=arch, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("mlock", mlock.do_mlock(k, mm, a, size))
     sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
     # mlock: the walk's reads down to the pmd, then mlock_pte_range's own read of it

@@ -9,6 +9,7 @@ schedule shows the bug the 6.5/6.6 series fixed.
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
@@ -35,24 +36,6 @@ def assert_clean_teardown(sc, m, k, mm, inode) -> None:
     m.rcu_barrier()
     assert k.ptdescs == {} and k.deferred_tables() == []
     assert k.alloc.pages.keys() == {k.zero_page.pfn}
-
-
-def collapsed_world(arch: str, kernel: str = "6.6", **changes):
-    """A shmem file mapped shared, every page touched, then collapsed in the page cache
-    up to (not including) retract_page_tables."""
-    sc = Scenario(arch=arch, kernel=kernel, **changes)
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, PAGE_SIZE):
-        m.touch(mm, addr + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, addr))
-    table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
-    return sc, m, k, mm, inode, addr, pmdp, table
 
 
 async def lockless_reader(k, mm, pmdp: int, addr: int, reads: int):
