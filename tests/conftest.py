@@ -54,3 +54,16 @@ def collapsed_world(arch: str, kernel: str = "6.6", mem: str = "64M", prefault: 
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, addr))
     table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
     return sc, m, k, mm, inode, addr, pmdp, table
+
+
+def finish(m, *mms, files=()) -> None:
+    """Nothing leaks: every mm exits (check_mm), the files go, and after rcu_barrier no
+    page table and no page but the zero page is left."""
+    k = m.kernel
+    for mm in mms:
+        m.exit_mm(mm)
+    for f in files:
+        m.close_file(f)
+    m.rcu_barrier()
+    assert k.ptdescs == {} and k.deferred_tables() == []
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}

@@ -5,7 +5,7 @@ child's cannot) forced with hand-written schedules."""
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import Access, Kind
@@ -30,16 +30,6 @@ def pte_of(k, mm, va: int):
     ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
     return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
-
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.deferred_tables() == []
-    assert k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 @pytest.mark.parametrize("arch", ARCHES)

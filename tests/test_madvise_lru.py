@@ -4,7 +4,7 @@ pte_offset_map_lock() skips the pmd: no retry, the walk ends) forced by schedule
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import Kind
@@ -29,15 +29,6 @@ def entry(k, mm, va: int):
     return k.arch.decode(k.arch.pte_level,
                          k.physmem.read_entry(pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)))
 
-
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 @pytest.mark.parametrize("arch", ARCHES)

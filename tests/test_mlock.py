@@ -4,7 +4,7 @@ pte_offset_map_lock() is ACTION_AGAIN: the walker rereads the pmd) forced by sch
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import Kind
@@ -18,15 +18,6 @@ BASE = 0x40000000
 RW = emu.PROT_READ | emu.PROT_WRITE
 ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 
-
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])

@@ -9,7 +9,7 @@ schedule shows the bug the 6.5/6.6 series fixed.
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
@@ -31,11 +31,7 @@ def assert_clean_teardown(sc, m, k, mm, inode) -> None:
     """Nothing leaks: the mm exits with a clean check_mm, the file goes, and after
     rcu_barrier no page table (and no page but the zero page) is left."""
     sc.run()
-    m.exit_mm(mm)
-    m.close_file(inode)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.deferred_tables() == []
-    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+    finish(m, mm, files=[inode])
 
 
 async def lockless_reader(k, mm, pmdp: int, addr: int, reads: int):
