@@ -241,8 +241,8 @@ def plugins_list(as_json: bool) -> None:
 @click.option("--budget", default=1000, show_default=True, help="schedules to try")
 @click.option("--seconds", type=float, default=None, help="stop after this many seconds")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--kernel", "profile", default=DEFAULT_PROFILE, show_default=True,
-              type=click.Choice(list(PROFILES)))
+@click.option("--kernel", "profile", default=None, type=click.Choice(list(PROFILES)),
+              help=f"mm semantics profile [default: {DEFAULT_PROFILE}, or the injected bug's kernel]")
 @click.option("--arch", default="x86_64", show_default=True)
 @click.option("--inject", multiple=True, metavar="BUG", help="re-create a historical bug (repeatable)")
 @click.option("--workers", default=1, show_default=True, help="processes exploring in parallel")
@@ -272,6 +272,7 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
         raise UsageError(str(err)) from None
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    profile = _explore_kernel(profile, inject)
     if as_json:
         result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject, workers=workers)
     else:
@@ -295,6 +296,28 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
     else:
         click.echo(_explore_text(result))
     sys.exit(1 if result.outcome is not None else 0)
+
+
+def _explore_kernel(profile: str | None, inject: tuple[str, ...]) -> str:
+    """--kernel, or else the kernel the injected bugs live in (emu.scenarios.BUG_KERNELS),
+    or else the default; a bug injected under another kernel than its own gets a note."""
+    from emu.scenarios import BUG_KERNELS
+    homes = {bug: BUG_KERNELS.get(bug, DEFAULT_PROFILE) for bug in inject}
+    if profile is None:
+        kernels = sorted(set(homes.values()))
+        if len(kernels) > 1:
+            raise UsageError("the injected bugs live in different kernels ("
+                             + ", ".join(f"{b}: {v}" for b, v in homes.items()) + "); pick one with --kernel")
+        profile = kernels[0] if kernels else DEFAULT_PROFILE
+        if profile != DEFAULT_PROFILE:
+            click.echo(f"note: kernel {profile}, the one {', '.join(inject)} lives in (--kernel to change)",
+                       err=True)
+        return profile
+    for bug, home in homes.items():
+        if home != profile:
+            click.echo(f"note: {bug} is a {home} bug; under kernel {profile} the code it breaks may not run",
+                       err=True)
+    return profile
 
 
 def _list_scenarios(as_json: bool) -> None:

@@ -145,6 +145,19 @@ def test_explore_command_exit_codes() -> None:
     assert r.returncode == 2 and "corrupt schedule" in r.stderr
 
 
+def test_explore_runs_an_injected_bug_under_its_own_kernel_unless_told_otherwise() -> None:
+    r = emu("explore", "retract-vs-reader", "--inject", "retract_without_mmap_lock", "--json", "--no-shrink")
+    assert r.returncode == 1 and json.loads(r.stdout)["kernel"] == "6.4"
+    assert "note: kernel 6.4, the one retract_without_mmap_lock lives in" in r.stderr
+    r = emu("explore", "retract-vs-reader", "--inject", "retract_without_mmap_lock", "--kernel", "6.6",
+            "--budget", "20", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["kernel"] == "6.6"
+    assert "is a 6.4 bug; under kernel 6.6" in r.stderr
+    r = emu("explore", "retract-vs-reader", "--inject", "retract_without_mmap_lock",
+            "--inject", "move_ptes_without_pmd_same")
+    assert r.returncode == 2 and "live in different kernels" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_workers_do_not_change_the_result() -> None:
     spec = SCENARIOS["retract-vs-zap"]
     one = ex.explore(spec, budget=200, seed=5, inject=("walker_ignores_map_failure",), workers=1)
