@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, task_mmu
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -188,6 +188,31 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
+
+    # -- /proc/PID (fs/proc/task_mmu.c) ------------------------------------------------------
+    def smaps(self, mm: MMStruct) -> list[task_mmu.SmapsRecord]:
+        """/proc/PID/smaps: one record per VMA (``rec["Rss"]`` in kB, ``rec.mss`` in bytes,
+        ``rec.render()`` the kernel's text)."""
+        return run_sync(task_mmu.show_smaps(self.kernel, mm))
+
+    def smaps_rollup(self, mm: MMStruct) -> task_mmu.SmapsRecord:
+        """/proc/PID/smaps_rollup: the sums over every VMA."""
+        return run_sync(task_mmu.show_smaps_rollup(self.kernel, mm))
+
+    def pagemap(self, mm: MMStruct, start: int, end: int, show_pfn: bool = True) -> list[int]:
+        """/proc/PID/pagemap read for the pages of [start, end): one 64-bit entry per page
+        (PM_PRESENT bit 63, PM_SWAP 62, PM_FILE 61, PM_MMAP_EXCLUSIVE 56, PM_SOFT_DIRTY
+        55, the pfn or swap type/offset in bits 0-54 when ``show_pfn``, i.e. CAP_SYS_ADMIN)."""
+        page = self.kernel.page_size
+        first, last = start // page, (end + page - 1) // page
+        result = run_sync(task_mmu.pagemap_read(self.kernel, mm, first * task_mmu.PM_ENTRY_BYTES,
+                                                (last - first) * task_mmu.PM_ENTRY_BYTES, show_pfn))
+        return result if isinstance(result, list) else [_check(result)]
+
+    def clear_refs(self, mm: MMStruct, type: int) -> None:
+        """A write of ``type`` to /proc/PID/clear_refs: 1 all, 2 anon, 3 file-mapped (clear
+        the young bits), 4 soft-dirty, 5 reset VmHWM; raises OSError(EINVAL) otherwise."""
+        _check(run_sync(task_mmu.clear_refs_write(self.kernel, mm, type)))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
