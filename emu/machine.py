@@ -209,6 +209,17 @@ class Machine:
                                                 (last - first) * task_mmu.PM_ENTRY_BYTES, show_pfn))
         return result if isinstance(result, list) else [_check(result)]
 
+    def pagemap_scan(self, mm: MMStruct, start: int, end: int, **arg: Any) -> list[tuple[int, int, int]]:
+        """The PAGEMAP_SCAN ioctl (6.7+) over [start, end): (start, end, categories) regions
+        (PAGE_IS_* bits); keyword arguments are the other pm_scan_arg fields (vec_len,
+        max_pages, category_mask, category_anyof_mask, category_inverted, return_mask,
+        flags). Raises OSError on -errno."""
+        arg.setdefault("vec_len", 1 << 20)
+        scan = task_mmu.do_pagemap_scan(self.kernel, mm, task_mmu.PmScanArg(start, end, **arg))
+        ret, regions = run_sync(scan)
+        _check(ret)
+        return regions
+
     def clear_refs(self, mm: MMStruct, type: int) -> None:
         """A write of ``type`` to /proc/PID/clear_refs: 1 all, 2 anon, 3 file-mapped (clear
         the young bits), 4 soft-dirty, 5 reset VmHWM; raises OSError(EINVAL) otherwise."""

@@ -431,3 +431,108 @@ def test_walker_over_a_migration_pmd_ends(walker: str, arch: str) -> None:
     sc.run()
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
     finish(m, mm)
+
+
+# -- PAGEMAP_SCAN (6.7+) -------------------------------------------------------------------------
+
+def _categories_from_pagemap(k, e: int) -> int:
+    """What PAGEMAP_SCAN must say about a small page, from its pagemap entry."""
+    cats = 0
+    if e & PM_PRESENT:
+        cats |= task_mmu.PAGE_IS_PRESENT | task_mmu.PAGE_IS_WRITTEN
+        if e & PM_PFRAME_MASK == k.zero_page.paddr >> k.page_shift:
+            cats |= task_mmu.PAGE_IS_PFNZERO
+        if e & PM_FILE:
+            cats |= task_mmu.PAGE_IS_FILE
+    return cats
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_pagemap_scan_reports_regions_by_category(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M", prefault=False)
+    k = m.kernel
+    page = k.page_size
+    inode = m.memfd_create("scan", 4 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 8 * page, RW, ANON)
+    f = m.mmap(mm, BASE + 10 * page, 4 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for i in (0, 1, 2, 5):
+        m.touch(mm, a + i * page, write=True)
+    m.touch(mm, a + 3 * page)                               # the zero page
+    m.touch(mm, f + page, write=True)
+    # the expectation, independently: per-page categories from pagemap, merged
+    expect: list[list[int]] = []
+    for i, e in enumerate(m.pagemap(mm, a, a + 14 * page)):
+        va = a + i * page
+        if mm.vma_lookup(va) is None:                       # outside any VMA: not reported
+            continue
+        cats = _categories_from_pagemap(k, e)
+        if expect and expect[-1][1] == va and expect[-1][2] == cats:
+            expect[-1][1] += page
+        else:
+            expect.append([va, va + page, cats])
+    got = m.pagemap_scan(mm, a, a + 14 * page)
+    assert got == [tuple(r) for r in expect]
+    assert got[:3] == [(a, a + 3 * page, task_mmu.PAGE_IS_PRESENT | task_mmu.PAGE_IS_WRITTEN),
+                       (a + 3 * page, a + 4 * page,
+                        task_mmu.PAGE_IS_PRESENT | task_mmu.PAGE_IS_WRITTEN | task_mmu.PAGE_IS_PFNZERO),
+                       (a + 4 * page, a + 5 * page, 0)]
+    # only present pages, at most two regions: -ENOSPC inside, two regions out
+    present = m.pagemap_scan(mm, a, a + 14 * page, category_mask=task_mmu.PAGE_IS_PRESENT, vec_len=2)
+    assert present == [(a, a + 3 * page, got[0][2]), (a + 3 * page, a + 4 * page, got[1][2])]
+    assert m.pagemap_scan(mm, a, a + 14 * page, category_anyof_mask=task_mmu.PAGE_IS_FILE)[0][:2] \
+        == (f + page, f + 2 * page)
+    assert m.pagemap_scan(mm, a, a + 14 * page, category_mask=task_mmu.PAGE_IS_PRESENT, max_pages=2) \
+        == [(a, a + 2 * page, got[0][2])]
+    for bad, errno in (({"flags": task_mmu.PM_SCAN_CHECK_WPASYNC}, 1),
+                       ({"flags": task_mmu.PM_SCAN_WP_MATCHING}, 22), ({"return_mask": 1 << 9}, 22)):
+        with pytest.raises(OSError) as err:
+            m.pagemap_scan(mm, a, a + page, **bad)
+        assert err.value.errno == errno
+    finish(m, mm, files=[inode])
+
+
+def _scan(k, mm, a, size):
+    return task_mmu.do_pagemap_scan(k, mm, task_mmu.PmScanArg(a, a + size, vec_len=64))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_pagemap_scan_retries_a_retracted_table_and_then_sees_a_hole(arch: str) -> None:
+    sc = Scenario(arch=arch, mem="32M", prefault=False)
+    m, k, size, inode, mm, a = _collapsed_file(sc)
+    sc.task("scan", _scan(k, mm, a, size))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run(f"scan:pt_read#{k.arch.pmd_level + 2} retract:* scan:*")
+    assert sc.results["retract"] == 1
+    assert k.stats["pagemap_scan_pmd_entry_again"] == 1
+    assert sum(" retry" in t for t in sc.trace_of("scan")) == 1
+    assert sc.results["scan"] == (1, [(a, a + size, 0)])     # the hole: one region, no category
+    sc.run()
+    finish(m, mm, files=[inode])
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])
+def test_pagemap_scan_over_a_persistent_migration_pmd_ends(arch: str) -> None:
+    """spec section 7 asked whether PAGEMAP_SCAN copied DAMON's endless ACTION_AGAIN: its
+    pagemap_scan_thp_entry() takes the migration pmd with pmd_trans_huge_lock() first,
+    so the walk reports it (HUGE | SWAPPED) and ends while the migration is still stalled."""
+    sc = Scenario(arch=arch, mem="32M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("scan", _scan(k, mm, a, size))
+    sc.run("migrate:* scan:*", finish=False)
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.MIGRATION
+    huge_swapped = task_mmu.PAGE_IS_HUGE | task_mmu.PAGE_IS_SWAPPED | task_mmu.PAGE_IS_WRITTEN
+    assert sc.results["scan"] == (1, [(a, a + size, huge_swapped)])
+    assert k.stats["pagemap_scan_pmd_entry_again"] == 0
+    assert not any(" retry" in t for t in sc.trace_of("scan"))
+    sc.run()
+    assert m.pagemap_scan(mm, a, a + size) == [(a, a + size, task_mmu.PAGE_IS_HUGE | task_mmu.PAGE_IS_PRESENT
+                                                | task_mmu.PAGE_IS_WRITTEN)]
+    finish(m, mm)
