@@ -4,12 +4,12 @@ smaps_rollup, pagemap, clear_refs, and the PAGEMAP_SCAN ioctl (6.7+).
 All of them are walk_page_range() users whose ``pmd_entry`` first tries
 pmd_trans_huge_lock() (a huge pmd *or a swap/migration pmd* is handled whole under the
 pmd lock) and otherwise maps the PTE table with pte_offset_map_lock(). The 6.5 series
-("mm/pagewalk: ... allow pte_offset_map[_lock]() to fail", patch 09 for task_mmu.c)
-answers a failed map with ``walk->action = ACTION_AGAIN`` in every one of them: RETRY.
+(patch 09/32, "mm/pagewalkers: ACTION_AGAIN if pte_offset_map_lock() fails") answers a
+failed map with ``walk->action = ACTION_AGAIN`` in every one of them: RETRY.
 walk_pmd_range() then reads the pmd again; a pmd that became none is a ``pte_hole``, a
 pmd that became huge or a migration entry is taken by pmd_trans_huge_lock() on the next
-round. So, unlike DAMON's walker (which had no pmd_trans_huge_lock() step and retried a
-migration pmd forever until the 2025 fix), these retries end.
+round. So, unlike DAMON's walker (whose lockless pmd_trans_huge() test lets a migration
+pmd through to the map, retried forever until the 2025 fix), these retries end.
 
 Source notes: the stored fs/proc/task_mmu.c of torvalds/linux is a 4.19-era file (no
 fallible map); the 6.6 behaviour is from spec/kernel_mm.md section 2 (#09) and the 6.5
