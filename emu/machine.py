@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, task_mmu, userfaultfd
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -188,12 +188,49 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
+
     def uffdio_move(self, mm: MMStruct, dst: int, src: int, length: int, mode: int = 0) -> int:
         """ioctl(UFFDIO_MOVE) (kernel profiles 6.8 and later): move the private anonymous
         pages of [src, src + length) to dst without copying them. Returns the bytes moved
         (uffdio_move.move); raises OSError when nothing was (EEXIST, ENOENT, EBUSY, ...).
         ``mode`` takes UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES (2)."""
         return _check(run_sync(userfaultfd.move_pages(self.kernel, mm, dst, src, length, mode)))
+
+    # -- /proc/PID (fs/proc/task_mmu.c) ------------------------------------------------------
+    def smaps(self, mm: MMStruct) -> list[task_mmu.SmapsRecord]:
+        """/proc/PID/smaps: one record per VMA (``rec["Rss"]`` in kB, ``rec.mss`` in bytes,
+        ``rec.render()`` the kernel's text)."""
+        return run_sync(task_mmu.show_smaps(self.kernel, mm))
+
+    def smaps_rollup(self, mm: MMStruct) -> task_mmu.SmapsRecord:
+        """/proc/PID/smaps_rollup: the sums over every VMA."""
+        return run_sync(task_mmu.show_smaps_rollup(self.kernel, mm))
+
+    def pagemap(self, mm: MMStruct, start: int, end: int, show_pfn: bool = True) -> list[int]:
+        """/proc/PID/pagemap read for the pages of [start, end): one 64-bit entry per page
+        (PM_PRESENT bit 63, PM_SWAP 62, PM_FILE 61, PM_MMAP_EXCLUSIVE 56, PM_SOFT_DIRTY
+        55, the pfn or swap type/offset in bits 0-54 when ``show_pfn``, i.e. CAP_SYS_ADMIN)."""
+        page = self.kernel.page_size
+        first, last = start // page, (end + page - 1) // page
+        result = run_sync(task_mmu.pagemap_read(self.kernel, mm, first * task_mmu.PM_ENTRY_BYTES,
+                                                (last - first) * task_mmu.PM_ENTRY_BYTES, show_pfn))
+        return result if isinstance(result, list) else [_check(result)]
+
+    def pagemap_scan(self, mm: MMStruct, start: int, end: int, **arg: Any) -> list[tuple[int, int, int]]:
+        """The PAGEMAP_SCAN ioctl (6.7+) over [start, end): (start, end, categories) regions
+        (PAGE_IS_* bits); keyword arguments are the other pm_scan_arg fields (vec_len,
+        max_pages, category_mask, category_anyof_mask, category_inverted, return_mask,
+        flags). Raises OSError on -errno."""
+        arg.setdefault("vec_len", 1 << 20)
+        scan = task_mmu.do_pagemap_scan(self.kernel, mm, task_mmu.PmScanArg(start, end, **arg))
+        ret, regions = run_sync(scan)
+        _check(ret)
+        return regions
+
+    def clear_refs(self, mm: MMStruct, type: int) -> None:
+        """A write of ``type`` to /proc/PID/clear_refs: 1 all, 2 anon, 3 file-mapped (clear
+        the young bits), 4 soft-dirty, 5 reset VmHWM; raises OSError(EINVAL) otherwise."""
+        _check(run_sync(task_mmu.clear_refs_write(self.kernel, mm, type)))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

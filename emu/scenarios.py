@@ -74,6 +74,11 @@ BUGS: dict[str, str] = {
     "retract_without_anon_vma_recheck":
         "retract_page_tables() checks vma->anon_vma only before taking pml and ptl, not again "
         "under them: a UFFDIO_COPY in between leaves an anon pte in the retracted table",
+    "proc_walker_misses_migration_pmd":
+        "the /proc walkers (smaps, pagemap, clear_refs, PAGEMAP_SCAN) test only pmd_trans_huge() "
+        "before pte_offset_map_lock(), not is_swap_pmd(): a migration pmd fails the map and "
+        "ACTION_AGAIN repeats for as long as the migration lasts (a what-if: 6.6 takes it "
+        "under pmd_trans_huge_lock())",
     "damon_endless_again":
         "DAMON's damon_mkold_pmd_entry() answers a failed pte_offset_map_lock() with "
         "ACTION_AGAIN (before the 2025 fix): endless on a pmd that stays a migration entry",
@@ -360,6 +365,31 @@ def damon_vs_thp_migration(sc: Scenario) -> World:
     pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("damon", damon.damon_va_mkold(k, mm, a, a + size))
+    return World([mm], [], a, pmdp)
+
+
+@scenario("proc-walkers-vs-thp-migration",
+          "/proc/PID/smaps, pagemap, clear_refs and the PAGEMAP_SCAN ioctl (fs/proc/task_mmu.c) "
+          "walking a THP whose pmd is a migration entry for as long as they run: spec §7 asked "
+          "whether they share DAMON's endless ACTION_AGAIN; pmd_trans_huge_lock() takes the "
+          "migration pmd, so every walk must end",
+          catches=("proc_walker_misses_migration_pmd",))
+def proc_walkers_vs_thp_migration(sc: Scenario) -> World:
+    from mm_core import task_mmu
+    from mm_core.sched_helpers import stalled_thp_migration
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)                                   # one THP
+    pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("smaps", task_mmu.show_smaps(k, mm))
+    sc.task("pagemap", task_mmu.pagemap_read(k, mm, (a >> 12) * 8, (size >> 12) * 8, True))
+    sc.task("clear_refs", task_mmu.clear_refs_write(k, mm, task_mmu.CLEAR_REFS_ALL))
+    sc.task("pagemap_scan", task_mmu.do_pagemap_scan(k, mm, task_mmu.PmScanArg(a, a + size, vec_len=8)))
     return World([mm], [], a, pmdp)
 
 

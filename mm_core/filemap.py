@@ -119,8 +119,8 @@ async def finish_fault(k, vmf, folio, paddr: int, write: bool) -> int:
     if write and vma.flags & VM_WRITE:
         prot |= Access.W
     add_mapped_page(k, mm, folio)
-    await pgtable.set_entry(k, ptep, arch.pte_level,
-                            leaf_entry(paddr & ~(k.page_size - 1), prot, young=True, dirty=write))
+    entry = leaf_entry(paddr & ~(k.page_size - 1), prot, young=True)
+    await pgtable.set_entry(k, ptep, arch.pte_level, pgtable.pte_mkdirty(k, entry) if write else entry)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     k.stats["file_pages_mapped"] += 1
     return 0

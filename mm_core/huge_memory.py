@@ -90,7 +90,7 @@ async def create_huge_pmd(k, vmf) -> int:
     folio.mapcount = 1
     mm.rss[1] += hpage_pmd_nr(k)                        # MM_ANONPAGES
     await pgtable.set_entry(k, vmf.pmd, k.arch.pmd_level,
-                            leaf_entry(folio.paddr, prot, young=True, dirty=True))
+                            pgtable.pte_mkdirty(k, leaf_entry(folio.paddr, prot, young=True)))
     await traps.unlock(pml)
     k.stats["thp_fault_alloc"] += 1
     return 0
@@ -115,7 +115,9 @@ async def huge_pmd_fault(k, vmf, pmdval: Entry) -> int:
             from mm_core.memory import handle_pte_fault
             return await handle_pte_fault(k, vmf)
         cur = cur.with_(prot=cur.prot | Access.W)
-    new = cur.with_(young=True, dirty=cur.dirty or vmf.write)
+    new = cur.with_(young=True)
+    if vmf.write:
+        new = pgtable.pte_mkdirty(k, new)                  # pmd_mkdirty()
     if new != cur or new != pmdval:
         await pgtable.set_entry(k, vmf.pmd, arch.pmd_level, new)
     await traps.unlock(pml)

@@ -382,7 +382,8 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
         huge_memory.pgtable_trans_huge_deposit(k, mm, pmdp, table)
         new.mapcount = 1
         mm.rss[1] += nr
-        await pgtable.set_entry(k, pmdp, arch.pmd_level, leaf_entry(new.paddr, prot, young=True, dirty=True))
+        await pgtable.set_entry(k, pmdp, arch.pmd_level,
+                                pgtable.pte_mkdirty(k, leaf_entry(new.paddr, prot, young=True)))
         await traps.unlock(pml)
         k.stats["thp_collapse_alloc"] += 1
         return Scan.SUCCEED

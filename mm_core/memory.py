@@ -196,7 +196,7 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
     if vmf.write:
         if not entry.prot & Access.W:
             return await do_wp_page(k, vmf, entry)
-        entry = entry.with_(dirty=True)
+        entry = pgtable.pte_mkdirty(k, entry)
     new = entry.with_(young=True)
     if arch.encode(pte_level, new) != vmf.orig_pte:
         # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
@@ -224,7 +224,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
             return VM_FAULT_OOM
         if vma.flags & VM_WRITE:
             prot |= Access.W
-        entry = leaf_entry(page.paddr, prot, young=True, dirty=True)
+        entry = pgtable.pte_mkdirty(k, leaf_entry(page.paddr, prot, young=True))
     locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
     if locked is None:                 # FAULT-RETRY
         if page is not None:
@@ -258,14 +258,14 @@ async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
         # wp_page_shared(): a shared file page just becomes writable and dirty
         k.stats["wp_shared"] += 1
         await pgtable.set_entry(k, vmf.pte, arch.pte_level,
-                                entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
+                                pgtable.pte_mkdirty(k, entry.with_(prot=entry.prot | Access.W, young=True)))
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
     if page is not None and page.use is PageUse.ANON and page.refcount == 1:
         # wp_page_reuse()
         k.stats["wp_reuse"] += 1
         await pgtable.set_entry(k, vmf.pte, arch.pte_level,
-                                entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
+                                pgtable.pte_mkdirty(k, entry.with_(prot=entry.prot | Access.W, young=True)))
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
     await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
@@ -295,7 +295,8 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     new_page.mapcount = 1
     rmap.folio_add_new_anon_rmap(k, new_page, vmf.vma, vmf.address)
     # ptep_clear_flush() + set_pte_at()
-    await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
+    await pgtable.set_entry(k, ptep, arch.pte_level,
+                            pgtable.pte_mkdirty(k, leaf_entry(new_page.paddr, prot, young=True)))
     await flush_tlb_range(k, mm, vmf.address, vmf.address + k.page_size)
     mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:

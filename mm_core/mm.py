@@ -67,6 +67,7 @@ class MMStruct:
     rss: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     pgtables_bytes: int = 0
     locked_vm: int = 0                      # pages under VM_LOCKED (mlock)
+    hiwater_rss: int = 0                    # VmHWM: set by clear_refs 5 (update_hiwater_rss not modelled)
     start_brk: int = 0
     brk: int = 0
     mmap_base: int = 0

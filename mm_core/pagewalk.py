@@ -1,5 +1,5 @@
 """The generic page-table walker (mm/pagewalk.c): walk_page_range() driving a walker's
-``pmd_entry`` / ``pte_entry`` / ``pte_hole`` callbacks.
+``pmd_entry`` / ``pte_entry`` / ``pte_hole`` callbacks (and ``test_walk``, which may skip a VMA).
 
 Failure handling (the 6.5 series): walk_pte_range() whose pte_offset_map_lock() fails
 sets ``ACTION_AGAIN``; walk_pmd_range() then reads the pmd again (RETRY) and goes to
@@ -26,6 +26,8 @@ class MmWalkOps:
     pmd_entry: Callable[..., Awaitable[int]] | None = None
     pte_entry: Callable[..., Awaitable[int]] | None = None
     pte_hole: Callable[..., Awaitable[int]] | None = None
+    # test_walk(start, end, walk): 0 walks the VMA, > 0 skips it, < 0 ends the walk
+    test_walk: Callable[..., Awaitable[int]] | None = None
 
 
 @dataclass
@@ -44,22 +46,65 @@ class MmWalk:
 
 async def walk_page_range(k, mm, start: int, end: int, ops: MmWalkOps, private: Any = None) -> int:
     """walk_page_range(): the caller holds mmap_lock; every PMD extent of every VMA in
-    [start, end) is walked; a nonzero callback result stops the walk."""
+    [start, end) is walked; a nonzero callback result stops the walk. Address ranges
+    outside any VMA go to ``pte_hole`` with ``walk.vma`` None (as in Linux); a VMA that
+    ``test_walk`` answers with a positive value is skipped."""
     walk = MmWalk(k, mm, ops, private)
-    size = k.arch.levels[k.arch.pmd_level].span
+    addr = start
     for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
-        walk.vma = vma
-        addr, stop = max(start, vma.start), min(end, vma.end)
-        while addr < stop:
-            nxt = min(stop, (addr | (size - 1)) + 1)
-            pmdp = await rmap.walk_to_pmd(k, mm, addr)
-            if pmdp is None:
-                err = await ops.pte_hole(addr, nxt, walk) if ops.pte_hole else 0
-            else:
-                err = await walk_pmd_range(k, walk, pmdp, addr, nxt)
+        if addr < vma.start:                               # outside vma
+            walk.vma = None
+            err = await ops.pte_hole(addr, vma.start, walk) if ops.pte_hole else 0
             if err:
                 return err
-            addr = nxt
+        lo, hi = max(start, vma.start), min(end, vma.end)
+        walk.vma = vma
+        err = await walk_page_test(lo, hi, walk)
+        if err < 0:
+            return err
+        if err == 0:
+            err = await __walk_page_range(k, walk, lo, hi)
+            if err:
+                return err
+        addr = hi
+    if addr < end:                                         # after the last vma
+        walk.vma = None
+        return await ops.pte_hole(addr, end, walk) if ops.pte_hole else 0
+    return 0
+
+
+async def walk_page_vma(k, vma, ops: MmWalkOps, private: Any = None) -> int:
+    """walk_page_vma(): the whole of one VMA (no holes outside it)."""
+    walk = MmWalk(k, vma.mm, ops, private, vma)
+    err = await walk_page_test(vma.start, vma.end, walk)
+    if err > 0:
+        return 0
+    if err < 0:
+        return err
+    return await __walk_page_range(k, walk, vma.start, vma.end)
+
+
+async def walk_page_test(start: int, end: int, walk: MmWalk) -> int:
+    """walk_page_test(): the walker's test_walk, if it has one (VM_PFNMAP is not modelled)."""
+    if walk.ops.test_walk is not None:
+        return await walk.ops.test_walk(start, end, walk)
+    return 0
+
+
+async def __walk_page_range(k, walk: MmWalk, addr: int, stop: int) -> int:
+    """__walk_page_range() -> walk_pgd_range() ... for one VMA's part [addr, stop)."""
+    ops = walk.ops
+    size = k.arch.levels[k.arch.pmd_level].span
+    while addr < stop:
+        nxt = min(stop, (addr | (size - 1)) + 1)
+        pmdp = await rmap.walk_to_pmd(k, walk.mm, addr)
+        if pmdp is None:
+            err = await ops.pte_hole(addr, nxt, walk) if ops.pte_hole else 0
+        else:
+            err = await walk_pmd_range(k, walk, pmdp, addr, nxt)
+        if err:
+            return err
+        addr = nxt
     return 0
 
 

@@ -98,6 +98,13 @@ async def clear_entry(k, entp: int, level: int) -> int:
     return old
 
 
+def pte_mkdirty(k, entry: Entry) -> Entry:
+    """pte_mkdirty() / pmd_mkdirty(): dirty, and soft-dirty where the arch has the bit
+    (x86, s390 and powerpc set _PAGE_SOFT_DIRTY together with _PAGE_DIRTY; a D bit the
+    hardware sets does not): what CLEAR_REFS_SOFT_DIRTY and pagemap's PM_SOFT_DIRTY see."""
+    return entry.with_(dirty=True, soft_dirty=entry.soft_dirty or "soft_dirty" in k.arch.sw_bits)
+
+
 # -- walking down, allocating ----------------------------------------------------------------
 
 async def walk_alloc(k, mm, addr: int, target: int) -> int | None:

@@ -80,7 +80,8 @@ async def mfill_atomic_install_pte(k, vma, dst: int, page) -> int:
     page.mapcount = 1
     rmap.folio_add_new_anon_rmap(k, page, vma, dst)
     mm.rss[MM_ANONPAGES] += 1
-    await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(page.paddr, prot, young=True, dirty=True))
+    await pgtable.set_entry(k, ptep, arch.pte_level,
+                            pgtable.pte_mkdirty(k, leaf_entry(page.paddr, prot, young=True)))
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     k.stats["uffdio_copy"] += 1
     return 0
