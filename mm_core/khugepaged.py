@@ -369,6 +369,17 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
             await traps.unlock(pml)
             k.alloc.free_pages(new)
             return Scan.PTE_NON_PRESENT if bad else Scan.EXCEED_NONE_PTE
+        # __collapse_huge_page_isolate(): !is_refcount_suitable(folio) is SCAN_PAGE_COUNT.
+        # A GUP reference or pin taken before the pmd was cleared shows here; GUP-fast
+        # cannot take a new one later: it rechecks the pmd after grabbing the page.
+        folios = {id(p): p for e in entries if e.kind is Kind.LEAF and not e.special
+                  for p in [k.alloc.page_of(e.paddr)] if p is not None}
+        if any(p.refcount != p.mapcount for p in folios.values()):
+            await traps.lock(pml)                     # restore the pmd
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(table.paddr))
+            await traps.unlock(pml)
+            k.alloc.free_pages(new)
+            return Scan.PAGE_COUNT
         for i, e in enumerate(entries):
             if e.kind is Kind.LEAF and not e.special:
                 k.physmem.copy(new.paddr + i * k.page_size, e.paddr, k.page_size)
