@@ -120,6 +120,8 @@ class Sanitizers:
             return
         pt = self._table_of(entp)
         if pt is None:
+            if not write:
+                self._check_wild_read(entp)
             return
         if pt.state == "freed":
             self._uaf(pt, entp, write)
@@ -255,6 +257,27 @@ class Sanitizers:
                       f"mmap_lock(W) or pml+ptl in {site}", f"LOCKDEP:pmd-clear:{site}",
                       [f"  pmd {entp:#x} -> table {old.paddr:#x}, by {task.name}; held: "
                        f"{', '.join(map(repr, task.held)) or 'nothing'}"])
+
+    def _check_wild_read(self, entp: int) -> None:
+        """An entry read from memory that is no page table: pmd_page() of a non-table (a
+        huge pmd's folio, or pfn 0 of a none pmd), what a walker gets when it maps the PTE
+        table through a pmd it did not validate (spec §6 case 15). Under the 6.4 rules
+        pte_offset_map() did exactly that by design, so pfn 0 is only reported from 6.5 on."""
+        k = self.k
+        page = k.alloc.page_of(entp)
+        if page is not None:
+            if page.use.value == "pagetable":
+                return
+            what = f"{page.use.value} page (pfn {page.pfn:#x})"
+        elif entp >> 12 == 0 and k.profile.fallible_pte_map:
+            what = "pfn 0"
+        else:
+            return
+        site = call_site()
+        raise Finding("BADPMD", f"BADPMD: page-table entry read from a {what.split(' (')[0]} in {site}",
+                      f"BADPMD:read:{site}",
+                      [f"  read of {entp:#x}, in a {what}, as a page table by {self._where()}",
+                       "  pmd_page() of a pmd that is not a table: the map used a pmd it never validated"])
 
     def _check_table_entry(self, pt, entp: int, value: int) -> None:
         """A table entry written above the PTE level must name a live table of the next
