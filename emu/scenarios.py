@@ -472,9 +472,9 @@ def gup_fast_vs_collapse(sc: Scenario) -> World:
     mm = m.new_mm()
     a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
                emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    for i in range(4):
+    for i in range(2):
         m.touch(mm, a + i * page, write=True)
     collapsed = Completion("collapse")
-    sc.task("gup", pin_and_check(sc, mm, a + page, 2, [collapsed]))
+    sc.task("gup", pin_and_check(sc, mm, a + page, 1, [collapsed]))
     sc.task("collapse", completing(khugepaged.collapse_huge_page(k, mm, a), collapsed))
     return World([mm], [], a)
