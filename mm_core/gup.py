@@ -30,7 +30,9 @@ Not modelled: FOLL_FORCE's COW-and-dirty rule for read-only VMAs beyond check_vm
 FAULT_FLAG_UNSHARE (``gup_must_unshare``: a read-only FOLL_PIN of a COW-shared anon page
 does not unshare it first), FOLL_LONGTERM migration out of movable zones, devmap / p2pdma /
 hugetlb / gate pages, the mm's write_protect_seq (fork vs FOLL_PIN GUP-fast), and the
-THP-split IPIs that interrupts-off also hold back.
+IPIs that interrupts-off also hold back (THP split flushes; before 6.6 the only thing that
+kept an immediately freed table away from GUP-fast: tlb_remove_table_sync_one()), so
+GUP-fast is faithful under the 6.6 and 6.13 profiles only.
 """
 from __future__ import annotations
 

@@ -268,15 +268,16 @@ class Sanitizers:
         if page is not None:
             if page.use.value == "pagetable":
                 return
-            what = f"{page.use.value} page (pfn {page.pfn:#x})"
+            what = f"a {page.use.value} page"
+            where = f"pfn {page.pfn:#x}"
         elif entp >> 12 == 0 and k.profile.fallible_pte_map:
-            what = "pfn 0"
+            what, where = "pfn 0", "never allocated"
         else:
             return
         site = call_site()
-        raise Finding("BADPMD", f"BADPMD: page-table entry read from a {what.split(' (')[0]} in {site}",
+        raise Finding("BADPMD", f"BADPMD: page-table entry read from {what} in {site}",
                       f"BADPMD:read:{site}",
-                      [f"  read of {entp:#x}, in a {what}, as a page table by {self._where()}",
+                      [f"  read of {entp:#x} ({what}, {where}) as a page table by {self._where()}",
                        "  pmd_page() of a pmd that is not a table: the map used a pmd it never validated"])
 
     def _check_table_entry(self, pt, entp: int, value: int) -> None:

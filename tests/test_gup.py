@@ -170,6 +170,44 @@ def test_gup_of_shared_shmem_maps_the_page_cache_small_and_huge() -> None:
     finish(m, mm, files=[inode])
 
 
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_stack_copy_map_validates_the_copy_only(arch: str) -> None:
+    """pte_offset_map(&pmd, addr): a none, huge or migration copy fails without a look at
+    the live pmd and without leaving an RCU section; a table copy maps (RCU held) even
+    when the live pmd has changed since (the table is kept by the grace period)."""
+    from emu.arch import SWP_MIGRATION_WRITE, Access, leaf_entry, swap_entry, table_entry
+    from emu.sched import traps
+
+    m = emu.Machine(arch=arch, mem="16M", prefault=False)
+    k = m.kernel
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 4 * k.page_size, RW, ANON)
+    live = m.touch(mm, a, write=True)
+    pmdp, pmd = pmd_of(k, mm, a)
+    lvl = k.arch.pmd_level
+    size = huge_memory.hpage_pmd_size(k)
+    copies = [k.arch.empty_value(lvl), k.arch.encode(lvl, leaf_entry(16 * size, Access.RW))]
+    if arch != "s390x":                                        # no THP migration entries there
+        copies.append(k.arch.encode(lvl, swap_entry(SWP_MIGRATION_WRITE, 5)))
+
+    async def map_copy(raw: int):
+        task = await traps.current_task()
+        ptep = await pgtable.pte_offset_map_stack(k, raw, a)
+        depth = k.rcu.readers.get(task, 0)
+        if ptep is not None:
+            await pgtable.pte_unmap(k, ptep)
+        return ptep, depth
+
+    for raw in copies:
+        assert run_sync(map_copy(raw)) == (None, 0)
+    assert k.stats["pte_map_failed"] == len(copies)
+    ptep, depth = run_sync(map_copy(k.arch.encode(lvl, table_entry(pmd.paddr))))
+    assert depth == 1 and ptep == pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, a)
+    assert k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep)).paddr == live
+    assert k.physmem.read_entry(pmdp) == k.arch.encode(lvl, pmd)          # the live pmd untouched
+    finish(m, mm)
+
+
 # -- failure categories, forced ------------------------------------------------------------
 
 def collapsed(arch: str):
