@@ -376,3 +376,55 @@ def test_gup_errors() -> None:
         m.put_page(pa)
     assert run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level)) is not None
     finish(m, mm)
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_without_the_pmd_recheck_gup_fast_pins_a_page_the_collapse_replaces(bug: bool) -> None:
+    """The schedule of 70cbc3cc78a9: GUP-fast copied the pmd; collapse_huge_page() clears
+    the pmd and finds no extra reference (GUP has none yet); GUP-fast maps the table from
+    its copy and takes the page, and the pte in the detached table is unchanged. Only the
+    pmd recheck stops it: without it the pinned page is one the collapse copies and
+    unmaps (the pin no longer reaches the process); with it GUP falls back and pins the
+    THP's subpage."""
+    sc = Scenario(arch="x86_64", mem="64M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    if bug:
+        k.bugs["gup_fast_without_pmd_recheck"] = True
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    old = [m.touch(mm, a + i * page, write=True) for i in range(2)]
+    pages: list[int] = []
+    sc.task("gup", gup.pin_user_pages_fast(k, mm, a + page, 1, 0, pages))
+    sc.task("collapse", khugepaged.collapse_huge_page(k, mm, a))
+    sc.run(f"gup:pt_read#{k.arch.pmd_level + 1} collapse:collapse_isolated#1 gup:* collapse:* gup:*")
+    assert sc.results["collapse"] is khugepaged.Scan.SUCCEED and sc.results["gup"] == 1
+    now = m.translate(mm, a + page)
+    if bug:
+        assert pages == [old[1]] and now != old[1]                 # a stale pin
+        assert k.alloc.page_of(old[1]).refcount == gup.GUP_PIN_COUNTING_BIAS and k.stats["gup_faultin"] == 0
+    else:
+        assert pages == [now] and k.stats["gup_fast_recheck_failed"] == 1
+        assert k.stats["gup_fast_fallback"] == 1
+    m.unpin_user_pages(pages)
+    finish(m, mm)
+
+
+def test_gup_fast_mapping_the_live_pmd_reads_the_thp_as_a_table() -> None:
+    """spec §6 case 15 with the bug injected: GUP-fast validated a table pmd, then maps
+    through the live pmd, which retraction and a refault have made a huge pmd:
+    pmd_page() of a non-table, the file's data read as ptes (BADPMD)."""
+    from mm_core.memory import handle_mm_fault
+    from mm_core.sanitizers import Finding
+
+    sc, m, k, mm, inode, a, pmdp, table = collapsed("x86_64")
+    k.bugs["gup_fast_maps_live_pmd"] = True
+    pages: list[int] = []
+    sc.task("gup", gup.get_user_pages_fast(k, mm, a, 2, 0, pages))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.task("refault", handle_mm_fault(k, mm.vma_lookup(a), a, 0))
+    with pytest.raises(Finding) as found:
+        sc.run(f"gup:pt_read#{k.arch.pmd_level + 1} retract:* refault:* gup:*")
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
+    assert found.value.signature == "BADPMD:read:gup_pte_range" and "shmem page" in found.value.title
+    sc.close()
