@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, task_mmu, userfaultfd
+from mm_core import fork, gup, khugepaged, madvise, memory, pgtable, rcu, shmem, task_mmu, userfaultfd
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -235,6 +235,34 @@ class Machine:
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
         run_sync(memory.exit_mmap(self.kernel, mm))
+
+    def get_user_pages(self, mm: MMStruct, addr: int, nr: int, write: bool = False, *,
+                       pin: bool = False, fast: bool = False) -> list[int]:
+        """get_user_pages_unlocked() (``fast``: get_user_pages_fast(); ``pin``: the
+        pin_user_pages variants, FOLL_PIN): take a reference on (or pin) ``nr`` pages
+        from ``addr``, faulting them in as a kernel access would (``write`` breaks COW);
+        returns their physical addresses (fewer than ``nr`` if GUP stopped early).
+        Release them with put_page() or, if pinned, unpin_user_pages(). Raises OSError
+        when no page could be taken."""
+        k = self.kernel
+        pages: list[int] = []
+        flags = gup.FOLL_WRITE if write else 0
+        if fast:
+            fn = gup.pin_user_pages_fast if pin else gup.get_user_pages_fast
+            ret = run_sync(fn(k, mm, addr, nr, flags, pages))
+        else:
+            fn = gup.pin_user_pages_unlocked if pin else gup.get_user_pages_unlocked
+            ret = run_sync(fn(k, mm, addr, nr, pages, flags))
+        _check(ret)
+        return pages
+
+    def put_page(self, paddr: int) -> None:
+        """put_page() of a page get_user_pages() returned."""
+        gup.put_user_page(self.kernel, paddr)
+
+    def unpin_user_pages(self, paddrs: list[int]) -> None:
+        """unpin_user_pages(): release pages get_user_pages(..., pin=True) returned."""
+        gup.unpin_user_pages(self.kernel, paddrs)
 
     def touch(self, mm: MMStruct, va: int, write: bool = False) -> int:
         """Access ``va`` as the guest would (hardware walk, then the fault handler);

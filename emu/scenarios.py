@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.sched import traps
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, userfaultfd
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
@@ -111,6 +112,15 @@ BUGS: dict[str, str] = {
         "does not recheck pmd_same() of dst (before \"mm: userfaultfd: recheck dst_pmd entry in "
         "move_pages_pte()\"): the page is moved into a table MADV_DONTNEED just freed; run "
         "with --kernel 6.14",
+    "gup_fast_maps_live_pmd":
+        "GUP-fast's gup_pte_range() maps the PTE table through the live pmd with no validation "
+        "(pmd_page(*pmdp), the pre-6.5 pte_offset_map()) instead of pte_offset_map(&pmd) on the "
+        "stack copy it checked: after a retraction it dereferences pmd_page() of a none (pfn 0) "
+        "or huge pmd (spec §6 case 15)",
+    "gup_fast_without_pmd_recheck":
+        "gup_pte_range() rechecks only the pte after taking the page, not the pmd (before "
+        "70cbc3cc78a9, 2022): collapse_huge_page() has cleared the pmd and passed its refcount "
+        "check, and GUP-fast pins a page from the detached table that the collapse then replaces",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -127,6 +137,7 @@ def scenario(name: str, description: str, catches: tuple[str, ...] = (), **setti
 
 
 # -- shared world --------------------------------------------------------------------------
+
 
 def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) -> World:
     """A PMD-order folio in a shmem file's page cache; the file mapped at BASE with an
@@ -149,6 +160,8 @@ def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) ->
 
 
 @functools.cache
+
+
 def _file_data(size: int) -> bytes:
     """Recognisable file contents: every 8K, the 4K-page number + 1 as a little-endian
     u64 (a THP misread as a page table shows up as small bogus entries)."""
@@ -166,6 +179,7 @@ async def collapse_file_tail(k, w: World):
 
 
 # -- tasks ---------------------------------------------------------------------------------
+
 
 async def lockless_reader(k, mm, pmdp: int, addr: int, reads: int = 4):
     """A /proc/PID/pagemap-style walker: pte_offset_map() without the ptl, peek, unmap.
@@ -231,6 +245,7 @@ def huge_refault(k, w: World):
 
 
 # -- scenarios ------------------------------------------------------------------------------
+
 
 @scenario("retract-vs-reader",
           "retract_page_tables() detaches the PTE table a lockless walker (pagemap/smaps style) "
@@ -491,6 +506,8 @@ def fork_vs_retract(sc: Scenario) -> World:
     sc.task("fork", do_fork())
     sc.task("retract", collapse_file_tail(k, w))
     return w
+
+
 @scenario("uffd-move-vs-folio-lock",
           "UFFDIO_MOVE of an anon page while reclaim (shrink_folio_list, no swap) holds its folio "
           "lock: move_pages_pte()'s folio_trylock() fails, so it unmaps both ptes, sleeps in "
@@ -570,3 +587,80 @@ def uffd_move_vs_pt_reclaim(sc: Scenario) -> World:
     sc.task("uffd", move())
     sc.task("dontneed", madvise.madvise_dontneed(k, mm, a + size, a + 2 * size))
     return World([mm], [], src, 0, extra={"dst": dst})
+
+
+# -- GUP-fast --------------------------------------------------------------------------------
+
+
+async def pin_and_check(sc: Scenario, mm, start: int, nr: int, after: list, write: bool = False):
+    """A driver's pin_user_pages_fast() (GUP-fast, slow GUP for the rest). Once the racing
+    tasks in ``after`` are done (nothing else changes the mapping then), every pinned page
+    must still be the one the mapping translates to: a pin of a page that is no longer
+    mapped where GUP found it is a DMA into memory the process can no longer see."""
+    from mm_core import gup
+    k = sc.kernel
+    pages: list[int] = []
+    n = await gup.pin_user_pages_fast(k, mm, start, nr, gup.FOLL_WRITE if write else 0, pages)
+    for done in after:
+        await traps.wait(done)
+    for i, pa in enumerate(pages):
+        now = sc.machine.translate(mm, start + i * k.page_size)
+        if now != pa:
+            page = k.alloc.page_of(pa)
+            raise Finding("ORACLE", "ORACLE: GUP pinned a page that is not mapped where it found it",
+                          "ORACLE:gup-pin",
+                          [f"  va {start + i * k.page_size:#x}: pinned {pa:#x}"
+                           f" ({page.use.value if page else 'freed'}), mapped now: "
+                           f"{'nothing' if now is None else hex(now)}"])
+    gup.unpin_user_pages(k, pages)
+    return n
+
+
+async def completing(coro, done):
+    """Run ``coro``, then complete ``done`` (whatever happens)."""
+    try:
+        return await coro
+    finally:
+        done.complete()
+
+
+@scenario("gup-fast-vs-retract",
+          "pin_user_pages_fast() over two anon pages and the start of a shared shmem mapping whose "
+          "page cache was just collapsed, racing retract_page_tables(): GUP-fast works on a pmd "
+          "copied onto the stack, stops at the empty or retracted table and falls back to slow "
+          "GUP, which waits for the huge folio and maps it by PMD; spec §6 case 15",
+          catches=("gup_fast_maps_live_pmd",))
+def gup_fast_vs_retract(sc: Scenario) -> World:
+    from mm_core.locks import Completion
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    mm = w.mms[0]
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    anon = m.mmap(mm, BASE - size, size, emu.PROT_READ | emu.PROT_WRITE,
+                  emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in (1, 2):                                    # GUP-fast has something to find
+        m.touch(mm, anon + size - i * page, write=True)
+    retracted = Completion("retract")
+    sc.task("gup", pin_and_check(sc, mm, w.addr - 2 * page, 4, [retracted]))
+    sc.task("retract", completing(collapse_file_tail(k, w), retracted))
+    return w
+
+
+@scenario("gup-fast-vs-collapse",
+          "pin_user_pages_fast() of anon pages racing khugepaged's collapse_huge_page(), which "
+          "clears the pmd, checks that no page has extra references and copies the pages out of "
+          "the detached table: GUP-fast must recheck the pmd after taking a page",
+          catches=("gup_fast_without_pmd_recheck",))
+def gup_fast_vs_collapse(sc: Scenario) -> World:
+    from mm_core.locks import Completion
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(2):
+        m.touch(mm, a + i * page, write=True)
+    collapsed = Completion("collapse")
+    sc.task("gup", pin_and_check(sc, mm, a + page, 1, [collapsed]))
+    sc.task("collapse", completing(khugepaged.collapse_huge_page(k, mm, a), collapsed))
+    return World([mm], [], a)

@@ -369,14 +369,33 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
             await traps.unlock(pml)
             k.alloc.free_pages(new)
             return Scan.PTE_NON_PRESENT if bad else Scan.EXCEED_NONE_PTE
+        # __collapse_huge_page_isolate(): !is_refcount_suitable(folio) is SCAN_PAGE_COUNT.
+        # A GUP reference or pin taken before the pmd was cleared shows here; GUP-fast
+        # cannot take a new one later: it rechecks the pmd after grabbing the page.
+        folios = {id(p): p for e in entries if e.kind is Kind.LEAF and not e.special
+                  for p in [k.alloc.page_of(e.paddr)] if p is not None}
+        if any(p.refcount != p.mapcount for p in folios.values()):
+            await traps.lock(pml)                     # restore the pmd
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(table.paddr))
+            await traps.unlock(pml)
+            k.alloc.free_pages(new)
+            return Scan.PAGE_COUNT
+        await traps.sched_point("collapse_isolated", haddr)     # anon_vma_unlock_write()
+        # __collapse_huge_page_copy(): copy every page, then clear each pte of the
+        # detached table (under its ptl, a scheduling point each) and drop the old page
         for i, e in enumerate(entries):
             if e.kind is Kind.LEAF and not e.special:
                 k.physmem.copy(new.paddr + i * k.page_size, e.paddr, k.page_size)
-                page = k.alloc.page_of(e.paddr)
-                if page is not None:
-                    _put_mapped_page(k, mm, page)
-            k.physmem.write_entry(table.paddr + i * 8, arch.empty_value(arch.pte_level))
-        await traps.sched_point("pt_write", table.paddr)
+        ptl = table.ptl or mm.page_table_lock
+        for i, e in enumerate(entries):
+            if e.kind is Kind.NONE:
+                continue
+            await traps.lock(ptl)
+            await pgtable.clear_entry(k, table.paddr + i * 8, arch.pte_level)     # ptep_clear()
+            await traps.unlock(ptl)
+            page = None if e.special else k.alloc.page_of(e.paddr)
+            if page is not None:
+                _put_mapped_page(k, mm, page)
         prot = vm_get_page_prot(vma.flags) | (Access.W if vma.flags & VM_WRITE else Access.NONE)
         await traps.lock(pml)
         huge_memory.pgtable_trans_huge_deposit(k, mm, pmdp, table)

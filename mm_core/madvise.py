@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from emu.arch import Kind
 from emu.sched import traps
-from mm_core import huge_memory, khugepaged, memory, pagewalk, pgtable, rmap
+from mm_core import huge_memory, khugepaged, memory, pagewalk, pgtable
 from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE
 from mm_core.mmap import EINVAL, ENOMEM, page_align, split_range
@@ -282,33 +282,34 @@ async def reclaim_pages(k, isolated: list) -> int:
 
 async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
     """try_to_unmap_one() for an exclusively mapped lazyfree anon folio, found through its
-    anon rmap at (vma, addr) by page_vma_mapped_walk(): a failed map means it is not
-    mapped there (nothing unmapped). The pte is cleared and flushed; if it was dirtied
-    again (or the folio is), it is put back and the folio is swap-backed again;
-    otherwise the page is discarded (MM_ANONPAGES drops, the page is freed)."""
+    anon rmap at (vma, addr) by page_vma_mapped_walk() (no PVMW_SYNC: reclaim does not
+    pass TTU_SYNC): a failed map makes the walk reread the pmd, and a table retracted
+    or zapped meanwhile means the folio is not mapped there (nothing unmapped). The pte
+    is cleared and flushed; if it was dirtied again (or the folio is), it is put back and
+    the folio is swap-backed again; otherwise the page is discarded (MM_ANONPAGES drops,
+    the page is freed)."""
+    from mm_core.page_vma_mapped import folio_vma_walk, page_vma_mapped_walk, page_vma_mapped_walk_done
     mm, arch = vma.mm, k.arch
-    pmdp = await rmap.walk_to_pmd(k, mm, addr)
-    if pmdp is None:
-        return False
-    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
-    if locked is None:
-        k.stats["pvmw_map_failed"] += 1
-        return False
-    ptep, ptl = locked
+    pvmw = folio_vma_walk(k, folio, vma, addr)
     ok = False
-    pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
-    if pte.kind is Kind.LEAF and pte.paddr == folio.paddr:
+    while await page_vma_mapped_walk(k, pvmw):
+        if pvmw.pte is None:                                         # PMD-mapped: not a small folio
+            await page_vma_mapped_walk_done(k, pvmw)
+            break
+        ptep = pvmw.pte
+        pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
         await pgtable.clear_entry(k, ptep, arch.pte_level)          # ptep_clear_flush()
-        await flush_tlb_range(k, mm, addr, addr + k.page_size)
+        await flush_tlb_range(k, mm, pvmw.address, pvmw.address + k.page_size)
         if pte.dirty:
             folio.extra["dirty"] = True                              # folio_mark_dirty()
         if folio.refcount == folio.mapcount and not folio.extra.get("dirty"):
             memory._put_mapped_page(k, mm, folio)                    # discard
             k.stats["lazyfree_discarded"] += 1
             ok = True
-        else:                                                        # redirtied: remap
-            await pgtable.set_entry(k, ptep, arch.pte_level, pte)
-            folio.extra.pop("lazyfree", None)                        # folio_set_swapbacked()
-            k.stats["lazyfree_redirtied"] += 1
-    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+            continue
+        await pgtable.set_entry(k, ptep, arch.pte_level, pte)        # redirtied: remap
+        folio.extra.pop("lazyfree", None)                            # folio_set_swapbacked()
+        k.stats["lazyfree_redirtied"] += 1
+        await page_vma_mapped_walk_done(k, pvmw)
+        break
     return ok

@@ -159,8 +159,31 @@ async def __handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
     elif pmdval.kind is Kind.LEAF:
         return await huge_memory.huge_pmd_fault(k, vmf, pmdval)
     elif pmdval.kind is Kind.MIGRATION:
-        return 0                      # pmd_migration_entry_wait(): refault once it is done
+        await pmd_migration_entry_wait(k, mm, pmdp)
+        return 0                      # the access (or GUP) looks again
     return await handle_pte_fault(k, vmf)
+
+
+MIGRATION_WAIT_CYCLES = 1_000_000
+
+
+async def migration_entry_wait(k, mm, what: str) -> None:
+    """migration_entry_wait() / pmd_migration_entry_wait(): the faulting task sleeps until
+    the migration is done (Linux sleeps on the locked folio,
+    migration_entry_wait_on_locked()); modelled as a sleep of simulated time, after which
+    the fault returns 0 and the access (or GUP's retry) looks again."""
+    k.stats[f"{what}_wait"] += 1
+    await traps.sleep(MIGRATION_WAIT_CYCLES)
+
+
+async def pmd_migration_entry_wait(k, mm, pmdp: int) -> None:
+    """pmd_migration_entry_wait(): under the pmd lock, wait only if it is still a
+    migration entry."""
+    pml = await pgtable.pmd_lock(k, mm, pmdp)
+    still = (await pgtable.get_entry(k, pmdp, k.arch.pmd_level)).kind is Kind.MIGRATION
+    await traps.unlock(pml)
+    if still:
+        await migration_entry_wait(k, mm, "pmd_migration_entry")
 
 
 async def handle_pte_fault(k, vmf: VmFault) -> int:
@@ -186,9 +209,13 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
             return await do_anonymous_page(k, vmf)
         return await filemap.do_fault(k, vmf)
     entry = arch.decode(pte_level, vmf.orig_pte)
+    if entry.kind is Kind.MIGRATION:  # do_swap_page() -> migration_entry_wait()
+        await pgtable.pte_unmap(k, vmf.pte)
+        await migration_entry_wait(k, mm, "migration_entry")
+        return 0
     if entry.kind is not Kind.LEAF:
         await pgtable.pte_unmap(k, vmf.pte)
-        return VM_FAULT_SIGBUS        # swap and migration entries: do_swap_page (swapfile.py)
+        return VM_FAULT_SIGBUS        # swap entries: do_swap_page is not modelled yet
     await traps.lock(vmf.ptl)
     if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)

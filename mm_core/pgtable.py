@@ -218,6 +218,36 @@ async def pte_offset_map(k, pmdp: int, addr: int) -> int | None:
     return (await __pte_offset_map(k, pmdp, addr))[0]
 
 
+STACK_PMD = -1          # the "pmd pointer" of a map made from a pmd copied onto the stack
+
+
+async def pte_offset_map_stack(k, pmd: int, addr: int) -> int | None:
+    """pte_offset_map(&pmd, addr) on a pmd *copied onto the stack* (GUP-fast's
+    gup_pte_range, perf_get_pgtable_size): __pte_offset_map() validates the copy, which
+    no other CPU can change, so there is no read of the live pmd (no scheduling point)
+    and its pmd_same-style recheck would trivially succeed. Fails (None) on a none /
+    huge / migration / bad copy (pmd_clear_bad() then clears only the copy). Success
+    holds an RCU read reference (6.6+) until pte_unmap(), as pte_offset_map() does."""
+    prof = k.profile
+    pmd_level = k.arch.pmd_level
+    pmdval = k.arch.decode(pmd_level, pmd)
+    if not prof.fallible_pte_map:
+        ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+        k.san.pte_mapped(ptep, STACK_PMD)             # kmap_atomic() under HIGHPTE
+        return ptep
+    if pmdval.kind is not Kind.TABLE:
+        if pmdval.kind is Kind.BAD:
+            k.printk(f"pmd_ERROR: bad pmd copy ({pmd:#018x})")
+            k.stats["pmd_clear_bad"] += 1
+        k.stats["pte_map_failed"] += 1
+        return None
+    if prof.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs:
+        await rcu_read_lock(k)
+    ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+    k.san.pte_mapped(ptep, STACK_PMD)                 # kmap_local_page() under HIGHPTE
+    return ptep
+
+
 async def pte_unmap(k, ptep: int) -> None:
     """pte_unmap(): end the map (kunmap_local under HIGHPTE, and the RCU read section,
     6.6+). ``ptep`` must point into the table of the caller's latest map (sanitizer PTEMAP)."""

@@ -1,7 +1,8 @@
-"""Reverse mapping (mm/rmap.c, mm/page_vma_mapped.c, reduced): find the PTEs of every VMA
-that maps a page-cache folio and unmap them (try_to_unmap); for anonymous folios the
-anon_vma (its rwsem, folio->mapping/folio->index, UFFDIO_MOVE's folio_move_anon_rmap)
-and the folio_referenced() walk reclaim does under the folio lock."""
+"""Reverse mapping (mm/rmap.c, reduced): find the PTEs of every VMA that maps a
+page-cache folio (page_vma_mapped_walk, mm_core/page_vma_mapped.py) and unmap them
+(try_to_unmap); for anonymous folios the anon_vma (its rwsem, folio->mapping /
+folio->index, UFFDIO_MOVE's folio_move_anon_rmap) and the folio_referenced() walk reclaim
+does under the folio lock."""
 from __future__ import annotations
 
 from emu.arch import Kind
@@ -29,10 +30,13 @@ async def walk_to_pmd(k, mm, addr: int) -> int | None:
 
 
 async def try_to_unmap_file_page(k, folio, index: int) -> int:
-    """try_to_unmap() of page ``index`` of a small page-cache folio: clear every PTE that
-    maps it (page_vma_mapped_walk with PVMW_SYNC: pte_offset_map_lock; a failed map means
-    the table is gone, so nothing to unmap there). Returns how many were unmapped."""
+    """try_to_unmap() of page ``index`` of a small page-cache folio: rmap_walk_file() over
+    i_mmap, try_to_unmap_one() in each VMA: page_vma_mapped_walk() (collapse_file() passes
+    no TTU_SYNC, so pte_offset_map_nolock(), a lockless look, then the ptl; a failed map
+    rereads the pmd, and a retracted table means nothing to unmap there) and clear every
+    pte it finds. Returns how many were unmapped."""
     from mm_core.memory import _put_mapped_page
+    from mm_core.page_vma_mapped import PageVmaMappedWalk, page_vma_mapped_walk
     mapping, arch = folio.mapping, k.arch
     paddr = folio.paddr + ((index - folio.index) << k.page_shift)
     unmapped = 0
@@ -42,20 +46,12 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
             addr = vma_address(vma, index)
             if addr is None:
                 continue
-            pmdp = await walk_to_pmd(k, vma.mm, addr)
-            if pmdp is None:
-                continue
-            locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
-            if locked is None:
-                continue
-            ptep, ptl = locked
-            ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
-            if ent.kind is Kind.LEAF and ent.paddr == paddr:
-                await pgtable.clear_entry(k, ptep, arch.pte_level)       # ptep_clear_flush()
-                await flush_tlb_range(k, vma.mm, addr, addr + k.page_size)
+            pvmw = PageVmaMappedWalk(paddr, 1, vma, addr)
+            while await page_vma_mapped_walk(k, pvmw):
+                await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)      # ptep_clear_flush()
+                await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
-            await pgtable.pte_unmap_unlock(k, ptep, ptl)
     finally:
         await traps.unlock(mapping.i_mmap_rwsem, "r")
     return unmapped

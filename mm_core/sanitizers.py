@@ -187,6 +187,8 @@ class Sanitizers:
             return
         pt = self._table_of(entp)
         if pt is None:
+            if not write:
+                self._check_wild_read(entp)
             return
         if pt.state == "freed":
             self._uaf(pt, entp, write)
@@ -260,8 +262,9 @@ class Sanitizers:
         if not maps:
             return []
         return ["  pte maps outstanding (oldest first):",
-                *[f"    {m.ptep:#x} (table {m.table:#x}, pmd {m.pmdp:#x}) mapped in {m.site} at step {m.step}"
-                  for m in maps]]
+                *[f"    {m.ptep:#x} (table {m.table:#x}, "
+                  f"{'a pmd copied onto the stack' if m.pmdp < 0 else f'pmd {m.pmdp:#x}'}) "
+                  f"mapped in {m.site} at step {m.step}" for m in maps]]
 
     def _pte_table(self, entp: int) -> int:
         return self.k.arch.levels[self.k.arch.pte_level].table_base(entp)
@@ -380,6 +383,28 @@ class Sanitizers:
                       f"mmap_lock(W) or pml+ptl in {site}", f"LOCKDEP:pmd-clear:{site}",
                       [f"  pmd {entp:#x} -> table {old.paddr:#x}, by {task.name}; held: "
                        f"{', '.join(map(repr, task.held)) or 'nothing'}"])
+
+    def _check_wild_read(self, entp: int) -> None:
+        """An entry read from memory that is no page table: pmd_page() of a non-table (a
+        huge pmd's folio, or pfn 0 of a none pmd), what a walker gets when it maps the PTE
+        table through a pmd it did not validate (spec §6 case 15). Under the 6.4 rules
+        pte_offset_map() did exactly that by design, so pfn 0 is only reported from 6.5 on."""
+        k = self.k
+        page = k.alloc.page_of(entp)
+        if page is not None:
+            if page.use.value == "pagetable":
+                return
+            what = f"a {page.use.value} page"
+            where = f"pfn {page.pfn:#x}"
+        elif entp >> 12 == 0 and k.profile.fallible_pte_map:
+            what, where = "pfn 0", "never allocated"
+        else:
+            return
+        site = call_site()
+        raise Finding("BADPMD", f"BADPMD: page-table entry read from {what} in {site}",
+                      f"BADPMD:read:{site}",
+                      [f"  read of {entp:#x} ({what}, {where}) as a page table by {self._where()}",
+                       "  pmd_page() of a pmd that is not a table: the map used a pmd it never validated"])
 
     def _check_table_entry(self, pt, entp: int, value: int) -> None:
         """A table entry written above the PTE level must name a live table of the next
