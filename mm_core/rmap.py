@@ -104,9 +104,11 @@ def folio_move_anon_rmap(k, folio, vma) -> None:
 
 async def folio_referenced_anon(k, folio) -> tuple[int, int]:
     """folio_referenced() of a locked anon folio: rmap_walk_anon() under the anon_vma read
-    lock, page_vma_mapped_walk() (pte_offset_map_lock) at vma_address(folio->index) in
-    each VMA, ptep_clear_flush_young() where it maps the folio. Returns (referenced,
-    mappings found)."""
+    lock, folio_referenced_one() in each VMA: page_vma_mapped_walk() from
+    vma_address(folio->index) (no PVMW_SYNC: a failed map rereads the pmd, a retracted or
+    zapped table means not mapped there) and ptep_clear_flush_young() at every hit.
+    Returns (referenced, mappings found)."""
+    from mm_core.page_vma_mapped import folio_vma_walk, page_vma_mapped_walk
     arch = k.arch
     anon_vma = folio_anon_vma(folio)
     if anon_vma is None:
@@ -120,21 +122,19 @@ async def folio_referenced_anon(k, folio) -> tuple[int, int]:
             addr = vma_address(vma, folio.index)
             if addr is None:
                 continue
-            pmdp = await walk_to_pmd(k, vma.mm, addr)
-            if pmdp is None:
-                continue
-            locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
-            if locked is None:
-                continue
-            ptep, ptl = locked
-            ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
-            if ent.kind is Kind.LEAF and ent.paddr == folio.paddr:
+            pvmw = folio_vma_walk(k, folio, vma, addr)
+            while await page_vma_mapped_walk(k, pvmw):
                 found += 1
+                if pvmw.pte is None:                        # PMD-mapped: pmdp_clear_flush_young
+                    ent = arch.decode(arch.pmd_level, await pgtable.get_raw(k, pvmw.pmd))
+                    entp, level, span = pvmw.pmd, arch.pmd_level, arch.levels[arch.pmd_level].span
+                else:
+                    ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, pvmw.pte))
+                    entp, level, span = pvmw.pte, arch.pte_level, k.page_size
                 if ent.young:
                     referenced += 1
-                    await pgtable.set_entry(k, ptep, arch.pte_level, ent.with_(young=False))
-                    await flush_tlb_range(k, vma.mm, addr, addr + k.page_size)
-            await pgtable.pte_unmap_unlock(k, ptep, ptl)
+                    await pgtable.set_entry(k, entp, level, ent.with_(young=False))
+                    await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + span)
     finally:
         await traps.unlock(anon_vma.rwsem, "r")
     return referenced, found
