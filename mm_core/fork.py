@@ -34,7 +34,7 @@ from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap
 from emu.sched import traps
 from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
-from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VMA, MMStruct
+from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VM_UFFD_FLAGS, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
 from mm_core.tlbflush import flush_tlb_range
 
@@ -62,8 +62,8 @@ def vma_needs_copy(k, dst_vma: VMA, src_vma: VMA) -> bool:
 def vm_area_dup(mm: MMStruct, vma: VMA) -> VMA:
     """vm_area_dup() + anon_vma_fork() + dup_userfaultfd(): the child's copy of ``vma``;
     VM_LOCKED is not inherited, nor is uffd-wp without UFFD_FEATURE_EVENT_FORK."""
-    return VMA(mm, vma.start, vma.end, vma.flags & ~VM_LOCKED, vma.name, vma.file, vma.pgoff,
-               anon_vma=vma.anon_vma, uffd_wp=False)
+    return VMA(mm, vma.start, vma.end, vma.flags & ~(VM_LOCKED | VM_UFFD_FLAGS), vma.name, vma.file,
+               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=None)
 
 
 async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
