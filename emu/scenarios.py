@@ -106,6 +106,10 @@ BUGS: dict[str, str] = {
         "does not recheck pmd_same() of dst (before \"mm: userfaultfd: recheck dst_pmd entry in "
         "move_pages_pte()\"): the page is moved into a table MADV_DONTNEED just freed; run "
         "with --kernel 6.14",
+    "retract_without_uffd_wp_recheck":
+        "retract_page_tables() checks userfaultfd_wp(vma) only before taking pml and ptl, not "
+        "again under them: a UFFDIO_REGISTER(WP) + UFFDIO_WRITEPROTECT in between puts uffd-wp "
+        "markers in the table it then retracts, and the protection is gone",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -372,6 +376,75 @@ def retract_vs_uffdio_copy(sc: Scenario) -> World:
     k = sc.kernel
     sc.task("retract", collapse_file_tail(k, w))
     sc.task("uffd", userfaultfd.mfill_atomic_copy(k, w.mms[0], w.addr + 5 * k.page_size, b"\xa5" * 64))
+    return w
+
+
+@scenario("retract-vs-uffd-wp-register",
+          "retract_page_tables() on a shared shmem mapping while userfaultfd registers it for WP "
+          "(mmap_write_lock, which retract does not take) and UFFDIO_WRITEPROTECT puts uffd-wp "
+          "markers in the empty table: spec §6 case 9, the userfaultfd_wp() recheck under the "
+          "locks. Oracle: a write (FOLL_NOWAIT-style fault) to a protected page must reach the "
+          "userfaultfd. Needs an arch with uffd-wp (x86_64; arm64 from --kernel 6.13)",
+          catches=("retract_without_uffd_wp_recheck",))
+def retract_vs_uffd_wp_register(sc: Scenario) -> World:
+    from emu.sched import traps
+    from mm_core.locks import Completion
+    from mm_core.memory import (
+        FAULT_FLAG_ALLOW_RETRY,
+        FAULT_FLAG_RETRY_NOWAIT,
+        FAULT_FLAG_USER,
+        FAULT_FLAG_WRITE,
+        VM_FAULT_RETRY,
+        handle_mm_fault,
+    )
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    mm, page = w.mms[0], k.page_size
+    size = huge_memory.hpage_pmd_size(k)
+    ctx = m.userfaultfd(mm)
+    protected = w.addr + 4 * page
+    retracted = Completion("retract done")
+
+    async def retract():
+        n = await collapse_file_tail(k, w)
+        retracted.complete()
+        return n
+
+    async def register_and_protect():
+        ret = await userfaultfd.userfaultfd_register(k, ctx, w.addr, size,
+                                                     userfaultfd.UFFDIO_REGISTER_MODE_WP)
+        if ret == -userfaultfd.EINVAL and not userfaultfd.have_arch_userfaultfd(k, "WP"):
+            return "no uffd-wp on this arch/kernel"
+        ret = await userfaultfd.userfaultfd_writeprotect(k, ctx, protected, 4 * page,
+                                                         userfaultfd.UFFDIO_WRITEPROTECT_MODE_WP)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: UFFDIO_WRITEPROTECT failed with {ret}",
+                          "ORACLE:uffdio_writeprotect")
+        await traps.wait(retracted)
+        # a write to a protected page: the first fault may map it (read-only, uffd-wp, from
+        # the marker), the next must go to the userfaultfd (VM_FAULT_RETRY, not waiting)
+        addr = protected + page
+        flags = FAULT_FLAG_WRITE | FAULT_FLAG_USER | FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_RETRY_NOWAIT
+        for _ in range(3):
+            await mmap_read_lock(mm)
+            try:
+                ret = await handle_mm_fault(k, mm.vma_lookup(addr), addr, flags)
+            finally:
+                await mmap_read_unlock(mm)
+            if ret & VM_FAULT_RETRY:
+                return "protected"
+            if m.translate(mm, addr, "w") is not None:
+                pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp))
+                raise Finding("ORACLE", "ORACLE: a write to a uffd-wp protected page did not reach the "
+                              "userfaultfd", "ORACLE:uffd-wp-lost",
+                              [f"  {addr:#x} is writable; pmd now {pmd.kind.value}: the table holding "
+                               f"the uffd-wp markers of [{protected:#x}, +{4 * page:#x}) is gone",
+                               f"  retracted tables: {k.stats['retracted_tables']}"])
+        raise Finding("ORACLE", "ORACLE: a write to a uffd-wp protected page neither mapped nor "
+                      "reached the userfaultfd", "ORACLE:uffd-wp-fault")
+
+    sc.task("retract", retract())
+    sc.task("uffd", register_and_protect())
     return w
 
 

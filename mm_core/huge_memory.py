@@ -150,6 +150,8 @@ async def do_set_pmd(k, vmf, folio) -> bool:
         await traps.unlock(pml)
         return False
     prot = vm_get_page_prot(vma.flags)
+    if vmf.write and vma.flags & VM_WRITE:
+        prot |= Access.W                          # maybe_pmd_mkwrite(pmd_mkdirty())
     add_mapped_page(k, mm, folio, hpage_pmd_nr(k))
     dirty = bool(vmf.write and prot & Access.W)
     huge = leaf_entry(folio.paddr, prot, young=True, dirty=dirty)
