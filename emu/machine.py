@@ -233,6 +233,10 @@ class Machine:
         return _check(run_sync(userfaultfd.userfaultfd_mfill(
             self.kernel, ctx, userfaultfd.MFILL_ATOMIC_CONTINUE, dst, length, mode)))
 
+    def uffdio_wake(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int) -> None:
+        """ioctl(UFFDIO_WAKE): wake the faults waiting in a range resolved with DONTWAKE."""
+        _check(run_sync(userfaultfd.userfaultfd_wake(self.kernel, ctx, start, length)))
+
     def uffdio_writeprotect(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int,
                             mode: int) -> None:
         """ioctl(UFFDIO_WRITEPROTECT): ``mode`` UFFDIO_WRITEPROTECT_MODE_WP (1) protects (the

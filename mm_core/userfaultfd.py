@@ -346,6 +346,15 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
     await traps.unlock(ctx.wqh_lock)
 
 
+async def userfaultfd_wake(k, ctx: UserfaultfdCtx, start: int, length: int) -> int:
+    """userfaultfd_wake() (UFFDIO_WAKE): wake the faults of a range resolved with DONTWAKE."""
+    page = k.page_size
+    if start % page or length % page or length <= 0:
+        return -EINVAL
+    await wake_userfault(k, ctx, start, length)
+    return 0
+
+
 # -- UFFDIO_COPY / ZEROPAGE / CONTINUE: mfill_atomic() -------------------------------------------
 
 def find_dst_vma(mm, dst_start: int, length: int, ctx: UserfaultfdCtx | None):
@@ -460,7 +469,8 @@ async def mfill_atomic_pte_zeropage(k, dst_pmd: int, dst_vma, dst_addr: int) -> 
         ret = -EEXIST
     else:
         prot = memory.vm_get_page_prot(dst_vma.flags) & ~Access.W
-        await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(k.zero_page.paddr, prot, special=True))
+        zero = leaf_entry(k.zero_page.paddr, prot, special=True, young=True)   # pte_mkspecial(pfn_pte())
+        await pgtable.set_entry(k, ptep, arch.pte_level, zero)
         k.stats["uffdio_zeropage"] += 1
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     return ret
