@@ -36,6 +36,13 @@ from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VM_UFFD_FLAGS, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
+from mm_core.swapops import (
+    PTE_MARKER_POISONED,
+    PTE_MARKER_UFFD_WP,
+    is_pte_marker,
+    make_pte_marker,
+    pte_marker_get,
+)
 from mm_core.tlbflush import flush_tlb_range
 
 ENOMEM, EAGAIN = 12, 11
@@ -247,8 +254,17 @@ async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_
                               rss: list[int]) -> int:
     """copy_nonpresent_pte(): a swap entry is duplicated (MM_SWAPENTS; there is no swap
     device to count it in), a writable migration entry becomes readable in both for a
-    COW mapping, and the entry goes to the child."""
+    COW mapping, and the entry goes to the child. A pte marker is copied as far as
+    copy_pte_marker() keeps it: a poison marker always, a uffd-wp one only into a uffd-wp
+    VMA (never here: the child loses its registration), else nothing."""
     arch = k.arch
+    if is_pte_marker(pte):
+        marker = pte_marker_get(pte) & PTE_MARKER_POISONED
+        if dst_vma.uffd_wp:
+            marker |= pte_marker_get(pte) & PTE_MARKER_UFFD_WP
+        if marker:
+            await pgtable.set_entry(k, dst_ptep, arch.pte_level, make_pte_marker(marker))
+        return 0
     if pte.kind is Kind.SWAP:
         rss[MM_SWAPENTS] += 1
     elif pte.kind is Kind.MIGRATION:

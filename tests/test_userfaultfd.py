@@ -524,3 +524,29 @@ def test_zeropage_gets_eagain_when_pt_reclaim_frees_the_table_after_the_pmd_chec
     assert pte_of(k, mm, va).paddr == k.zero_page.paddr
     m.exit_mm(mm)
     sc.close()
+
+
+@pytest.mark.parametrize("arch, kernel", WP_WORLDS)
+def test_walkers_take_a_marker_for_a_none_pte(arch: str, kernel: str) -> None:
+    """mincore (pte_none_mostly: ask the page cache) and fork (copy_pte_marker(): a uffd-wp
+    marker only into a uffd-wp VMA, which the child's is not) over uffd-wp markers."""
+    m, k, mm, a, inode = shmem_world(arch, kernel, pages=8, fill=4)
+    page = k.page_size
+    private = m.mmap(mm, BASE + 0x200000, 8 * page, RW, emu.MAP_PRIVATE | emu.MAP_FIXED, file=inode)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, 8 * page, WP)
+    m.uffdio_register(ctx, private, 8 * page, WP)
+    m.uffdio_writeprotect(ctx, a, 8 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
+    m.uffdio_writeprotect(ctx, private, 8 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
+    assert m.mincore(mm, a, 8 * page) == [1, 1, 1, 1, 0, 0, 0, 0]
+    m.touch(mm, private, write=False)                              # a marker refaulted: read-only
+    run_sync(do_user_addr_fault(k, mm, private + page, Access.R))
+    assert pte_of(k, mm, private + page).uffd_wp
+    mm.vma_lookup(private).anon_vma = rmap.anon_vma_prepare(k, mm.vma_lookup(private))   # copied at fork
+    child = m.fork_mm(mm)
+    assert pte_of(k, mm, private + 2 * page).kind is Kind.SWAP     # the parent keeps its markers
+    assert pte_raw(k, child, private + 2 * page) == k.arch.empty_value(k.arch.pte_level)
+    assert not pte_of(k, child, private + page).uffd_wp           # pte_clear_uffd_wp() for the child
+    m.exit_mm(child)
+    m.exit_mm(mm)
+    m.close_file(inode)
