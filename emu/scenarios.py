@@ -110,6 +110,10 @@ BUGS: dict[str, str] = {
         "retract_page_tables() checks userfaultfd_wp(vma) only before taking pml and ptl, not "
         "again under them: a UFFDIO_REGISTER(WP) + UFFDIO_WRITEPROTECT in between puts uffd-wp "
         "markers in the table it then retracts, and the protection is gone",
+    "handle_userfault_checks_before_queueing":
+        "handle_userfault() runs userfaultfd_must_wait() before putting the task on "
+        "fault_pending_wqh instead of after: a UFFDIO_COPY in between installs the page and "
+        "finds nobody to wake (waitqueue_active() is false), the fault then sleeps forever",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -446,6 +450,41 @@ def retract_vs_uffd_wp_register(sc: Scenario) -> World:
     sc.task("retract", retract())
     sc.task("uffd", register_and_protect())
     return w
+
+
+@scenario("uffd-fault-vs-copy",
+          "a write fault on a userfaultfd-registered (MISSING) anon page racing the monitor's "
+          "UFFDIO_COPY of that page: the fault is queued on fault_pending_wqh before "
+          "userfaultfd_must_wait() looks at the page tables, the copy changes them before "
+          "wake_userfault() looks at the queue, so the fault either sees the page or is woken",
+          catches=("handle_userfault_checks_before_queueing",))
+def uffd_fault_vs_copy(sc: Scenario) -> World:
+    from emu.arch import Access
+    from mm_core.memory import FaultResult, do_user_addr_fault
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 4 * page, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, 4 * page, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
+    va = a + page
+    data = b"uffdcopy" + va.to_bytes(8, "little")
+
+    async def fault():
+        ret = await do_user_addr_fault(k, mm, va, Access.W)
+        seen = m.read_user(mm, va, len(data))
+        if ret is not FaultResult.OK or seen != data:
+            raise Finding("ORACLE", "ORACLE: the faulting task did not get the copied page",
+                          "ORACLE:uffd-fault", [f"  fault {ret}, reads {seen!r}"])
+        return "resolved"
+
+    async def monitor():
+        return await userfaultfd.userfaultfd_mfill(k, ctx, userfaultfd.MFILL_ATOMIC_COPY, va, page, 0, data)
+
+    sc.task("fault", fault())
+    sc.task("uffd", monitor())
+    return World([mm], [], va)
 
 
 @scenario("mincore-vs-retract",

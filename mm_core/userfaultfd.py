@@ -310,10 +310,16 @@ async def handle_userfault(k, vmf, reason: int) -> int:
     if vmf.flags & FAULT_FLAG_RETRY_NOWAIT:
         return VM_FAULT_RETRY
     uwq = UffdWaitQueue(ctx, vmf.address, vmf.flags, reason)
+    check_first = "handle_userfault_checks_before_queueing" in k.bugs
+    if check_first:
+        must_wait = await userfaultfd_must_wait(k, ctx, vmf.address, vmf.flags, reason)
     await traps.lock(ctx.wqh_lock)                                   # spin_lock_irq(&wqh.lock)
     ctx.fault_pending_wqh.append(uwq)                                # __add_wait_queue
     await traps.unlock(ctx.wqh_lock)
-    must_wait = await userfaultfd_must_wait(k, ctx, vmf.address, vmf.flags, reason)
+    # after the __add_wait_queue the waiter is visible to wake_userfault(): a resolution
+    # from now on wakes it, one before it shows in the page tables must_wait() reads
+    if not check_first:
+        must_wait = await userfaultfd_must_wait(k, ctx, vmf.address, vmf.flags, reason)
     await mmap_read_unlock(mm)
     if must_wait and not ctx.released:
         k.stats["uffd_fault_waits"] += 1

@@ -550,3 +550,20 @@ def test_walkers_take_a_marker_for_a_none_pte(arch: str, kernel: str) -> None:
     m.exit_mm(child)
     m.exit_mm(mm)
     m.close_file(inode)
+
+
+def test_writeprotect_retries_a_pmd_whose_table_pt_reclaim_freed() -> None:
+    """change_pmd_range() saw a table; MADV_DONTNEED + PT_RECLAIM (6.14, mmap_read_lock like
+    UFFDIO_WRITEPROTECT) freed it; change_pte_range()'s map fails: -EAGAIN, `goto again`
+    (RETRY) reads the pmd again and finds it none (nothing left to protect)."""
+    sc, m, k, mm, a, ctx = anon_fault_world(kernel="6.14", pages=1024)
+    m.uffdio_register(ctx, a, 1024 * k.page_size, WP)
+    size = huge_memory.hpage_pmd_size(k)
+    m.touch(mm, a + 3 * k.page_size, write=True)
+    sc.task("wp", userfaultfd.userfaultfd_writeprotect(k, ctx, a, size, emu.UFFDIO_WRITEPROTECT_MODE_WP))
+    sc.task("dontneed", madvise.madvise_dontneed(k, mm, a, a + size))
+    sc.run(f"wp:pt_read#{k.arch.pmd_level + 1} dontneed:* rcu_gp:* wp:*")
+    assert sc.results["wp"] == 0 and k.stats["pt_reclaimed"] == 1 and k.stats["change_pmd_retry"] == 1
+    assert pte_raw(k, mm, a + 3 * k.page_size) is None
+    m.exit_mm(mm)
+    sc.close()
