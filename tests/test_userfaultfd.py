@@ -567,3 +567,50 @@ def test_writeprotect_retries_a_pmd_whose_table_pt_reclaim_freed() -> None:
     assert pte_raw(k, mm, a + 3 * k.page_size) is None
     m.exit_mm(mm)
     sc.close()
+
+
+@pytest.mark.parametrize("arch, kernel", WP_WORLDS)
+def test_writeprotect_of_an_anon_thp_and_its_write_fault(arch: str, kernel: str) -> None:
+    """change_huge_pmd(MM_CP_UFFD_WP) on a whole anon THP: the pmd's uffd-wp bit, read-only;
+    a write reaches handle_userfault(VM_UFFD_WP) (userfaultfd_huge_pmd_wp()); un-protect
+    gives the exclusive dirty THP its write permission back."""
+    from mm_core.memory import (
+        FAULT_FLAG_ALLOW_RETRY,
+        FAULT_FLAG_RETRY_NOWAIT,
+        FAULT_FLAG_USER,
+        FAULT_FLAG_WRITE,
+        VM_FAULT_RETRY,
+        handle_mm_fault,
+    )
+    m = emu.Machine(arch=arch, mem="32M", kernel=kernel, prefault=False)
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, size, WP)
+    m.uffdio_writeprotect(ctx, a, size, emu.UFFDIO_WRITEPROTECT_MODE_WP)
+    raw = k.physmem.read_entry(pmdp)
+    pmd = k.arch.decode(k.arch.pmd_level, raw)
+    assert pmd.kind is Kind.LEAF and pmd.uffd_wp and not pmd.prot & Access.W
+    assert raw & (1 << {"x86_64": 10, "arm64": 58}[arch])
+    assert m.translate(mm, a + 5 * k.page_size, "w") is None
+
+    async def write_fault():
+        await mmap_read_lock(mm)
+        try:
+            return await handle_mm_fault(k, mm.vma_lookup(a), a + 5 * k.page_size,
+                                         FAULT_FLAG_WRITE | FAULT_FLAG_USER | FAULT_FLAG_ALLOW_RETRY
+                                         | FAULT_FLAG_RETRY_NOWAIT)
+        finally:
+            await mmap_read_unlock(mm)
+
+    assert run_sync(write_fault()) & VM_FAULT_RETRY and k.stats["handle_userfault_wp"] == 1
+    m.uffdio_writeprotect(ctx, a, size, 0)
+    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert pmd.kind is Kind.LEAF and not pmd.uffd_wp and pmd.prot & Access.W
+    m.exit_mm(mm)
