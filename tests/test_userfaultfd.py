@@ -614,3 +614,33 @@ def test_writeprotect_of_an_anon_thp_and_its_write_fault(arch: str, kernel: str)
     pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
     assert pmd.kind is Kind.LEAF and not pmd.uffd_wp and pmd.prot & Access.W
     m.exit_mm(mm)
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_case_9_wp_registered_between_retracts_precheck_and_its_locks(bug: bool) -> None:
+    """spec §6 case 9 by hand: retract_page_tables() passed its unlocked userfaultfd_wp()
+    test and is about to take pml; UFFDIO_REGISTER(WP) (mmap_write_lock, which retract does
+    not hold) and UFFDIO_WRITEPROTECT (markers under the ptl) run; retract goes on. Its
+    recheck under pml + ptl skips the VMA and the markers stay; without it the table goes
+    and a write to a protected page is mapped writable by the huge refault."""
+    from emu.scenarios import SCENARIOS
+    from mm_core.sanitizers import Finding
+    sc = Scenario(arch="x86_64", kernel="6.6", mem="8M", prefault=False)
+    if bug:
+        sc.kernel.bugs["retract_without_uffd_wp_recheck"] = True
+    w = SCENARIOS["retract-vs-uffd-wp-register"].build(sc)
+    k, mm = sc.kernel, w.mms[0]
+    sc.run(f"retract:pt_read#{k.arch.pmd_level + 1} uffd:*", finish=False)
+    assert sc.state("uffd") is TaskState.BLOCKED                    # waits for the retract to end
+    marker = k.arch.encode(k.arch.pte_level, swap_entry(SWP_PTE_MARKER, PTE_MARKER_UFFD_WP))
+    assert [pte_raw(k, mm, w.addr + i * k.page_size) for i in range(4, 8)] == [marker] * 4
+    if not bug:
+        sc.run("retract:* uffd:*")
+        assert sc.results == {"retract": 0, "uffd": "protected"}
+        assert pte_raw(k, mm, w.addr + 6 * k.page_size) == marker
+        assert pte_of(k, mm, w.addr + 5 * k.page_size).uffd_wp      # refaulted read-only, uffd-wp
+    else:
+        with pytest.raises(Finding) as found:
+            sc.run("retract:* uffd:*")
+        assert found.value.signature == "ORACLE:uffd-wp-lost" and k.stats["retracted_tables"] == 1
+    sc.close()
