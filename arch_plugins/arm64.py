@@ -136,6 +136,9 @@ class Arm64(ArchSpec):
     options = {"hafdbs": "FEAT_HAFDBS: the MMU sets AF and clears AP[2] on a write to a DBM page"}
     root_register_name = "TTBR0_EL1"
     sw_bits = frozenset({"special", "uffd_wp"})      # no soft-dirty on arm64
+    # PTE_UFFD_WP (bit 58) and PTE_SWP_UFFD_WP came with "arm64/mm: Add uffd write-protect
+    # support" (6.10): under older profiles the bit is in the format but unused
+    kconfig = {"HAVE_ARCH_USERFAULTFD_WP": (6, 10), "HAVE_ARCH_USERFAULTFD_MINOR": (5, 13)}
     levels = LEVELS
     task_size = TASK_SIZE
 

@@ -129,6 +129,8 @@ class X86_64(ArchSpec):
     }
     root_register_name = "CR3"
     sw_bits = frozenset({"special", "soft_dirty", "uffd_wp"})
+    kconfig = {"HAVE_ARCH_USERFAULTFD_WP": (5, 7),          # _PAGE_UFFD_WP (bit 10), X86_64 only
+               "HAVE_ARCH_USERFAULTFD_MINOR": (5, 13)}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -268,6 +268,10 @@ class ArchSpec(ABC):
                                             # (mm_core/pgalloc.py implements each)
     sw_bits: ClassVar[frozenset[str]] = frozenset()   # Linux software bits the arch has:
                                                       # "special", "soft_dirty", "uffd_wp"
+    # HAVE_ARCH_* Kconfig options the arch selects, with the first kernel version that does
+    # ("HAVE_ARCH_USERFAULTFD_WP": (6, 10) on arm64): generic code asks for a fact, never
+    # for an arch name
+    kconfig: ClassVar[Mapping[str, tuple[int, int]]] = {}
     uname_machine: ClassVar[str] = ""   # utsname.machine (defaults to name)
     page_shift: ClassVar[int] = PAGE_SHIFT
     stack_align: ClassVar[int] = 16

@@ -232,6 +232,56 @@ class Machine:
         the young bits), 4 soft-dirty, 5 reset VmHWM; raises OSError(EINVAL) otherwise."""
         _check(run_sync(task_mmu.clear_refs_write(self.kernel, mm, type)))
 
+    # -- userfaultfd --------------------------------------------------------------------------
+    def userfaultfd(self, mm: MMStruct, features: int = 0) -> userfaultfd.UserfaultfdCtx:
+        """userfaultfd(2) + UFFDIO_API for ``mm``: the context the other uffdio_* calls take.
+        ``features`` takes UFFD_FEATURE_SIGBUS (faults get SIGBUS instead of waiting)."""
+        return userfaultfd.userfaultfd_ctx_new(self.kernel, mm, features)
+
+    def uffdio_register(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int, mode: int) -> int:
+        """ioctl(UFFDIO_REGISTER): ``mode`` is a mix of UFFDIO_REGISTER_MODE_MISSING (1), _WP
+        (2), _MINOR (4). Returns uffdio_register.ioctls (a bit per supported ioctl); raises
+        OSError: EINVAL (WP where the arch has no uffd-wp bit, MINOR off shmem, ...), EPERM,
+        EBUSY, ENOMEM (no VMA in the range)."""
+        return _check(run_sync(userfaultfd.userfaultfd_register(self.kernel, ctx, start, length, mode)))
+
+    def uffdio_unregister(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int) -> None:
+        """ioctl(UFFDIO_UNREGISTER): a WP range is un-protected first (markers dropped)."""
+        _check(run_sync(userfaultfd.userfaultfd_unregister(self.kernel, ctx, start, length)))
+
+    def uffdio_copy(self, ctx: userfaultfd.UserfaultfdCtx, dst: int, data: bytes, mode: int = 0) -> int:
+        """ioctl(UFFDIO_COPY) of ``data`` (whole pages) to ``dst``: the bytes copied
+        (uffdio_copy.copy). ``mode``: UFFDIO_COPY_MODE_DONTWAKE (1), _WP (2). OSError:
+        EEXIST, ENOENT (not registered), EAGAIN (the PTE table vanished: retry), ..."""
+        length = -(-len(data) // self.kernel.page_size) * self.kernel.page_size
+        return _check(run_sync(userfaultfd.userfaultfd_mfill(
+            self.kernel, ctx, userfaultfd.MFILL_ATOMIC_COPY, dst, length, mode, data)))
+
+    def uffdio_zeropage(self, ctx: userfaultfd.UserfaultfdCtx, dst: int, length: int, mode: int = 0) -> int:
+        """ioctl(UFFDIO_ZEROPAGE): the zero page (private mappings) or zeroed page-cache pages
+        (shared shmem) over [dst, dst + length); the bytes done (uffdio_zeropage.zeropage)."""
+        return _check(run_sync(userfaultfd.userfaultfd_mfill(
+            self.kernel, ctx, userfaultfd.MFILL_ATOMIC_ZEROPAGE, dst, length, mode)))
+
+    def uffdio_continue(self, ctx: userfaultfd.UserfaultfdCtx, dst: int, length: int, mode: int = 0) -> int:
+        """ioctl(UFFDIO_CONTINUE) (resolving minor faults on shmem): map the page-cache
+        pages of [dst, dst + length); the bytes mapped (uffdio_continue.mapped). OSError:
+        EFAULT (a hole in the file), EEXIST, EAGAIN, ..."""
+        return _check(run_sync(userfaultfd.userfaultfd_mfill(
+            self.kernel, ctx, userfaultfd.MFILL_ATOMIC_CONTINUE, dst, length, mode)))
+
+    def uffdio_wake(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int) -> None:
+        """ioctl(UFFDIO_WAKE): wake the faults waiting in a range resolved with DONTWAKE."""
+        _check(run_sync(userfaultfd.userfaultfd_wake(self.kernel, ctx, start, length)))
+
+    def uffdio_writeprotect(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int,
+                            mode: int) -> None:
+        """ioctl(UFFDIO_WRITEPROTECT): ``mode`` UFFDIO_WRITEPROTECT_MODE_WP (1) protects (the
+        uffd-wp bit on present ptes, markers in none ptes of shmem VMAs), 0 un-protects and
+        wakes the waiting faults (unless _DONTWAKE, 2). OSError(ENOENT) for a range not
+        registered for WP."""
+        _check(run_sync(userfaultfd.userfaultfd_writeprotect(self.kernel, ctx, start, length, mode)))
+
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
         run_sync(memory.exit_mmap(self.kernel, mm))

@@ -121,6 +121,14 @@ BUGS: dict[str, str] = {
         "gup_pte_range() rechecks only the pte after taking the page, not the pmd (before "
         "70cbc3cc78a9, 2022): collapse_huge_page() has cleared the pmd and passed its refcount "
         "check, and GUP-fast pins a page from the detached table that the collapse then replaces",
+    "retract_without_uffd_wp_recheck":
+        "retract_page_tables() checks userfaultfd_wp(vma) only before taking pml and ptl, not "
+        "again under them: a UFFDIO_REGISTER(WP) + UFFDIO_WRITEPROTECT in between puts uffd-wp "
+        "markers in the table it then retracts, and the protection is gone",
+    "handle_userfault_checks_before_queueing":
+        "handle_userfault() runs userfaultfd_must_wait() before putting the task on "
+        "fault_pending_wqh instead of after: a UFFDIO_COPY in between installs the page and "
+        "finds nobody to wake (waitqueue_active() is false), the fault then sleeps forever",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -418,6 +426,110 @@ def retract_vs_uffdio_copy(sc: Scenario) -> World:
     sc.task("retract", collapse_file_tail(k, w))
     sc.task("uffd", userfaultfd.mfill_atomic_copy(k, w.mms[0], w.addr + 5 * k.page_size, b"\xa5" * 64))
     return w
+
+
+@scenario("retract-vs-uffd-wp-register",
+          "retract_page_tables() on a shared shmem mapping while userfaultfd registers it for WP "
+          "(mmap_write_lock, which retract does not take) and UFFDIO_WRITEPROTECT puts uffd-wp "
+          "markers in the empty table: spec §6 case 9, the userfaultfd_wp() recheck under the "
+          "locks. Oracle: a write (FOLL_NOWAIT-style fault) to a protected page must reach the "
+          "userfaultfd. Needs an arch with uffd-wp (x86_64; arm64 from --kernel 6.13)",
+          catches=("retract_without_uffd_wp_recheck",))
+def retract_vs_uffd_wp_register(sc: Scenario) -> World:
+    from emu.sched import traps
+    from mm_core.locks import Completion
+    from mm_core.memory import (
+        FAULT_FLAG_ALLOW_RETRY,
+        FAULT_FLAG_RETRY_NOWAIT,
+        FAULT_FLAG_USER,
+        FAULT_FLAG_WRITE,
+        VM_FAULT_RETRY,
+        handle_mm_fault,
+    )
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    mm, page = w.mms[0], k.page_size
+    size = huge_memory.hpage_pmd_size(k)
+    ctx = m.userfaultfd(mm)
+    protected = w.addr + 4 * page
+    retracted = Completion("retract done")
+
+    async def retract():
+        n = await collapse_file_tail(k, w)
+        retracted.complete()
+        return n
+
+    async def register_and_protect():
+        ret = await userfaultfd.userfaultfd_register(k, ctx, w.addr, size,
+                                                     userfaultfd.UFFDIO_REGISTER_MODE_WP)
+        if ret == -userfaultfd.EINVAL and not userfaultfd.have_arch_userfaultfd(k, "WP"):
+            return "no uffd-wp on this arch/kernel"
+        ret = await userfaultfd.userfaultfd_writeprotect(k, ctx, protected, 4 * page,
+                                                         userfaultfd.UFFDIO_WRITEPROTECT_MODE_WP)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: UFFDIO_WRITEPROTECT failed with {ret}",
+                          "ORACLE:uffdio_writeprotect")
+        await traps.wait(retracted)
+        # a write to a protected page: the first fault may map it (read-only, uffd-wp, from
+        # the marker), the next must go to the userfaultfd (VM_FAULT_RETRY, not waiting)
+        addr = protected + page
+        flags = FAULT_FLAG_WRITE | FAULT_FLAG_USER | FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_RETRY_NOWAIT
+        for _ in range(3):
+            await mmap_read_lock(mm)
+            try:
+                ret = await handle_mm_fault(k, mm.vma_lookup(addr), addr, flags)
+            finally:
+                await mmap_read_unlock(mm)
+            if ret & VM_FAULT_RETRY:
+                return "protected"
+            if m.translate(mm, addr, "w") is not None:
+                pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(w.pmdp))
+                raise Finding("ORACLE", "ORACLE: a write to a uffd-wp protected page did not reach the "
+                              "userfaultfd", "ORACLE:uffd-wp-lost",
+                              [f"  {addr:#x} is writable; pmd now {pmd.kind.value}: the table holding "
+                               f"the uffd-wp markers of [{protected:#x}, +{4 * page:#x}) is gone",
+                               f"  retracted tables: {k.stats['retracted_tables']}"])
+        raise Finding("ORACLE", "ORACLE: a write to a uffd-wp protected page neither mapped nor "
+                      "reached the userfaultfd", "ORACLE:uffd-wp-fault")
+
+    sc.task("retract", retract())
+    sc.task("uffd", register_and_protect())
+    return w
+
+
+@scenario("uffd-fault-vs-copy",
+          "a write fault on a userfaultfd-registered (MISSING) anon page racing the monitor's "
+          "UFFDIO_COPY of that page: the fault is queued on fault_pending_wqh before "
+          "userfaultfd_must_wait() looks at the page tables, the copy changes them before "
+          "wake_userfault() looks at the queue, so the fault either sees the page or is woken",
+          catches=("handle_userfault_checks_before_queueing",))
+def uffd_fault_vs_copy(sc: Scenario) -> World:
+    from emu.arch import Access
+    from mm_core.memory import FaultResult, do_user_addr_fault
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 4 * page, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, 4 * page, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
+    va = a + page
+    data = b"uffdcopy" + va.to_bytes(8, "little")
+
+    async def fault():
+        ret = await do_user_addr_fault(k, mm, va, Access.W)
+        seen = m.read_user(mm, va, len(data))
+        if ret is not FaultResult.OK or seen != data:
+            raise Finding("ORACLE", "ORACLE: the faulting task did not get the copied page",
+                          "ORACLE:uffd-fault", [f"  fault {ret}, reads {seen!r}"])
+        return "resolved"
+
+    async def monitor():
+        return await userfaultfd.userfaultfd_mfill(k, ctx, userfaultfd.MFILL_ATOMIC_COPY, va, page, 0, data)
+
+    sc.task("fault", fault())
+    sc.task("uffd", monitor())
+    return World([mm], [], va)
 
 
 @scenario("mincore-vs-retract",

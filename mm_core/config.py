@@ -22,6 +22,12 @@ class Profile:
     pt_reclaim: bool = False     # 6.14: MADV_DONTNEED frees emptied PTE tables, and the rechecks
                                  # that came with it (move_pages_pte's dst pmd_same)
 
+    @property
+    def version(self) -> tuple[int, int]:
+        """(major, minor) of the kernel the profile follows ("6.6+custom" -> (6, 6))."""
+        major, minor = self.name.split("+")[0].split(".")[:2]
+        return int(major), int(minor)
+
 
 PROFILES = {
     "6.4": Profile("6.4", False, False, False, False, False,

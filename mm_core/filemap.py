@@ -34,8 +34,19 @@ async def do_fault(k, vmf) -> int:
 
 
 async def __do_fault(k, vmf):
-    """->fault (shmem_fault): the folio for the faulting index, locked; None = SIGBUS."""
-    index = linear_page_index(vmf.vma, vmf.address)
+    """->fault (shmem_fault): the folio for the faulting index, locked; None = SIGBUS; an
+    int is the vm_fault_t of handle_userfault() (shmem_get_folio_gfp(): a cached page in a
+    VM_UFFD_MINOR VMA is a minor fault, a hole in a VM_UFFD_MISSING VMA a missing one)."""
+    from mm_core import userfaultfd
+    from mm_core.mm import VM_UFFD_MINOR, VM_UFFD_MISSING
+    vma = vmf.vma
+    index = linear_page_index(vma, vmf.address)
+    if vma.uffd_ctx is not None and index << vma.file.page_shift < vma.file.size:
+        cached = shmem.filemap_get_folio(vma.file.mapping, index)
+        if cached is not None and vma.uffd_minor:
+            return await userfaultfd.handle_userfault(k, vmf, VM_UFFD_MINOR), index
+        if cached is None and vma.uffd_missing:
+            return await userfaultfd.handle_userfault(k, vmf, VM_UFFD_MISSING), index
     folio = await shmem.shmem_get_folio(k, vmf.vma.file, index)
     if folio is None:
         return None, index
@@ -48,9 +59,13 @@ async def __do_fault(k, vmf):
 
 async def do_read_fault(k, vmf) -> int:
     from mm_core.memory import VM_FAULT_NOPAGE, VM_FAULT_SIGBUS
-    if await do_fault_around(k, vmf):
+    # should_fault_around(): not with uffd_disable_fault_around() (VM_UFFD_WP | VM_UFFD_MINOR:
+    # each page must fault on its own), nor over a marker the fault came from
+    if not (vmf.vma.uffd_wp or vmf.vma.uffd_minor) and await do_fault_around(k, vmf):
         return VM_FAULT_NOPAGE
     folio, index = await __do_fault(k, vmf)
+    if isinstance(folio, int):
+        return folio
     if folio is None:
         return VM_FAULT_SIGBUS
     if folio == "retry":
@@ -64,6 +79,8 @@ async def do_cow_fault(k, vmf) -> int:
     """do_cow_fault(): copy the file page into a new anon page and map that."""
     from mm_core.memory import VM_FAULT_OOM, VM_FAULT_SIGBUS
     folio, index = await __do_fault(k, vmf)
+    if isinstance(folio, int):
+        return folio
     if folio is None:
         return VM_FAULT_SIGBUS
     if folio == "retry":
@@ -86,6 +103,8 @@ async def do_cow_fault(k, vmf) -> int:
 async def do_shared_fault(k, vmf) -> int:
     from mm_core.memory import VM_FAULT_SIGBUS
     folio, index = await __do_fault(k, vmf)
+    if isinstance(folio, int):
+        return folio
     if folio is None:
         return VM_FAULT_SIGBUS
     if folio == "retry":
@@ -97,8 +116,18 @@ async def do_shared_fault(k, vmf) -> int:
 
 async def finish_fault(k, vmf, folio, paddr: int, write: bool) -> int:
     """finish_fault(): map the page (or the whole PMD-order folio) the fault found.
-    A failed map is FAULT-RETRY (VM_FAULT_NOPAGE)."""
-    from mm_core.memory import VM_FAULT_NOPAGE, VM_FAULT_OOM, add_mapped_page, vm_get_page_prot
+    A failed map is FAULT-RETRY (VM_FAULT_NOPAGE), so is a pte that changed
+    (vmf_pte_changed()). A fault on a uffd-wp marker installs the pte write-protected with
+    the uffd-wp bit (set_pte_range(): pte_mkuffd_wp()), so the write faults again and
+    reaches the userfaultfd."""
+    from mm_core.memory import (
+        VM_FAULT_NOPAGE,
+        VM_FAULT_OOM,
+        add_mapped_page,
+        vm_get_page_prot,
+        vmf_pte_changed,
+    )
+    from mm_core.swapops import pte_marker_uffd_wp
     vma, mm, arch = vmf.vma, vmf.vma.mm, k.arch
     pmdval = await pgtable.get_entry(k, vmf.pmd, arch.pmd_level)
     if pmdval.kind is Kind.NONE:
@@ -112,15 +141,16 @@ async def finish_fault(k, vmf, folio, paddr: int, write: bool) -> int:
         k.stats["fault_retry_map_failed"] += 1
         return VM_FAULT_NOPAGE
     ptep, ptl = locked
-    if (await pgtable.get_entry(k, ptep, arch.pte_level)).kind is not Kind.NONE:
+    if await vmf_pte_changed(k, vmf, ptep):
         await pgtable.pte_unmap_unlock(k, ptep, ptl)
         return VM_FAULT_NOPAGE
+    uffd_wp = vmf.orig_pte_valid and pte_marker_uffd_wp(arch.decode(arch.pte_level, vmf.orig_pte))
     prot = vm_get_page_prot(vma.flags)
-    if write and vma.flags & VM_WRITE:
+    if write and vma.flags & VM_WRITE and not uffd_wp:
         prot |= Access.W
     add_mapped_page(k, mm, folio)
-    entry = leaf_entry(paddr & ~(k.page_size - 1), prot, young=True)
-    await pgtable.set_entry(k, ptep, arch.pte_level, pgtable.pte_mkdirty(k, entry) if write else entry)
+    pte = leaf_entry(paddr & ~(k.page_size - 1), prot, young=True, uffd_wp=uffd_wp)
+    await pgtable.set_entry(k, ptep, arch.pte_level, pgtable.pte_mkdirty(k, pte) if write else pte)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     k.stats["file_pages_mapped"] += 1
     return 0

@@ -34,8 +34,15 @@ from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap
 from emu.sched import traps
 from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
-from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VMA, MMStruct
+from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VM_UFFD_FLAGS, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
+from mm_core.swapops import (
+    PTE_MARKER_POISONED,
+    PTE_MARKER_UFFD_WP,
+    is_pte_marker,
+    make_pte_marker,
+    pte_marker_get,
+)
 from mm_core.tlbflush import flush_tlb_range
 
 ENOMEM, EAGAIN = 12, 11
@@ -62,8 +69,8 @@ def vma_needs_copy(k, dst_vma: VMA, src_vma: VMA) -> bool:
 def vm_area_dup(mm: MMStruct, vma: VMA) -> VMA:
     """vm_area_dup() + anon_vma_fork() + dup_userfaultfd(): the child's copy of ``vma``;
     VM_LOCKED is not inherited, nor is uffd-wp without UFFD_FEATURE_EVENT_FORK."""
-    return VMA(mm, vma.start, vma.end, vma.flags & ~VM_LOCKED, vma.name, vma.file, vma.pgoff,
-               anon_vma=vma.anon_vma, uffd_wp=False)
+    return VMA(mm, vma.start, vma.end, vma.flags & ~(VM_LOCKED | VM_UFFD_FLAGS), vma.name, vma.file,
+               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=None)
 
 
 async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
@@ -247,8 +254,17 @@ async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_
                               rss: list[int]) -> int:
     """copy_nonpresent_pte(): a swap entry is duplicated (MM_SWAPENTS; there is no swap
     device to count it in), a writable migration entry becomes readable in both for a
-    COW mapping, and the entry goes to the child."""
+    COW mapping, and the entry goes to the child. A pte marker is copied as far as
+    copy_pte_marker() keeps it: a poison marker always, a uffd-wp one only into a uffd-wp
+    VMA (never here: the child loses its registration), else nothing."""
     arch = k.arch
+    if is_pte_marker(pte):
+        marker = pte_marker_get(pte) & PTE_MARKER_POISONED
+        if dst_vma.uffd_wp:
+            marker |= pte_marker_get(pte) & PTE_MARKER_UFFD_WP
+        if marker:
+            await pgtable.set_entry(k, dst_ptep, arch.pte_level, make_pte_marker(marker))
+        return 0
     if pte.kind is Kind.SWAP:
         rss[MM_SWAPENTS] += 1
     elif pte.kind is Kind.MIGRATION:

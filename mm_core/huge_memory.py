@@ -86,6 +86,13 @@ async def create_huge_pmd(k, vmf) -> int:
         pte_free(k, deposit)
         k.alloc.free_pages(folio)
         return 0
+    if vma.uffd_missing:                          # deliver the page fault to userland
+        await traps.unlock(pml)
+        pte_free(k, deposit)
+        k.alloc.free_pages(folio)
+        from mm_core.mm import VM_UFFD_MISSING
+        from mm_core.userfaultfd import handle_userfault
+        return await handle_userfault(k, vmf, VM_UFFD_MISSING)
     pgtable_trans_huge_deposit(k, mm, vmf.pmd, deposit)
     folio.mapcount = 1
     mm.rss[1] += hpage_pmd_nr(k)                        # MM_ANONPAGES
@@ -107,6 +114,11 @@ async def huge_pmd_fault(k, vmf, pmdval: Entry) -> int:
         await traps.unlock(pml)
         return 0
     if vmf.write and not cur.prot & Access.W:
+        if vmf.vma.anonymous and vmf.vma.uffd_wp and cur.uffd_wp:   # userfaultfd_huge_pmd_wp()
+            await traps.unlock(pml)
+            from mm_core.mm import VM_UFFD_WP
+            from mm_core.userfaultfd import handle_userfault
+            return await handle_userfault(k, vmf, VM_UFFD_WP)
         folio = k.alloc.page_of(cur.paddr)
         exclusive_anon = folio is not None and folio.use is PageUse.ANON and folio.refcount == 1
         if not (exclusive_anon and vmf.vma.flags & VM_WRITE):
@@ -140,6 +152,8 @@ async def do_set_pmd(k, vmf, folio) -> bool:
         await traps.unlock(pml)
         return False
     prot = vm_get_page_prot(vma.flags)
+    if vmf.write and vma.flags & VM_WRITE:
+        prot |= Access.W                          # maybe_pmd_mkwrite(pmd_mkdirty())
     add_mapped_page(k, mm, folio, hpage_pmd_nr(k))
     dirty = bool(vmf.write and prot & Access.W)
     huge = leaf_entry(folio.paddr, prot, young=True, dirty=dirty)

@@ -124,8 +124,11 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
                 ptl = pgtable.pte_lockptr(k, mm, pmdval)
                 if ptl is not pml:
                     await traps.lock(ptl)
-                # recheck under the locks: a racing UFFDIO_COPY or COW may have added anon ptes
-                if not (vma.anon_vma or vma.uffd_wp) or "retract_without_anon_vma_recheck" in k.bugs:
+                # recheck under the locks: a racing UFFDIO_COPY or COW may have added anon ptes,
+                # a racing UFFDIO_REGISTER(WP) + UFFDIO_WRITEPROTECT uffd-wp markers
+                anon_vma = vma.anon_vma and "retract_without_anon_vma_recheck" not in k.bugs
+                uffd_wp = vma.uffd_wp and "retract_without_uffd_wp_recheck" not in k.bugs
+                if not (anon_vma or uffd_wp):
                     await pmdp_collapse_flush(k, vma, addr, pmdp)
                     done = k.ptdescs.get(pmdval.paddr)
                     if done is not None:

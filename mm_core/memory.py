@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, pgtable, rmap
+from mm_core import filemap, huge_memory, pgtable, rmap, userfaultfd
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -23,18 +23,28 @@ from mm_core.mm import (
     VM_GROWSDOWN,
     VM_READ,
     VM_SHARED,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
     VM_WRITE,
     VMA,
     MMStruct,
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import pte_frag_destroy
+from mm_core.swapops import is_pte_marker, pte_marker_uffd_wp
 from mm_core.tlbflush import flush_tlb_range
 
 # fault flags (include/linux/mm_types.h, enum fault_flag)
 FAULT_FLAG_WRITE = 0x1
+FAULT_FLAG_ALLOW_RETRY = 0x4
+FAULT_FLAG_RETRY_NOWAIT = 0x8
+FAULT_FLAG_KILLABLE = 0x10
+FAULT_FLAG_TRIED = 0x20
 FAULT_FLAG_USER = 0x40
 FAULT_FLAG_INSTRUCTION = 0x100
+FAULT_FLAG_INTERRUPTIBLE = 0x200
+FAULT_FLAG_ORIG_PTE_VALID = 0x800
+FAULT_FLAG_DEFAULT = FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE | FAULT_FLAG_INTERRUPTIBLE
 
 # vm_fault_t
 VM_FAULT_OOM = 0x1
@@ -61,11 +71,13 @@ class CheckMMError(Exception):
 
 def vm_get_page_prot(vm_flags: int) -> Access:
     """vm_get_page_prot(): what a fresh PTE of the VMA allows. Private writable mappings
-    start without W (copy-on-write); the write fault adds it."""
+    start without W (copy-on-write); the write fault adds it. A shared mapping registered
+    for uffd-wp wants write notification (vma_wants_writenotify(), vma_set_page_prot()):
+    no W either, so writes fault and uffd-wp ptes are caught."""
     prot = Access.NONE
     if vm_flags & (VM_READ | VM_WRITE | VM_EXEC):
         prot |= Access.R            # no arch here can express write- or exec-only
-    if vm_flags & VM_WRITE and vm_flags & VM_SHARED:
+    if vm_flags & VM_WRITE and vm_flags & VM_SHARED and not vm_flags & VM_UFFD_WP:
         prot |= Access.W
     if vm_flags & VM_EXEC:
         prot |= Access.X
@@ -85,28 +97,39 @@ def access_error(vma: VMA, access: Access) -> bool:
 
 async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access) -> FaultResult:
     """do_user_addr_fault() (x86; do_page_fault() on arm64/s390/powerpc): find the VMA
-    under mmap_read_lock, check the access, grow the stack, handle_mm_fault()."""
+    under mmap_read_lock, check the access, grow the stack, handle_mm_fault(). A
+    VM_FAULT_RETRY (handle_userfault() slept on a userfaultfd, mmap_lock already dropped)
+    takes the lock again and retries with FAULT_FLAG_TRIED."""
     k.stats["faults"] += 1
-    await mmap_read_lock(mm)
-    try:
-        vma = mm.find_vma(addr)
-        if vma is not None and vma.start > addr:
-            if vma.flags & VM_GROWSDOWN and vma.start - addr <= STACK_GUARD_GAP * 64:
-                vma.start = addr & ~(k.page_size - 1)     # expand_stack()
-            else:
-                vma = None
-        if vma is None:
-            return FaultResult.SEGV_MAPERR
-        if access_error(vma, access):
-            return FaultResult.SEGV_ACCERR
-        flags = FAULT_FLAG_USER
-        if access & Access.W:
-            flags |= FAULT_FLAG_WRITE
-        if access & Access.X:
-            flags |= FAULT_FLAG_INSTRUCTION
-        ret = await handle_mm_fault(k, vma, addr, flags)
-    finally:
-        await mmap_read_unlock(mm)
+    flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER
+    if access & Access.W:
+        flags |= FAULT_FLAG_WRITE
+    if access & Access.X:
+        flags |= FAULT_FLAG_INSTRUCTION
+    while True:                                          # retry:
+        await mmap_read_lock(mm)
+        locked = True
+        try:
+            vma = mm.find_vma(addr)
+            if vma is not None and vma.start > addr:
+                if vma.flags & VM_GROWSDOWN and vma.start - addr <= STACK_GUARD_GAP * 64:
+                    vma.start = addr & ~(k.page_size - 1)     # expand_stack()
+                else:
+                    vma = None
+            if vma is None:
+                return FaultResult.SEGV_MAPERR
+            if access_error(vma, access):
+                return FaultResult.SEGV_ACCERR
+            ret = await handle_mm_fault(k, vma, addr, flags)
+            if ret & VM_FAULT_RETRY:
+                locked = False                           # mmap_lock was released for us
+                flags |= FAULT_FLAG_TRIED
+                k.stats["fault_retry"] += 1
+                continue
+        finally:
+            if locked:
+                await mmap_read_unlock(mm)
+        break
     if ret & VM_FAULT_OOM:
         return FaultResult.OOM
     if ret & VM_FAULT_SIGBUS:
@@ -127,6 +150,7 @@ class VmFault:
     pte: int | None = None       # mapped pte pointer (holds an RCU read reference in 6.6+)
     ptl: SpinLock | None = None
     orig_pte: int = 0            # raw value read without the lock
+    orig_pte_valid: bool = False  # FAULT_FLAG_ORIG_PTE_VALID: orig_pte was read (a marker, say)
 
     @property
     def write(self) -> bool:
@@ -205,15 +229,15 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
             await pgtable.pte_unmap(k, vmf.pte)
             vmf.pte = None
     if vmf.pte is None:
-        if vmf.vma.anonymous:                              # do_pte_missing()
-            return await do_anonymous_page(k, vmf)
-        return await filemap.do_fault(k, vmf)
+        return await do_pte_missing(k, vmf)
     entry = arch.decode(pte_level, vmf.orig_pte)
     if entry.kind is Kind.MIGRATION:  # do_swap_page() -> migration_entry_wait()
         await pgtable.pte_unmap(k, vmf.pte)
         await migration_entry_wait(k, mm, "migration_entry")
         return 0
     if entry.kind is not Kind.LEAF:
+        if is_pte_marker(entry):
+            return await do_swap_page_marker(k, vmf, entry)
         await pgtable.pte_unmap(k, vmf.pte)
         return VM_FAULT_SIGBUS        # swap entries: do_swap_page is not modelled yet
     await traps.lock(vmf.ptl)
@@ -230,6 +254,51 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
         await pgtable.set_entry(k, vmf.pte, pte_level, new)
     await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
     return 0
+
+
+async def do_pte_missing(k, vmf: VmFault) -> int:
+    """do_pte_missing(): a none pte (or a uffd-wp marker) in an anonymous or a file VMA."""
+    if vmf.vma.anonymous:
+        return await do_anonymous_page(k, vmf)
+    return await filemap.do_fault(k, vmf)
+
+
+async def do_swap_page_marker(k, vmf: VmFault, entry: Entry) -> int:
+    """do_swap_page() of a pte marker: pte_unmap_same() (recheck under the ptl, unmap),
+    then handle_pte_marker(): a uffd-wp marker in a uffd-wp VMA is a missing pte whose
+    refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID: finish_fault()
+    compares against the marker); a leftover one (VMA no longer uffd-wp) is cleared
+    (pte_marker_clear(): FAULT-RETRY on a failed map or a changed pte); a poisoned or
+    unknown marker is VM_FAULT_SIGBUS."""
+    await traps.lock(vmf.ptl)                                        # pte_unmap_same()
+    same = await pgtable.get_raw(k, vmf.pte) == vmf.orig_pte
+    await traps.unlock(vmf.ptl)
+    await pgtable.pte_unmap(k, vmf.pte)
+    vmf.pte = None
+    if not same:
+        return 0
+    if not pte_marker_uffd_wp(entry):
+        return VM_FAULT_SIGBUS
+    if not vmf.vma.uffd_wp:                                          # pte_marker_clear()
+        locked = await pgtable.pte_offset_map_lock(k, vmf.vma.mm, vmf.pmd, vmf.address)
+        if locked is None:
+            return 0
+        ptep, ptl = locked
+        if await pgtable.get_raw(k, ptep) == vmf.orig_pte:
+            await pgtable.clear_entry(k, ptep, k.arch.pte_level)
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        return 0
+    vmf.orig_pte_valid = True
+    vmf.flags |= FAULT_FLAG_ORIG_PTE_VALID
+    return await do_pte_missing(k, vmf)                             # pte_marker_handle_uffd_wp()
+
+
+async def vmf_pte_changed(k, vmf: VmFault, ptep: int) -> bool:
+    """vmf_pte_changed(): under the ptl, the pte is no longer what the fault saw: the
+    orig_pte (a marker) if it was read, else "not none"."""
+    if vmf.orig_pte_valid:
+        return await pgtable.get_raw(k, ptep) != vmf.orig_pte
+    return (await pgtable.get_entry(k, ptep, k.arch.pte_level)).kind is not Kind.NONE
 
 
 async def do_anonymous_page(k, vmf: VmFault) -> int:
@@ -258,11 +327,16 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
             k.alloc.free_pages(page)
         return 0
     ptep, ptl = locked
-    if (await pgtable.get_entry(k, ptep, arch.pte_level)).kind is not Kind.NONE:
+    if await vmf_pte_changed(k, vmf, ptep):
         await pgtable.pte_unmap_unlock(k, ptep, ptl)
         if page is not None:
             k.alloc.free_pages(page)
         return 0
+    if vma.uffd_missing:                # deliver the page fault to userland, checked inside the ptl
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        if page is not None:
+            k.alloc.free_pages(page)
+        return await userfaultfd.handle_userfault(k, vmf, VM_UFFD_MISSING)
     if page is not None:
         page.mapcount = 1
         rmap.folio_add_new_anon_rmap(k, page, vma, vmf.address)
@@ -278,8 +352,13 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
 async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
     """do_wp_page(): a write to a present, write-protected PTE; called with the pte mapped
     and ptl held, returns with both released. An exclusive anon page is reused in place;
-    the zero page, a page-cache page in a private mapping or a shared page is copied."""
+    the zero page, a page-cache page in a private mapping or a shared page is copied. A
+    uffd-wp pte in a uffd-wp VMA goes to the userfaultfd instead (handle_userfault(
+    VM_UFFD_WP)), after the pte is unmapped and unlocked."""
     arch = k.arch
+    if vmf.vma.uffd_wp and entry.uffd_wp:                           # userfaultfd_pte_wp()
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+        return await userfaultfd.handle_userfault(k, vmf, VM_UFFD_WP)
     page = None if entry.special else k.alloc.page_of(entry.paddr)
     if vmf.vma.flags & VM_SHARED and page is not None and page.use is not PageUse.ANON:
         # wp_page_shared(): a shared file page just becomes writable and dirty

@@ -11,6 +11,7 @@ from emu.arch import Kind
 from mm_core import pagewalk, pgtable, shmem
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.mmap import EINVAL, ENOMEM
+from mm_core.swapops import pte_none_mostly
 
 
 def _cached(walk: pagewalk.MmWalk, addr: int) -> int:
@@ -49,7 +50,7 @@ async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWal
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + ((a - addr) >> k.page_shift) * 8))
         if ent.kind is Kind.LEAF:
             vec[(a - start) >> k.page_shift] = 1
-        elif ent.kind is Kind.NONE:
+        elif pte_none_mostly(ent):                    # none, or a marker: ask the page cache
             vec[(a - start) >> k.page_shift] = _cached(walk, a)
         else:
             vec[(a - start) >> k.page_shift] = 0      # swap or migration: not resident here

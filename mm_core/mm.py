@@ -17,10 +17,14 @@ VM_MAYWRITE = 0x20
 VM_MAYEXEC = 0x40
 VM_MAYSHARE = 0x80
 VM_GROWSDOWN = 0x100
+VM_UFFD_MISSING = 0x200         # userfaultfd: missing-page faults go to the uffd
+VM_UFFD_WP = 0x1000             # userfaultfd: write-protect faults go to the uffd
 VM_LOCKED = 0x2000
 VM_HUGEPAGE = 0x20000000
 VM_NOHUGEPAGE = 0x40000000
+VM_UFFD_MINOR = 1 << 38         # VM_UFFD_MINOR_BIT (CONFIG_HAVE_ARCH_USERFAULTFD_MINOR)
 VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
+VM_UFFD_FLAGS = VM_UFFD_MISSING | VM_UFFD_WP | VM_UFFD_MINOR   # __VM_UFFD_FLAGS
 
 # rss counters (enum of mm_counter)
 MM_FILEPAGES, MM_ANONPAGES, MM_SWAPENTS, MM_SHMEMPAGES = range(4)
@@ -40,11 +44,26 @@ class VMA:
     file: object = None
     pgoff: int = 0
     anon_vma: object = None     # rmap.AnonVma once it has private anon pages (anon_vma_prepare)
-    uffd_wp: bool = False       # registered with userfaultfd in write-protect mode
+    uffd_ctx: object = None     # vm_userfaultfd_ctx.ctx: the userfaultfd it is registered with
 
     @property
     def anonymous(self) -> bool:
         return self.file is None
+
+    # userfaultfd_wp() / userfaultfd_missing() / userfaultfd_minor() (userfaultfd_k.h): the
+    # VM_UFFD_* flags, set by UFFDIO_REGISTER under mmap_write_lock and read locklessly by
+    # retract_page_tables()
+    @property
+    def uffd_wp(self) -> bool:
+        return bool(self.flags & VM_UFFD_WP)
+
+    @property
+    def uffd_missing(self) -> bool:
+        return bool(self.flags & VM_UFFD_MISSING)
+
+    @property
+    def uffd_minor(self) -> bool:
+        return bool(self.flags & VM_UFFD_MINOR)
 
     def __repr__(self) -> str:
         return f"<vma {self.start:#x}-{self.end:#x} {vma_flags_str(self.flags)} {self.name}>"
@@ -108,7 +127,7 @@ class MMStruct:
         """__split_vma(): cut ``vma`` at ``addr``; returns the upper part."""
         assert vma.start < addr < vma.end and addr % self.kernel.page_size == 0
         upper = VMA(self, addr, vma.end, vma.flags, vma.name, vma.file,
-                    vma.pgoff + ((addr - vma.start) >> self.kernel.page_shift), vma.anon_vma, vma.uffd_wp)
+                    vma.pgoff + ((addr - vma.start) >> self.kernel.page_shift), vma.anon_vma, vma.uffd_ctx)
         vma.end = addr
         bisect.insort(self.vmas, upper, key=lambda v: v.start)
         if vma.file is not None:                  # the new half is a mapping of the file too
@@ -122,7 +141,7 @@ class MMStruct:
         for v in self.vmas:
             p = merged[-1] if merged else None
             if (p is not None and p.end == v.start and p.flags == v.flags and p.name == v.name
-                    and p.file is None and v.file is None):
+                    and p.file is None and v.file is None and p.uffd_ctx is v.uffd_ctx):
                 p.end = v.end
             else:
                 merged.append(v)

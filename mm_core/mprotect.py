@@ -17,7 +17,8 @@ from mm_core.mm import (
     MMStruct,
 )
 from mm_core.mmap import EACCES, EINVAL, ENOMEM, calc_vm_prot_bits, page_align, split_range
-from mm_core.page_alloc import PageUse
+from mm_core.page_alloc import OutOfMemory, PageUse
+from mm_core.swapops import PTE_MARKER_UFFD_WP, is_pte_marker, make_pte_marker, pte_marker_uffd_wp
 from mm_core.tlbflush import flush_tlb_range
 
 EAGAIN = 11
@@ -45,87 +46,188 @@ async def do_mprotect(k, mm: MMStruct, start: int, length: int, prot: int) -> in
                 return -EACCES
         for vma in split_range(mm, start, end):     # mprotect_fixup()
             vma.flags = (vma.flags & ~VM_ACCESS_FLAGS) | newflags
-            await change_protection(k, vma, vma.start, vma.end)
+            await change_protection(k, vma, vma.start, vma.end, MM_CP_TRY_CHANGE_WRITABLE)
         mm.merge_adjacent()
         return 0
     finally:
         await mmap_write_unlock(mm)
 
 
-async def change_protection(k, vma: VMA, start: int, end: int) -> None:
-    """change_protection() -> change_pmd_range() -> change_pte_range(), then flush."""
+# cp_flags of change_protection() (include/linux/mm.h)
+MM_CP_TRY_CHANGE_WRITABLE = 1 << 0
+MM_CP_PROT_NUMA = 1 << 1
+MM_CP_UFFD_WP = 1 << 2
+MM_CP_UFFD_WP_RESOLVE = 1 << 3
+MM_CP_UFFD_WP_ALL = MM_CP_UFFD_WP | MM_CP_UFFD_WP_RESOLVE
+
+
+def userfaultfd_wp_use_markers(vma: VMA) -> bool:
+    """userfaultfd_wp_use_markers() (6.6): a WP-registered file VMA protects none ptes with
+    PTE_MARKER_UFFD_WP (the page cache may hold the page); anonymous memory only with
+    UFFD_FEATURE_WP_UNPOPULATED, which is not modelled."""
+    return vma.uffd_wp and not vma.anonymous
+
+
+def pgtable_split_needed(vma: VMA, cp_flags: int) -> bool:
+    """pgtable_split_needed(): markers live at the PTE level, and a file THP cannot be
+    write-protected whole: split (for a file THP: drop the pmd) under MM_CP_UFFD_WP."""
+    return bool(cp_flags & MM_CP_UFFD_WP) and not vma.anonymous
+
+
+def pgtable_populate_needed(vma: VMA, cp_flags: int) -> bool:
+    """pgtable_populate_needed(): UFFDIO_WRITEPROTECT of a VMA that uses markers must
+    allocate the PTE tables to hold them."""
+    return bool(cp_flags & MM_CP_UFFD_WP) and userfaultfd_wp_use_markers(vma)
+
+
+async def change_protection(k, vma: VMA, start: int, end: int, cp_flags: int = 0) -> int:
+    """change_protection() -> change_pmd_range() -> change_pte_range(), then flush.
+    Returns the pages changed, or -ENOMEM when change_pmd_prepare() could not allocate a
+    PTE table for uffd-wp markers."""
+    assert cp_flags & MM_CP_UFFD_WP_ALL != MM_CP_UFFD_WP_ALL
+    pages = 0
+    if pgtable_populate_needed(vma, cp_flags):
+        # change_p?d_prepare(): the upper tables too, where none are there yet
+        addr = start
+        size = k.arch.levels[k.arch.pmd_level].span
+        while addr < end:
+            try:
+                if await pgtable.walk_alloc(k, vma.mm, addr, k.arch.pmd_level) is None:
+                    return -ENOMEM
+            except OutOfMemory:
+                return -ENOMEM
+            addr = (addr | (size - 1)) + 1
     async for pmdp, lo, hi in memory.for_each_pmd(k, vma.mm, start, end):
-        await change_pmd_range(k, vma, pmdp, lo, hi)
+        ret = await change_pmd_range(k, vma, pmdp, lo, hi, cp_flags)
+        if ret < 0:
+            pages = ret
+            break
+        pages += ret
     await flush_tlb_range(k, vma.mm, start, end)
+    return pages
 
 
-async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+async def change_pmd_prepare(k, vma: VMA, pmdp: int, cp_flags: int) -> int:
+    """change_pmd_prepare(): allocate the PTE table of a none pmd when markers need it."""
+    if pgtable_populate_needed(vma, cp_flags):
+        try:
+            if not await pgtable.pte_alloc(k, vma.mm, pmdp):
+                return -ENOMEM
+        except OutOfMemory:
+            return -ENOMEM
+    return 0
+
+
+async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flags: int = 0) -> int:
     """change_pmd_range() for one pmd: none is skipped, a PMD leaf covered whole changes in
-    place (change_huge_pmd) or is split, a table goes to change_pte_range, whose -EAGAIN
-    (map failure) means: look at this pmd again (RETRY)."""
+    place (change_huge_pmd) or is split (always for a file VMA under MM_CP_UFFD_WP), a table
+    goes to change_pte_range, whose -EAGAIN (map failure) means: look at this pmd again
+    (RETRY). Under MM_CP_UFFD_WP on a marker-using VMA a none pmd first gets a table."""
     arch = k.arch
     size = arch.levels[arch.pmd_level].span
-    while True:
+    while True:                                                      # again:
+        ret = await change_pmd_prepare(k, vma, pmdp, cp_flags)
+        if ret:
+            return ret
         pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
         if pmdval.kind is Kind.NONE:
-            return
+            return 0
         if pmdval.kind is Kind.LEAF:
-            if start & (size - 1) == 0 and end - start == size:
-                if await change_huge_pmd(k, vma, pmdp, pmdval):
-                    return
+            if start & (size - 1) == 0 and end - start == size and not pgtable_split_needed(vma, cp_flags):
+                if await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags):
+                    return size >> k.page_shift
             else:
                 await huge_memory.split_huge_pmd(k, vma, pmdp, start)
             continue
         if pmdval.kind is not Kind.TABLE:
-            return
-        if await change_pte_range(k, vma, pmdp, start, end) != -EAGAIN:
-            return
+            return 0
+        ret = await change_pte_range(k, vma, pmdp, start, end, cp_flags)
+        if ret != -EAGAIN:
+            return ret
         k.stats["change_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
 
-async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval) -> bool:
-    """change_huge_pmd(): new protection on a PMD leaf, under pml."""
+async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> bool:
+    """change_huge_pmd(): new protection on a PMD leaf, under pml; MM_CP_UFFD_WP sets the
+    pmd's uffd-wp bit and write-protects it, _RESOLVE clears the bit."""
     mm, arch = vma.mm, k.arch
     pml = await pgtable.pmd_lockptr(k, mm, pmdp)
     await traps.lock(pml)
     try:
         if await pgtable.get_entry(k, pmdp, arch.pmd_level) != pmdval:
             return False
+        uffd_wp = pmdval.uffd_wp
+        if cp_flags & MM_CP_UFFD_WP:
+            uffd_wp = True
+        elif cp_flags & MM_CP_UFFD_WP_RESOLVE:
+            uffd_wp = False
         prot = memory.vm_get_page_prot(vma.flags)
         folio = k.alloc.page_of(pmdval.paddr)
         if (vma.flags & VM_WRITE and pmdval.dirty and folio is not None and folio.use is PageUse.ANON
                 and folio.refcount == 1):
             prot |= Access.W
-        await pgtable.set_entry(k, pmdp, arch.pmd_level, pmdval.with_(prot=prot))
+        if uffd_wp:
+            prot &= ~Access.W                                        # pmd_wrprotect(pmd_mkuffd_wp())
+        await pgtable.set_entry(k, pmdp, arch.pmd_level, pmdval.with_(prot=prot, uffd_wp=uffd_wp))
         return True
     finally:
         await traps.unlock(pml)
 
 
-async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> int:
+async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flags: int = 0) -> int:
     """change_pte_range(): rewrite present PTEs with the VMA's new protection. Write stays
-    only where it needs no fault (shared mapping, or a dirty exclusive anon page:
-    can_change_pte_writable()). -EAGAIN when the PTE table cannot be mapped."""
+    only where it needs no fault (can_change_pte_writable(): a dirty exclusive anon page in
+    a private mapping, a dirty page in a shared one; never a uffd-wp pte). -EAGAIN when the
+    PTE table cannot be mapped.
+
+    uffd-wp (UFFDIO_WRITEPROTECT): MM_CP_UFFD_WP sets the uffd-wp bit (pte_mkuffd_wp, which
+    write-protects) on present ptes and swap ptes, and puts PTE_MARKER_UFFD_WP in none
+    ptes of marker-using (file) VMAs; MM_CP_UFFD_WP_RESOLVE clears the bit and drops
+    uffd-wp markers (the next access faults without trapping)."""
     mm, arch = vma.mm, k.arch
+    uffd_wp = bool(cp_flags & MM_CP_UFFD_WP)
+    uffd_wp_resolve = bool(cp_flags & MM_CP_UFFD_WP_RESOLVE)
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
     if locked is None:
         return -EAGAIN
     ptep, ptl = locked
+    level = arch.pte_level
     base = memory.vm_get_page_prot(vma.flags)
+    pages = 0
     for addr in range(start, end, k.page_size):
         entp = ptep + ((addr - start) >> k.page_shift) * 8
-        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
-        if ent.kind is not Kind.LEAF:
-            continue
-        prot = base
-        if vma.flags & VM_WRITE and not vma.flags & VM_SHARED and ent.dirty and not ent.special:
-            page = k.alloc.page_of(ent.paddr)
-            if page is not None and page.use is PageUse.ANON and page.refcount == 1:
-                prot |= Access.W
-        if ent.special:
-            prot &= ~Access.W
-        if prot != ent.prot:
-            await pgtable.set_entry(k, entp, arch.pte_level, ent.with_(prot=prot))
+        ent = arch.decode(level, await pgtable.get_raw(k, entp))
+        if ent.kind is Kind.LEAF:
+            wp = True if uffd_wp else False if uffd_wp_resolve else ent.uffd_wp
+            prot = base
+            if vma.flags & VM_WRITE and ent.dirty and not ent.special and not wp:
+                if vma.flags & VM_SHARED:
+                    if cp_flags & MM_CP_TRY_CHANGE_WRITABLE:
+                        prot |= Access.W
+                else:
+                    page = k.alloc.page_of(ent.paddr)
+                    if page is not None and page.use is PageUse.ANON and page.refcount == 1:
+                        prot |= Access.W
+            if ent.special or wp:
+                prot &= ~Access.W
+            if prot != ent.prot or wp != ent.uffd_wp:
+                await pgtable.set_entry(k, entp, level, ent.with_(prot=prot, uffd_wp=wp))
+                pages += 1
+        elif ent.kind is Kind.SWAP or ent.kind is Kind.MIGRATION:
+            if is_pte_marker(ent):
+                # a poisoned marker stays; a uffd-wp marker goes on un-protect
+                if uffd_wp_resolve and pte_marker_uffd_wp(ent):
+                    await pgtable.clear_entry(k, entp, level)
+                    pages += 1
+                continue
+            wp = True if uffd_wp else False if uffd_wp_resolve else ent.uffd_wp
+            if wp != ent.uffd_wp:                   # pte_swp_mkuffd_wp / pte_swp_clear_uffd_wp
+                await pgtable.set_entry(k, entp, level, ent.with_(uffd_wp=wp))
+                pages += 1
+        elif ent.kind is Kind.NONE and uffd_wp and userfaultfd_wp_use_markers(vma):
+            await pgtable.set_entry(k, entp, level, make_pte_marker(PTE_MARKER_UFFD_WP))
+            k.stats["uffd_wp_markers"] += 1
+            pages += 1
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
-    return 0
+    return pages

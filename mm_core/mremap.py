@@ -14,7 +14,7 @@ from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import huge_memory, memory, pgtable, rmap
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
-from mm_core.mm import VMA
+from mm_core.mm import VM_UFFD_FLAGS, VMA
 from mm_core.mmap import EINVAL, ENOMEM, _munmap_locked, get_unmapped_area, page_align, split_range
 from mm_core.tlbflush import flush_tlb_range
 
@@ -64,8 +64,10 @@ async def move_vma(k, mm, vma: VMA, old_addr: int, old_len: int, new_len: int, n
     old range unmapped."""
     split_range(mm, old_addr, old_addr + old_len)
     vma = mm.vma_lookup(old_addr)
-    new = VMA(mm, new_addr, new_addr + new_len, vma.flags, vma.name, vma.file, vma.pgoff,
-              vma.anon_vma, vma.uffd_wp)
+    # mremap_userfaultfd_prep() without UFFD_FEATURE_EVENT_REMAP: the uffd registration is
+    # dropped (no uffd context here has that feature)
+    new = VMA(mm, new_addr, new_addr + new_len, vma.flags & ~VM_UFFD_FLAGS, vma.name, vma.file,
+              vma.pgoff, vma.anon_vma, None)
     mm.insert_vma(new)
     memory.vma_link_file(k, new)
     moved = await move_page_tables(k, vma, old_addr, new, new_addr, min(old_len, new_len))

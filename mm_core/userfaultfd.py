@@ -1,9 +1,25 @@
-"""userfaultfd's UFFDIO_COPY and UFFDIO_MOVE cores (mm/userfaultfd.c), as far as the
-page-table rules go.
+"""userfaultfd (fs/userfaultfd.c, mm/userfaultfd.c) as far as the page-table rules go.
 
-UFFDIO_COPY: mfill_atomic_pte_copy() -> mfill_atomic_install_pte() installs an anon page
-into a private mapping holding only mmap_read_lock and the ptl, with no folio lock. That is
-why collapse_pte_mapped_thp() must keep the ptl from emptying a table until its pmd is gone.
+Registration (userfaultfd_register, under mmap_write_lock): VM_UFFD_MISSING / VM_UFFD_WP /
+VM_UFFD_MINOR on whole VMAs (split at the range's ends), vm_userfaultfd_ctx set. WP needs
+CONFIG_HAVE_ARCH_USERFAULTFD_WP (x86_64 since 5.7, arm64 since 6.10; never ppc64 or s390x:
+their pte formats have no uffd-wp bit), MINOR needs HAVE_ARCH_USERFAULTFD_MINOR and shmem.
+
+The fault side: handle_userfault() queues the faulting task on the context's
+fault_pending_wqh, checks userfaultfd_must_wait() (a lockless walk: pmdp_get_lockless(),
+pte_offset_map(); a failed map is RETRY, `goto again`), drops mmap_lock and sleeps until a
+resolving ioctl (UFFDIO_COPY / ZEROPAGE / CONTINUE / WRITEPROTECT un-protect) wakes the
+range; the fault returns VM_FAULT_RETRY and the arch handler retries it.
+
+UFFDIO_COPY / ZEROPAGE / CONTINUE: mfill_atomic() -> mfill_atomic_pte_*() ->
+mfill_atomic_install_pte() install one pte holding only mmap_read_lock and the ptl, with no
+folio lock (for COPY into a private mapping). That is why collapse_pte_mapped_thp() must
+keep the ptl from emptying a table until its pmd is gone. A failed pte_offset_map_lock()
+is -EAGAIN to the ioctl caller.
+
+UFFDIO_WRITEPROTECT: mwriteprotect_range() -> uffd_wp_range() -> change_protection(
+MM_CP_UFFD_WP / MM_CP_UFFD_WP_RESOLVE) (mm_core/mprotect.py): the uffd-wp software bit on
+present ptes, PTE_MARKER_UFFD_WP on none ptes of file VMAs.
 
 UFFDIO_MOVE (6.8+; the 6.13 code with the 2025 fixes): move_pages() -> move_pages_pte()
 moves one present, exclusive anon pte from src to dst, holding mmap_read_lock, both ptes
@@ -13,29 +29,522 @@ ptes pin an RCU read section (and a kmap_local slot under HIGHPTE), so on conten
 the folio lock or the anon_vma lock it unmaps both, sleeps on the lock and retries.
 Under 6.14 it also rechecks the dst pmd (pmd_same) under the ptls, since PT_RECLAIM may free
 the dst table meanwhile and a none dst pte reads the same in a freed table.
+
+Kernel text relied on: the v6.6 fs/userfaultfd.c and mm/userfaultfd.c as quoted in
+spec/kernel_mm.md §2 (rows 14, 15) and the stored mm/userfaultfd.c (a 6.4-era copy: the
+6.5 -EAGAIN on a failed map and the 6.6 pmd checks in mfill_atomic() are from the 6.6
+tree); mm/mprotect.c change_pte_range() and mm/memory.c handle_pte_marker() of 6.6.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from emu.arch import Access, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import memory, pgtable, rmap, shmem
-from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock
-from mm_core.mm import MM_ANONPAGES, VM_ACCESS_FLAGS, VM_LOCKED, VM_SHARED, VM_WRITE
+from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
+from mm_core.mm import (
+    MM_ANONPAGES,
+    VM_ACCESS_FLAGS,
+    VM_LOCKED,
+    VM_MAYWRITE,
+    VM_SHARED,
+    VM_UFFD_FLAGS,
+    VM_UFFD_MINOR,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
+    VM_WRITE,
+)
 from mm_core.page_alloc import OutOfMemory, PageUse
+from mm_core.swapops import pte_none_mostly
 from mm_core.tlbflush import flush_tlb_range
 
-EAGAIN, ENOENT, ENOMEM, EEXIST, EINVAL, EBUSY = 11, 2, 12, 17, 22, 16
+EAGAIN, ENOENT, ENOMEM, EEXIST, EINVAL, EBUSY, EPERM, EFAULT = 11, 2, 12, 17, 22, 16, 1, 14
 
 # uffdio_move.mode (include/uapi/linux/userfaultfd.h)
 UFFDIO_MOVE_MODE_DONTWAKE = 1 << 0
 UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
+# uffdio_register.mode
+UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_REGISTER_MODE_MINOR = 1 << 2
+# uffdio_copy / zeropage / writeprotect / continue modes
+UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
+UFFDIO_COPY_MODE_WP = 1 << 1
+UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
+UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
+UFFDIO_CONTINUE_MODE_WP = 1 << 1
+# uffdio_api.features
+UFFD_FEATURE_SIGBUS = 1 << 7
+# ioctl numbers: the bits of uffdio_register.ioctls
+_UFFDIO_REGISTER, _UFFDIO_UNREGISTER, _UFFDIO_WAKE, _UFFDIO_COPY, _UFFDIO_ZEROPAGE = 0, 1, 2, 3, 4
+_UFFDIO_MOVE, _UFFDIO_WRITEPROTECT, _UFFDIO_CONTINUE, _UFFDIO_POISON = 5, 6, 7, 8
+
+# mfill_atomic() modes (uffd_flags_t) and the WP flag
+MFILL_ATOMIC_COPY, MFILL_ATOMIC_ZEROPAGE, MFILL_ATOMIC_CONTINUE = "copy", "zeropage", "continue"
 
 # Where move_pages_pte()'s locals live: kernel stack addresses, never a page table. The
 # pre-927e926d72d9 code passed &orig_src_pte / &orig_dst_pte to pte_unmap().
 MOVE_PAGES_PTE_FRAME = 0xFFFFC90000A3FD00
 STACK_ORIG_SRC_PTE = MOVE_PAGES_PTE_FRAME + 0x48
 STACK_ORIG_DST_PTE = MOVE_PAGES_PTE_FRAME + 0x50
+
+
+def have_arch_userfaultfd(k, what: str) -> bool:
+    """CONFIG_HAVE_ARCH_USERFAULTFD_WP / _MINOR for this arch under this kernel profile
+    (WP also needs the pte format's uffd-wp software bit)."""
+    since = k.arch.kconfig.get(f"HAVE_ARCH_USERFAULTFD_{what}")
+    if since is None or k.profile.version < since:
+        return False
+    return what != "WP" or "uffd_wp" in k.arch.sw_bits
+
+
+# -- the context and its wait queue --------------------------------------------------------------
+
+@dataclass(eq=False)
+class UffdWaitQueue:
+    """struct userfaultfd_wait_queue: one faulting task on fault_pending_wqh, with its
+    uffd_msg (address, flags, reason); ``waken`` is set by userfaultfd_wake_function()."""
+
+    ctx: UserfaultfdCtx
+    address: int
+    flags: int
+    reason: int
+    waken: bool = False
+    sleeps = True                       # schedule() in TASK_KILLABLE / INTERRUPTIBLE
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        return self.waken
+
+    def __repr__(self) -> str:
+        return f"<uffd{self.ctx.id} fault {self.address:#x}>"
+
+
+@dataclass(eq=False)
+class UserfaultfdCtx:
+    """struct userfaultfd_ctx: the mm it serves, its features and the faults waiting on it
+    (fault_pending_wqh: read() and the refile to fault_wqh are not modelled, a waiter stays
+    pending until it is woken)."""
+
+    mm: object
+    features: int = 0
+    id: int = 0
+    released: bool = False
+    fault_pending_wqh: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
+
+
+def userfaultfd_ctx_new(k, mm, features: int = 0) -> UserfaultfdCtx:
+    """userfaultfd(2) + UFFDIO_API: a context for ``mm``."""
+    return UserfaultfdCtx(mm, features, k.next_id("uffd"))
+
+
+def vma_can_userfault(k, vma, vm_flags: int) -> bool:
+    """vma_can_userfault() (6.6): MINOR only on shmem (no hugetlb here); any mode on anon
+    and shmem (CONFIG_PTE_MARKER_UFFD_WP lets WP cover shmem: markers for none ptes). A
+    MAP_SHARED|MAP_ANONYMOUS mapping (shmem_zero_setup in Linux) is not modelled: refused."""
+    vm_flags &= VM_UFFD_FLAGS
+    shmem_vma = isinstance(vma.file, shmem.ShmemInode)
+    if vm_flags & VM_UFFD_MINOR and not shmem_vma:
+        return False
+    if vma.anonymous and vma.flags & VM_SHARED:
+        return False
+    return vma.anonymous or shmem_vma
+
+
+async def userfaultfd_register(k, ctx: UserfaultfdCtx, start: int, length: int, mode: int) -> int:
+    """userfaultfd_register() (UFFDIO_REGISTER): set VM_UFFD_* and the context on every VMA
+    of [start, start + length), splitting the first and last. Returns uffdio_register.ioctls
+    (the ioctls the range supports) or -errno: -EINVAL for a bad mode or range, a VMA that
+    cannot userfault, WP or MINOR where the arch lacks them; -ENOMEM where no VMA is in the
+    range; -EPERM without VM_MAYWRITE; -EBUSY for a VMA owned by another context."""
+    from mm_core.mmap import split_range
+    all_modes = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MINOR
+    if not mode or mode & ~all_modes:
+        return -EINVAL
+    vm_flags = 0
+    if mode & UFFDIO_REGISTER_MODE_MISSING:
+        vm_flags |= VM_UFFD_MISSING
+    if mode & UFFDIO_REGISTER_MODE_WP:
+        if not have_arch_userfaultfd(k, "WP"):
+            return -EINVAL                  # #ifndef CONFIG_HAVE_ARCH_USERFAULTFD_WP goto out
+        vm_flags |= VM_UFFD_WP
+    if mode & UFFDIO_REGISTER_MODE_MINOR:
+        if not have_arch_userfaultfd(k, "MINOR"):
+            return -EINVAL
+        vm_flags |= VM_UFFD_MINOR
+    page = k.page_size
+    if start % page or length % page or length <= 0 or start + length > k.arch.task_size:
+        return -EINVAL                      # validate_range()
+    end = start + length
+    mm = ctx.mm
+    await mmap_write_lock(mm)
+    try:
+        vmas = sorted(mm.overlapping(start, end), key=lambda v: v.start)
+        if not vmas:
+            return -ENOMEM
+        for cur in vmas:                    # search for not compatible vmas
+            if not vma_can_userfault(k, cur, vm_flags):
+                return -EINVAL
+            if not cur.flags & VM_MAYWRITE:
+                return -EPERM
+            if cur.uffd_ctx is not None and cur.uffd_ctx is not ctx:
+                return -EBUSY
+        for vma in split_range(mm, start, end):
+            # userfaultfd_set_vm_flags(): vm_page_prot follows (vma_wants_writenotify())
+            vma.flags = (vma.flags & ~VM_UFFD_FLAGS) | vm_flags
+            vma.uffd_ctx = ctx
+            await sched_point("vma_write", vma)
+        mm.merge_adjacent()
+        k.stats["uffdio_register"] += 1
+        ioctls = sum(1 << n for n in (_UFFDIO_WAKE, _UFFDIO_COPY, _UFFDIO_ZEROPAGE, _UFFDIO_WRITEPROTECT,
+                                      _UFFDIO_CONTINUE))
+        if k.profile.version >= (6, 6):
+            ioctls |= 1 << _UFFDIO_POISON
+        if k.profile.uffdio_move:
+            ioctls |= 1 << _UFFDIO_MOVE
+        if not mode & UFFDIO_REGISTER_MODE_WP:
+            ioctls &= ~(1 << _UFFDIO_WRITEPROTECT)
+        if not mode & UFFDIO_REGISTER_MODE_MINOR:
+            ioctls &= ~(1 << _UFFDIO_CONTINUE)
+        return ioctls
+    finally:
+        await mmap_write_unlock(mm)
+
+
+async def userfaultfd_unregister(k, ctx: UserfaultfdCtx, start: int, length: int) -> int:
+    """userfaultfd_unregister() (UFFDIO_UNREGISTER): write-unprotect a WP range first
+    (uffd_wp_range(false): markers and uffd-wp bits go), wake its waiters, clear the flags."""
+    from mm_core.mmap import split_range
+    page = k.page_size
+    if start % page or length % page or length <= 0:
+        return -EINVAL
+    end = start + length
+    mm = ctx.mm
+    await mmap_write_lock(mm)
+    try:
+        vmas = mm.overlapping(start, end)
+        if not vmas:
+            return -ENOMEM
+        for cur in vmas:
+            if cur.uffd_ctx is not None and cur.uffd_ctx is not ctx:
+                return -EBUSY
+        for vma in split_range(mm, start, end):
+            if vma.uffd_ctx is None:
+                continue
+            if vma.uffd_wp:
+                await uffd_wp_range(k, vma, vma.start, vma.end - vma.start, False)
+            await wake_userfault(k, ctx, vma.start, vma.end - vma.start)
+            vma.flags &= ~VM_UFFD_FLAGS
+            vma.uffd_ctx = None
+        mm.merge_adjacent()
+        return 0
+    finally:
+        await mmap_write_unlock(mm)
+
+
+async def userfaultfd_must_wait(k, ctx: UserfaultfdCtx, address: int, flags: int, reason: int) -> bool:
+    """userfaultfd_must_wait() (fs/userfaultfd.c, 6.6): after queueing, is the fault still
+    unresolved? A lockless walk (mmap_lock held for read): missing upper tables or a none
+    pmd: wait; a non-present (migration) or devmap pmd: do not (the explicit devmap guard
+    keeps the retry below from spinning on a pmd that will never be a table; there are no
+    devmap pmds here); a THP: wait only for a WP fault on a read-only pmd; a failed
+    pte_offset_map() is RETRY (`ret = true; goto again`: the pmd is read again). Then a none
+    or marker pte (pte_none_mostly) waits, and so does a read-only pte for a WP fault."""
+    arch = k.arch
+    pmdp = await rmap.walk_to_pmd(k, ctx.mm, address)
+    if pmdp is None:
+        return True
+    while True:                                                      # again:
+        pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, pmdp))
+        if pmdval.kind is Kind.NONE:
+            return True
+        if pmdval.kind is not Kind.LEAF and pmdval.kind is not Kind.TABLE:   # !pmd_present
+            return False
+        if pmdval.kind is Kind.LEAF:                                 # pmd_trans_huge
+            return not pmdval.prot & Access.W and bool(reason & VM_UFFD_WP)
+        ptep = await pgtable.pte_offset_map(k, pmdp, address)
+        if ptep is None:
+            k.stats["uffd_must_wait_retry"] += 1
+            await sched_point("retry", pmdp)
+            continue
+        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
+        ret = False
+        if pte_none_mostly(ptent):
+            ret = True
+        if not (ptent.kind is Kind.LEAF and ptent.prot & Access.W) and reason & VM_UFFD_WP:
+            ret = True
+        await pgtable.pte_unmap(k, ptep)
+        return ret
+
+
+async def handle_userfault(k, vmf, reason: int) -> int:
+    """handle_userfault(): deliver the fault to the userfaultfd and sleep until it is
+    resolved. Called with mmap_read_lock held and no pte mapped. Returns VM_FAULT_SIGBUS
+    (no context, UFFD_FEATURE_SIGBUS, or a fault that may not retry), VM_FAULT_NOPAGE (the
+    context is being released), or VM_FAULT_RETRY: with FAULT_FLAG_RETRY_NOWAIT at once and
+    still holding mmap_lock (a FOLL_NOWAIT GUP), otherwise after dropping mmap_lock and, if
+    userfaultfd_must_wait(), sleeping until a resolving ioctl wakes the range."""
+    from mm_core.memory import (
+        FAULT_FLAG_ALLOW_RETRY,
+        FAULT_FLAG_RETRY_NOWAIT,
+        VM_FAULT_NOPAGE,
+        VM_FAULT_RETRY,
+        VM_FAULT_SIGBUS,
+    )
+    vma = vmf.vma
+    mm = vma.mm
+    ctx = vma.uffd_ctx
+    k.stats[f"handle_userfault_{_REASONS.get(reason, reason)}"] += 1
+    if ctx is None or ctx.features & UFFD_FEATURE_SIGBUS:
+        return VM_FAULT_SIGBUS
+    if ctx.released:
+        return VM_FAULT_NOPAGE
+    if not vmf.flags & FAULT_FLAG_ALLOW_RETRY:
+        return VM_FAULT_SIGBUS
+    if vmf.flags & FAULT_FLAG_RETRY_NOWAIT:
+        return VM_FAULT_RETRY
+    uwq = UffdWaitQueue(ctx, vmf.address, vmf.flags, reason)
+    check_first = "handle_userfault_checks_before_queueing" in k.bugs
+    if check_first:
+        must_wait = await userfaultfd_must_wait(k, ctx, vmf.address, vmf.flags, reason)
+    await traps.lock(ctx.wqh_lock)                                   # spin_lock_irq(&wqh.lock)
+    ctx.fault_pending_wqh.append(uwq)                                # __add_wait_queue
+    await traps.unlock(ctx.wqh_lock)
+    # after the __add_wait_queue the waiter is visible to wake_userfault(): a resolution
+    # from now on wakes it, one before it shows in the page tables must_wait() reads
+    if not check_first:
+        must_wait = await userfaultfd_must_wait(k, ctx, vmf.address, vmf.flags, reason)
+    await mmap_read_unlock(mm)
+    if must_wait and not ctx.released:
+        k.stats["uffd_fault_waits"] += 1
+        await traps.wait(uwq)                                        # schedule()
+    if uwq in ctx.fault_pending_wqh:                                 # !list_empty_careful()
+        await traps.lock(ctx.wqh_lock)
+        if uwq in ctx.fault_pending_wqh:
+            ctx.fault_pending_wqh.remove(uwq)
+        await traps.unlock(ctx.wqh_lock)
+    return VM_FAULT_RETRY
+
+
+_REASONS = {VM_UFFD_MISSING: "missing", VM_UFFD_WP: "wp", VM_UFFD_MINOR: "minor"}
+
+
+async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> None:
+    """wake_userfault() -> __wake_userfault(): wake every fault queued on the context whose
+    address lies in [start, start + length) (userfaultfd_wake_function() unlinks it). The
+    caller has already changed the page tables: a fault queued after this finds them
+    resolved in userfaultfd_must_wait()."""
+    await sched_point("uffd_waitqueue_active", ctx)                  # smp_mb(); waitqueue_active()
+    if not ctx.fault_pending_wqh:
+        return
+    await traps.lock(ctx.wqh_lock)
+    for uwq in list(ctx.fault_pending_wqh):
+        if start <= uwq.address < start + length:
+            uwq.waken = True
+            ctx.fault_pending_wqh.remove(uwq)
+            k.stats["uffd_woken"] += 1
+    await traps.unlock(ctx.wqh_lock)
+
+
+async def userfaultfd_wake(k, ctx: UserfaultfdCtx, start: int, length: int) -> int:
+    """userfaultfd_wake() (UFFDIO_WAKE): wake the faults of a range resolved with DONTWAKE."""
+    page = k.page_size
+    if start % page or length % page or length <= 0:
+        return -EINVAL
+    await wake_userfault(k, ctx, start, length)
+    return 0
+
+
+# -- UFFDIO_COPY / ZEROPAGE / CONTINUE: mfill_atomic() -------------------------------------------
+
+def find_dst_vma(mm, dst_start: int, length: int, ctx: UserfaultfdCtx | None):
+    """find_dst_vma(): the one VMA holding the whole range, registered with ``ctx`` (None:
+    the registration is not checked, for the race scenarios that drive the pte install
+    without a context)."""
+    vma = mm.find_vma(dst_start)
+    if vma is None or dst_start < vma.start or dst_start + length > vma.end:
+        return None
+    if ctx is not None and vma.uffd_ctx is not ctx:
+        return None
+    return vma
+
+
+async def mfill_atomic(k, ctx: UserfaultfdCtx | None, mm, dst_start: int, length: int, what: str,
+                       data: bytes = b"", wp: bool = False) -> int:
+    """mfill_atomic() (6.6): fill [dst_start, +length) page by page under mmap_read_lock.
+    Per page: mm_alloc_pmd(), allocate the PTE table if the pmd is none, read the pmd again
+    and be strict (-EEXIST) if it is not a table now (a THP, or a pmd that went none after
+    the allocation: retract_page_tables() may remove tables under us), then
+    mfill_atomic_pte(). Returns the bytes filled, or -errno when none were; -EAGAIN (a
+    failed pte_offset_map_lock() in the install) goes back to the caller, who retries."""
+    page = k.page_size
+    if dst_start % page or length % page or length <= 0:
+        return -EINVAL
+    await mmap_read_lock(mm)
+    try:
+        dst_vma = find_dst_vma(mm, dst_start, length, ctx)
+        if dst_vma is None:
+            return -ENOENT
+        if dst_vma.anonymous and dst_vma.flags & VM_SHARED:
+            return -EINVAL                                # WARN_ON_ONCE: shmem_zero_setup vmas
+        if wp and not dst_vma.uffd_wp:
+            return -EINVAL                                # a wrprotect copy needs a WP registration
+        shmem_vma = isinstance(dst_vma.file, shmem.ShmemInode)
+        if not dst_vma.anonymous and not shmem_vma:
+            return -EINVAL
+        if not shmem_vma and what == MFILL_ATOMIC_CONTINUE:
+            return -EINVAL
+        if not dst_vma.flags & VM_SHARED:
+            rmap.anon_vma_prepare(k, dst_vma)
+        arch = k.arch
+        copied, err = 0, 0
+        for dst_addr in range(dst_start, dst_start + length, page):
+            try:
+                dst_pmd = await pgtable.walk_alloc(k, mm, dst_addr, arch.pmd_level)     # mm_alloc_pmd()
+            except OutOfMemory:
+                dst_pmd = None
+            if dst_pmd is None:
+                err = -ENOMEM
+                break
+            dst_pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, dst_pmd))
+            if dst_pmdval.kind is Kind.NONE and not await pgtable.pte_alloc(k, mm, dst_pmd):
+                err = -ENOMEM
+                break
+            dst_pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, dst_pmd))
+            if dst_pmdval.kind is not Kind.TABLE:         # !pmd_present || pmd_trans_huge
+                err = -EFAULT if dst_pmdval.kind is Kind.BAD else -EEXIST
+                break
+            off = dst_addr - dst_start
+            err = await mfill_atomic_pte(k, dst_pmd, dst_vma, dst_addr, what, data[off:off + page], wp)
+            if err:
+                break
+            copied += page
+        return copied if copied else err
+    finally:
+        await mmap_read_unlock(mm)
+
+
+async def mfill_atomic_pte(k, dst_pmd: int, dst_vma, dst_addr: int, what: str, data: bytes, wp: bool) -> int:
+    """mfill_atomic_pte(): CONTINUE maps the page cache's page; a private mapping gets an
+    anon page (COPY) or the zero page (ZEROPAGE); a shared shmem mapping fills the page
+    cache (shmem_mfill_atomic_pte)."""
+    if what == MFILL_ATOMIC_CONTINUE:
+        return await mfill_atomic_pte_continue(k, dst_pmd, dst_vma, dst_addr, wp)
+    if not dst_vma.flags & VM_SHARED:
+        if what == MFILL_ATOMIC_COPY:
+            return await mfill_atomic_pte_copy(k, dst_pmd, dst_vma, dst_addr, data, wp)
+        return await mfill_atomic_pte_zeropage(k, dst_pmd, dst_vma, dst_addr)
+    return await shmem_mfill_atomic_pte(k, dst_pmd, dst_vma, dst_addr, what, data, wp)
+
+
+async def mfill_atomic_pte_copy(k, dst_pmd: int, dst_vma, dst_addr: int, data: bytes, wp: bool) -> int:
+    """mfill_atomic_pte_copy(): a new anon page with the caller's data, installed by
+    mfill_atomic_install_pte() (freed again if that fails)."""
+    try:
+        page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=dst_vma.mm)
+    except OutOfMemory:
+        return -ENOMEM
+    k.physmem.write(page.paddr, data[:k.page_size])
+    ret = await mfill_atomic_install_pte(k, dst_vma, dst_addr, page, pmdp=dst_pmd, wp=wp)
+    if ret:
+        k.alloc.free_pages(page)
+    return ret
+
+
+async def mfill_atomic_pte_zeropage(k, dst_pmd: int, dst_vma, dst_addr: int) -> int:
+    """mfill_atomic_pte_zeropage(): map the zero page (special, read-only) into a none pte
+    under the ptl. A failed pte_offset_map_lock() is -EAGAIN; a pte that is not none
+    (pte_none(), a marker counts as present here in 6.6) is -EEXIST; a private shmem
+    mapping past i_size is -EFAULT."""
+    arch = k.arch
+    locked = await pgtable.pte_offset_map_lock(k, dst_vma.mm, dst_pmd, dst_addr)
+    if locked is None:
+        k.stats["mfill_eagain"] += 1
+        return -EAGAIN
+    ptep, ptl = locked
+    ret = 0
+    if dst_vma.file is not None and _beyond_eof(k, dst_vma, dst_addr):
+        ret = -EFAULT
+    elif (await pgtable.get_entry(k, ptep, arch.pte_level)).kind is not Kind.NONE:
+        ret = -EEXIST
+    else:
+        prot = memory.vm_get_page_prot(dst_vma.flags) & ~Access.W
+        zero = leaf_entry(k.zero_page.paddr, prot, special=True, young=True)   # pte_mkspecial(pfn_pte())
+        await pgtable.set_entry(k, ptep, arch.pte_level, zero)
+        k.stats["uffdio_zeropage"] += 1
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return ret
+
+
+def _beyond_eof(k, vma, addr: int) -> bool:
+    """offset >= DIV_ROUND_UP(i_size_read(inode), PAGE_SIZE): checked under the ptl to
+    serialize against truncation."""
+    inode = vma.file
+    return rmap.linear_page_index(k, vma, addr) >= -(-inode.size // k.page_size)
+
+
+async def mfill_atomic_pte_continue(k, dst_pmd: int, dst_vma, dst_addr: int, wp: bool) -> int:
+    """mfill_atomic_pte_continue() (UFFDIO_CONTINUE, resolving a minor fault): look the page
+    up in the page cache without allocating (shmem_get_folio(SGP_NOALLOC): a hole is
+    -EFAULT), lock it, map it with mfill_atomic_install_pte() (-EAGAIN / -EEXIST pass up),
+    unlock it."""
+    inode = dst_vma.file
+    index = rmap.linear_page_index(k, dst_vma, dst_addr)
+    if index << k.page_shift >= inode.size:
+        return -EFAULT
+    folio = shmem.filemap_get_folio(inode.mapping, index)
+    if folio is None:
+        return -EFAULT
+    folio.refcount += 1                                               # the lookup's reference
+    await shmem.folio_lock(k, folio)
+    if folio.mapping is not inode.mapping:                            # truncated meanwhile
+        shmem.folio_unlock(folio)
+        memory.put_page(k, folio)
+        return -EFAULT
+    ret = await mfill_atomic_install_pte(k, dst_vma, dst_addr, folio, pmdp=dst_pmd, wp=wp,
+                                         paddr=shmem.folio_page_paddr(folio, index), newly_allocated=False)
+    shmem.folio_unlock(folio)
+    memory.put_page(k, folio)           # on success the mapping took its own reference
+    if not ret:
+        k.stats["uffdio_continue"] += 1
+    return ret
+
+
+async def shmem_mfill_atomic_pte(k, dst_pmd: int, dst_vma, dst_addr: int, what: str, data: bytes,
+                                 wp: bool) -> int:
+    """shmem_mfill_atomic_pte() (COPY / ZEROPAGE into a shared shmem mapping): a new folio
+    (the data, or zeroes) added to the page cache (-EEXIST if the index is filled already,
+    -EFAULT beyond i_size), then mapped by mfill_atomic_install_pte(); on failure it leaves
+    the cache again."""
+    inode = dst_vma.file
+    index = rmap.linear_page_index(k, dst_vma, dst_addr)
+    if index << k.page_shift >= inode.size:
+        return -EFAULT
+    try:
+        folio = k.alloc.alloc_pages(k.page_order, PageUse.SHMEM, owner=inode.mapping)
+    except OutOfMemory:
+        return -ENOMEM
+    if what == MFILL_ATOMIC_COPY:
+        k.physmem.write(folio.paddr, data[:k.page_size])
+    folio.locked = True                                               # __folio_set_locked()
+    await sched_point("page_cache_insert", (inode.ino, index))
+    if shmem.filemap_get_folio(inode.mapping, index) is not None:
+        k.alloc.free_pages(folio)
+        return -EEXIST
+    shmem.add_to_page_cache(inode.mapping, folio, index)
+    ret = await mfill_atomic_install_pte(k, dst_vma, dst_addr, folio, pmdp=dst_pmd, wp=wp)
+    shmem.folio_unlock(folio)
+    if ret:
+        shmem.delete_from_page_cache(k, folio)                       # filemap_remove_folio()
+    else:
+        k.stats["shmem_mfill"] += 1
+    return ret
 
 
 async def mfill_atomic_copy(k, mm, dst: int, data: bytes) -> int:
@@ -61,30 +570,120 @@ async def mfill_atomic_copy(k, mm, dst: int, data: bytes) -> int:
         await mmap_read_unlock(mm)
 
 
-async def mfill_atomic_install_pte(k, vma, dst: int, page) -> int:
+async def mfill_atomic_install_pte(k, vma, dst: int, page, pmdp: int | None = None, wp: bool = False,
+                                   paddr: int | None = None, newly_allocated: bool = True) -> int:
     """mfill_atomic_install_pte(): map ``page`` at ``dst`` under the ptl; a failed map is
-    -EAGAIN to the caller (RETRY / -EAGAIN category)."""
+    -EAGAIN to the caller (RETRY / -EAGAIN category). A page-cache page (CONTINUE, shared
+    shmem COPY) gets a file rmap and is writable only in a shared writable mapping; an anon
+    page a new anon rmap. A pte that is not none is -EEXIST, except a uffd-wp marker
+    (pte_none_mostly: both MISSING and WP registered, a none pte write-protected first).
+    ``wp`` (MFILL_ATOMIC_WP) installs the pte write-protected with the uffd-wp bit; a
+    shmem mapping past i_size is -EFAULT."""
     mm, arch = vma.mm, k.arch
-    pmdp = await pgtable.walk_alloc(k, mm, dst, arch.pmd_level)
-    if pmdp is None or not await pgtable.pte_alloc(k, mm, pmdp):
-        return -EAGAIN
+    if pmdp is None:
+        pmdp = await pgtable.walk_alloc(k, mm, dst, arch.pmd_level)
+        if pmdp is None or not await pgtable.pte_alloc(k, mm, pmdp):
+            return -EAGAIN
+    page_in_cache = page.use is PageUse.SHMEM
+    writable = bool(vma.flags & VM_WRITE) and not (page_in_cache and not vma.flags & VM_SHARED)
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, dst)
     if locked is None:
         k.stats["mfill_eagain"] += 1
         return -EAGAIN
     ptep, ptl = locked
-    if (await pgtable.get_entry(k, ptep, arch.pte_level)).kind is not Kind.NONE:
+    if isinstance(vma.file, shmem.ShmemInode) and _beyond_eof(k, vma, dst):
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)      # serialize against truncate
+        return -EFAULT
+    if not pte_none_mostly(await pgtable.get_entry(k, ptep, arch.pte_level)):
         await pgtable.pte_unmap_unlock(k, ptep, ptl)
         return -EEXIST
-    prot = Access.R | (Access.W if vma.flags & VM_WRITE else Access.NONE)
-    page.mapcount = 1
-    rmap.folio_add_new_anon_rmap(k, page, vma, dst)
-    mm.rss[MM_ANONPAGES] += 1
+    prot = memory.vm_get_page_prot(vma.flags) & ~Access.W
+    if writable and not wp:
+        prot |= Access.W                                   # pte_mkwrite(); pte_mkuffd_wp() clears it
+    if page_in_cache:
+        memory.add_mapped_page(k, mm, page)                # folio_add_file_rmap_pte() + get
+    else:
+        page.mapcount = 1
+        rmap.folio_add_new_anon_rmap(k, page, vma, dst)
+        mm.rss[MM_ANONPAGES] += 1
     await pgtable.set_entry(k, ptep, arch.pte_level,
-                            pgtable.pte_mkdirty(k, leaf_entry(page.paddr, prot, young=True)))
+                            pgtable.pte_mkdirty(k, leaf_entry(page.paddr if paddr is None else paddr, prot,
+                                                          young=True, uffd_wp=wp)))
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
-    k.stats["uffdio_copy"] += 1
+    k.stats["uffdio_copy" if newly_allocated and not page_in_cache else "uffd_install_pte"] += 1
     return 0
+
+
+# -- UFFDIO_WRITEPROTECT -----------------------------------------------------------------------
+
+async def uffd_wp_range(k, vma, start: int, length: int, enable_wp: bool) -> int:
+    """uffd_wp_range(): change_protection(MM_CP_UFFD_WP or MM_CP_UFFD_WP_RESOLVE, the latter
+    with MM_CP_TRY_CHANGE_WRITABLE where the VMA wants a manual write upgrade)."""
+    from mm_core import mprotect
+    flags = mprotect.MM_CP_UFFD_WP if enable_wp else mprotect.MM_CP_UFFD_WP_RESOLVE
+    if not enable_wp and vma.flags & VM_WRITE:
+        flags |= mprotect.MM_CP_TRY_CHANGE_WRITABLE
+    return await mprotect.change_protection(k, vma, start, start + length, flags)
+
+
+async def mwriteprotect_range(k, ctx: UserfaultfdCtx, start: int, length: int, enable_wp: bool) -> int:
+    """mwriteprotect_range() (UFFDIO_WRITEPROTECT) under mmap_read_lock: every VMA of the
+    range must be registered for WP (else -ENOENT: also where the arch has no uffd-wp and
+    the registration was refused); uffd_wp_range() on each part. 0 or -errno (-ENOMEM when
+    a PTE table for the markers could not be allocated)."""
+    page = k.page_size
+    if start % page or length % page or length <= 0:
+        return -EINVAL
+    mm, end = ctx.mm, start + length
+    await mmap_read_lock(mm)
+    try:
+        err = -ENOENT
+        for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
+            if not vma.uffd_wp or vma.uffd_ctx is not ctx:
+                err = -ENOENT
+                break
+            lo, hi = max(vma.start, start), min(vma.end, end)
+            err = await uffd_wp_range(k, vma, lo, hi - lo, enable_wp)
+            if err < 0:
+                break
+            err = 0
+        return err
+    finally:
+        await mmap_read_unlock(mm)
+
+
+async def userfaultfd_writeprotect(k, ctx: UserfaultfdCtx, start: int, length: int, mode: int) -> int:
+    """userfaultfd_writeprotect(): WP and DONTWAKE together are -EINVAL; protect or
+    un-protect the range; an un-protect wakes the faults waiting in it unless DONTWAKE."""
+    if mode & ~(UFFDIO_WRITEPROTECT_MODE_WP | UFFDIO_WRITEPROTECT_MODE_DONTWAKE):
+        return -EINVAL
+    mode_wp = bool(mode & UFFDIO_WRITEPROTECT_MODE_WP)
+    mode_dontwake = bool(mode & UFFDIO_WRITEPROTECT_MODE_DONTWAKE)
+    if mode_wp and mode_dontwake:
+        return -EINVAL
+    ret = await mwriteprotect_range(k, ctx, start, length, mode_wp)
+    if ret:
+        return ret
+    k.stats["uffdio_writeprotect"] += 1
+    if not mode_wp and not mode_dontwake:
+        await wake_userfault(k, ctx, start, length)
+    return 0
+
+
+async def userfaultfd_mfill(k, ctx: UserfaultfdCtx, what: str, dst: int, length: int, mode: int,
+                            data: bytes = b"") -> int:
+    """userfaultfd_copy() / _zeropage() / _continue(): mfill_atomic(), then wake the range
+    filled (unless DONTWAKE). Returns the bytes filled (uffdio_*.copy / zeropage / mapped)
+    or -errno."""
+    dontwake = 1 << 0                   # the DONTWAKE bit of every mode
+    wp_bit = {MFILL_ATOMIC_COPY: UFFDIO_COPY_MODE_WP, MFILL_ATOMIC_CONTINUE: UFFDIO_CONTINUE_MODE_WP,
+              MFILL_ATOMIC_ZEROPAGE: 0}[what]
+    if mode & ~(dontwake | wp_bit):
+        return -EINVAL
+    ret = await mfill_atomic(k, ctx, ctx.mm, dst, length, what, data, wp=bool(mode & wp_bit))
+    if ret > 0 and not mode & dontwake:
+        await wake_userfault(k, ctx, dst, ret)
+    return ret
 
 
 # -- UFFDIO_MOVE -------------------------------------------------------------------------------
@@ -380,7 +979,8 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
         rmap.folio_move_anon_rmap(k, src_folio, dst_vma)
         src_folio.index = rmap.linear_page_index(k, dst_vma, dst_addr)
         prot = memory.vm_get_page_prot(dst_vma.flags) | Access.W        # pte_mkwrite(pte_mkdirty())
-        await pgtable.set_entry(k, dst_pte, level, leaf_entry(src_folio.paddr, prot, young=True, dirty=True))
+        await pgtable.set_entry(k, dst_pte, level, pgtable.pte_mkdirty(k, leaf_entry(src_folio.paddr, prot,
+                                                                                     young=True)))
         k.stats["uffdio_move"] += 1
     await double_pt_unlock(k, dst_ptl, src_ptl)
     return err
