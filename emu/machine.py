@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd, vmscan
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -95,6 +95,7 @@ class Machine:
         # scheduler ran last
         self.kernel.current_task = lambda: API_TASK if in_sync() else sched.current
         self.kernel.current_step = lambda: len(sched.picks)
+        self.kernel.tasks = lambda: sched.tasks           # spin_is_contended() looks at waiters
         sched.on_task_end.append(self.kernel.san.task_ended)
         sched.observers.append(self.kernel.san.on_trap)
         sched.observers.append(self._ipi_point)
@@ -194,6 +195,12 @@ class Machine:
         (uffdio_move.move); raises OSError when nothing was (EEXIST, ENOENT, EBUSY, ...).
         ``mode`` takes UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES (2)."""
         return _check(run_sync(userfaultfd.move_pages(self.kernel, mm, dst, src, length, mode)))
+
+    def lru_gen_age(self, mm: MMStruct, force_scan: bool = True, can_swap: bool = True) -> Any:
+        """One MGLRU aging walk over ``mm`` (mm/vmscan.c walk_mm(), then inc_max_seq()):
+        young bits cleared in the real tables, young folios moved to the youngest
+        generation. Returns the walk (mm_stats, skipped pmds); see mm_core.vmscan."""
+        return run_sync(vmscan.lru_gen_age_mm(self.kernel, mm, force_scan, can_swap))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

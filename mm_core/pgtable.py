@@ -375,6 +375,35 @@ async def pte_offset_map_rw_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, Sp
     return mapped
 
 
+async def pte_offset_map_nolock_copy(k, mm, pmdval: Entry, addr: int,
+                                     pmdp: int) -> tuple[int, SpinLock, Entry] | None:
+    """pte_offset_map_nolock(mm, &val, addr, &ptl) (6.13: pte_offset_map_rw_nolock(mm, &val,
+    addr, &pmdval, &ptl)) on a caller's *stack copy* ``val`` of the pmd, as MGLRU's
+    walk_pmd_range() passes it to walk_pte_range(). __pte_offset_map() validates the copy
+    (which cannot change: no re-read of the live pmd) and the ptl named is that of the
+    table the copy points to. ``pmdp``, where the copy was read from, only feeds the
+    sanitizers. Under the 6.4 rules the copy is mapped blindly (the caller checked it)."""
+    pmd_level = k.arch.pmd_level
+    if not k.profile.fallible_pte_map:
+        ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+        k.san.pte_mapped(ptep, pmdp)
+        return ptep, pte_lockptr(k, mm, pmdval, pmdp=pmdp), pmdval
+    rcu = k.profile.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs
+    if rcu:
+        await rcu_read_lock(k)
+    if pmdval.kind is not Kind.TABLE:             # a bad copy: pmd_clear_bad() clears the copy
+        if rcu:
+            await rcu_read_unlock(k)
+        k.stats["pte_map_failed"] += 1
+        return None
+    ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+    k.san.pte_mapped(ptep, pmdp)
+    ptl = pte_lockptr(k, mm, pmdval, pmdp=pmdp, snapshot=pmdval)
+    if k.profile.rw_nolock:
+        k.san.rw_nolock_mapped(pmdp, ptep, ptl)
+    return ptep, ptl, pmdval
+
+
 def _require_613(k, name: str) -> None:
     if not k.profile.rw_nolock:
         raise ApiError(f"{name}() exists from 6.13 on (profile {k.profile.name})")

@@ -134,6 +134,12 @@ async def folio_referenced_anon(k, folio) -> tuple[int, int]:
             ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
             if ent.kind is Kind.LEAF and ent.paddr == folio.paddr:
                 found += 1
+                from mm_core import vmscan
+                if ent.young and vmscan.lru_gen_enabled(k):
+                    # 6.6 folio_referenced_one(): MGLRU looks at the neighbours first
+                    await vmscan.lru_gen_look_around(k, vma, addr, ptep, ptl, pmdp, folio)
+                    referenced += 1
+                    ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
                 if ent.young:
                     referenced += 1
                     await pgtable.set_entry(k, ptep, arch.pte_level, ent.with_(young=False))
