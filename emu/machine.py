@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd, vmscan
+from mm_core import fork, khugepaged, ksm, madvise, memory, pgtable, rcu, shmem, userfaultfd, vmscan
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -201,6 +201,13 @@ class Machine:
         young bits cleared in the real tables, young folios moved to the youngest
         generation. Returns the walk (mm_stats, skipped pmds); see mm_core.vmscan."""
         return run_sync(vmscan.lru_gen_age_mm(self.kernel, mm, force_scan, can_swap))
+
+    def ksm_merge(self, mm: MMStruct, addr: int, other_mm: MMStruct, other_addr: int) -> None:
+        """What ksmd does once its unstable tree matched two identical pages of
+        MADV_MERGEABLE memory (mm/ksm.c try_to_merge_two_pages()): the page at ``addr``
+        becomes a write-protected KSM page and replaces the one at ``other_addr``.
+        Raises OSError(EFAULT) when the merge fails (see mm_core.ksm)."""
+        _check(run_sync(ksm.ksm_merge_pages(self.kernel, mm, addr, other_mm, other_addr)))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

@@ -34,7 +34,9 @@ from mm_core.tlbflush import flush_tlb_range
 # fault flags (include/linux/mm_types.h, enum fault_flag)
 FAULT_FLAG_WRITE = 0x1
 FAULT_FLAG_USER = 0x40
+FAULT_FLAG_REMOTE = 0x80
 FAULT_FLAG_INSTRUCTION = 0x100
+FAULT_FLAG_UNSHARE = 0x400       # break COW of a shared anon page without writing (KSM, GUP pins)
 
 # vm_fault_t
 VM_FAULT_OOM = 0x1
@@ -132,6 +134,10 @@ class VmFault:
     def write(self) -> bool:
         return bool(self.flags & FAULT_FLAG_WRITE)
 
+    @property
+    def unshare(self) -> bool:
+        return bool(self.flags & FAULT_FLAG_UNSHARE)
+
 
 async def handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
     """handle_mm_fault(): account the fault and hand it to __handle_mm_fault()."""
@@ -193,10 +199,11 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
     if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0                      # someone else changed it: the access retries
-    if vmf.write:
+    if vmf.write or vmf.unshare:
         if not entry.prot & Access.W:
             return await do_wp_page(k, vmf, entry)
-        entry = entry.with_(dirty=True)
+        if vmf.write:
+            entry = entry.with_(dirty=True)
     new = entry.with_(young=True)
     if arch.encode(pte_level, new) != vmf.orig_pte:
         # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
@@ -261,7 +268,11 @@ async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
                                 entry.with_(prot=entry.prot | Access.W, dirty=True, young=True))
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
-    if page is not None and page.use is PageUse.ANON and page.refcount == 1:
+    if page is not None and page.use is PageUse.ANON and page.refcount == 1 \
+            and not page.extra.get("ksm"):              # wp_can_reuse_anon_folio(): never a KSM folio
+        if vmf.unshare:                                 # exclusive already: nothing to unshare
+            await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+            return 0
         # wp_page_reuse()
         k.stats["wp_reuse"] += 1
         await pgtable.set_entry(k, vmf.pte, arch.pte_level,
@@ -291,11 +302,13 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
         k.alloc.free_pages(new_page)
         return 0
     ptep, ptl = locked
-    prot = vm_get_page_prot(vmf.vma.flags) | Access.W
+    # FAULT_FLAG_UNSHARE: the copy gets vm_page_prot as it is (no write, not dirty)
+    prot = vm_get_page_prot(vmf.vma.flags) | (Access.NONE if vmf.unshare else Access.W)
     new_page.mapcount = 1
     rmap.folio_add_new_anon_rmap(k, new_page, vmf.vma, vmf.address)
     # ptep_clear_flush() + set_pte_at()
-    await pgtable.set_entry(k, ptep, arch.pte_level, leaf_entry(new_page.paddr, prot, young=True, dirty=True))
+    await pgtable.set_entry(k, ptep, arch.pte_level,
+                            leaf_entry(new_page.paddr, prot, young=True, dirty=not vmf.unshare))
     await flush_tlb_range(k, mm, vmf.address, vmf.address + k.page_size)
     mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:
