@@ -19,6 +19,7 @@ from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
 from mm_core import fork, khugepaged, ksm, madvise, memory, pgtable, rcu, shmem, userfaultfd, vmscan
+from mm_core import memory_failure as mm_memory_failure
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -208,6 +209,22 @@ class Machine:
         becomes a write-protected KSM page and replaces the one at ``other_addr``.
         Raises OSError(EFAULT) when the merge fails (see mm_core.ksm)."""
         _check(run_sync(ksm.ksm_merge_pages(self.kernel, mm, addr, other_mm, other_addr)))
+
+    def memory_failure(self, pfn: int, mm: MMStruct | None = None,
+                       action_required: bool = True) -> int | None:
+        """memory_failure(pfn, MF_ACTION_REQUIRED) as the machine-check handler of a task
+        running ``mm`` calls it (mm/memory-failure.c; ``pfn`` in base pages). The first
+        report poisons the page (a small anon page is unmapped: hwpoison entries) and
+        returns None; a report on a poisoned page walks ``mm`` (kill_accessing_process())
+        and returns the address SIGBUS would carry. Raises OSError: EFAULT (``mm`` does
+        not map it), EBUSY (poisoned but still mapped: a THP or page-cache page, whose
+        unmapping is not modelled), EHWPOISON (poisoned, no action required), ENXIO."""
+        flags = mm_memory_failure.MF_ACTION_REQUIRED if action_required else 0
+        ret, tk = run_sync(mm_memory_failure.memory_failure(self.kernel, pfn, flags, mm))
+        if ret == -mm_memory_failure.EHWPOISON and tk is not None and tk.addr:
+            return tk.addr
+        _check(ret)
+        return None
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
