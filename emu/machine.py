@@ -18,7 +18,19 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, ksm, madvise, memory, pgtable, rcu, shmem, userfaultfd, vmscan
+from mm_core import (
+    fork,
+    khugepaged,
+    ksm,
+    madvise,
+    memory,
+    mempolicy,
+    pgtable,
+    rcu,
+    shmem,
+    userfaultfd,
+    vmscan,
+)
 from mm_core import memory_failure as mm_memory_failure
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
@@ -225,6 +237,14 @@ class Machine:
             return tk.addr
         _check(ret)
         return None
+
+    def numa_scan(self, mm: MMStruct) -> int:
+        """One NUMA-balancing scan of ``mm`` (task_numa_work() -> change_prot_numa()):
+        present ptes become PAGE_NONE, and the next access takes a NUMA hinting fault
+        (do_numa_page()), which on this one-node machine restores the protection.
+        Returns the ptes changed (none for a single-threaded private mapping, whose pages
+        are all on its node; set ``mm.users`` for a multi-threaded process)."""
+        return run_sync(mempolicy.task_numa_work(self.kernel, mm))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

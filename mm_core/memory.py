@@ -195,6 +195,8 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
     if entry.kind is not Kind.LEAF:
         await pgtable.pte_unmap(k, vmf.pte)
         return VM_FAULT_SIGBUS        # swap and migration entries: do_swap_page (swapfile.py)
+    if pte_protnone(entry) and vma_is_accessible(vmf.vma):
+        return await do_numa_page(k, vmf)
     await traps.lock(vmf.ptl)
     if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
@@ -209,6 +211,63 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
         # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
         await pgtable.set_entry(k, vmf.pte, pte_level, new)
     await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+    return 0
+
+
+def pte_protnone(pte: Entry) -> bool:
+    """pte_protnone(): present to Linux but inaccessible (PAGE_NONE: x86 _PAGE_PROTNONE,
+    arm64 PTE_PRESENT_INVALID, ...). In an accessible VMA only NUMA hinting makes one."""
+    return pte.kind is Kind.LEAF and pte.prot == Access.NONE
+
+
+def vma_is_accessible(vma: VMA) -> bool:
+    return bool(vma.flags & (VM_READ | VM_WRITE | VM_EXEC))
+
+
+def can_change_pte_writable(k, vma: VMA, pte: Entry) -> bool:
+    """can_change_pte_writable(): a private mapping may map an exclusive anon page
+    writable without a fault; a shared one a dirty pte (no write-notify here)."""
+    if not vma.flags & VM_WRITE or pte_protnone(pte):
+        return False
+    if not vma.flags & VM_SHARED:
+        page = None if pte.special else k.alloc.page_of(pte.paddr)
+        return page is not None and page.use is PageUse.ANON and page.refcount == 1 \
+            and not page.extra.get("ksm")             # PageAnonExclusive()
+    return pte.dirty
+
+
+async def do_numa_page(k, vmf: VmFault) -> int:
+    """do_numa_page() (6.6): a NUMA hinting fault on a PAGE_NONE pte that
+    change_prot_numa() made. Entered with the pte mapped (pte_offset_map_nolock() in
+    handle_pte_fault()) and the ptl it named: spin_lock(vmf->ptl), then pte_same() against
+    orig_pte; a changed pte is ``goto out``: return 0 (FAULT-RETRY: the access faults
+    again). With one node numa_migrate_prep() answers NUMA_NO_NODE (mpol_misplaced(): the
+    folio is where it should be), so nothing migrates: ``out_map`` restores the VMA's
+    protection (pte_modify(old_pte, vma->vm_page_prot), young, writable if it may be) in
+    place. Not modelled: migrate_misplaced_folio() and the re-map after a failed migration
+    (its pte_offset_map_lock() failure is ``goto out`` too), task_numa_fault()'s
+    statistics beyond a counter, memory tiering."""
+    vma, arch = vmf.vma, k.arch
+    await traps.lock(vmf.ptl)
+    if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+        k.stats["numa_fault_pte_changed"] += 1
+        return 0                                              # goto out: FAULT-RETRY
+    old = arch.decode(arch.pte_level, vmf.orig_pte)
+    pte = old.with_(prot=vm_get_page_prot(vma.flags))         # pte_modify(old_pte, vm_page_prot)
+    writable = bool(pte.prot & Access.W)
+    if not writable and vma.flags & VM_WRITE and not vma.flags & VM_SHARED \
+            and can_change_pte_writable(k, vma, pte):         # vma_wants_manual_pte_write_upgrade()
+        writable = True
+    # vm_normal_folio(); a large folio, or numa_migrate_prep() == NUMA_NO_NODE: out_map
+    pte = pte.with_(young=True)                               # pte_mkyoung()
+    if writable:
+        pte = pte.with_(prot=pte.prot | Access.W)             # pte_mkwrite()
+    # ptep_modify_prot_start() + ptep_modify_prot_commit(): the pte goes from PAGE_NONE to
+    # more access, which needs no TLB flush
+    await pgtable.set_entry(k, vmf.pte, arch.pte_level, pte)
+    await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+    k.stats["numa_hint_faults"] += 1                          # task_numa_fault()
     return 0
 
 

@@ -59,7 +59,7 @@ async def change_protection(k, vma: VMA, start: int, end: int) -> None:
     await flush_tlb_range(k, vma.mm, start, end)
 
 
-async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None:
+async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, prot_numa: bool = False) -> None:
     """change_pmd_range() for one pmd: none is skipped, a PMD leaf covered whole changes in
     place (change_huge_pmd) or is split, a table goes to change_pte_range, whose -EAGAIN
     (map failure) means: look at this pmd again (RETRY)."""
@@ -70,6 +70,8 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None
         if pmdval.kind is Kind.NONE:
             return
         if pmdval.kind is Kind.LEAF:
+            if prot_numa:
+                return              # change_huge_pmd(MM_CP_PROT_NUMA): not modelled, left as it is
             if start & (size - 1) == 0 and end - start == size:
                 if await change_huge_pmd(k, vma, pmdp, pmdval):
                     return
@@ -78,7 +80,7 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int) -> None
             continue
         if pmdval.kind is not Kind.TABLE:
             return
-        if await change_pte_range(k, vma, pmdp, start, end) != -EAGAIN:
+        if await change_pte_range(k, vma, pmdp, start, end, prot_numa) != -EAGAIN:
             return
         k.stats["change_pmd_retry"] += 1
         await sched_point("retry", pmdp)
@@ -103,20 +105,42 @@ async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval) -> bool:
         await traps.unlock(pml)
 
 
-async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> int:
+async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, prot_numa: bool = False) -> int:
     """change_pte_range(): rewrite present PTEs with the VMA's new protection. Write stays
     only where it needs no fault (shared mapping, or a dirty exclusive anon page:
-    can_change_pte_writable()). -EAGAIN when the PTE table cannot be mapped."""
+    can_change_pte_writable()). -EAGAIN when the PTE table cannot be mapped.
+    ``prot_numa`` (MM_CP_PROT_NUMA, change_prot_numa()): PAGE_NONE instead, skipping ptes
+    already protnone, special and KSM pages, shared COW pages, dirty file pages, and pages
+    already on the node a single-threaded private mapping runs on (every page, with one
+    node). Returns the ptes changed."""
     mm, arch = vma.mm, k.arch
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
     if locked is None:
         return -EAGAIN
     ptep, ptl = locked
     base = memory.vm_get_page_prot(vma.flags)
+    single_node_target = prot_numa and not vma.flags & VM_SHARED and mm.users == 1
+    pages = 0
     for addr in range(start, end, k.page_size):
         entp = ptep + ((addr - start) >> k.page_shift) * 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, entp))
         if ent.kind is not Kind.LEAF:
+            continue
+        if prot_numa:
+            if memory.pte_protnone(ent) or ent.special:
+                continue
+            page = k.alloc.page_of(ent.paddr)
+            if page is None or page.extra.get("ksm"):
+                continue
+            if vma.flags & VM_MAYWRITE and not vma.flags & VM_SHARED and page.refcount != 1:
+                continue                                   # is_cow_mapping() && page_count() != 1
+            if page.use is PageUse.FILE and (page.extra.get("dirty") or ent.dirty):
+                continue                                   # page_is_file_lru() && PageDirty()
+            if single_node_target:
+                continue                                   # target_node == page_to_nid(page)
+            await pgtable.set_entry(k, entp, arch.pte_level, ent.with_(prot=Access.NONE))
+            k.stats["numa_pte_updates"] += 1
+            pages += 1
             continue
         prot = base
         if vma.flags & VM_WRITE and not vma.flags & VM_SHARED and ent.dirty and not ent.special:
@@ -127,5 +151,6 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int) -> int:
             prot &= ~Access.W
         if prot != ent.prot:
             await pgtable.set_entry(k, entp, arch.pte_level, ent.with_(prot=prot))
+            pages += 1
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
-    return 0
+    return pages
