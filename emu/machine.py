@@ -19,6 +19,7 @@ from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
 from mm_core import (
+    events_core,
     fork,
     khugepaged,
     ksm,
@@ -245,6 +246,12 @@ class Machine:
         Returns the ptes changed (none for a single-threaded private mapping, whose pages
         are all on its node; set ``mm.users`` for a multi-threaded process)."""
         return run_sync(mempolicy.task_numa_work(self.kernel, mm))
+
+    def perf_page_size(self, addr: int, mm: MMStruct | None = None) -> int:
+        """The page size perf would record for a sample at ``addr`` taken in a task
+        running ``mm`` (None: a kernel thread, init_mm's tables): kernel/events/core.c
+        perf_get_page_size(). 0 where nothing is mapped."""
+        return run_sync(events_core.perf_get_page_size(self.kernel, mm, addr))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
