@@ -15,8 +15,10 @@ from mm_core.madvise import (
     MADV_DONTNEED,
     MADV_FREE,
     MADV_HUGEPAGE,
+    MADV_MERGEABLE,
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
+    MADV_UNMERGEABLE,
 )
 from mm_core.mmap import (
     MAP_ANONYMOUS,
@@ -52,7 +54,7 @@ __all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE"
            "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES", "UFFDIO_REGISTER_MODE_MISSING", "UFFDIO_REGISTER_MODE_WP",
            "UFFDIO_REGISTER_MODE_MINOR", "UFFDIO_COPY_MODE_DONTWAKE", "UFFDIO_COPY_MODE_WP",
            "UFFDIO_CONTINUE_MODE_WP", "UFFDIO_WRITEPROTECT_MODE_WP", "UFFDIO_WRITEPROTECT_MODE_DONTWAKE",
-           "UFFD_FEATURE_SIGBUS"]
+           "UFFD_FEATURE_SIGBUS", "MADV_MERGEABLE", "MADV_UNMERGEABLE"]
 
 
 def __getattr__(name: str) -> Any:

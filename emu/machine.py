@@ -18,7 +18,23 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, gup, khugepaged, madvise, memory, pgtable, rcu, shmem, task_mmu, userfaultfd
+from mm_core import (
+    events_core,
+    fork,
+    gup,
+    khugepaged,
+    ksm,
+    madvise,
+    memory,
+    mempolicy,
+    pgtable,
+    rcu,
+    shmem,
+    task_mmu,
+    userfaultfd,
+    vmscan,
+)
+from mm_core import memory_failure as mm_memory_failure
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -95,6 +111,7 @@ class Machine:
         # scheduler ran last
         self.kernel.current_task = lambda: API_TASK if in_sync() else sched.current
         self.kernel.current_step = lambda: len(sched.picks)
+        self.kernel.tasks = lambda: sched.tasks           # spin_is_contended() looks at waiters
         sched.on_task_end.append(self.kernel.san.task_ended)
         sched.observers.append(self.kernel.san.on_trap)
         sched.observers.append(self._ipi_point)
@@ -281,6 +298,49 @@ class Machine:
         wakes the waiting faults (unless _DONTWAKE, 2). OSError(ENOENT) for a range not
         registered for WP."""
         _check(run_sync(userfaultfd.userfaultfd_writeprotect(self.kernel, ctx, start, length, mode)))
+
+    def lru_gen_age(self, mm: MMStruct, force_scan: bool = True, can_swap: bool = True) -> Any:
+        """One MGLRU aging walk over ``mm`` (mm/vmscan.c walk_mm(), then inc_max_seq()):
+        young bits cleared in the real tables, young folios moved to the youngest
+        generation. Returns the walk (mm_stats, skipped pmds); see mm_core.vmscan."""
+        return run_sync(vmscan.lru_gen_age_mm(self.kernel, mm, force_scan, can_swap))
+
+    def ksm_merge(self, mm: MMStruct, addr: int, other_mm: MMStruct, other_addr: int) -> None:
+        """What ksmd does once its unstable tree matched two identical pages of
+        MADV_MERGEABLE memory (mm/ksm.c try_to_merge_two_pages()): the page at ``addr``
+        becomes a write-protected KSM page and replaces the one at ``other_addr``.
+        Raises OSError(EFAULT) when the merge fails (see mm_core.ksm)."""
+        _check(run_sync(ksm.ksm_merge_pages(self.kernel, mm, addr, other_mm, other_addr)))
+
+    def memory_failure(self, pfn: int, mm: MMStruct | None = None,
+                       action_required: bool = True) -> int | None:
+        """memory_failure(pfn, MF_ACTION_REQUIRED) as the machine-check handler of a task
+        running ``mm`` calls it (mm/memory-failure.c; ``pfn`` in base pages). The first
+        report poisons the page (a small anon page is unmapped: hwpoison entries) and
+        returns None; a report on a poisoned page walks ``mm`` (kill_accessing_process())
+        and returns the address SIGBUS would carry. Raises OSError: EFAULT (``mm`` does
+        not map it), EBUSY (poisoned but still mapped: a THP or page-cache page, whose
+        unmapping is not modelled), EHWPOISON (poisoned, no action required), ENXIO."""
+        flags = mm_memory_failure.MF_ACTION_REQUIRED if action_required else 0
+        ret, tk = run_sync(mm_memory_failure.memory_failure(self.kernel, pfn, flags, mm))
+        if ret == -mm_memory_failure.EHWPOISON and tk is not None and tk.addr:
+            return tk.addr
+        _check(ret)
+        return None
+
+    def numa_scan(self, mm: MMStruct) -> int:
+        """One NUMA-balancing scan of ``mm`` (task_numa_work() -> change_prot_numa()):
+        present ptes become PAGE_NONE, and the next access takes a NUMA hinting fault
+        (do_numa_page()), which on this one-node machine restores the protection.
+        Returns the ptes changed (none for a single-threaded private mapping, whose pages
+        are all on its node; set ``mm.users`` for a multi-threaded process)."""
+        return run_sync(mempolicy.task_numa_work(self.kernel, mm))
+
+    def perf_page_size(self, addr: int, mm: MMStruct | None = None) -> int:
+        """The page size perf would record for a sample at ``addr`` taken in a task
+        running ``mm`` (None: a kernel thread, init_mm's tables): kernel/events/core.c
+        perf_get_page_size(). 0 where nothing is mapped."""
+        return run_sync(events_core.perf_get_page_size(self.kernel, mm, addr))
 
     def exit_mm(self, mm: MMStruct) -> None:
         """exit_mmap() + check_mm(): raises CheckMMError on any leak."""

@@ -129,6 +129,11 @@ BUGS: dict[str, str] = {
         "handle_userfault() runs userfaultfd_must_wait() before putting the task on "
         "fault_pending_wqh instead of after: a UFFDIO_COPY in between installs the page and "
         "finds nobody to wake (waitqueue_active() is false), the fault then sleeps forever",
+    "lru_gen_walk_without_rcu":
+        "MGLRU's walk_mm() without the rcu_read_lock() of mem_cgroup_trylock_pages() (gone "
+        "with \"mm: memcg: no need for memcg locking for MGLRU\", the 6.13 profile's state): "
+        "walk_pte_range() maps walk_pmd_range()'s stack copy of a pmd whose table was "
+        "retracted and freed after the read",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -550,6 +555,54 @@ def mincore_vs_retract(sc: Scenario) -> World:
 
     sc.task("mincore", check())
     sc.task("retract", collapse_file_tail(k, w))
+    return w
+
+
+LRU_GEN_EXTENTS = 2
+
+
+@scenario("lru-gen-vs-retract",
+          "MGLRU's aging walk (walk_pmd_range() -> walk_pte_range() on a stack copy of the pmd, "
+          "pte_offset_map_nolock + spin_trylock, SKIP) racing retract_page_tables(): the copy may "
+          "name a detached table, which 6.6 keeps alive by holding rcu_read_lock() across the walk",
+          catches=("lru_gen_walk_without_rcu",))
+def lru_gen_vs_retract(sc: Scenario) -> World:
+    from mm_core import vmscan
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    nr = LRU_GEN_EXTENTS
+    inode = m.memfd_create("race", nr * size)
+    folios = []
+    for i in range(nr):                  # collapsed_shmem() times nr: an empty table per extent
+        folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
+        k.physmem.write(folio.paddr, _file_data(size))
+        shmem.add_to_page_cache(inode.mapping, folio, i * (size // k.page_size))
+        folio.locked = True
+        folios.append(folio)
+    mm = m.new_mm()
+    addr = m.mmap(mm, BASE, nr * size, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+                  file=inode)
+    for i in range(nr):
+        pmdp = run_sync(pgtable.walk_alloc(k, mm, addr + i * size, k.arch.pmd_level))
+        run_sync(pgtable.pte_alloc(k, mm, pmdp))
+    w = World([mm], [inode], addr, pmdp, inode, {"folio": folios[0]})
+
+    async def retract():                 # collapse_file()'s tail, extent by extent
+        n = 0
+        for i, folio in enumerate(folios):
+            n += await khugepaged.retract_page_tables(k, inode.mapping, i * (size // k.page_size))
+            shmem.folio_unlock(folio)
+        return n
+
+    async def age():
+        walk = await vmscan.lru_gen_age_mm(k, w.mms[0])
+        if walk.mm_stats["MM_LEAF_YOUNG"]:           # the table is empty: nothing can be young
+            raise Finding("ORACLE", "ORACLE: the aging walk found young ptes in an empty table",
+                          "ORACLE:lru_gen", [f"  mm_stats {dict(walk.mm_stats)}"])
+        return walk.err
+
+    sc.task("aging", age())
+    sc.task("retract", retract())
     return w
 
 

@@ -30,7 +30,7 @@ dup_userfaultfd() does without UFFD_FEATURE_EVENT_FORK).
 """
 from __future__ import annotations
 
-from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap_entry
+from emu.arch import MAX_SWAPFILES, SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap_entry
 from emu.sched import traps
 from mm_core import huge_memory, memory, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
@@ -265,7 +265,7 @@ async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_
         if marker:
             await pgtable.set_entry(k, dst_ptep, arch.pte_level, make_pte_marker(marker))
         return 0
-    if pte.kind is Kind.SWAP:
+    if pte.kind is Kind.SWAP and pte.swp_type < MAX_SWAPFILES:     # !non_swap_entry(): not hwpoison
         rss[MM_SWAPENTS] += 1
     elif pte.kind is Kind.MIGRATION:
         page = k.alloc.page_of(pte.swp_offset << 12)

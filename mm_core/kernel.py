@@ -37,8 +37,11 @@ class Kernel:
         # set by the machine: who is running, and the step number (for reports)
         self.current_task: Callable[[], object] = lambda: None
         self.current_step: Callable[[], int] = lambda: 0
+        self.tasks: Callable[[], list] = lambda: []          # set by the machine: every task
         from mm_core.khugepaged import Khugepaged
         self.khugepaged = Khugepaged()
+        self.lrugen = None                       # MGLRU's lruvec (mm_core.vmscan.get_lruvec)
+        self.init_mm = None                      # kernel page tables (mm_core.vmalloc.get_init_mm)
         self.stats: Counter[str] = Counter()
         self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)
         # set by the machine: TLB shootdown of [start, end) for every vCPU using mm

@@ -1,5 +1,5 @@
 """madvise (mm/madvise.c): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT,
-MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE.
+MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE, MADV_MERGEABLE / MADV_UNMERGEABLE (mm_core/ksm.py).
 
 MADV_FREE, MADV_COLD and MADV_PAGEOUT are walk_page_range() users whose pmd_entry maps
 the PTE table with pte_offset_map_lock() and answers a failed map with ``return 0``:
@@ -34,6 +34,7 @@ MADV_FREE, MADV_COLD, MADV_PAGEOUT = 8, 20, 21
 EINTR = 4
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 MADV_COLLAPSE = 25
+MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13          # mm/ksm.c ksm_madvise()
 _NO_OPS = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
 
 
@@ -53,6 +54,11 @@ async def do_madvise(k, mm, start: int, length: int, behavior: int) -> int:
         return await madvise_walk_vmas(k, mm, start, end, behavior)
     if behavior in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
         return await madvise_hugepage(k, mm, start, end, behavior)
+    if behavior in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+        if not _covered(mm, start, end):
+            return -ENOMEM
+        from mm_core import ksm
+        return await ksm.ksm_madvise(k, mm, start, end, behavior)
     if behavior in _NO_OPS:
         return 0 if _covered(mm, start, end) else -ENOMEM
     return -EINVAL

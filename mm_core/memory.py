@@ -41,8 +41,10 @@ FAULT_FLAG_RETRY_NOWAIT = 0x8
 FAULT_FLAG_KILLABLE = 0x10
 FAULT_FLAG_TRIED = 0x20
 FAULT_FLAG_USER = 0x40
+FAULT_FLAG_REMOTE = 0x80
 FAULT_FLAG_INSTRUCTION = 0x100
 FAULT_FLAG_INTERRUPTIBLE = 0x200
+FAULT_FLAG_UNSHARE = 0x400       # break COW of a shared anon page without writing (KSM, GUP pins)
 FAULT_FLAG_ORIG_PTE_VALID = 0x800
 FAULT_FLAG_DEFAULT = FAULT_FLAG_ALLOW_RETRY | FAULT_FLAG_KILLABLE | FAULT_FLAG_INTERRUPTIBLE
 
@@ -156,6 +158,10 @@ class VmFault:
     def write(self) -> bool:
         return bool(self.flags & FAULT_FLAG_WRITE)
 
+    @property
+    def unshare(self) -> bool:
+        return bool(self.flags & FAULT_FLAG_UNSHARE)
+
 
 async def handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
     """handle_mm_fault(): account the fault and hand it to __handle_mm_fault()."""
@@ -240,14 +246,17 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
             return await do_swap_page_marker(k, vmf, entry)
         await pgtable.pte_unmap(k, vmf.pte)
         return VM_FAULT_SIGBUS        # swap entries: do_swap_page is not modelled yet
+    if pte_protnone(entry) and vma_is_accessible(vmf.vma):
+        return await do_numa_page(k, vmf)
     await traps.lock(vmf.ptl)
     if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0                      # someone else changed it: the access retries
-    if vmf.write:
+    if vmf.write or vmf.unshare:
         if not entry.prot & Access.W:
             return await do_wp_page(k, vmf, entry)
-        entry = pgtable.pte_mkdirty(k, entry)
+        if vmf.write:
+            entry = pgtable.pte_mkdirty(k, entry)
     new = entry.with_(young=True)
     if arch.encode(pte_level, new) != vmf.orig_pte:
         # ptep_set_access_flags(): only ever adds young/dirty, no flush needed
@@ -299,6 +308,63 @@ async def vmf_pte_changed(k, vmf: VmFault, ptep: int) -> bool:
     if vmf.orig_pte_valid:
         return await pgtable.get_raw(k, ptep) != vmf.orig_pte
     return (await pgtable.get_entry(k, ptep, k.arch.pte_level)).kind is not Kind.NONE
+
+
+def pte_protnone(pte: Entry) -> bool:
+    """pte_protnone(): present to Linux but inaccessible (PAGE_NONE: x86 _PAGE_PROTNONE,
+    arm64 PTE_PRESENT_INVALID, ...). In an accessible VMA only NUMA hinting makes one."""
+    return pte.kind is Kind.LEAF and pte.prot == Access.NONE
+
+
+def vma_is_accessible(vma: VMA) -> bool:
+    return bool(vma.flags & (VM_READ | VM_WRITE | VM_EXEC))
+
+
+def can_change_pte_writable(k, vma: VMA, pte: Entry) -> bool:
+    """can_change_pte_writable(): a private mapping may map an exclusive anon page
+    writable without a fault; a shared one a dirty pte (no write-notify here)."""
+    if not vma.flags & VM_WRITE or pte_protnone(pte):
+        return False
+    if not vma.flags & VM_SHARED:
+        page = None if pte.special else k.alloc.page_of(pte.paddr)
+        return page is not None and page.use is PageUse.ANON and page.refcount == 1 \
+            and not page.extra.get("ksm")             # PageAnonExclusive()
+    return pte.dirty
+
+
+async def do_numa_page(k, vmf: VmFault) -> int:
+    """do_numa_page() (6.6): a NUMA hinting fault on a PAGE_NONE pte that
+    change_prot_numa() made. Entered with the pte mapped (pte_offset_map_nolock() in
+    handle_pte_fault()) and the ptl it named: spin_lock(vmf->ptl), then pte_same() against
+    orig_pte; a changed pte is ``goto out``: return 0 (FAULT-RETRY: the access faults
+    again). With one node numa_migrate_prep() answers NUMA_NO_NODE (mpol_misplaced(): the
+    folio is where it should be), so nothing migrates: ``out_map`` restores the VMA's
+    protection (pte_modify(old_pte, vma->vm_page_prot), young, writable if it may be) in
+    place. Not modelled: migrate_misplaced_folio() and the re-map after a failed migration
+    (its pte_offset_map_lock() failure is ``goto out`` too), task_numa_fault()'s
+    statistics beyond a counter, memory tiering."""
+    vma, arch = vmf.vma, k.arch
+    await traps.lock(vmf.ptl)
+    if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+        k.stats["numa_fault_pte_changed"] += 1
+        return 0                                              # goto out: FAULT-RETRY
+    old = arch.decode(arch.pte_level, vmf.orig_pte)
+    pte = old.with_(prot=vm_get_page_prot(vma.flags))         # pte_modify(old_pte, vm_page_prot)
+    writable = bool(pte.prot & Access.W)
+    if not writable and vma.flags & VM_WRITE and not vma.flags & VM_SHARED \
+            and can_change_pte_writable(k, vma, pte):         # vma_wants_manual_pte_write_upgrade()
+        writable = True
+    # vm_normal_folio(); a large folio, or numa_migrate_prep() == NUMA_NO_NODE: out_map
+    pte = pte.with_(young=True)                               # pte_mkyoung()
+    if writable:
+        pte = pte.with_(prot=pte.prot | Access.W)             # pte_mkwrite()
+    # ptep_modify_prot_start() + ptep_modify_prot_commit(): the pte goes from PAGE_NONE to
+    # more access, which needs no TLB flush
+    await pgtable.set_entry(k, vmf.pte, arch.pte_level, pte)
+    await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+    k.stats["numa_hint_faults"] += 1                          # task_numa_fault()
+    return 0
 
 
 async def do_anonymous_page(k, vmf: VmFault) -> int:
@@ -367,7 +433,11 @@ async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
                                 pgtable.pte_mkdirty(k, entry.with_(prot=entry.prot | Access.W, young=True)))
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
-    if page is not None and page.use is PageUse.ANON and page.refcount == 1:
+    if page is not None and page.use is PageUse.ANON and page.refcount == 1 \
+            and not page.extra.get("ksm"):              # wp_can_reuse_anon_folio(): never a KSM folio
+        if vmf.unshare:                                 # exclusive already: nothing to unshare
+            await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+            return 0
         # wp_page_reuse()
         k.stats["wp_reuse"] += 1
         await pgtable.set_entry(k, vmf.pte, arch.pte_level,
@@ -397,12 +467,14 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
         k.alloc.free_pages(new_page)
         return 0
     ptep, ptl = locked
-    prot = vm_get_page_prot(vmf.vma.flags) | Access.W
+    # FAULT_FLAG_UNSHARE: the copy gets vm_page_prot as it is (no write, not dirty)
+    prot = vm_get_page_prot(vmf.vma.flags) | (Access.NONE if vmf.unshare else Access.W)
     new_page.mapcount = 1
     rmap.folio_add_new_anon_rmap(k, new_page, vmf.vma, vmf.address)
     # ptep_clear_flush() + set_pte_at()
     await pgtable.set_entry(k, ptep, arch.pte_level,
-                            pgtable.pte_mkdirty(k, leaf_entry(new_page.paddr, prot, young=True)))
+                            pgtable.pte_mkdirty(k, leaf_entry(new_page.paddr, prot, young=True))
+                            if not vmf.unshare else leaf_entry(new_page.paddr, prot, young=True))
     await flush_tlb_range(k, mm, vmf.address, vmf.address + k.page_size)
     mm.rss[MM_ANONPAGES] += 1
     if old_page is not None:

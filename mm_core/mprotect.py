@@ -133,6 +133,8 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         if pmdval.kind is Kind.NONE:
             return 0
         if pmdval.kind is Kind.LEAF:
+            if cp_flags & MM_CP_PROT_NUMA:
+                return 0            # change_huge_pmd(MM_CP_PROT_NUMA): not modelled, left as it is
             if start & (size - 1) == 0 and end - start == size and not pgtable_split_needed(vma, cp_flags):
                 if await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags):
                     return size >> k.page_shift
@@ -181,10 +183,14 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
     a private mapping, a dirty page in a shared one; never a uffd-wp pte). -EAGAIN when the
     PTE table cannot be mapped.
 
+    MM_CP_PROT_NUMA (change_prot_numa()): PAGE_NONE instead, skipping ptes already
+    protnone, special and KSM pages, shared COW pages, dirty file pages, and pages already
+    on the node a single-threaded private mapping runs on (every page, with one node).
+
     uffd-wp (UFFDIO_WRITEPROTECT): MM_CP_UFFD_WP sets the uffd-wp bit (pte_mkuffd_wp, which
     write-protects) on present ptes and swap ptes, and puts PTE_MARKER_UFFD_WP in none
     ptes of marker-using (file) VMAs; MM_CP_UFFD_WP_RESOLVE clears the bit and drops
-    uffd-wp markers (the next access faults without trapping)."""
+    uffd-wp markers (the next access faults without trapping). Returns the ptes changed."""
     mm, arch = vma.mm, k.arch
     uffd_wp = bool(cp_flags & MM_CP_UFFD_WP)
     uffd_wp_resolve = bool(cp_flags & MM_CP_UFFD_WP_RESOLVE)
@@ -194,11 +200,28 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
     ptep, ptl = locked
     level = arch.pte_level
     base = memory.vm_get_page_prot(vma.flags)
+    prot_numa = bool(cp_flags & MM_CP_PROT_NUMA)
+    single_node_target = prot_numa and not vma.flags & VM_SHARED and mm.users == 1
     pages = 0
     for addr in range(start, end, k.page_size):
         entp = ptep + ((addr - start) >> k.page_shift) * 8
         ent = arch.decode(level, await pgtable.get_raw(k, entp))
-        if ent.kind is Kind.LEAF:
+        if ent.kind is Kind.LEAF and prot_numa:
+            if memory.pte_protnone(ent) or ent.special:
+                continue
+            page = k.alloc.page_of(ent.paddr)
+            if page is None or page.extra.get("ksm"):
+                continue
+            if vma.flags & VM_MAYWRITE and not vma.flags & VM_SHARED and page.refcount != 1:
+                continue                                   # is_cow_mapping() && page_count() != 1
+            if page.use is PageUse.FILE and (page.extra.get("dirty") or ent.dirty):
+                continue                                   # page_is_file_lru() && PageDirty()
+            if single_node_target:
+                continue                                   # target_node == page_to_nid(page)
+            await pgtable.set_entry(k, entp, level, ent.with_(prot=Access.NONE))
+            k.stats["numa_pte_updates"] += 1
+            pages += 1
+        elif ent.kind is Kind.LEAF:
             wp = True if uffd_wp else False if uffd_wp_resolve else ent.uffd_wp
             prot = base
             if vma.flags & VM_WRITE and ent.dirty and not ent.special and not wp:
@@ -207,7 +230,8 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
                         prot |= Access.W
                 else:
                     page = k.alloc.page_of(ent.paddr)
-                    if page is not None and page.use is PageUse.ANON and page.refcount == 1:
+                    if page is not None and page.use is PageUse.ANON and page.refcount == 1 \
+                            and not page.extra.get("ksm"):
                         prot |= Access.W
             if ent.special or wp:
                 prot &= ~Access.W

@@ -412,6 +412,52 @@ async def pte_offset_map_rw_nolock(k, mm, pmdp: int, addr: int) -> tuple[int, Sp
     return mapped
 
 
+async def pte_offset_map_copy(k, pmdval: Entry, addr: int, pmdp: int) -> int | None:
+    """pte_offset_map(&pmd, addr) on a caller's *stack copy* of the pmd (MGLRU's
+    walk_pte_range(), perf_get_pgtable_size(), GUP-fast): __pte_offset_map() validates the
+    copy, which cannot change, and never re-reads the live pmd. A bad copy is "cleared"
+    (pmd_clear_bad(&pmd) clears the copy, the live pmd stays as it is) and the map fails.
+    Success holds an RCU read reference (6.6+) until pte_unmap(). ``pmdp``, where the copy
+    was read from, only feeds the sanitizers and the messages. Under the 6.4 rules the copy
+    is mapped blindly (the caller checked it)."""
+    pmd_level = k.arch.pmd_level
+    if not k.profile.fallible_pte_map:
+        ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+        k.san.pte_mapped(ptep, pmdp)
+        return ptep
+    rcu = k.profile.rcu_pte_map and "pte_offset_map_without_rcu" not in k.bugs
+    if rcu:
+        await rcu_read_lock(k)
+    if pmdval.kind is not Kind.TABLE:
+        if pmdval.kind is Kind.BAD:
+            k.printk(f"pmd_ERROR: bad pmd in a copy of {pmdp:#x} (pmd_clear_bad() clears the copy)")
+            k.stats["pmd_clear_bad_copy"] += 1
+        if rcu:
+            await rcu_read_unlock(k)
+        k.stats["pte_map_failed"] += 1
+        return None
+    ptep = entry_addr(k, pmdval.paddr, pmd_level + 1, addr)
+    k.san.pte_mapped(ptep, pmdp)
+    return ptep
+
+
+async def pte_offset_map_nolock_copy(k, mm, pmdval: Entry, addr: int,
+                                     pmdp: int) -> tuple[int, SpinLock, Entry] | None:
+    """pte_offset_map_nolock(mm, &val, addr, &ptl) (6.13: pte_offset_map_rw_nolock(mm, &val,
+    addr, &pmdval, &ptl)) on a stack copy ``val`` of the pmd, as MGLRU's walk_pmd_range()
+    passes it to walk_pte_range(): pte_offset_map_copy(), and the ptl named is that of the
+    table the copy points to."""
+    ptep = await pte_offset_map_copy(k, pmdval, addr, pmdp)
+    if ptep is None:
+        return None
+    if not k.profile.fallible_pte_map:
+        return ptep, pte_lockptr(k, mm, pmdval, pmdp=pmdp), pmdval
+    ptl = pte_lockptr(k, mm, pmdval, pmdp=pmdp, snapshot=pmdval)
+    if k.profile.rw_nolock:
+        k.san.rw_nolock_mapped(pmdp, ptep, ptl)
+    return ptep, ptl, pmdval
+
+
 def _require_613(k, name: str) -> None:
     if not k.profile.rw_nolock:
         raise ApiError(f"{name}() exists from 6.13 on (profile {k.profile.name})")

@@ -108,6 +108,7 @@ async def folio_referenced_anon(k, folio) -> tuple[int, int]:
     vma_address(folio->index) (no PVMW_SYNC: a failed map rereads the pmd, a retracted or
     zapped table means not mapped there) and ptep_clear_flush_young() at every hit.
     Returns (referenced, mappings found)."""
+    from mm_core import vmscan
     from mm_core.page_vma_mapped import folio_vma_walk, page_vma_mapped_walk
     arch = k.arch
     anon_vma = folio_anon_vma(folio)
@@ -131,6 +132,12 @@ async def folio_referenced_anon(k, folio) -> tuple[int, int]:
                 else:
                     ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, pvmw.pte))
                     entp, level, span = pvmw.pte, arch.pte_level, k.page_size
+                    if ent.young and vmscan.lru_gen_enabled(k):
+                        # 6.6 folio_referenced_one(): MGLRU looks at the neighbours first
+                        await vmscan.lru_gen_look_around(k, vma, pvmw.address, pvmw.pte, pvmw.ptl,
+                                                         pvmw.pmd, folio)
+                        referenced += 1
+                        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, pvmw.pte))
                 if ent.young:
                     referenced += 1
                     await pgtable.set_entry(k, entp, level, ent.with_(young=False))
