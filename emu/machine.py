@@ -162,8 +162,9 @@ class Machine:
         _check(run_sync(mm_mprotect.do_mprotect(self.kernel, mm, addr, length, prot)))
 
     def exit_mm(self, mm: MMStruct) -> None:
-        """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
-        run_sync(memory.exit_mmap(self.kernel, mm))
+        """exit_mm() (mmput, exit_mmap, check_mm): raises CheckMMError on any leak and
+        ValueError for an mm that has already exited."""
+        run_sync(memory.exit_mm(self.kernel, mm))
 
     def touch(self, mm: MMStruct, va: int, write: bool = False) -> int:
         """Access ``va`` as the guest would (hardware walk, then the fault handler);

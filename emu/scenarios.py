@@ -83,9 +83,14 @@ BUGS: dict[str, str] = {
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
         "without mmap_lock); found by the walker-contract check, run with --kernel 6.13",
+    "retract_without_exit_test":
+        "retract_page_tables() without the khugepaged_test_exit() after mmap_write_trylock() "
+        "(before 18e77600f7a1): under 5.10 it frees the table exit_mmap() is zapping without "
+        "mmap_lock; run with --kernel 5.10",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
-BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13"}
+BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
+               "retract_without_exit_test": "5.10"}
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
@@ -98,14 +103,15 @@ def scenario(name: str, description: str, catches: tuple[str, ...] = (), **setti
 
 # -- shared world --------------------------------------------------------------------------
 
-def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) -> World:
+def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True, extra_pages: int = 0) -> World:
     """A PMD-order folio in a shmem file's page cache; the file mapped at BASE with an
     empty PTE table still in place (collapse_file() has unmapped the small pages). With
     ``locked`` the folio is still locked, as collapse_file() holds it across
-    retract_page_tables(); ``collapse_file_tail`` unlocks it."""
+    retract_page_tables(); ``collapse_file_tail`` unlocks it. ``extra_pages`` makes the
+    file and the mapping that many pages longer than the collapsed PMD range."""
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
+    inode = m.memfd_create("race", size + extra_pages * k.page_size)
     folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
     for i in range(0, size, 8 << 10):                   # recognisable file data
         k.physmem.write(folio.paddr + i, (i // 4096 + 1).to_bytes(8, "little"))
@@ -113,7 +119,8 @@ def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) ->
     folio.locked = locked
     mm = m.new_mm()
     flags = (emu.MAP_PRIVATE if private else emu.MAP_SHARED) | emu.MAP_FIXED
-    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, flags, file=inode)
+    length = size + extra_pages * k.page_size
+    addr = m.mmap(mm, BASE, length, emu.PROT_READ | emu.PROT_WRITE, flags, file=inode)
     pmdp = run_sync(pgtable.walk_alloc(k, mm, addr, k.arch.pmd_level))
     run_sync(pgtable.pte_alloc(k, mm, pmdp))
     return World([mm], [inode], addr, pmdp, inode, {"folio": folio})
@@ -350,3 +357,21 @@ def mremap_move_ptes(sc: Scenario) -> World:
     sc.task("mremap", move())
     sc.task("mincore", check())
     return World([mm], [], addr)
+
+
+@scenario("retract-vs-exit",
+          "the last thread of a process exits (exit_mm, then exit_mmap as a kernel task) while "
+          "collapse_file()'s retract_page_tables() retracts the empty PTE table of its shmem "
+          "mapping, whose one page past the PMD range is mapped. Under 5.10 exit_mmap() "
+          "zaps with no mmap_lock: only khugepaged_test_exit() after mmap_write_trylock() "
+          "(18e77600f7a1) keeps the table from being freed under zap_pte_range()",
+          catches=("retract_without_exit_test",))
+def retract_vs_exit(sc: Scenario) -> World:
+    from mm_core import memory
+    w = collapsed_shmem(sc, extra_pages=1)
+    m, k = sc.machine, sc.kernel
+    mm = w.mms[0]
+    m.touch(mm, w.addr + huge_memory.hpage_pmd_size(k), write=True)   # in the next PTE table
+    sc.task("exit", memory.exit_mm(k, mm))
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
