@@ -503,7 +503,7 @@ async def exit_mm(k, mm: MMStruct) -> None:
     """exit_mm() (kernel/exit.c) + mmput() (kernel/fork.c): the last thread leaves the mm.
     It clears current->mm between mmap_read_lock() and mmap_read_unlock(); mmput() then
     drops mm_users to 0 (hpage_collapse_test_exit() is true from here on) and __mmput()
-    runs exit_mmap(). Cannot fail.
+    runs exit_mmap(). Failure handling: none, it must not fail (check_mm() reports leaks).
 
     Here mm_users drops in the same step as mmap_read_unlock(): a retract_page_tables()
     that got mmap_write_trylock() while mm_users was still 1 is done before the exit gets
@@ -520,7 +520,7 @@ async def exit_mm(k, mm: MMStruct) -> None:
 async def exit_mmap(k, mm: MMStruct) -> None:
     """exit_mmap(): unmap every VMA (unmap_vmas), then free_pgtables(), which takes each
     file VMA out of i_mmap (unlink_file_vma) before freeing its tables; free the root,
-    then check_mm(). Cannot fail.
+    then check_mm(). Must not fail: a zap that cannot map a table retries (RETRY).
 
     Since 5.17 (64591e8605d6) this runs under mmap_write_lock. Before (profile
     exit_mmap_lock off, 5.10) it takes no mmap_lock: the zap of a file VMA runs while the
