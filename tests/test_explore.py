@@ -72,10 +72,11 @@ def test_retract_without_exit_test_is_caught_only_with_the_lockless_exit_of_510(
     spec = SCENARIOS["retract-vs-exit"]
     bad = ex.explore(spec, budget=100, seed=3, kernel="5.10", inject=("retract_without_exit_test",))
     assert bad.outcome is not None and bad.outcome.finding.signature == "UAF:pagetable:read:zap_pte_range"
-    assert ex.explore(spec, budget=100, seed=3, kernel="5.10").outcome is None
+    fixed = ex.explore(spec, budget=80, seed=3, kernel="5.10")
+    assert fixed.outcome is None and fixed.schedules == 80
     for kernel in ("6.4", "6.6"):
-        clean = ex.explore(spec, budget=60, seed=3, kernel=kernel, inject=("retract_without_exit_test",))
-        assert clean.outcome is None and clean.schedules == 60
+        clean = ex.explore(spec, budget=40, seed=3, kernel=kernel, inject=("retract_without_exit_test",))
+        assert clean.outcome is None and clean.schedules == 40
 
 
 def test_the_same_seed_gives_the_same_result() -> None:
