@@ -127,7 +127,8 @@ def _teardown(sc: Scenario, world: World) -> None:
                           f"{' (' + proc.signal.name + ')' if proc.signal else ''}", "ORACLE:guest",
                           [f"  stdout: {proc.stdout.decode(errors='replace')!r}"])
     for mm in world.mms:
-        m.exit_mm(mm)
+        if not mm.dead:                           # a scenario task may have exited it already
+            m.exit_mm(mm)
     for f in world.files:
         m.close_file(f)
     k.rcu.barrier_now()

@@ -343,8 +343,9 @@ class Machine:
         return run_sync(events_core.perf_get_page_size(self.kernel, mm, addr))
 
     def exit_mm(self, mm: MMStruct) -> None:
-        """exit_mmap() + check_mm(): raises CheckMMError on any leak."""
-        run_sync(memory.exit_mmap(self.kernel, mm))
+        """exit_mm() (mmput, exit_mmap, check_mm): raises CheckMMError on any leak and
+        ValueError for an mm that has already exited."""
+        run_sync(memory.exit_mm(self.kernel, mm))
 
     def get_user_pages(self, mm: MMStruct, addr: int, nr: int, write: bool = False, *,
                        pin: bool = False, fast: bool = False) -> list[int]:

@@ -134,11 +134,15 @@ BUGS: dict[str, str] = {
         "with \"mm: memcg: no need for memcg locking for MGLRU\", the 6.13 profile's state): "
         "walk_pte_range() maps walk_pmd_range()'s stack copy of a pmd whose table was "
         "retracted and freed after the read",
+    "retract_without_exit_test":
+        "retract_page_tables() without the khugepaged_test_exit() after mmap_write_trylock() "
+        "(before 18e77600f7a1): under 5.10 it frees the table exit_mmap() is zapping without "
+        "mmap_lock; run with --kernel 5.10",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
                "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13",
-               "move_pages_pte_without_dst_pmd_recheck": "6.14"}
+               "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10"}
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
 
 
@@ -152,29 +156,29 @@ def scenario(name: str, description: str, catches: tuple[str, ...] = (), **setti
 # -- shared world --------------------------------------------------------------------------
 
 
-def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True) -> World:
+def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True, extra_pages: int = 0) -> World:
     """A PMD-order folio in a shmem file's page cache; the file mapped at BASE with an
     empty PTE table still in place (collapse_file() has unmapped the small pages). With
     ``locked`` the folio is still locked, as collapse_file() holds it across
-    retract_page_tables(); ``collapse_file_tail`` unlocks it."""
+    retract_page_tables(); ``collapse_file_tail`` unlocks it. ``extra_pages`` makes the
+    file and the mapping that many pages longer than the collapsed PMD range."""
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
+    inode = m.memfd_create("race", size + extra_pages * k.page_size)
     folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
     k.physmem.write(folio.paddr, _file_data(size))
     shmem.add_to_page_cache(inode.mapping, folio, 0)
     folio.locked = locked
     mm = m.new_mm()
     flags = (emu.MAP_PRIVATE if private else emu.MAP_SHARED) | emu.MAP_FIXED
-    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, flags, file=inode)
+    length = size + extra_pages * k.page_size
+    addr = m.mmap(mm, BASE, length, emu.PROT_READ | emu.PROT_WRITE, flags, file=inode)
     pmdp = run_sync(pgtable.walk_alloc(k, mm, addr, k.arch.pmd_level))
     run_sync(pgtable.pte_alloc(k, mm, pmdp))
     return World([mm], [inode], addr, pmdp, inode, {"folio": folio})
 
 
 @functools.cache
-
-
 def _file_data(size: int) -> bytes:
     """Recognisable file contents: every 8K, the 4K-page number + 1 as a little-endian
     u64 (a THP misread as a page table shows up as small bogus entries)."""
@@ -829,3 +833,19 @@ def gup_fast_vs_collapse(sc: Scenario) -> World:
     sc.task("gup", pin_and_check(sc, mm, a + page, 1, [collapsed]))
     sc.task("collapse", completing(khugepaged.collapse_huge_page(k, mm, a), collapsed))
     return World([mm], [], a)
+@scenario("retract-vs-exit",
+          "the last thread of a process exits (exit_mm, then exit_mmap as a kernel task) while "
+          "collapse_file()'s retract_page_tables() retracts the empty PTE table of its shmem "
+          "mapping, whose one page past the PMD range is mapped. Under 5.10 exit_mmap() "
+          "zaps with no mmap_lock: only khugepaged_test_exit() after mmap_write_trylock() "
+          "(18e77600f7a1) keeps the table from being freed under zap_pte_range()",
+          catches=("retract_without_exit_test",))
+def retract_vs_exit(sc: Scenario) -> World:
+    from mm_core import memory
+    w = collapsed_shmem(sc, extra_pages=1)
+    m, k = sc.machine, sc.kernel
+    mm = w.mms[0]
+    m.touch(mm, w.addr + huge_memory.hpage_pmd_size(k), write=True)   # in the next PTE table
+    sc.task("exit", memory.exit_mm(k, mm))
+    sc.task("retract", collapse_file_tail(k, w))
+    return w

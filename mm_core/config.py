@@ -2,7 +2,8 @@
 
 A profile switches the page-table rules mm_core follows, so the same scenario can be run
 under the rules before and after "mm: allow pte_offset_map[_lock]() to fail" (6.5) and
-"mm: free retracted page table by RCU" (6.6).
+"mm: free retracted page table by RCU" (6.6), and, with 5.10, before "mm: protect
+free_pgtables with mmap_lock write lock in exit_mmap" (64591e8605d6, 5.17).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ class Profile:
     uffdio_move: bool = False    # 6.8: the UFFDIO_MOVE ioctl (mm/userfaultfd.c move_pages)
     pt_reclaim: bool = False     # 6.14: MADV_DONTNEED frees emptied PTE tables, and the rechecks
                                  # that came with it (move_pages_pte's dst pmd_same)
+    # 5.17 (64591e8605d6): exit_mmap() unmaps and frees the tables under mmap_lock; before
+    # that it ran with no mmap_lock at all, mm_users == 0 keeping khugepaged out
+    exit_mmap_lock: bool = True
+    # 5.10: retract_page_tables() clears the pmd under pmd_lock() alone (no ptl, no
+    # anon_vma/uffd-wp recheck), relying on mmap_write_trylock() + khugepaged_test_exit()
+    retract_pmd_lock_only: bool = False
 
     @property
     def version(self) -> tuple[int, int]:
@@ -30,6 +37,10 @@ class Profile:
 
 
 PROFILES = {
+    "5.10": Profile("5.10", False, False, False, False, False,
+                    "the 6.4 rules, but exit_mmap() without mmap_lock and retract_page_tables() "
+                    "under mmap_write_trylock + pmd_lock only (v5.10; see docs/profiles.md)",
+                    exit_mmap_lock=False, retract_pmd_lock_only=True),
     "6.4": Profile("6.4", False, False, False, False, False,
                    "pmd_trans_unstable()-style checks; collapse under mmap_write_lock; immediate free"),
     "6.5": Profile("6.5", True, False, False, False, False,

@@ -4,8 +4,10 @@ retract_page_tables, collapse_pte_mapped_thp, MADV_COLLAPSE and the khugepaged d
 Which locks retraction takes, and how the retracted table is freed, follows the kernel
 profile (mm_core/config.py):
 
-  <= 6.5  retract_page_tables under i_mmap write + mmap_write_trylock of each mm,
-          table freed at once (pte_free)
+  5.10    retract_page_tables under i_mmap write + mmap_write_trylock of each mm, then
+          khugepaged_test_exit() (18e77600f7a1) and pmd_lock() alone around
+          pmdp_collapse_flush(); table freed at once (pte_free)
+  <= 6.5  as 5.10, with pml + ptl around the clear
   >= 6.6  i_mmap read + pml + ptl only, no mmap_lock; table freed by pte_free_defer
 """
 from __future__ import annotations
@@ -89,7 +91,14 @@ async def _free_retracted(k, pt) -> None:
 async def retract_page_tables(k, mapping, pgoff: int) -> int:
     """retract_page_tables(mapping, pgoff): detach the (now empty) PTE tables that map
     [pgoff, pgoff + HPAGE_PMD_NR) in every VMA of the file, so a later fault or
-    collapse_pte_mapped_thp() can map the huge folio with one PMD. Returns how many."""
+    collapse_pte_mapped_thp() can map the huge folio with one PMD. Returns how many.
+    Failure handling: SKIP the vma (none / huge / absent pmd, anon_vma, exiting mm,
+    uffd-wp, mmap_write_trylock() failing before 6.6).
+
+    The exiting-mm test: 6.6 makes it before taking any lock (exit_mmap() holds
+    mmap_lock and zaps with pte_offset_map_lock()'s recheck). Before 6.6 it comes after
+    mmap_write_trylock() (18e77600f7a1): under 5.10 exit_mmap() takes no mmap_lock, and
+    only mm_users == 0 seen under the lock keeps retraction off the tables it zaps."""
     prof = k.profile
     size = huge_memory.hpage_pmd_size(k)
     retracted = 0
@@ -106,7 +115,8 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
             result, pmdp = await find_pmd_or_thp_or_none(k, mm, addr)
             if result is not Scan.SUCCEED:
                 continue
-            if "retract_without_exit_test" not in k.bugs and hpage_collapse_test_exit(mm):
+            test_exit = "retract_without_exit_test" not in k.bugs
+            if prof.retract_without_mmap_lock and test_exit and hpage_collapse_test_exit(mm):
                 continue
             if vma.uffd_wp:
                 continue
@@ -114,8 +124,19 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
             if not prof.retract_without_mmap_lock:
                 if not await traps.trylock(mm.mmap_lock, "w"):
                     k.stats["retract_mmap_trylock_failed"] += 1
+                    continue                  # khugepaged_add_pte_mapped_thp(): try later
+                if test_exit and hpage_collapse_test_exit(mm):
+                    k.stats["retract_skipped_exiting_mm"] += 1
+                    await traps.unlock(mm.mmap_lock, "w")
                     continue
                 write_locked = True
+            if prof.retract_pmd_lock_only:
+                done = await _collapse_pmd_under_pml(k, vma, addr, pmdp)
+                if done is not None:
+                    await _free_retracted(k, done)
+                    retracted += 1
+                await traps.unlock(mm.mmap_lock, "w")
+                continue
             pml = await pgtable.pmd_lockptr(k, mm, pmdp)
             await traps.lock(pml)
             pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
@@ -144,6 +165,21 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
     finally:
         await traps.unlock(mapping.i_mmap_rwsem, mode)
     return retracted
+
+
+async def _collapse_pmd_under_pml(k, vma, addr: int, pmdp: int):
+    """The 5.10 body of retract_page_tables() for one vma, under mmap_write_lock:
+    ``ptl = pmd_lock(mm, pmd); _pmd = pmdp_collapse_flush(vma, addr, pmd);
+    spin_unlock(ptl)`` ("assume page table is clear"). No ptl of the PTE table and no
+    recheck: a zap_pte_range() holding that ptl without mmap_lock (exit_mmap() before
+    5.17) is not excluded. Returns the detached table (the caller pte_free()s it)."""
+    pml = await pgtable.pmd_lock(k, vma.mm, pmdp)
+    old = k.arch.decode(k.arch.pmd_level, await pmdp_collapse_flush(k, vma, addr, pmdp))
+    await traps.unlock(pml)
+    pt = k.ptdescs.get(old.paddr) if old.kind is Kind.TABLE else None
+    if pt is not None:
+        _detached(k, pt, "retract_page_tables")
+    return pt
 
 
 async def collapse_file(k, inode, start: int, is_khugepaged: bool, retract: bool = True) -> Scan:

@@ -692,10 +692,37 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
     await down(mm.pgd, 0, start, end)
 
 
+async def exit_mm(k, mm: MMStruct) -> None:
+    """exit_mm() (kernel/exit.c) + mmput() (kernel/fork.c): the last thread leaves the mm.
+    It clears current->mm between mmap_read_lock() and mmap_read_unlock(); mmput() then
+    drops mm_users to 0 (hpage_collapse_test_exit() is true from here on) and __mmput()
+    runs exit_mmap(). Failure handling: none, it must not fail (check_mm() reports leaks).
+
+    Here mm_users drops in the same step as mmap_read_unlock(): a retract_page_tables()
+    that got mmap_write_trylock() while mm_users was still 1 is done before the exit gets
+    its read lock. (In Linux a few statements separate the two, and a last mmput() from
+    an mmget() holder takes no mmap_lock at all: that window is not modelled.)"""
+    if mm.dead:
+        raise ValueError(f"mm {mm.id} has already exited")
+    await mmap_read_lock(mm)
+    await mmap_read_unlock(mm)
+    mm.users = 0                                   # mmput(): atomic_dec_and_test(&mm_users)
+    await exit_mmap(k, mm)
+
+
 async def exit_mmap(k, mm: MMStruct) -> None:
-    """exit_mmap(): unmap every VMA, free every table and the root, then check_mm()."""
+    """exit_mmap(): unmap every VMA (unmap_vmas), then free_pgtables(), which takes each
+    file VMA out of i_mmap (unlink_file_vma) before freeing its tables; free the root,
+    then check_mm(). Must not fail: a zap that cannot map a table retries (RETRY).
+
+    Since 5.17 (64591e8605d6) this runs under mmap_write_lock. Before (profile
+    exit_mmap_lock off, 5.10) it takes no mmap_lock: the zap of a file VMA runs while the
+    VMA is still in i_mmap, where retract_page_tables() can find it; only mm_users == 0,
+    tested under mmap_write_trylock(), keeps retraction away."""
     mm.users = 0                                   # mmput(): hpage_collapse_test_exit()
-    await mmap_write_lock(mm)                      # exit_mmap() frees tables under it
+    locked = k.profile.exit_mmap_lock
+    if locked:
+        await mmap_write_lock(mm)                  # exit_mmap() frees tables under it
     for vma in list(mm.vmas):
         await unmap_page_range(k, vma, vma.start, vma.end)
     vmas = list(mm.vmas)
@@ -707,7 +734,8 @@ async def exit_mmap(k, mm: MMStruct) -> None:
     for vma in vmas:
         remove_vma(k, vma)
     pte_frag_destroy(k, mm)
-    await mmap_write_unlock(mm)
+    if locked:
+        await mmap_write_unlock(mm)
     root = k.ptdescs.get(mm.pgd)
     if root is not None:
         pgtable.pte_free(k, root)

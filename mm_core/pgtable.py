@@ -74,6 +74,10 @@ async def get_raws_locked(k, ptep: int, nr: int) -> tuple[int, ...]:
 
 
 def _under_own_ptl(k, entp: int) -> bool:
+    if k.profile.retract_pmd_lock_only:
+        # 5.10: retract_page_tables() clears the pmd and frees the table under pmd_lock()
+        # alone, so a table can go away under a walker that holds its ptl: no reduction
+        return False
     task = k.current_task()
     if task is None or not task.held:
         return False

@@ -125,8 +125,8 @@ class Sanitizers:
                               f"outstanding", f"PTEMAP:sleep:{maps[-1].site}",
                               ["  a pte_offset_map() holder must not sleep (kmap_local / RCU): "
                                "pte_unmap() first", *self._outstanding(task)])
-            if kind == "wait" and not hasattr(lock, "cls"):
-                return
+            if (kind == "wait" and not hasattr(lock, "cls")) or kind == "trylock":
+                return      # as in lockdep, a trylock adds no dependency: it cannot wait
             inner = getattr(lock, "cls", "?")
             for held in task.held:
                 outer = getattr(held, "cls", "?")
@@ -363,7 +363,9 @@ class Sanitizers:
         """Who may change a pmd that points to a page table (Jann Horn's rule, in its 6.6
         form): the mmap_lock writer (munmap, exit, mremap, anon collapse), or the holder
         of both the pmd's lock and the table's ptl (retract_page_tables,
-        collapse_pte_mapped_thp): every lockless walker then fails its recheck."""
+        collapse_pte_mapped_thp): every lockless walker then fails its recheck. Before
+        5.17 (profile 5.10) exit_mmap()'s free_pgtables() held no mmap_lock: an mm with
+        mm_users == 0 is exempt there."""
         k = self.k
         pt = self._table_of(entp)
         if pt is None or pt.level != k.arch.pmd_level or pt.state != "live":
@@ -374,6 +376,8 @@ class Sanitizers:
         mm = pt.mm
         if mm is not None and getattr(mm.mmap_lock, "writer", None) is task:
             return
+        if mm is not None and mm.users == 0 and not k.profile.exit_mmap_lock:
+            return      # exit_mmap() before 5.17: no mmap_lock, mm_users == 0 keeps others out
         child = k.ptdescs.get(old.paddr)
         if pt.ptl is not None and pt.ptl.holder is task and child is not None \
                 and (child.ptl is None or child.ptl.holder is task):

@@ -86,8 +86,14 @@ def test_bad_options_exit_2() -> None:
     assert r.returncode == 2 and "unknown arch" in r.stderr and "Traceback" not in r.stderr
     r = emu("run", workload("x86_64", "hello"), "--mem", "lots")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    r = emu("run", workload("x86_64", "hello"), "--kernel", "5.10")
-    assert r.returncode == 2
+    r = emu("run", workload("x86_64", "hello"), "--kernel", "2.6")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_kernel_510_profile_is_accepted() -> None:
+    r = emu("run", workload("x86_64", "hello"), "--kernel", "5.10", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kernel"] == "5.10"
 
 
 def test_plugins_list_shows_four_builtin_arches() -> None:

@@ -65,6 +65,20 @@ def test_profile_64_with_lockless_retraction_is_caught_and_66_is_clean() -> None
         is None
 
 
+def test_retract_without_exit_test_is_caught_only_with_the_lockless_exit_of_510() -> None:
+    """18e77600f7a1: the exit test matters while exit_mmap() runs without mmap_lock (5.10).
+    The fixed 5.10 kernel runs clean; so does the injection under 6.4 and 6.6, where
+    exit_mmap() holds mmap_lock (64591e8605d6, 5.17)."""
+    spec = SCENARIOS["retract-vs-exit"]
+    bad = ex.explore(spec, budget=100, seed=3, kernel="5.10", inject=("retract_without_exit_test",))
+    assert bad.outcome is not None and bad.outcome.finding.signature == "UAF:pagetable:read:zap_pte_range"
+    fixed = ex.explore(spec, budget=80, seed=3, kernel="5.10")
+    assert fixed.outcome is None and fixed.schedules == 80
+    for kernel in ("6.4", "6.6"):
+        clean = ex.explore(spec, budget=40, seed=3, kernel=kernel, inject=("retract_without_exit_test",))
+        assert clean.outcome is None and clean.schedules == 40
+
+
 def test_the_same_seed_gives_the_same_result() -> None:
     spec = SCENARIOS["retract-vs-zap"]
     runs = [ex.explore(spec, budget=300, seed=5, inject=("walker_ignores_map_failure",)) for _ in range(2)]

@@ -7,6 +7,7 @@ import emu
 from emu.arch import PAGE_SIZE, SWP_MIGRATION_READ, Kind, leaf_entry, swap_entry
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, pgtable, rmap
+from mm_core.config import PROFILES
 
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 BASE = 0x40000000
@@ -155,7 +156,7 @@ def test_nolock_variants_exist_only_in_their_profiles() -> None:
         run_sync(pgtable.pte_offset_map_ro_nolock(k66, mm66, pmdp66, a66))
 
 
-@pytest.mark.parametrize("kernel", ["6.4", "6.5", "6.6", "6.13"])
+@pytest.mark.parametrize("kernel", list(PROFILES))
 def test_guest_programs_run_under_every_profile(kernel: str) -> None:
     from conftest import expected, workload
     m = emu.Machine(arch="arm64", mem="32M", kernel=kernel)

@@ -485,3 +485,87 @@ def test_failed_map_and_recheck_per_profile(kernel: str) -> None:
         assert ptep is not None and ptep < PAGE_SIZE       # a "table" at physical page 0
     else:
         assert ptep is None and k.stats["pte_map_failed"] >= 1
+
+
+# -- exit_mmap vs retract_page_tables: khugepaged_test_exit() under mmap_lock (5.10) -----------
+
+EXIT_TEST = "retract_without_exit_test"
+
+
+def exited_cleanly(sc, m, k, mm, inode) -> None:
+    """The exit task ran exit_mmap() and its check_mm(); after the file closes and
+    rcu_barrier, no table and no page but the zero page is left."""
+    sc.run()
+    assert mm.dead and mm.users == 0
+    m.close_file(inode)
+    m.rcu_barrier()
+    assert k.ptdescs == {} and k.deferred_tables() == []
+    assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+def exit_and_retract(arch: str, kernel: str, bug: bool):
+    sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch, kernel)
+    if bug:
+        k.bugs[EXIT_TEST] = True
+    sc.task("exit", memory.exit_mm(k, mm))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    return sc, m, k, mm, inode, table
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_510_retract_without_exit_test_frees_the_table_exit_mmap_is_zapping(arch: str) -> None:
+    """5.10's exit_mmap() zaps with no mmap_lock, so retract_page_tables()'s
+    mmap_write_trylock() succeeds; without khugepaged_test_exit() it clears the pmd under
+    pmd_lock() alone and pte_free()s the table zap_pte_range() holds the ptl of."""
+    sc, m, k, mm, inode, table = exit_and_retract(arch, "5.10", bug=True)
+    with pytest.raises(Finding) as found:
+        sc.run("exit:lock#2 exit:4 retract:* exit:*")         # lock#2: the zap's ptl
+    assert found.value.signature == "UAF:pagetable:read:zap_pte_range"
+    assert sc.results["retract"] == 1 and table.state == "freed"
+    report = found.value.report()
+    assert "detached by retract_page_tables by retract" in report and "freed (pte_free) by retract" in report
+    assert "by exit" in report
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_510_retract_skips_the_exiting_mm_once_it_holds_mmap_lock(arch: str) -> None:
+    """The fix (18e77600f7a1): the same schedule; mmap_write_trylock() still succeeds,
+    but mm_users is 0 by then, so the table is left to exit_mmap()'s free_pgtables()."""
+    sc, m, k, mm, inode, table = exit_and_retract(arch, "5.10", bug=False)
+    sc.run("exit:lock#2 exit:4 retract:* exit:*", finish=False)
+    assert sc.results["retract"] == 0 and k.stats["retract_skipped_exiting_mm"] == 1
+    assert k.stats["retract_mmap_trylock_failed"] == 0         # the lock was free: only the test saved it
+    assert table.state == "freed" and "detached by free_pgtables" in "\n".join(table.provenance())
+    exited_cleanly(sc, m, k, mm, inode)
+
+
+def test_510_exit_waits_for_a_retraction_that_took_mmap_lock_first() -> None:
+    """A retraction that won mmap_write_trylock() while mm_users was 1 finishes before
+    exit_mm() gets its mmap_read_lock(); exit_mmap() then finds the pmd none."""
+    sc, m, k, mm, inode, table = exit_and_retract("x86_64", "5.10", bug=False)
+    sc.run("retract:trylock#1 exit:*", finish=False)
+    assert sc.state("exit").value == "blocked" and mm.users == 1
+    sc.run("retract:* exit:*", finish=False)
+    assert sc.results["retract"] == 1 and table.state == "freed"
+    assert k.stats["ptes_zapped"] == 0
+    exited_cleanly(sc, m, k, mm, inode)
+
+
+@pytest.mark.parametrize("kernel", ["6.4", "6.6", "6.13"])
+def test_exit_test_is_not_needed_once_exit_mmap_holds_mmap_lock(kernel: str) -> None:
+    """From 5.17 exit_mmap() zaps and frees under mmap_lock: the injection has nothing
+    left to break. Under 6.4 the trylock fails; under 6.6 retraction takes the ptl and
+    waits for the zap, and the table is freed after a grace period."""
+    sc, m, k, mm, inode, table = exit_and_retract("x86_64", kernel, bug=True)
+    sc.run("exit:lock#3 retract:*", finish=False)             # mmap_lock(W), then the zap's ptl
+    if kernel == "6.4":
+        assert sc.results["retract"] == 0 and k.stats["retract_mmap_trylock_failed"] == 1
+    else:
+        assert sc.state("retract").value == "blocked"          # on the ptl the zap holds
+    sc.run("exit:*", finish=False)
+    if kernel != "6.4":
+        assert sc.state("exit").value == "blocked"             # unlink_file_vma: i_mmap_rwsem
+        sc.run("retract:*", finish=False)                       # clears the pmd of the zapped table
+        assert sc.results["retract"] == 1 and table.state == "deferred"
+    exited_cleanly(sc, m, k, mm, inode)
+    assert k.stats["pt_pages_rcu_freed"] == (0 if kernel == "6.4" else 1)

@@ -14,7 +14,7 @@ from emu.arch import Access, Translation
 from emu.linux import syscalls
 from emu.linux.process import SIGBUS, SIGILL, SIGKILL, SIGSEGV, SignalReport
 from emu.sched.traps import choose, run_user
-from mm_core.memory import FaultResult, do_user_addr_fault, exit_mmap
+from mm_core.memory import FaultResult, do_user_addr_fault, exit_mm
 
 # a fault that mm_core reports fixed but that keeps coming back is a livelock, not progress
 MAX_REPEATED_FAULTS = 16
@@ -69,7 +69,7 @@ async def guest_thread(machine, thread) -> None:
     if thread.vcpu.loaded is thread:
         thread.vcpu.loaded = None
     if all(t.exited for t in proc.threads):
-        await exit_mmap(k, proc.mm)
+        await exit_mm(k, proc.mm)
         proc.close_files(k)
 
 
