@@ -17,6 +17,7 @@ from mm_core.madvise import (
     MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
+    MADV_WILLNEED,
 )
 from mm_core.mmap import (
     MAP_ANONYMOUS,
@@ -38,7 +39,7 @@ __all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE"
            "PROT_WRITE", "PROT_EXEC", "MAP_SHARED", "MAP_PRIVATE", "MAP_FIXED", "MAP_ANONYMOUS",
            "MAP_GROWSDOWN", "MAP_POPULATE", "MAP_FIXED_NOREPLACE", "MADV_DONTNEED", "MADV_HUGEPAGE",
            "MADV_NOHUGEPAGE", "MADV_COLLAPSE", "MADV_FREE", "MADV_COLD", "MADV_PAGEOUT",
-           "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES"]
+           "MADV_WILLNEED", "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES"]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from emu.physmem import PhysMem, parse_size
 from emu.sched.loop import API_TASK, Scheduler, in_sync, run_sync
 from emu.sched.task import TaskState
 from emu.vcpu import VCPU, UserStop
-from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, userfaultfd
+from mm_core import fork, khugepaged, madvise, memory, pgtable, rcu, shmem, swapfile, userfaultfd
 from mm_core import mincore as mm_mincore
 from mm_core import mlock as mm_mlock
 from mm_core import mmap as mm_mmap
@@ -188,6 +188,16 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
+    def swapon(self, slots: int, readahead: int = 4) -> Any:
+        """swapon(2) of a swap area of ``slots`` pages kept in host memory; MADV_PAGEOUT then
+        swaps anonymous pages out and faults bring them back (``readahead``: the
+        swap_vma_readahead window in pages). Returns the area (mm_core.swapfile.SwapInfo)."""
+        return swapfile.swapon(self.kernel, slots, readahead)
+
+    def swapoff(self) -> None:
+        """swapoff(2): bring every swapped-out page back (try_to_unuse) and remove the area."""
+        _check(run_sync(swapfile.swapoff(self.kernel)))
+
     def uffdio_move(self, mm: MMStruct, dst: int, src: int, length: int, mode: int = 0) -> int:
         """ioctl(UFFDIO_MOVE) (kernel profiles 6.8 and later): move the private anonymous
         pages of [src, src + length) to dst without copying them. Returns the bytes moved
