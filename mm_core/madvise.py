@@ -357,15 +357,16 @@ async def swapin_walk_pmd_entry(pmdp: int, start: int, end: int, walk: pagewalk.
     ptep = ptl = None
     addr = start
     while addr < end:
-        if ptep is None:
+        if ptep is None:                                # if (!ptep++) ptep = pte_offset_map_lock()
             locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
             if locked is None:
                 k.stats["swapin_walk_map_failed"] += 1
                 break                                   # SKIP
             ptep, ptl = locked
+        else:
+            ptep += 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
         if not swapfile.is_swap_pte(ent):
-            ptep += 8
             addr += k.page_size
             continue
         await pgtable.pte_unmap_unlock(k, ptep, ptl)

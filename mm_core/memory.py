@@ -512,11 +512,11 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
                     await free_swap_cache(k, page, tlb)
             k.stats["ptes_zapped"] += 1
         elif ent.kind is Kind.SWAP:
-            await pgtable.clear_entry(k, entp, arch.pte_level)
             from mm_core.swapfile import free_swap_and_cache, is_swap_pte
             if is_swap_pte(ent):
                 mm.rss[MM_SWAPENTS] -= 1
                 await free_swap_and_cache(k, ent)
+            await pgtable.clear_entry(k, entp, arch.pte_level)      # pte_clear_not_present_full()
             k.stats["swap_ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)

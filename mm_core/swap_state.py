@@ -179,14 +179,15 @@ async def swap_vma_readahead(k, ent: Entry, vmf):
         ptep = None
         addr = start
         while addr < end:
-            if ptep is None:
+            if ptep is None:                             # if (!pte++) pte = pte_offset_map()
                 ptep = await pgtable.pte_offset_map(k, vmf.pmd, addr)
                 if ptep is None:
                     k.stats["swap_ra_map_failed"] += 1
                     break
+            else:
+                ptep += 8
             pent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
             if not swapfile.is_swap_pte(pent):
-                ptep += 8
                 addr += k.page_size
                 continue
             await pgtable.pte_unmap(k, ptep)

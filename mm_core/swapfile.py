@@ -63,9 +63,22 @@ class SwapInfo:
         self.users = 0                          # get_swap_device() references held
         self.ra_win = ra_win                    # swap_vma_readahead window (pages)
         self.drained = _UsersDrained(self)
+        self.freed = False                      # swapoff freed swap_map (KASAN check_live)
+        self.freed_at = 0
 
     def __repr__(self) -> str:
         return f"<swap area {self.type}: {self.inuse_pages}/{self.pages} in use>"
+
+    def check_live(self, k, where: str) -> None:
+        """KASAN for the area: swap_map and the swap address space are freed by swapoff."""
+        if self.freed:
+            from mm_core.sanitizers import Finding
+            cur = k.current_task()
+            raise Finding("KASAN", f"KASAN: use-after-free in {where}: swap_info_struct {self.type}'s "
+                          "swap_map freed by swapoff", f"KASAN:swap_info:{where}",
+                          [f"  accessed by {cur.name if cur is not None else 'the API caller'} at step "
+                           f"{k.current_step()}; the area was freed at step {self.freed_at}",
+                           "  get_swap_device() pins the area against swapoff"])
 
     def count(self, off: int) -> int:
         """swap_count(): the swap ptes naming the slot, without SWAP_HAS_CACHE."""
@@ -202,7 +215,9 @@ async def swap_free(k, ent: Entry) -> None:
         return
     off = ent.swp_offset
     if not si.count(off):
-        raise RuntimeError(f"swap_free: slot {off} has no count (swap_map {si.swap_map[off]:#x})")
+        k.printk(f"swap_free: Unused swap offset entry {off:#x}")
+        k.stats["swap_free_unused"] += 1
+        return
     si.swap_map[off] -= 1
     if si.swap_map[off] == 0:
         _slot_free(k, si, off)
@@ -219,18 +234,38 @@ async def put_swap_folio(k, off: int) -> None:
 
 async def free_swap_and_cache(k, ent: Entry) -> None:
     """free_swap_and_cache(): drop the count of a zapped swap pte; if the swap cache is all
-    that is left, __try_to_reclaim_swap(TTRS_UNMAPPED | TTRS_FULL): free the cached folio
-    when its lock can be had and it is unmapped (or the area is more than half full)."""
-    si = swap_info_get(k, ent)
-    await sched_point("swap_map", si)
+    that is left (and swap_page_trans_huge_swapped() says no THP sibling is swapped),
+    __try_to_reclaim_swap(TTRS_UNMAPPED | TTRS_FULL): free the cached folio when its lock
+    can be had and it is unmapped (or the area is more than half full).
+
+    The area is pinned with get_swap_device() across all of it (82b1c07a0af6, 6.9, in
+    the 6.6 stable series): once the count is dropped, swapoff's try_to_unuse() may find
+    the slot cache-only, free it and finish; without the pin it would go on to free
+    swap_map and the swap address space under us (``--inject
+    free_swap_and_cache_without_get_swap_device``: KASAN use-after-free)."""
+    pinned = "free_swap_and_cache_without_get_swap_device" not in k.bugs
+    si = get_swap_device(k, ent) if pinned else swap_info_get(k, ent)
     if si is None:
         return
-    off = ent.swp_offset
-    si.swap_map[off] -= 1
-    if si.swap_map[off] == 0:
-        _slot_free(k, si, off)
-    elif si.swap_map[off] == SWAP_HAS_CACHE:
+    try:
+        await sched_point("swap_map", si)
+        si.check_live(k, "free_swap_and_cache")
+        off = ent.swp_offset
+        if not si.count(off):
+            k.printk(f"free_swap_and_cache: Unused swap offset entry {off:#x}")
+            return
+        si.swap_map[off] -= 1
+        if si.swap_map[off] == 0:
+            _slot_free(k, si, off)
+            return
+        if si.swap_map[off] != SWAP_HAS_CACHE:
+            return
+        await sched_point("swap_map", si)               # swap_page_trans_huge_swapped()
+        si.check_live(k, "swap_page_trans_huge_swapped")
         await __try_to_reclaim_swap(k, si, off)
+    finally:
+        if pinned:
+            put_swap_device(si)
 
 
 def vm_swap_full(si: SwapInfo) -> bool:
@@ -239,6 +274,8 @@ def vm_swap_full(si: SwapInfo) -> bool:
 
 
 async def __try_to_reclaim_swap(k, si: SwapInfo, off: int) -> None:
+    await sched_point("swap_cache", ("swap", off))      # filemap_get_folio(swap_address_space())
+    si.check_live(k, "__try_to_reclaim_swap")
     folio = si.cache.get(off)
     if folio is None:
         return
@@ -295,6 +332,7 @@ async def swapoff(k) -> int:
     if si.inuse_pages or si.cache:
         raise RuntimeError(f"swapoff: {si!r} still has slots {si.in_use()[:8]} after try_to_unuse")
     k.swap_info = None
+    si.freed, si.freed_at = True, k.current_step()     # vfree(swap_map), exit_swap_address_space()
     k.stats["swapoff"] += 1
     return 0
 
@@ -326,6 +364,7 @@ async def try_to_unuse(k, si: SwapInfo) -> int:
         if si.inuse_pages:
             k.stats["try_to_unuse_again"] += 1
             await sched_point("retry", si)
+            await traps.sleep(1)                         # cond_resched(): let the holder run
     return 0
 
 
@@ -358,16 +397,17 @@ async def unuse_pte_range(k, vma, pmdp: int, addr: int, end: int, swp_type: int)
     from mm_core.swap_state import swap_cache_get_folio, swapin_readahead
     arch = k.arch
     si = k.swap_info
-    ptep = None
+    ptep = None                                          # the pte looked at last, if mapped
     while addr != end:
-        if ptep is None:
+        if ptep is None:                                 # if (!pte++) pte = pte_offset_map()
             ptep = await pgtable.pte_offset_map(k, pmdp, addr)
             if ptep is None:
                 k.stats["unuse_pte_range_map_failed"] += 1
                 break                                    # SKIP the rest of the extent
+        else:
+            ptep += 8
         ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))   # ptep_get_lockless()
         if not is_swap_pte(ent) or ent.swp_type != swp_type:
-            ptep += 8
             addr += k.page_size
             continue
         await pgtable.pte_unmap(k, ptep)
