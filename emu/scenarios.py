@@ -106,6 +106,15 @@ BUGS: dict[str, str] = {
         "does not recheck pmd_same() of dst (before \"mm: userfaultfd: recheck dst_pmd entry in "
         "move_pages_pte()\"): the page is moved into a table MADV_DONTNEED just freed; run "
         "with --kernel 6.14",
+    "free_swap_and_cache_without_get_swap_device":
+        "free_swap_and_cache() without get_swap_device()/put_swap_device() around its work "
+        "(before 82b1c07a0af6, 6.9, \"mm: swap: fix race between free_swap_and_cache() and "
+        "swapoff()\"): once it drops the count, swapoff can free the cache-only slot, finish "
+        "and free swap_map under it",
+    "do_swap_page_without_pte_same":
+        "do_swap_page() maps the swap-cache folio under the ptl without the pte_same() recheck "
+        "against the swap pte it read locklessly: a second faulter maps the page again over "
+        "the first's mapping (rss counted twice, the swap count dropped twice)",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -540,3 +549,79 @@ def uffd_move_vs_pt_reclaim(sc: Scenario) -> World:
     sc.task("uffd", move())
     sc.task("dontneed", madvise.madvise_dontneed(k, mm, a + size, a + 2 * size))
     return World([mm], [], src, 0, extra={"dst": dst})
+
+
+# -- swap ------------------------------------------------------------------------------------
+
+def swapped_page(sc: Scenario, cached: bool) -> tuple:
+    """An mm with one anon page written, swapped out by MADV_PAGEOUT (and, ``cached``, read
+    back into the swap cache by MADV_WILLNEED): (mm, address, the page's bytes)."""
+    m, k = sc.machine, sc.kernel
+    m.swapon(4, readahead=1)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    paddr = m.touch(mm, a, write=True)
+    data = b"swapped!" + (a >> k.page_shift).to_bytes(8, "little")
+    k.physmem.write(paddr, data)
+    m.madvise(mm, a, k.page_size, madvise.MADV_PAGEOUT)
+    if cached:
+        m.madvise(mm, a, k.page_size, madvise.MADV_WILLNEED)
+    return mm, a, data
+
+
+@scenario("swapin-vs-swapin",
+          "two threads fault the same swapped-out anon page (do_swap_page): one maps the swap-cache "
+          "folio, the other finds the pte changed under its ptl (pte_same) and refaults; both must "
+          "read the bytes written before MADV_PAGEOUT, and rss and the swap counts must balance",
+          catches=("do_swap_page_without_pte_same",))
+def swapin_vs_swapin(sc: Scenario) -> World:
+    from emu.arch import Access
+    from mm_core import memory
+    m, k = sc.machine, sc.kernel
+    mm, a, data = swapped_page(sc, cached=False)
+
+    async def faulter(name: str):
+        for _ in range(8):                       # FAULT-RETRY: the access faults again
+            paddr = m.translate(mm, a)
+            if paddr is not None:
+                seen = k.physmem.read(paddr, len(data))
+                if seen != data:
+                    raise Finding("ORACLE", "ORACLE: a swapped-in page does not hold what was swapped out",
+                                  "ORACLE:swapin", [f"  {name} reads {seen!r}, expected {data!r}"])
+                return "read"
+            ret = await memory.do_user_addr_fault(k, mm, a, Access.R)
+            if ret is not memory.FaultResult.OK:
+                raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
+        raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page",
+                      "ORACLE:swapin-refault")
+
+    sc.task("t1", faulter("t1"))
+    sc.task("t2", faulter("t2"))
+    return World([mm], [], a, 0)
+
+
+@scenario("swapoff-vs-exit",
+          "swapoff's try_to_unuse() while a process exits: exit_mmap() (mm_users already 0, so "
+          "unuse_mm skips it) zaps a swap pte whose slot also has a swap-cache folio, and "
+          "free_swap_and_cache() drops the count; swapoff's cache pass can then free the slot, "
+          "finish, and free the area: free_swap_and_cache() must hold it with get_swap_device()",
+          catches=("free_swap_and_cache_without_get_swap_device",))
+def swapoff_vs_exit(sc: Scenario) -> World:
+    from mm_core import memory, swapfile
+    k = sc.kernel
+    mm, a, _ = swapped_page(sc, cached=True)
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: swapoff failed with {ret}", "ORACLE:swapoff")
+        return "off"
+
+    async def exit_mm():
+        await memory.exit_mmap(k, mm)            # check_mm() at its end
+        return "exited"
+
+    sc.task("exit", exit_mm())
+    sc.task("swapoff", swapoff())
+    return World([], [], a, 0)

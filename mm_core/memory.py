@@ -256,7 +256,9 @@ async def do_swap_page(k, vmf: VmFault) -> int:
             put_page(k, folio)
             return 0
         locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
-        if locked is None or await pgtable.get_raw(k, locked[0]) != vmf.orig_pte:
+        if locked is not None and "do_swap_page_without_pte_same" in k.bugs:
+            pass                                        # bug injection: no pte_same() recheck
+        elif locked is None or await pgtable.get_raw(k, locked[0]) != vmf.orig_pte:
             # out_nomap: the table went or the pte changed (faulted in by someone else)
             k.stats["do_swap_page_map_failed" if locked is None else "do_swap_page_pte_changed"] += 1
             if locked is not None:
