@@ -59,6 +59,7 @@ async def add_to_swap_cache(k, folio, off: int) -> None:
     si.cache[off] = folio
     folio.extra["swap"] = off
     folio.refcount += 1
+    folio.owner = None          # the swap cache's now: it outlives the mm that swapped it out
 
 
 async def delete_from_swap_cache(k, folio) -> None:

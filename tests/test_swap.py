@@ -195,6 +195,7 @@ def test_willneed_reads_swapped_pages_into_the_swap_cache(arch: str) -> None:
         assert folio.extra["uptodate"] and not folio.locked and folio.refcount == 1
         assert bytes(m.physmem[folio.paddr:folio.paddr + page]) == pattern(i, page)
     assert pte(k, mm, a + page).kind is Kind.SWAP                # only read ahead, not mapped
+    assert m.mincore(mm, a, 4 * page) == [0, 1, 1, 0]           # mincore_page() of the swap cache
     hits = k.stats["swap_cache_hit"]
     assert read_back(m, mm, a + 2 * page) == pattern(2, page)
     assert k.stats["swap_cache_hit"] == hits + 1 and k.stats["swap_readpage"] == 2   # no I/O
@@ -389,4 +390,27 @@ def test_willneed_walk_skips_a_table_pt_reclaim_freed_under_it() -> None:
     assert sc.results == {"willneed": 0, "dontneed": 0}
     assert k.stats["swapin_walk_map_failed"] == 1 and k.stats["swapin_walk_read"] == 0   # SKIP
     assert k.stats["pt_reclaimed"] == 1 and k.swap_info.cache == {} and k.swap_info.inuse_pages == 0
+    finish(m, mm)
+
+
+def test_pageout_keeps_a_page_the_guest_touched_again_before_reclaim_looked() -> None:
+    """6.6 reclaim_pages() does not ignore references: MADV_PAGEOUT cleared young in its
+    walk, and a hardware access that sets it again before folio_referenced() keeps the
+    folio (FOLIOREF_KEEP): no slot is used, the pte stays."""
+    sc = Scenario(arch="arm64", mem="32M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    si = m.swapon(4)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, RW, ANON)
+    pa = fill(m, mm, a, 0)
+    sc.task("pageout", madvise.do_madvise(k, mm, a, k.page_size, emu.MADV_PAGEOUT))
+    sc.run("pageout:folio_trylock#1", finish=False)      # reclaim has the folio locked
+    assert not pte(k, mm, a).young
+    assert m.touch(mm, a) == pa                          # the access flag is set again
+    sc.run("pageout:*")
+    assert sc.results["pageout"] == 0 and k.stats["reclaim_kept_referenced"] == 1
+    assert pte(k, mm, a).kind is Kind.LEAF and si.inuse_pages == 0 and si.cache == {}
+    assert not k.alloc.page_of(pa).locked and k.alloc.page_of(pa).refcount == 1
+    m.madvise(mm, a, k.page_size, emu.MADV_PAGEOUT)      # untouched this time: swapped out
+    assert pte(k, mm, a).kind is Kind.SWAP and read_back(m, mm, a) == pattern(0, k.page_size)
     finish(m, mm)
