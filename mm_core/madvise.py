@@ -354,6 +354,8 @@ async def swapin_walk_pmd_entry(pmdp: int, start: int, end: int, walk: pagewalk.
     and taken again for the next pte. A failed map is ``break`` and ``return 0``: SKIP
     the rest of the pmd's extent (no ACTION_AGAIN)."""
     k, arch, vma = walk.k, walk.k.arch, walk.private
+    if not k.profile.fallible_pte_map and not await swapfile.pmd_is_table_64(k, pmdp):
+        return 0                                        # 6.4: pmd_none_or_trans_huge_or_clear_bad()
     ptep = ptl = None
     addr = start
     while addr < end:

@@ -379,12 +379,20 @@ async def unuse_mm(k, mm, swp_type: int) -> int:
             # unuse_vma() -> unuse_p4d_range() ... -> unuse_pmd_range(): every pmd under
             # present upper tables, no check of the pmd itself (6.5+)
             async for pmdp, addr, nxt in for_each_pmd(k, mm, vma.start, vma.end):
+                if not k.profile.fallible_pte_map and not await pmd_is_table_64(k, pmdp):
+                    continue                             # 6.4: pmd_none_or_trans_huge_or_clear_bad()
                 ret = await unuse_pte_range(k, vma, pmdp, addr, nxt, swp_type)
                 if ret:
                     return ret
     finally:
         await mmap_read_unlock(mm)
     return 0
+
+
+async def pmd_is_table_64(k, pmdp: int) -> bool:
+    """The pre-6.5 callers' pmd_none_or_trans_huge_or_clear_bad(), negated: 6.4's
+    pte_offset_map() maps whatever the pmd names, so its callers filtered first."""
+    return (await pgtable.get_entry(k, pmdp, k.arch.pmd_level)).kind is Kind.TABLE
 
 
 async def unuse_pte_range(k, vma, pmdp: int, addr: int, end: int, swp_type: int) -> int:

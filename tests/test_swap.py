@@ -414,3 +414,49 @@ def test_pageout_keeps_a_page_the_guest_touched_again_before_reclaim_looked() ->
     m.madvise(mm, a, k.page_size, emu.MADV_PAGEOUT)      # untouched this time: swapped out
     assert pte(k, mm, a).kind is Kind.SWAP and read_back(m, mm, a) == pattern(0, k.page_size)
     finish(m, mm)
+
+
+def test_swap_readahead_skips_its_window_when_the_table_went_and_the_fault_backs_out() -> None:
+    """6.14: the table is freed (MADV_DONTNEED + PT_RECLAIM, which also freed the slot)
+    after the fault read the swap pte: swap_vma_readahead()'s pte_offset_map() fails
+    (``break``: SKIP the window), read_swap_cache_async() finds the slot unused, and the
+    back-out pte_offset_map_lock() fails too: 0 (refault), not VM_FAULT_OOM."""
+    sc, m, k, mm, a = swapped_world(kernel="6.14", pages=2)
+    k.swap_info.ra_win = 4
+    span = k.arch.levels[k.arch.pmd_level].span
+    sc.task("t1", fault(k, mm, a + k.page_size))
+    sc.task("dontneed", madvise.do_madvise(k, mm, a, span, emu.MADV_DONTNEED))
+    sc.run("t1:rcu_read_unlock#1 dontneed:*", finish=False)    # t1 holds the swap pte's value
+    assert k.stats["pt_reclaimed"] == 1 and k.swap_info.inuse_pages == 0
+    sc.run("t1:*")
+    assert sc.results["t1"] is FaultResult.OK
+    assert k.stats["swap_ra_map_failed"] == 1 and k.stats["swap_readpage"] == 0
+    assert k.stats["do_swap_page"] == 0 and mm.rss[MM_ANONPAGES] == mm.rss[MM_SWAPENTS] == 0
+    assert read_back(m, mm, a + k.page_size) == bytes(k.page_size)
+    finish(m, mm)
+
+
+@pytest.mark.parametrize("kernel", ["6.4", "6.5", "6.8", "6.13", "6.14"])
+def test_swap_round_trip_under_every_profile(kernel: str) -> None:
+    """Pageout, fork, MADV_WILLNEED, a fault and swapoff under each profile: under 6.4 the
+    walkers filter the pmd first (pmd_none_or_trans_huge_or_clear_bad), from 6.5 the map
+    of the none pmd fails and unuse_pte_range skips it."""
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, kernel=kernel)
+    k = m.kernel
+    page, span = k.page_size, k.arch.levels[k.arch.pmd_level].span
+    m.swapon(16)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * span, RW, ANON)
+    b = a + span
+    for i in range(5):
+        fill(m, mm, b + i * page, i)
+    m.madvise(mm, b, 5 * page, emu.MADV_PAGEOUT)
+    child = m.fork_mm(mm)
+    m.madvise(mm, a, 2 * span, emu.MADV_WILLNEED)
+    assert read_back(m, mm, b + page) == pattern(1, page)
+    m.swapoff()
+    assert k.stats["unuse_pte_range_map_failed"] == (0 if kernel == "6.4" else 2)
+    for i in range(5):
+        assert read_back(m, child, b + i * page) == pattern(i, page)
+        assert read_back(m, mm, b + i * page) == pattern(i, page)
+    finish(m, mm, child)
