@@ -553,21 +553,45 @@ def uffd_move_vs_pt_reclaim(sc: Scenario) -> World:
 
 # -- swap ------------------------------------------------------------------------------------
 
-def swapped_page(sc: Scenario, cached: bool) -> tuple:
-    """An mm with one anon page written, swapped out by MADV_PAGEOUT (and, ``cached``, read
-    back into the swap cache by MADV_WILLNEED): (mm, address, the page's bytes)."""
+def swapped_page(sc: Scenario, cached: bool, pages: int = 1) -> tuple:
+    """An mm with ``pages`` anon pages written, swapped out by MADV_PAGEOUT (and, ``cached``,
+    the first read back into the swap cache by MADV_WILLNEED): (mm, address, the first
+    page's bytes); page i holds swap_marker(k, address + i pages)."""
     m, k = sc.machine, sc.kernel
     m.swapon(4, readahead=1)
     mm = m.new_mm()
     a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
                emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    paddr = m.touch(mm, a, write=True)
-    data = b"swapped!" + (a >> k.page_shift).to_bytes(8, "little")
-    k.physmem.write(paddr, data)
-    m.madvise(mm, a, k.page_size, madvise.MADV_PAGEOUT)
+    for i in range(pages):
+        va = a + i * k.page_size
+        k.physmem.write(m.touch(mm, va, write=True), swap_marker(k, va))
+    m.madvise(mm, a, pages * k.page_size, madvise.MADV_PAGEOUT)
     if cached:
         m.madvise(mm, a, k.page_size, madvise.MADV_WILLNEED)
-    return mm, a, data
+    return mm, a, swap_marker(k, a)
+
+
+def swap_marker(k, va: int) -> bytes:
+    return b"swapped!" + (va >> k.page_shift).to_bytes(8, "little")
+
+
+async def swapin_and_check(k, m, mm, va: int, write: bool, name: str):
+    """Fault ``va`` in (again after each FAULT-RETRY) and check the bytes swapped out."""
+    from emu.arch import Access
+    from mm_core import memory
+    data = swap_marker(k, va)
+    for _ in range(8):
+        paddr = m.translate(mm, va, "w" if write else "r")
+        if paddr is not None:
+            seen = k.physmem.read(paddr, len(data))
+            if seen != data:
+                raise Finding("ORACLE", "ORACLE: a swapped-in page does not hold what was swapped out",
+                              "ORACLE:swapin", [f"  {name} reads {seen!r} at {va:#x}, expected {data!r}"])
+            return "written" if write else "read"
+        ret = await memory.do_user_addr_fault(k, mm, va, Access.W if write else Access.R)
+        if ret is not memory.FaultResult.OK:
+            raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
+    raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page", "ORACLE:swapin-refault")
 
 
 @scenario("swapin-vs-swapin",
@@ -576,28 +600,32 @@ def swapped_page(sc: Scenario, cached: bool) -> tuple:
           "read the bytes written before MADV_PAGEOUT, and rss and the swap counts must balance",
           catches=("do_swap_page_without_pte_same",))
 def swapin_vs_swapin(sc: Scenario) -> World:
-    from emu.arch import Access
-    from mm_core import memory
     m, k = sc.machine, sc.kernel
-    mm, a, data = swapped_page(sc, cached=False)
+    mm, a, _ = swapped_page(sc, cached=False)
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a, False, "t2"))
+    return World([mm], [], a, 0)
 
-    async def faulter(name: str):
-        for _ in range(8):                       # FAULT-RETRY: the access faults again
-            paddr = m.translate(mm, a)
-            if paddr is not None:
-                seen = k.physmem.read(paddr, len(data))
-                if seen != data:
-                    raise Finding("ORACLE", "ORACLE: a swapped-in page does not hold what was swapped out",
-                                  "ORACLE:swapin", [f"  {name} reads {seen!r}, expected {data!r}"])
-                return "read"
-            ret = await memory.do_user_addr_fault(k, mm, a, Access.R)
-            if ret is not memory.FaultResult.OK:
-                raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
-        raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page",
-                      "ORACLE:swapin-refault")
 
-    sc.task("t1", faulter("t1"))
-    sc.task("t2", faulter("t2"))
+@scenario("swapoff-vs-swapin",
+          "swapoff (try_to_unuse -> unuse_pte_range -> unuse_pte) while two threads fault in the "
+          "two swapped-out pages, one of them already in the swap cache: get_swap_device() pins "
+          "the area under a fault, do_swap_page rechecks the folio is still the swap cache's and "
+          "pte_same, unuse_pte skips a pte faulted in first; the bytes must come back either way")
+def swapoff_vs_swapin(sc: Scenario) -> World:
+    from mm_core import swapfile
+    m, k = sc.machine, sc.kernel
+    mm, a, _ = swapped_page(sc, cached=True, pages=2)
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: swapoff failed with {ret}", "ORACLE:swapoff")
+        return "off"
+
+    sc.task("swapoff", swapoff())
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a + k.page_size, True, "t2"))
     return World([mm], [], a, 0)
 
 
@@ -625,3 +653,36 @@ def swapoff_vs_exit(sc: Scenario) -> World:
     sc.task("exit", exit_mm())
     sc.task("swapoff", swapoff())
     return World([], [], a, 0)
+
+
+@scenario("pageout-vs-swapin",
+          "MADV_PAGEOUT swapping out two anon pages (the walk, then shrink_folio_list: "
+          "add_to_swap, try_to_unmap_one under the ptl, pageout, __remove_mapping) while one "
+          "thread reads and another writes them, faulting them back in (do_swap_page) when they "
+          "are gone: the bytes written before must be read back whatever the interleaving")
+def pageout_vs_swapin(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    m.swapon(4, readahead=2)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(2):
+        va = a + i * k.page_size
+        k.physmem.write(m.touch(mm, va, write=True), swap_marker(k, va))
+
+    async def pageout():
+        for _ in range(2):
+            ret = await madvise.do_madvise(k, mm, a, 2 * k.page_size, madvise.MADV_PAGEOUT)
+            if ret:
+                raise Finding("ORACLE", f"ORACLE: MADV_PAGEOUT failed with {ret}", "ORACLE:pageout")
+        return "paged out"
+
+    async def reader():
+        for _ in range(2):
+            await swapin_and_check(k, m, mm, a, False, "reader")
+        return "read"
+
+    sc.task("pageout", pageout())
+    sc.task("reader", reader())
+    sc.task("writer", swapin_and_check(k, m, mm, a + k.page_size, True, "writer"))
+    return World([mm], [], a, 0)

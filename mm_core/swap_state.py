@@ -82,6 +82,7 @@ async def add_to_swap(k, folio) -> bool:
     if off is None:
         return False
     await add_to_swap_cache(k, folio, off)
+    folio.extra["uptodate"] = True              # a mapped anon folio holds its data
     folio.extra["dirty"] = True
     k.stats["add_to_swap"] += 1
     return True
@@ -123,8 +124,8 @@ async def __read_swap_cache_async(k, ent: Entry, vma, addr: int):
             folio = await filemap_get_swap_folio(k, off)
             if folio is not None:
                 return folio, False
-            if not si.count(off):                   # an unused slot: no readahead of it
-                return None, False
+            if not si.count(off) and si.slot_cache_enabled:
+                return None, False                  # an unused slot: no readahead of it
             try:
                 folio = k.alloc.alloc_pages(k.page_order, PageUse.ANON, zero=False)
             except OutOfMemory:

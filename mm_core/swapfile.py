@@ -63,6 +63,10 @@ class SwapInfo:
         self.users = 0                          # get_swap_device() references held
         self.ra_win = ra_win                    # swap_vma_readahead window (pages)
         self.drained = _UsersDrained(self)
+        # swap_slot_cache_enabled: off while swapoff runs try_to_unuse(), so that
+        # __read_swap_cache_async() does not skip a slot whose SWAP_HAS_CACHE is set by a
+        # racing reader that has not added its folio yet (swapoff would fail with -ENOMEM)
+        self.slot_cache_enabled = True
         self.freed = False                      # swapoff freed swap_map (KASAN check_live)
         self.freed_at = 0
 
@@ -323,7 +327,9 @@ async def swapoff(k) -> int:
     if si is None:
         return -EINVAL
     si.writeok = False                               # del_from_avail_list(), ~SWP_WRITEOK
+    si.slot_cache_enabled = False                    # disable_swap_slots_cache_lock()
     err = await try_to_unuse(k, si)
+    si.slot_cache_enabled = True                     # reenable_swap_slots_cache_unlock()
     if err:
         si.writeok = True                            # reinsert_swap_info()
         return err
