@@ -19,6 +19,7 @@ from mm_core.madvise import (
     MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
     MADV_UNMERGEABLE,
+    MADV_WILLNEED,
 )
 from mm_core.mmap import (
     MAP_ANONYMOUS,
@@ -54,7 +55,8 @@ __all__ = ["Machine", "GuestAccessError", "hookimpl", "__version__", "PROT_NONE"
            "UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES", "UFFDIO_REGISTER_MODE_MISSING", "UFFDIO_REGISTER_MODE_WP",
            "UFFDIO_REGISTER_MODE_MINOR", "UFFDIO_COPY_MODE_DONTWAKE", "UFFDIO_COPY_MODE_WP",
            "UFFDIO_CONTINUE_MODE_WP", "UFFDIO_WRITEPROTECT_MODE_WP", "UFFDIO_WRITEPROTECT_MODE_DONTWAKE",
-           "UFFD_FEATURE_SIGBUS", "MADV_MERGEABLE", "MADV_UNMERGEABLE"]
+           "UFFD_FEATURE_SIGBUS", "MADV_MERGEABLE", "MADV_UNMERGEABLE",
+           "MADV_WILLNEED"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from emu.scenario import Scenario
 from emu.scenarios import BUGS, PROFILE_BUGS, SCENARIOS, ScenarioSpec, World
-from emu.sched.loop import Deadlock, Livelock
+from emu.sched.loop import Deadlock, Livelock, run_sync
 from emu.sched.schedule import Digest, Schedule
 from emu.sched.strategy import PCT, RandomWalk, Replay, Strategy, make_strategy
 from emu.sched.task import TaskState
-from mm_core import memory
+from mm_core import memory, swapfile
 from mm_core.sanitizers import Finding
 
 MAX_STEPS = 20_000
@@ -132,6 +132,14 @@ def _teardown(sc: Scenario, world: World) -> None:
     for f in world.files:
         m.close_file(f)
     k.rcu.barrier_now()
+    if k.swap_info is not None:
+        # swap-cache folios nobody maps or needs are what later reclaim frees; any slot
+        # still counted, or folio still cached after that, has lost its owner
+        run_sync(swapfile.drain_swap_cache(k))
+        leaked = swapfile.swap_leaks(k)
+        if leaked:
+            raise Finding("LEAK", f"LEAK: {len(leaked)} swap slot(s) or swap-cache folio(s) left after "
+                          "exit", "LEAK:swap", [f"  {what}" for what in leaked[:4]])
     left = list(k.ptdescs.values()) + k.deferred_tables()
     if left:
         raise Finding("LEAK", f"LEAK: {len(left)} page table(s) left after exit and rcu_barrier",

@@ -30,6 +30,7 @@ from mm_core import (
     pgtable,
     rcu,
     shmem,
+    swapfile,
     task_mmu,
     userfaultfd,
     vmscan,
@@ -205,6 +206,15 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
+    def swapon(self, slots: int, readahead: int = 4) -> Any:
+        """swapon(2) of a swap area of ``slots`` pages kept in host memory; MADV_PAGEOUT then
+        swaps anonymous pages out and faults bring them back (``readahead``: the
+        swap_vma_readahead window in pages). Returns the area (mm_core.swapfile.SwapInfo)."""
+        return swapfile.swapon(self.kernel, slots, readahead)
+
+    def swapoff(self) -> None:
+        """swapoff(2): bring every swapped-out page back (try_to_unuse) and remove the area."""
+        _check(run_sync(swapfile.swapoff(self.kernel)))
 
     def uffdio_move(self, mm: MMStruct, dst: int, src: int, length: int, mode: int = 0) -> int:
         """ioctl(UFFDIO_MOVE) (kernel profiles 6.8 and later): move the private anonymous

@@ -30,9 +30,9 @@ dup_userfaultfd() does without UFFD_FEATURE_EVENT_FORK).
 """
 from __future__ import annotations
 
-from emu.arch import MAX_SWAPFILES, SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap_entry
+from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap_entry
 from emu.sched import traps
-from mm_core import huge_memory, memory, pgtable
+from mm_core import huge_memory, memory, pgtable, swapfile
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VM_UFFD_FLAGS, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
@@ -252,11 +252,15 @@ async def copy_present_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_pte
 
 async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_ptep: int, pte,
                               rss: list[int]) -> int:
-    """copy_nonpresent_pte(): a swap entry is duplicated (MM_SWAPENTS; there is no swap
-    device to count it in), a writable migration entry becomes readable in both for a
-    COW mapping, and the entry goes to the child. A pte marker is copied as far as
-    copy_pte_marker() keeps it: a poison marker always, a uffd-wp one only into a uffd-wp
-    VMA (never here: the child loses its registration), else nothing."""
+    """copy_nonpresent_pte(): a swap entry is duplicated (swap_duplicate(): one more count
+    in the slot's swap_map; the child joins swapoff's mmlist; an exclusive entry is made
+    shared in the parent too; MM_SWAPENTS), a writable migration entry becomes readable in
+    both for a COW mapping, and the entry goes to the child. swap_duplicate() cannot fail
+    here (no count continuations to allocate: -EIO and add_swap_count_continuation() are
+    not modelled); a stale entry is reported as a bad pte and copied as it is. A pte
+    marker is copied as far as copy_pte_marker() keeps it: a poison marker always, a
+    uffd-wp one only into a uffd-wp VMA (never here: the child loses its registration),
+    else nothing. A hwpoison entry is copied as it is."""
     arch = k.arch
     if is_pte_marker(pte):
         marker = pte_marker_get(pte) & PTE_MARKER_POISONED
@@ -265,7 +269,13 @@ async def copy_nonpresent_pte(k, dst_vma: VMA, src_vma: VMA, dst_ptep: int, src_
         if marker:
             await pgtable.set_entry(k, dst_ptep, arch.pte_level, make_pte_marker(marker))
         return 0
-    if pte.kind is Kind.SWAP and pte.swp_type < MAX_SWAPFILES:     # !non_swap_entry(): not hwpoison
+    if swapfile.is_swap_pte(pte):                       # !non_swap_entry(): not hwpoison
+        if await swapfile.swap_duplicate(k, pte) < 0:
+            k.printk(f"swap_dup: bad swap entry {pte.swp_type}:{pte.swp_offset:#x}")
+        swapfile.add_to_mmlist(k, dst_vma.mm)
+        if pte.exclusive:                               # pte_swp_clear_exclusive(): now shared
+            pte = pte.with_(exclusive=False)
+            await pgtable.set_entry(k, src_ptep, arch.pte_level, pte)
         rss[MM_SWAPENTS] += 1
     elif pte.kind is Kind.MIGRATION:
         page = k.alloc.page_of(pte.swp_offset << 12)

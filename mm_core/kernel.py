@@ -29,6 +29,8 @@ class Kernel:
         self.deferred: list = []                 # tables waiting for a grace period
         self.deposits: dict[int, list] = {}      # pmd entry paddr -> deposited PTE tables
         self.rcu = Rcu()
+        self.swap_info = None                    # mm_core.swapfile.SwapInfo after swapon()
+        self.mmlist: list = []                   # init_mm.mmlist: mms with swap entries (swapoff)
         self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
         self.bugs: dict[str, object] = {}        # named bug injections (explorer self-tests)
         self.san = Sanitizers(self)

@@ -1,28 +1,32 @@
 """madvise (mm/madvise.c): MADV_DONTNEED, MADV_FREE, MADV_COLD, MADV_PAGEOUT,
-MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE, MADV_MERGEABLE / MADV_UNMERGEABLE (mm_core/ksm.py).
+MADV_WILLNEED, MADV_HUGEPAGE / MADV_NOHUGEPAGE, MADV_COLLAPSE, MADV_MERGEABLE /
+MADV_UNMERGEABLE (mm_core/ksm.py).
 
-MADV_FREE, MADV_COLD and MADV_PAGEOUT are walk_page_range() users whose pmd_entry maps
-the PTE table with pte_offset_map_lock() and answers a failed map with ``return 0``:
-SKIP (that pmd's extent is left alone; the walker does not retry). A huge pmd is handled
-whole under pmd_trans_huge_lock() when the range covers it; a partial range (or a
-PTE-mapped large folio) wants split_folio(), which the model does not have: it behaves
-as a split that failed (the kernel's outcome when the folio has extra references), so
-the THP is left alone (return 0 / break).
+MADV_FREE, MADV_COLD, MADV_PAGEOUT and MADV_WILLNEED are walk_page_range() users whose
+pmd_entry maps the PTE table with pte_offset_map_lock() and answers a failed map with
+``return 0`` (MADV_WILLNEED: ``break``, then 0): SKIP (that pmd's extent is left alone;
+the walker does not retry). A huge pmd is handled whole under pmd_trans_huge_lock() when
+the range covers it; a partial range (or a PTE-mapped large folio) wants split_folio(),
+which the model does not have: it behaves as a split that failed (the kernel's outcome
+when the folio has extra references), so the THP is left alone (return 0 / break).
 
-The model has no LRU lists and no swap device, so:
+The model has no LRU lists; a swap area exists only after swapon (mm_core/swapfile.py):
   MADV_FREE     clears young and dirty of exclusively mapped anon ptes (and of a whole
-                THP's pmd) and marks the folio lazyfree; rss is unchanged until reclaim
+                THP's pmd) and marks the folio lazyfree; rss is unchanged until reclaim;
+                a swap pte is dropped (free_swap_and_cache)
   MADV_COLD     clears young (pte and pmd) and deactivates the folio: counted in
                 ``k.stats["madv_cold_deactivated"]``, there is no LRU to move it on
-  MADV_PAGEOUT  as MADV_COLD, then reclaim_pages() on the isolated folios: only a clean
-                lazyfree anon page can go (it is unmapped and freed: the next read sees
-                zeroes); swap-backed anon and shmem pages need swap and stay mapped
+  MADV_PAGEOUT  as MADV_COLD, then reclaim_pages() on the isolated folios: a clean
+                lazyfree anon page is discarded (the next read sees zeroes); a small
+                swap-backed anon page is swapped out when there is a swap area (the next
+                access faults it back in: do_swap_page); shmem pages and THPs stay
+  MADV_WILLNEED reads the swapped-out pages of the range into the swap cache
 """
 from __future__ import annotations
 
 from emu.arch import Kind
 from emu.sched import traps
-from mm_core import huge_memory, khugepaged, memory, pagewalk, pgtable
+from mm_core import huge_memory, khugepaged, memory, pagewalk, pgtable, swap_state, swapfile, vmscan
 from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE
 from mm_core.mmap import EINVAL, ENOMEM, page_align, split_range
@@ -35,7 +39,7 @@ EINTR = 4
 MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 MADV_COLLAPSE = 25
 MADV_MERGEABLE, MADV_UNMERGEABLE = 12, 13          # mm/ksm.c ksm_madvise()
-_NO_OPS = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
+_NO_OPS = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL)
 
 
 async def do_madvise(k, mm, start: int, length: int, behavior: int) -> int:
@@ -50,7 +54,7 @@ async def do_madvise(k, mm, start: int, length: int, behavior: int) -> int:
         return await khugepaged.madvise_collapse(k, mm, start, end)
     if behavior == MADV_DONTNEED:
         return await madvise_dontneed(k, mm, start, end)
-    if behavior in (MADV_FREE, MADV_COLD, MADV_PAGEOUT):
+    if behavior in (MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED):
         return await madvise_walk_vmas(k, mm, start, end, behavior)
     if behavior in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
         return await madvise_hugepage(k, mm, start, end, behavior)
@@ -106,7 +110,7 @@ async def madvise_hugepage(k, mm, start: int, end: int, behavior: int) -> int:
         await mmap_write_unlock(mm)
 
 
-# -- MADV_FREE, MADV_COLD, MADV_PAGEOUT: walk_page_range() users ----------------------------------
+# -- MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED: walk_page_range() users -----------------
 
 async def madvise_walk_vmas(k, mm, start: int, end: int, behavior: int) -> int:
     """madvise_walk_vmas() under mmap_read_lock for the LRU advices: each VMA in turn; an
@@ -117,6 +121,8 @@ async def madvise_walk_vmas(k, mm, start: int, end: int, behavior: int) -> int:
             lo, hi = max(start, vma.start), min(end, vma.end)
             if behavior == MADV_FREE:
                 err = await madvise_free_single_vma(k, vma, lo, hi)
+            elif behavior == MADV_WILLNEED:
+                err = await madvise_willneed(k, vma, lo, hi)
             else:
                 err = await madvise_cold_or_pageout(k, vma, lo, hi, behavior == MADV_PAGEOUT)
             if err:
@@ -160,8 +166,9 @@ async def madvise_free_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.
         if ptent.kind is Kind.NONE:
             continue
         if ptent.kind is not Kind.LEAF:
-            if ptent.kind is Kind.SWAP:                 # free_swap_and_cache(): no swap device here
+            if swapfile.is_swap_pte(ptent):             # the data is not needed: drop the slot
                 nr_swap -= 1
+                await swapfile.free_swap_and_cache(k, ptent)
                 await pgtable.clear_entry(k, entp, arch.pte_level)
             continue
         folio = None if ptent.special else k.alloc.page_of(ptent.paddr)
@@ -207,6 +214,7 @@ def _deactivate(k, folio, pageout: bool, isolated: list, vma, addr: int) -> None
     MADV_COLD (no LRU here: only counted) or folio_isolate_lru() onto the reclaim list,
     with its one mapping (the anon rmap's answer), for MADV_PAGEOUT."""
     if pageout:
+        folio.refcount += 1                             # folio_isolate_lru(): reclaim's reference
         isolated.append((folio, vma, addr))
     else:
         k.stats["madv_cold_deactivated"] += 1
@@ -272,16 +280,30 @@ COLD_WALK_OPS = pagewalk.MmWalkOps(pmd_entry=madvise_cold_or_pageout_pte_range)
 
 
 async def reclaim_pages(k, isolated: list) -> int:
-    """reclaim_pages() -> shrink_folio_list() without a swap device: a lazyfree anon
-    folio is unmapped and freed if still clean (try_to_unmap_one's MADV_FREE discard);
-    every other folio needs swap (anon, shmem) and goes back to the LRU."""
+    """reclaim_pages() -> shrink_folio_list() on the folios the walk isolated (each with
+    the isolation's reference, which reclaim consumes): a lazyfree anon folio is unmapped
+    and freed if still clean (try_to_unmap_one's MADV_FREE discard, no swap needed); a
+    swap-backed anon folio is swapped out when there is a swap area
+    (vmscan.shrink_folio_list: add_to_swap, try_to_unmap, pageout, __remove_mapping);
+    every other folio (shmem, a THP, no swap area) goes back to the LRU."""
     reclaimed = 0
+    to_swap = []
     for folio, vma, addr in isolated:
-        if folio.use is PageUse.ANON and folio.extra.get("lazyfree") and folio.order == k.page_order:
+        small_anon = folio.use is PageUse.ANON and folio.order == k.page_order
+        if small_anon and folio.extra.get("lazyfree"):
             if await try_to_unmap_lazyfree(k, folio, vma, addr):
                 reclaimed += 1
+                memory.put_page(k, folio)                # the isolation's reference: freed
                 continue
+        elif small_anon and k.swap_info is not None:
+            to_swap.append(folio)
+            continue
         k.stats["pageout_kept"] += 1
+        memory.put_page(k, folio)                        # folio_putback_lru()
+    if to_swap:
+        for res in await vmscan.shrink_folio_list(k, to_swap, isolated=True):
+            reclaimed += res.reclaimed
+            k.stats["pageout_kept"] += not res.reclaimed
     k.stats["pageout_reclaimed"] += reclaimed
     return reclaimed
 
@@ -308,7 +330,7 @@ async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
         await flush_tlb_range(k, mm, pvmw.address, pvmw.address + k.page_size)
         if pte.dirty:
             folio.extra["dirty"] = True                              # folio_mark_dirty()
-        if folio.refcount == folio.mapcount and not folio.extra.get("dirty"):
+        if folio.refcount == folio.mapcount + 1 and not folio.extra.get("dirty"):   # + isolation's
             memory._put_mapped_page(k, mm, folio)                    # discard
             k.stats["lazyfree_discarded"] += 1
             ok = True
@@ -319,3 +341,54 @@ async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
         await page_vma_mapped_walk_done(k, pvmw)
         break
     return ok
+
+
+# -- MADV_WILLNEED ------------------------------------------------------------------------------
+
+async def madvise_willneed(k, vma, start: int, end: int) -> int:
+    """madvise_willneed(): for anonymous memory, start reading its swapped-out pages into
+    the swap cache (walk_page_range with swapin_walk_ops). File memory would get page-cache
+    readahead (shmem: shmem_swapin_range), which the model has no use for: shmem is never
+    swapped and its pages are all in memory."""
+    if vma.anonymous:
+        await pagewalk.walk_page_range(k, vma.mm, start, end, SWAPIN_WALK_OPS, vma)
+    k.stats["madv_willneed"] += 1
+    return 0
+
+
+async def swapin_walk_pmd_entry(pmdp: int, start: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """swapin_walk_pmd_entry() (6.5+): pte_offset_map_lock() per batch, each swap pte's
+    entry read (ptep_get) under the ptl; the map is dropped for read_swap_cache_async()
+    and taken again for the next pte. A failed map is ``break`` and ``return 0``: SKIP
+    the rest of the pmd's extent (no ACTION_AGAIN)."""
+    k, arch, vma = walk.k, walk.k.arch, walk.private
+    if not k.profile.fallible_pte_map and not await swapfile.pmd_is_table_64(k, pmdp):
+        return 0                                        # 6.4: pmd_none_or_trans_huge_or_clear_bad()
+    ptep = ptl = None
+    addr = start
+    while addr < end:
+        if ptep is None:                                # if (!ptep++) ptep = pte_offset_map_lock()
+            locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+            if locked is None:
+                k.stats["swapin_walk_map_failed"] += 1
+                break                                   # SKIP
+            ptep, ptl = locked
+        else:
+            ptep += 8
+        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
+        if not swapfile.is_swap_pte(ent):
+            addr += k.page_size
+            continue
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+        ptep = ptl = None
+        folio = await swap_state.read_swap_cache_async(k, ent, vma, addr)
+        if folio is not None:
+            k.stats["swapin_walk_read"] += 1
+            memory.put_page(k, folio)
+        addr += k.page_size
+    if ptep is not None:
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return 0
+
+
+SWAPIN_WALK_OPS = pagewalk.MmWalkOps(pmd_entry=swapin_walk_pmd_entry)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from emu.arch import Access, Entry, Kind, leaf_entry
+from emu.arch import SWP_HWPOISON, Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import filemap, huge_memory, pgtable, rmap, userfaultfd
@@ -18,6 +18,7 @@ from mm_core.mm import (
     MM_ANONPAGES,
     MM_FILEPAGES,
     MM_SHMEMPAGES,
+    MM_SWAPENTS,
     RSS_NAMES,
     VM_EXEC,
     VM_GROWSDOWN,
@@ -244,8 +245,10 @@ async def handle_pte_fault(k, vmf: VmFault) -> int:
     if entry.kind is not Kind.LEAF:
         if is_pte_marker(entry):
             return await do_swap_page_marker(k, vmf, entry)
-        await pgtable.pte_unmap(k, vmf.pte)
-        return VM_FAULT_SIGBUS        # swap entries: do_swap_page is not modelled yet
+        if entry.kind is Kind.SWAP and entry.swp_type == SWP_HWPOISON:
+            await pgtable.pte_unmap(k, vmf.pte)
+            return VM_FAULT_SIGBUS        # do_swap_page(): is_hwpoison_entry() -> VM_FAULT_HWPOISON
+        return await do_swap_page(k, vmf)           # !pte_present()
     if pte_protnone(entry) and vma_is_accessible(vmf.vma):
         return await do_numa_page(k, vmf)
     await traps.lock(vmf.ptl)
@@ -367,6 +370,118 @@ async def do_numa_page(k, vmf: VmFault) -> int:
     return 0
 
 
+async def do_swap_page(k, vmf: VmFault) -> int:
+    """do_swap_page() (6.6), entered with the pte mapped (pte_offset_map_nolock) and
+    ``vmf.orig_pte`` read without the lock. pte_unmap_same() (64-bit: just pte_unmap),
+    then: a migration entry waits (FAULT-RETRY: return 0, refault once it is done); a swap
+    entry pins the area (get_swap_device(): none once swapoff got past try_to_unuse, then
+    return 0 and refault), takes the folio from the swap cache or swapin_readahead(),
+    folio_lock() (sleeps: no map held), checks it is still the swap cache's folio for the
+    entry (else FAULT-RETRY), and maps it under pte_offset_map_lock() if pte_same() still
+    holds: a failed map or a changed pte is FAULT-RETRY (``out_nomap``: someone else, another
+    thread or swapoff, faulted it in first). swap_free(), folio_free_swap() when
+    should_try_to_free_swap(); MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
+    entry was exclusive (or the folio's only reference is ours), else do_wp_page()."""
+    from mm_core import shmem, swap_state, swapfile
+    mm, arch, vma = vmf.vma.mm, k.arch, vmf.vma
+    await pgtable.pte_unmap(k, vmf.pte)             # pte_unmap_same()
+    vmf.pte = None
+    ent = arch.decode(arch.pte_level, vmf.orig_pte)
+    if ent.kind is Kind.MIGRATION:
+        k.stats["migration_entry_wait"] += 1        # migration_entry_wait(): refault after it
+        return 0
+    if not swapfile.is_swap_pte(ent):
+        k.printk(f"BUG: Bad page map in process: pte:{vmf.orig_pte:#018x} at {vmf.address:#x}")
+        return VM_FAULT_SIGBUS                      # print_bad_pte(): a marker or hwpoison entry
+    si = swapfile.get_swap_device(k, ent)
+    if si is None:
+        k.stats["do_swap_page_no_device"] += 1
+        return 0
+    try:
+        off = ent.swp_offset
+        folio = await swap_state.swap_cache_get_folio(k, off)
+        if folio is None:
+            folio = await swap_state.swapin_readahead(k, ent, vmf)
+            if folio is None:
+                # back out if somebody else faulted in this pte meanwhile
+                ret = 0
+                locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
+                if locked is not None:
+                    if await pgtable.get_raw(k, locked[0]) == vmf.orig_pte:
+                        ret = VM_FAULT_OOM
+                    await pgtable.pte_unmap_unlock(k, *locked)
+                return ret
+            k.stats["swap_major_fault"] += 1        # VM_FAULT_MAJOR
+        # folio_lock_or_retry() without FAULT_FLAG_ALLOW_RETRY: folio_lock()
+        await shmem.folio_lock(k, folio)
+        if folio.extra.get("swap") != off:
+            # folio_free_swap() or swapoff released the swap cache under us: refault
+            k.stats["do_swap_page_not_swapcache"] += 1
+            shmem.folio_unlock(folio)
+            put_page(k, folio)
+            return 0
+        locked = await pgtable.pte_offset_map_lock(k, mm, vmf.pmd, vmf.address)
+        if locked is not None and "do_swap_page_without_pte_same" in k.bugs:
+            pass                                        # bug injection: no pte_same() recheck
+        elif locked is None or await pgtable.get_raw(k, locked[0]) != vmf.orig_pte:
+            # out_nomap: the table went or the pte changed (faulted in by someone else)
+            k.stats["do_swap_page_map_failed" if locked is None else "do_swap_page_pte_changed"] += 1
+            if locked is not None:
+                await pgtable.pte_unmap_unlock(k, *locked)
+            shmem.folio_unlock(folio)
+            put_page(k, folio)
+            return 0
+        vmf.pte, vmf.ptl = locked
+        if not folio.extra.get("uptodate"):
+            await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+            shmem.folio_unlock(folio)
+            put_page(k, folio)
+            return VM_FAULT_SIGBUS
+        exclusive = ent.exclusive
+        await swapfile.swap_free(k, ent)
+        if should_try_to_free_swap(k, folio, vma, vmf.flags):
+            await swapfile.folio_free_swap(k, folio)
+        mm.rss[MM_ANONPAGES] += 1
+        mm.rss[MM_SWAPENTS] -= 1
+        prot = vm_get_page_prot(vma.flags)
+        dirty = False
+        flags = vmf.flags
+        # our lookup reference becomes the mapping's: the folio's only one when it is 1
+        if exclusive or folio.refcount == 1:
+            if vmf.write:
+                if vma.flags & VM_WRITE:                # maybe_mkwrite(pte_mkdirty())
+                    prot |= Access.W
+                dirty = True
+                flags &= ~FAULT_FLAG_WRITE
+            exclusive = True
+        folio.refcount -= 1                             # page_add_anon_rmap() takes it back
+        swapfile.page_add_anon_rmap(k, folio, vma, vmf.address, exclusive)
+        pte = leaf_entry(folio.paddr, prot, young=True, dirty=dirty, soft_dirty=ent.soft_dirty,
+                         uffd_wp=ent.uffd_wp)
+        await pgtable.set_entry(k, vmf.pte, arch.pte_level, pte)
+        shmem.folio_unlock(folio)
+        k.stats["do_swap_page"] += 1
+        if flags & FAULT_FLAG_WRITE:
+            vmf.orig_pte = arch.encode(arch.pte_level, pte)
+            return await do_wp_page(k, vmf, pte)
+        await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+        return 0
+    finally:
+        swapfile.put_swap_device(si)
+
+
+def should_try_to_free_swap(k, folio, vma, fault_flags: int) -> bool:
+    """should_try_to_free_swap(): free the slot at swap-in when swap is more than half
+    full, the VMA is mlocked, or a write fault holds the only other reference (cache + ours)."""
+    from mm_core.mm import VM_LOCKED
+    from mm_core.swapfile import vm_swap_full
+    if "swap" not in folio.extra:
+        return False
+    if vm_swap_full(k.swap_info) or vma.flags & VM_LOCKED:
+        return True
+    return bool(fault_flags & FAULT_FLAG_WRITE) and folio.refcount == 2
+
+
 async def do_anonymous_page(k, vmf: VmFault) -> int:
     """do_anonymous_page(): the zero page for a read, a fresh zeroed page for a write.
     pte_alloc() is called separately so OOM is told apart from a map failure."""
@@ -433,8 +548,8 @@ async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
                                 pgtable.pte_mkdirty(k, entry.with_(prot=entry.prot | Access.W, young=True)))
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
-    if page is not None and page.use is PageUse.ANON and page.refcount == 1 \
-            and not page.extra.get("ksm"):              # wp_can_reuse_anon_folio(): never a KSM folio
+    if page is not None and page.use is PageUse.ANON and not page.extra.get("ksm") \
+            and await wp_can_reuse_anon_folio(k, page):   # never a KSM folio
         if vmf.unshare:                                 # exclusive already: nothing to unshare
             await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
             return 0
@@ -446,6 +561,21 @@ async def do_wp_page(k, vmf: VmFault, entry: Entry) -> int:
         return 0
     await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
     return await wp_page_copy(k, vmf, entry, page)
+
+
+async def wp_can_reuse_anon_folio(k, folio) -> bool:
+    """wp_can_reuse_anon_folio(): ours alone (one reference), or ours and the swap
+    cache's: then, if folio_trylock() succeeds, folio_free_swap() and look again."""
+    if folio.refcount == 1:
+        return True
+    if "swap" not in folio.extra or folio.refcount != 2:
+        return False
+    from mm_core import shmem, swapfile
+    if not await shmem.folio_trylock(k, folio):
+        return False
+    await swapfile.folio_free_swap(k, folio)
+    shmem.folio_unlock(folio)
+    return folio.refcount == 1
 
 
 async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
@@ -561,7 +691,17 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
             page = None if ent.special else k.alloc.page_of(ent.paddr)
             if page is not None:
                 _put_mapped_page(k, mm, page, tlb=tlb)
+                if "swap" in page.extra and not page.mapcount:     # free_pages_and_swap_cache()
+                    from mm_core.swap_state import free_swap_cache
+                    await free_swap_cache(k, page, tlb)
             k.stats["ptes_zapped"] += 1
+        elif ent.kind is Kind.SWAP:
+            from mm_core.swapfile import free_swap_and_cache, is_swap_pte
+            if is_swap_pte(ent):
+                mm.rss[MM_SWAPENTS] -= 1
+                await free_swap_and_cache(k, ent)
+            await pgtable.clear_entry(k, entp, arch.pte_level)      # pte_clear_not_present_full()
+            k.stats["swap_ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
@@ -740,6 +880,8 @@ async def exit_mmap(k, mm: MMStruct) -> None:
     if root is not None:
         pgtable.pte_free(k, root)
     mm.dead = True
+    if mm in k.mmlist:                             # mmput(): list_del(&mm->mmlist)
+        k.mmlist.remove(mm)
     check_mm(k, mm)
 
 

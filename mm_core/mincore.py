@@ -8,7 +8,7 @@ the page cache for file mappings).
 from __future__ import annotations
 
 from emu.arch import Kind
-from mm_core import pagewalk, pgtable, shmem
+from mm_core import pagewalk, pgtable, shmem, swapfile
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.mmap import EINVAL, ENOMEM
 from mm_core.swapops import pte_none_mostly
@@ -52,8 +52,12 @@ async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWal
             vec[(a - start) >> k.page_shift] = 1
         elif pte_none_mostly(ent):                    # none, or a marker: ask the page cache
             vec[(a - start) >> k.page_shift] = _cached(walk, a)
+        elif swapfile.is_swap_pte(ent):              # mincore_page(swap_address_space(entry))
+            si = swapfile.swap_info_get(k, ent)
+            folio = si.cache.get(ent.swp_offset) if si is not None else None
+            vec[(a - start) >> k.page_shift] = int(folio is not None and bool(folio.extra.get("uptodate")))
         else:
-            vec[(a - start) >> k.page_shift] = 0      # swap or migration: not resident here
+            vec[(a - start) >> k.page_shift] = 1      # non_swap_entry(): migration, a marker
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     return 0
 

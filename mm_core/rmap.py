@@ -145,3 +145,74 @@ async def folio_referenced_anon(k, folio) -> tuple[int, int]:
     finally:
         await traps.unlock(anon_vma.rwsem, "r")
     return referenced, found
+
+
+async def try_to_unmap_anon(k, folio) -> None:
+    """try_to_unmap() of a locked anon folio in the swap cache: rmap_walk_anon() under the
+    anon_vma read lock, try_to_unmap_one() at vma_address(folio->index) of each VMA; the
+    walk stops early when one fails (an mlocked VMA, a stale swap entry). The caller
+    looks at folio_mapped() afterwards."""
+    anon_vma = folio_anon_vma(folio)
+    if anon_vma is None:
+        return
+    await traps.lock(anon_vma.rwsem, "r")
+    try:
+        for vma in list(anon_vma.mm.vmas):
+            if not vma.anon_vma:
+                continue
+            addr = vma_address(vma, folio.index)
+            if addr is None:
+                continue
+            if not await try_to_unmap_one(k, folio, vma, addr):
+                break
+    finally:
+        await traps.unlock(anon_vma.rwsem, "r")
+
+
+async def try_to_unmap_one(k, folio, vma, addr: int) -> bool:
+    """try_to_unmap_one() for a swap-backed anon folio (page_vma_mapped_walk with
+    pte_offset_map_lock: a failed map means it is not mapped there, SKIP). Under the ptl:
+    an mlocked VMA keeps it (false: the walk stops); else ptep_clear_flush() (the TLB
+    flush waits for the other vCPUs), the dirty bit goes to the folio, swap_duplicate()
+    of folio->swap, the mm joins swapoff's mmlist, MM_ANONPAGES -> MM_SWAPENTS, the swap
+    entry (exclusive when the page was PageAnonExclusive, with soft-dirty and uffd-wp) is
+    written in its place, and the mapping and its reference go (page_remove_rmap +
+    folio_put; the swap cache still holds the folio)."""
+    from mm_core.mm import MM_ANONPAGES, MM_SWAPENTS, VM_LOCKED
+    from mm_core.swapfile import add_to_mmlist, swap_duplicate, swp_entry_to_pte
+    mm, arch = vma.mm, k.arch
+    pmdp = await walk_to_pmd(k, mm, addr)
+    if pmdp is None:
+        return True
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None:
+        k.stats["pvmw_map_failed"] += 1
+        return True
+    ptep, ptl = locked
+    try:
+        pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
+        if pte.kind is not Kind.LEAF or pte.paddr != folio.paddr:
+            return True
+        if vma.flags & VM_LOCKED:
+            k.stats["try_to_unmap_mlocked"] += 1
+            return False
+        anon_exclusive = not folio.extra.get("forked")            # PageAnonExclusive()
+        old = arch.decode(arch.pte_level, await pgtable.clear_entry(k, ptep, arch.pte_level))
+        await flush_tlb_range(k, mm, addr, addr + k.page_size)    # ptep_clear_flush()
+        if old.dirty:
+            folio.extra["dirty"] = True                           # folio_mark_dirty()
+        swp = swp_entry_to_pte(folio.extra["swap"], exclusive=anon_exclusive,
+                               soft_dirty=old.soft_dirty, uffd_wp=old.uffd_wp)
+        if await swap_duplicate(k, swp) < 0:
+            await pgtable.set_entry(k, ptep, arch.pte_level, old)
+            return False
+        add_to_mmlist(k, mm)
+        mm.rss[MM_ANONPAGES] -= 1
+        mm.rss[MM_SWAPENTS] += 1
+        await pgtable.set_entry(k, ptep, arch.pte_level, swp)
+        folio.mapcount -= 1                                       # page_remove_rmap()
+        folio.refcount -= 1                                       # folio_put()
+        k.stats["try_to_unmap_swap"] += 1
+        return True
+    finally:
+        await pgtable.pte_unmap_unlock(k, ptep, ptl)
