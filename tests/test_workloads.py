@@ -123,3 +123,19 @@ def test_threads_outnumbering_vcpus_share_one() -> None:
     m.spawn(workload("ppc64", "collapse_race"), ["collapse_race", "3"])
     r = m.run()
     assert r.exit_code == 0 and b"mismatches 0\n" in r.stdout and len(m.vcpus) == 1
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+@pytest.mark.parametrize("kernel", ["6.6", "6.13"])
+def test_vmops_checks_the_mm_syscalls_through_mincore_pagemap_and_smaps(arch_name: str, kernel: str) -> None:
+    """mmap, madvise (DONTNEED, COLD, FREE, PAGEOUT), mprotect, mremap, mlock, mincore and
+    the guest's own /proc/self/{pagemap,smaps,clear_refs} (openat, read, pread64, write):
+    the program checks every step itself; its output is the same on every arch."""
+    out, rc = expected("vmops")
+    m = Machine(arch=arch_name, mem="32M", kernel=kernel)
+    p = m.spawn(workload(arch_name, "vmops"), ["vmops"])
+    r = m.run()
+    assert r.stdout == out and r.exit_code == rc == 0, r.stdout.decode()
+    for name in ("openat", "pread64", "read", "mremap", "mincore", "mlock", "madvise", "mprotect"):
+        assert p.syscalls[name] > 0, name
+    assert m.kernel.stats["lazyfree_discarded"] == 1 and m.kernel.stats["lazyfree_redirtied"] == 1

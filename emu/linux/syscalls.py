@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Awaitable, Callable
 
+from emu.linux import procfs
 from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from_user
 from emu.sched import traps
 from mm_core import madvise, shmem
@@ -17,6 +18,7 @@ from mm_core import mremap as mm_mremap
 from mm_core.mmap import EBADF, EFAULT, EINVAL, ENOSYS
 
 ENOTTY = 25
+ESPIPE = 29
 ENODEV = 19
 Handler = Callable[..., Awaitable[int]]
 SYSCALLS: dict[str, Handler] = {}
@@ -64,6 +66,10 @@ def _signed(v: int) -> int:
 
 @syscall("write")
 async def sys_write(ctx, fd, buf, count, *_):
+    f = ctx.proc.files.get(_signed(fd))
+    if isinstance(f, procfs.ProcFile):
+        return await procfs.proc_write(ctx.k, f, await copy_from_user(ctx.machine, ctx.mm, buf,
+                                                                      min(count, 4096)))
     if fd not in (1, 2):
         return -EBADF
     count = min(count, 1 << 20)
@@ -87,7 +93,49 @@ async def sys_writev(ctx, fd, iov, iovcnt, *_):
 
 @syscall("read")
 async def sys_read(ctx, fd, buf, count, *_):
+    f = ctx.proc.files.get(_signed(fd))
+    if isinstance(f, procfs.ProcFile):
+        data = await procfs.proc_read(ctx.k, f, min(count, 1 << 20), f.pos, ctx.arch.big_endian)
+        if isinstance(data, int):
+            return data
+        await copy_to_user(ctx.machine, ctx.mm, buf, data)
+        f.pos += len(data)
+        return len(data)
     return 0 if fd == 0 else -EBADF          # stdin is empty
+
+
+@syscall("pread64")
+async def sys_pread64(ctx, fd, buf, count, pos, *_):
+    f = ctx.proc.files.get(_signed(fd))
+    if not isinstance(f, procfs.ProcFile):
+        return -EBADF if f is None else -ESPIPE
+    if _signed(pos) < 0:
+        return -EINVAL
+    data = await procfs.proc_read(ctx.k, f, min(count, 1 << 20), pos, ctx.arch.big_endian)
+    if isinstance(data, int):
+        return data
+    await copy_to_user(ctx.machine, ctx.mm, buf, data)
+    return len(data)
+
+
+@syscall("lseek")
+async def sys_lseek(ctx, fd, offset, whence, *_):
+    f = ctx.proc.files.get(_signed(fd))
+    if not isinstance(f, procfs.ProcFile):
+        return -EBADF if f is None else -ESPIPE
+    return procfs.proc_lseek(f, _signed(offset), whence)
+
+
+@syscall("openat")
+async def sys_openat(ctx, dirfd, upath, flags, mode, *_):
+    """openat(): only the /proc/PID files of emu/linux/procfs.py exist (absolute paths)."""
+    path = (await strncpy_from_user(ctx.machine, ctx.mm, upath, 4096)).decode(errors="replace")
+    if not path.startswith("/"):
+        return -procfs.ENOENT
+    f = procfs.proc_open(ctx.machine, ctx.proc, path, flags)
+    if isinstance(f, int):
+        return f
+    return ctx.proc.install_fd(f)
 
 
 @syscall("exit")

@@ -13,6 +13,7 @@ from capstone import Cs
 from emu.arch import Access, Translation
 from emu.linux import syscalls
 from emu.linux.process import SIGBUS, SIGILL, SIGKILL, SIGSEGV, SignalReport
+from emu.linux.uaccess import EFault, copy_from_user
 from emu.sched.traps import choose, run_user
 from mm_core.memory import FaultResult, do_user_addr_fault, exit_mm
 
@@ -54,7 +55,18 @@ async def guest_thread(machine, thread) -> None:
             break
         last_fault = None
         if stop.kind == "syscall":
-            nr, args = arch.syscall_args(vcpu.uc, lambda va, n: machine.read_user(proc.mm, va, n))
+            # the syscall instruction, read as the kernel would (a fault makes an old pte
+            # young again: s390x's clear_refs leaves even the text page invalid)
+            try:
+                insn = await copy_from_user(machine, proc.mm, stop.pc, min(8, 4096 - (stop.pc & 4095)))
+            except EFault:
+                insn = b""
+
+            def fetch(va: int, n: int, pc: int = stop.pc, insn: bytes = insn) -> bytes:
+                if pc <= va and va + n <= pc + len(insn):
+                    return insn[va - pc:va - pc + n]
+                return machine.read_user(proc.mm, va, n)
+            nr, args = arch.syscall_args(vcpu.uc, fetch)
             if abi.pc_advance:
                 vcpu.pc = stop.pc + abi.pc_advance
             ret = await syscalls.dispatch(ctx, nr, args, names)

@@ -47,6 +47,14 @@ typedef unsigned long      size_t;
 #define NR_futex      202
 #define NR_exit_group 231
 #define NR_memfd_create 319
+#define NR_read         0
+#define NR_lseek        8
+#define NR_pread64     17
+#define NR_mremap      25
+#define NR_mincore     27
+#define NR_mlock      149
+#define NR_munlock    150
+#define NR_openat     257
 #elif defined(__aarch64__)
 #define NR_ftruncate   46
 #define NR_close       57
@@ -65,6 +73,14 @@ typedef unsigned long      size_t;
 #define NR_mprotect   226
 #define NR_madvise    233
 #define NR_memfd_create 279
+#define NR_openat      56
+#define NR_lseek       62
+#define NR_read        63
+#define NR_pread64     67
+#define NR_mremap     216
+#define NR_mlock      228
+#define NR_munlock    229
+#define NR_mincore    232
 #elif defined(__s390x__)
 #define NR_exit         1
 #define NR_write        4
@@ -83,6 +99,14 @@ typedef unsigned long      size_t;
 #define NR_futex      238
 #define NR_exit_group 248
 #define NR_memfd_create 350
+#define NR_read         3
+#define NR_lseek       19
+#define NR_mlock      150
+#define NR_munlock    151
+#define NR_mremap     163
+#define NR_pread64    180
+#define NR_mincore    218
+#define NR_openat     288
 #elif defined(__powerpc64__)
 #define NR_exit         1
 #define NR_write        4
@@ -101,6 +125,14 @@ typedef unsigned long      size_t;
 #define NR_futex      221
 #define NR_exit_group 234
 #define NR_memfd_create 360
+#define NR_read         3
+#define NR_lseek       19
+#define NR_mlock      150
+#define NR_munlock    151
+#define NR_mremap     163
+#define NR_pread64    179
+#define NR_mincore    206
+#define NR_openat     286
 #else
 #error "emu workloads: unsupported architecture"
 #endif
@@ -115,6 +147,13 @@ typedef unsigned long      size_t;
 #define MAP_FIXED      0x10
 #define MAP_ANONYMOUS  0x20
 #define MADV_DONTNEED  4
+#define MADV_FREE      8
+#define MADV_PAGEOUT   21
+#define MADV_COLD      20
+#define MREMAP_MAYMOVE 1
+#define AT_FDCWD       (-100)
+#define O_RDONLY       0
+#define O_WRONLY       1
 #define MADV_HUGEPAGE  14
 #define MADV_COLLAPSE  25
 
@@ -256,6 +295,41 @@ static inline long sys_memfd_create(const char *name, u32 flags)
 static inline long sys_ftruncate(int fd, long len)
 {
     return rt_syscall2(NR_ftruncate, fd, len);
+}
+
+static inline long sys_openat(int dirfd, const char *path, int flags)
+{
+    return rt_syscall6(NR_openat, dirfd, (long)path, flags, 0, 0, 0);
+}
+
+static inline long sys_read(int fd, void *buf, size_t len)
+{
+    return rt_syscall3(NR_read, fd, buf, len);
+}
+
+static inline long sys_pread64(int fd, void *buf, size_t len, long off)
+{
+    return rt_syscall6(NR_pread64, fd, (long)buf, (long)len, off, 0, 0);
+}
+
+static inline long sys_mremap(void *old, size_t old_len, size_t new_len, int flags)
+{
+    return rt_syscall6(NR_mremap, (long)old, (long)old_len, (long)new_len, flags, 0, 0);
+}
+
+static inline long sys_mincore(void *addr, size_t len, u8 *vec)
+{
+    return rt_syscall3(NR_mincore, addr, len, vec);
+}
+
+static inline long sys_mlock(void *addr, size_t len)
+{
+    return rt_syscall2(NR_mlock, addr, len);
+}
+
+static inline long sys_munlock(void *addr, size_t len)
+{
+    return rt_syscall2(NR_munlock, addr, len);
 }
 
 static inline long sys_close(int fd)
