@@ -357,7 +357,7 @@ class Arm64(ArchSpec):
             "exit_group": 94, "set_tid_address": 96, "set_robust_list": 99, "rseq": 293,
             "prlimit64": 261, "readlinkat": 78, "getrandom": 278, "newfstatat": 79,
             "fstat": 80, "uname": 160, "futex": 98, "clock_gettime": 113, "rt_sigaction": 134,
-            "clone": 220, "sched_yield": 124,
+            "clone": 220, "wait4": 260, "sched_yield": 124,
             "rt_sigprocmask": 135, "getpid": 172, "gettid": 178, "tgkill": 131,
             "memfd_create": 279, "ftruncate": 46, "userfaultfd": 282, "openat": 56, "close": 57, "lseek": 62,
             "pread64": 67, "mincore": 232, "process_madvise": 440,

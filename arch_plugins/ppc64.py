@@ -305,7 +305,7 @@ class Ppc64(ArchSpec):
             "exit_group": 234, "set_tid_address": 232, "set_robust_list": 300, "rseq": 387,
             "prlimit64": 325, "readlink": 85, "readlinkat": 296, "getrandom": 359,
             "newfstatat": 291, "fstat": 108, "uname": 122, "futex": 221, "clock_gettime": 246,
-            "clone": 120, "sched_yield": 158,
+            "clone": 120, "wait4": 114, "sched_yield": 158,
             "rt_sigaction": 173, "rt_sigprocmask": 174, "getpid": 20, "gettid": 207,
             "tgkill": 250, "memfd_create": 360, "ftruncate": 93, "userfaultfd": 364, "openat": 286,
             "close": 6,

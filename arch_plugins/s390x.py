@@ -392,7 +392,7 @@ class S390x(ArchSpec):
             "exit_group": 248, "set_tid_address": 252, "set_robust_list": 304, "rseq": 383,
             "prlimit64": 334, "readlink": 85, "readlinkat": 298, "getrandom": 349,
             "newfstatat": 293, "fstat": 108, "uname": 122, "futex": 238, "clock_gettime": 260,
-            "clone": 120, "sched_yield": 158,
+            "clone": 120, "wait4": 114, "sched_yield": 158,
             "rt_sigaction": 174, "rt_sigprocmask": 175, "getpid": 20, "gettid": 236,
             "tgkill": 241, "memfd_create": 350, "ftruncate": 93, "userfaultfd": 355, "openat": 288,
             "close": 6,

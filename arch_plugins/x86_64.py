@@ -362,7 +362,7 @@ class X86_64(ArchSpec):
             "exit_group": 231, "set_tid_address": 218, "set_robust_list": 273, "rseq": 334,
             "prlimit64": 302, "readlink": 89, "readlinkat": 267, "getrandom": 318,
             "newfstatat": 262, "fstat": 5, "arch_prctl": 158, "uname": 63, "futex": 202,
-            "clone": 56, "sched_yield": 24,
+            "clone": 56, "wait4": 61, "sched_yield": 24,
             "clock_gettime": 228, "rt_sigaction": 13, "rt_sigprocmask": 14, "getpid": 39,
             "gettid": 186, "tgkill": 234, "memfd_create": 319, "ftruncate": 77, "userfaultfd": 323,
             "openat": 257, "close": 3, "lseek": 8, "pread64": 17, "mincore": 27,

@@ -582,6 +582,45 @@ class Machine:
         self._thread_of_task[child.task] = child
         return child
 
+    async def fork_process(self, parent: Thread, newsp: int = 0) -> Process | int:
+        """The process side of fork(): a new mm from dup_mmap(), a process sharing the
+        parent's open files and output, and its first thread: the parent's registers on a
+        vCPU, returning 0 from the syscall. -ENOMEM (the half-built mm torn down) on failure."""
+        from mm_core.locks import WaitQueue
+        k, proc = self.kernel, parent.process
+        child_mm = self.new_mm()
+        ret = await fork.dup_mmap(k, child_mm, proc.mm)
+        if ret < 0:
+            await memory.exit_mmap(k, child_mm)
+            return ret
+        pid = self._next_tid()
+        child = Process(pid, proc.path, list(proc.argv), child_mm, parent=proc)
+        child.stdout, child.stderr, child.on_output = proc.stdout, proc.stderr, proc.on_output
+        for fd, f in proc.files.items():                 # dup_fd(): the same open files
+            child.files[fd] = f
+            if hasattr(f, "refs"):
+                f.refs += 1
+        if proc.child_exit is None:
+            proc.child_exit = WaitQueue(f"wait_chldexit@{proc.pid}")
+        proc.children.append(child)
+        vcpu = self._vcpu_for_new_thread()
+        self.bind(parent)
+        regs = parent.vcpu.uc.context_save()
+        thread = Thread(pid, child, vcpu)
+        self._unbind(vcpu)
+        vcpu.uc.context_restore(regs)
+        vcpu.sentinel = parent.vcpu.sentinel
+        vcpu.switch_mm(child_mm)
+        vcpu.loaded = thread
+        if newsp:
+            vcpu.uc.reg_write(self.arch.sp_reg, newsp)
+        self.arch.set_syscall_result(vcpu.uc, 0)
+        child.threads.append(thread)
+        self.processes.append(child)
+        thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(proc.path)}:{pid}")
+        self._thread_of_task[thread.task] = thread
+        return child
+
     def _run_user(self, thread: Thread, quantum: int) -> UserStop:
         return self.bind(thread).run(quantum)
 

@@ -6,7 +6,7 @@ from conftest import ARCHES, expected, workload
 
 from emu.machine import Machine
 
-PROGRAMS = ["hello", "pagetouch", "qsort", "segv", "nosys"]
+PROGRAMS = ["hello", "pagetouch", "qsort", "segv", "nosys", "forktest"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
@@ -139,3 +139,18 @@ def test_vmops_checks_the_mm_syscalls_through_mincore_pagemap_and_smaps(arch_nam
     for name in ("openat", "pread64", "read", "mremap", "mincore", "mlock", "madvise", "mprotect"):
         assert p.syscalls[name] > 0, name
     assert m.kernel.stats["lazyfree_discarded"] == 1 and m.kernel.stats["lazyfree_redirtied"] == 1
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+def test_fork_copies_the_mm_and_wait4_reaps_the_children(arch_name: str) -> None:
+    """clone(SIGCHLD) goes through dup_mmap (copy_pte_range), the child's writes are
+    copy-on-write, both processes' mms and tables are gone at the end."""
+    m = Machine(arch=arch_name, mem="32M")
+    p = m.spawn(workload(arch_name, "forktest"), ["forktest"])
+    r = m.run()
+    stats = m.kernel.stats
+    assert r.exit_code == 0 and stats["processes_forked"] == stats["forks"] == 2
+    assert stats["copy_pte_range"] >= 1
+    children = [c for c in m.processes if c.parent is p]
+    assert [c.exit_code for c in children] == [7, 0] and all(c.reaped and c.mm.dead for c in children)
+    assert m.kernel.alloc.pages.keys() == {m.kernel.zero_page.pfn}

@@ -61,6 +61,10 @@ class Process:
     syscalls: Counter = field(default_factory=Counter)
     on_output: Callable[[int, bytes], None] | None = None
     files: dict[int, object] = field(default_factory=lambda: {0: "stdin", 1: "stdout", 2: "stderr"})
+    parent: Process | None = None    # the forking process (wait4 reaps the children)
+    children: list[Process] = field(default_factory=list)
+    child_exit: object = None        # a WaitQueue posted when a child exits (SIGCHLD)
+    reaped: bool = False
 
     def install_fd(self, file: object) -> int:
         """fd_install() at the lowest free descriptor."""
@@ -70,6 +74,12 @@ class Process:
         self.files[fd] = file
         file.refs += 1
         return fd
+
+    def wait_status(self) -> int:
+        """The wstatus wait4() reports: exit code << 8, or the killing signal."""
+        if self.signal is not None:
+            return self.signal.signal & 0x7F
+        return (self.exit_code or 0) << 8
 
     def close_files(self, k) -> None:
         """exit_files(): drop every open file."""

@@ -171,6 +171,8 @@ CLONE_THREAD, CLONE_SETTLS = 0x10000, 0x80000
 CLONE_PARENT_SETTID, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID = 0x100000, 0x200000, 0x1000000
 FUTEX_WAIT, FUTEX_WAKE, FUTEX_PRIVATE_FLAG = 0, 1, 128
 EAGAIN = 11
+CSIGNAL, SIGCHLD = 0xFF, 17
+WNOHANG, ECHILD = 1, 10
 
 
 @syscall("clone")
@@ -179,6 +181,8 @@ async def sys_clone(ctx, *args):
     vCPU, sharing the mm. Processes (fork) are not modelled yet: -ENOSYS."""
     a = dict(zip(ctx.arch.clone_args, args, strict=False))
     flags = a["flags"]
+    if not flags & (CLONE_VM | CLONE_THREAD | CLONE_SIGHAND | CLONE_FILES | CLONE_FS):
+        return await _fork(ctx, flags, a)
     need = CLONE_VM | CLONE_THREAD | CLONE_SIGHAND
     if flags & need != need:
         return -ENOSYS
@@ -192,6 +196,50 @@ async def sys_clone(ctx, *args):
         child.clear_child_tid = a["child_tid"]
     ctx.k.stats["threads_created"] += 1
     return child.tid
+
+
+async def _fork(ctx, flags: int, a: dict) -> int:
+    """kernel_clone() of a process (fork, or clone(SIGCHLD)): copy_mm() -> dup_mmap() (the
+    page tables copied where mm_core/fork.py says, COW on both sides), the files shared
+    (fds dup'd), a new thread on a vCPU with the caller's registers returning 0. Exit
+    signals other than SIGCHLD, CLONE_VFORK, namespaces and the like are not modelled."""
+    if flags & ~(CSIGNAL | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | CLONE_PARENT_SETTID) \
+            or flags & CSIGNAL not in (0, SIGCHLD):
+        return -EINVAL
+    child = await ctx.machine.fork_process(ctx.thread, a["newsp"])
+    if isinstance(child, int):
+        return child
+    pid = child.pid.to_bytes(4, "big" if ctx.arch.big_endian else "little")
+    if flags & CLONE_PARENT_SETTID:
+        await copy_to_user(ctx.machine, ctx.mm, a["parent_tid"], pid)
+    if flags & CLONE_CHILD_SETTID:
+        await copy_to_user(ctx.machine, child.mm, a["child_tid"], pid)
+    ctx.k.stats["processes_forked"] += 1
+    return child.pid
+
+
+@syscall("wait4")
+async def sys_wait4(ctx, pid, wstatus, options, rusage, *_):
+    """wait4(): reap an exited child (pid -1: any, or that pid); WNOHANG answers 0 while
+    none has exited, otherwise the caller sleeps until a child exits."""
+    pid = _signed(pid)
+    if options & ~WNOHANG or rusage:
+        return -EINVAL
+    proc = ctx.proc
+    while True:
+        mine = [c for c in proc.children if not c.reaped and (pid == -1 or c.pid == pid)]
+        if not mine:
+            return -ECHILD
+        done = next((c for c in mine if c.exited and all(t.exited for t in c.threads)), None)
+        if done is not None:
+            done.reaped = True
+            if wstatus:
+                status = done.wait_status().to_bytes(4, "big" if ctx.arch.big_endian else "little")
+                await copy_to_user(ctx.machine, ctx.mm, wstatus, status)
+            return done.pid
+        if options & WNOHANG:
+            return 0
+        await traps.wait(proc.child_exit)
 
 
 @syscall("futex")

@@ -83,6 +83,8 @@ async def guest_thread(machine, thread) -> None:
     if all(t.exited for t in proc.threads):
         await exit_mm(k, proc.mm)
         proc.close_files(k)
+        if proc.parent is not None and proc.parent.child_exit is not None:
+            proc.parent.child_exit.post()           # do_notify_parent(): SIGCHLD, wake wait4
 
 
 def _report(machine, vcpu, signal: int, code: str, address: int | None, pc: int, access: Access,

@@ -47,6 +47,7 @@ typedef unsigned long      size_t;
 #define NR_futex      202
 #define NR_exit_group 231
 #define NR_memfd_create 319
+#define NR_wait4       61
 #define NR_read         0
 #define NR_lseek        8
 #define NR_pread64     17
@@ -73,6 +74,7 @@ typedef unsigned long      size_t;
 #define NR_mprotect   226
 #define NR_madvise    233
 #define NR_memfd_create 279
+#define NR_wait4      260
 #define NR_openat      56
 #define NR_lseek       62
 #define NR_read        63
@@ -99,6 +101,7 @@ typedef unsigned long      size_t;
 #define NR_futex      238
 #define NR_exit_group 248
 #define NR_memfd_create 350
+#define NR_wait4      114
 #define NR_read         3
 #define NR_lseek       19
 #define NR_mlock      150
@@ -125,6 +128,7 @@ typedef unsigned long      size_t;
 #define NR_futex      221
 #define NR_exit_group 234
 #define NR_memfd_create 360
+#define NR_wait4      114
 #define NR_read         3
 #define NR_lseek       19
 #define NR_mlock      150
@@ -330,6 +334,23 @@ static inline long sys_mlock(void *addr, size_t len)
 static inline long sys_munlock(void *addr, size_t len)
 {
     return rt_syscall2(NR_munlock, addr, len);
+}
+
+#define SIGCHLD 17
+
+/* fork() as clone(SIGCHLD, newsp 0): the child goes on on a copy of this stack */
+static inline long sys_fork(void)
+{
+#if defined(__s390x__)
+    return rt_syscall2(NR_clone, 0, SIGCHLD);          /* CLONE_BACKWARDS2: newsp first */
+#else
+    return rt_syscall2(NR_clone, SIGCHLD, 0);
+#endif
+}
+
+static inline long sys_wait4(long pid, int *status, int options)
+{
+    return rt_syscall6(NR_wait4, pid, (long)status, options, 0, 0, 0);
 }
 
 static inline long sys_close(int fd)
