@@ -34,6 +34,11 @@ mmu_interval_read_retry() false. The walk:
                           for every page of [addr, end): -EFAULT on VM_FAULT_ERROR, else
                           -EBUSY (go round again)
 
+Source: the torvalds/linux mm/hmm.c held by the search index is a 5.2-era file (hmm_mirror,
+``range->values[]``); the 6.6 shape modelled here (``hmm_pfns``, HMM_PFN_REQ_*,
+``pte_offset_map()`` failing into ``goto again``, from the 6.5 series "mm/hmm: retry if
+pte_offset_map() fails") is written from the 6.6 source as remembered, not re-read.
+
 Not modelled: device-private / device-exclusive entries (no ZONE_DEVICE here), devmap
 pmds, hugetlb (hmm_vma_walk_hugetlb_entry), PUD leaves, the order bits of huge
 mappings (HMM_PFN_ORDER_SHIFT: hmm_pfn_to_map_order() is 0 here), ``pfn_flags_mask``

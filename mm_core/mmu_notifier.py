@@ -7,13 +7,14 @@ is still true.
                                         and the interval tree (a list here)
     mmu_interval_notifier_insert()      a subscription to [start, start + length); its
                                         seq starts one below the mm's (not invalidating)
-    mn_itree_inv_start_range()          from mmu_notifier_invalidate_range_start(): the mm's
-                                        seq becomes odd, every overlapping subscription's
+    mn_itree_inv_start_range()          from mmu_notifier_invalidate_range_start(): if some
+                                        subscription overlaps, the mm's seq becomes odd and
+                                        every overlapping subscription's
                                         ``ops.invalidate(sub, start, end, cur_seq)`` runs
                                         (the default sets the subscription's seq to cur_seq,
                                         mmu_interval_set_seq(); a driver also takes its
                                         update lock and drops its device mappings)
-    mn_itree_inv_end()                  the last end makes the mm's seq even again and wakes
+    mn_itree_inv_end()                  the last end makes an odd seq even again and wakes
                                         the mmu_interval_read_begin() waiters
     mmu_interval_read_begin()           the subscription's seq; while an invalidation of it
                                         is running (seq == the mm's odd seq) it sleeps
@@ -26,8 +27,12 @@ unmap_page_range() (zap, MMU_NOTIFY_CLEAR), retract_page_tables() (MMU_NOTIFY_CL
 pmdp_collapse_flush), change_protection() (MMU_NOTIFY_PROTECTION_VMA, started at the
 first populated pmd, as change_pmd_range() does). An mm without subscriptions pays
 nothing (mm_has_notifiers() false). The deferred-insert list of an insert made while an
-invalidation runs is not modelled: the new subscription gets the odd seq at once, so its
-read_begin waits for the end, which is what the deferred add achieves.
+invalidation runs is not modelled: the new subscription is in the list at once with the
+(odd) seq, so its read_begin waits for the end, as with the deferred add; it may also get
+the running invalidation's callback, which only sets that same seq again.
+
+Source: mm/mmu_notifier.c as of 6.6 (__mmu_interval_notifier_insert, mn_itree_inv_start_range,
+mn_itree_inv_end, mmu_interval_read_begin; checked against the stored copies).
 """
 from __future__ import annotations
 
@@ -121,10 +126,11 @@ async def mmu_interval_notifier_insert(k, mm, start: int, length: int,
     subs = mm_notifier_subscriptions(mm)
     sub = MmuIntervalNotifier(mm, start, start + length - 1, invalidate=invalidate)
     async with subs.lock:
-        if subs.is_invalidating():
-            sub.invalidate_seq = subs.invalidate_seq    # read_begin waits for the end
+        if subs.active_invalidate_ranges:
+            subs.invalidate_seq |= 1                    # read_begin waits for the end
+            sub.invalidate_seq = subs.invalidate_seq
         else:
-            sub.invalidate_seq = subs.invalidate_seq - 1
+            sub.invalidate_seq = subs.invalidate_seq - 1    # odd, never the mm's idle seq
         subs.itree.append(sub)
     k.stats["mmu_interval_notifier_insert"] += 1
     return sub
@@ -173,9 +179,10 @@ async def mmu_notifier_invalidate_range_start(k, mm, start: int, end: int,
     k.stats["mmu_notifier_invalidate_range_start"] += 1
     async with subs.lock:                               # mn_itree_inv_start_range()
         subs.active_invalidate_ranges += 1
-        subs.invalidate_seq |= 1
         rng.started = True
         hit = [s for s in subs.itree if s.overlaps(start, end)]
+        if hit:                                         # odd only when some interval is hit
+            subs.invalidate_seq |= 1
         cur_seq = subs.invalidate_seq
     for sub in hit:
         sub.invalidations += 1
@@ -194,5 +201,5 @@ async def mmu_notifier_invalidate_range_end(k, rng: MmuNotifierRange) -> None:
     subs = mm_notifier_subscriptions(rng.mm)
     async with subs.lock:
         subs.active_invalidate_ranges -= 1
-        if not subs.active_invalidate_ranges:
-            subs.invalidate_seq += 1
+        if not subs.active_invalidate_ranges and subs.is_invalidating():
+            subs.invalidate_seq += 1                    # even again; the waiters see it
