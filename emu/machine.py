@@ -28,6 +28,7 @@ from mm_core import (
     madvise,
     memory,
     mempolicy,
+    migrate_device,
     pgtable,
     rcu,
     shmem,
@@ -389,6 +390,16 @@ class Machine:
         (HMM_PFN_REQ_WRITE) breaks COW / write-faults read-only ones. Raises OSError
         (EFAULT, EPERM) as the kernel returns it."""
         ret = run_sync(hmm.hmm_range_fault_once(self.kernel, mm, start, end, fault, write))
+        if isinstance(ret, int):
+            _check(ret)
+        return ret
+
+    def migrate_vma(self, mm: MMStruct, start: int, end: int) -> list[int]:
+        """Device migration of [start, end) (one VMA) with other RAM as the "device"
+        (mm/migrate_device.c via lib/test_hmm.c's driver pattern): migrate_vma_setup(),
+        allocate + copy, migrate_vma_pages(), migrate_vma_finalize(). Returns the src array
+        (``MIGRATE_PFN_MIGRATE`` set: the page moved, or a hole was populated)."""
+        ret = run_sync(migrate_device.dmirror_migrate(self.kernel, mm, start, end))
         if isinstance(ret, int):
             _check(ret)
         return ret
