@@ -22,11 +22,13 @@ from mm_core import (
     events_core,
     fork,
     gup,
+    hmm,
     khugepaged,
     ksm,
     madvise,
     memory,
     mempolicy,
+    migrate_device,
     pgtable,
     rcu,
     shmem,
@@ -376,6 +378,31 @@ class Machine:
             ret = run_sync(fn(k, mm, addr, nr, pages, flags))
         _check(ret)
         return pages
+
+    def hmm_range_fault(self, mm: MMStruct, start: int, end: int, fault: bool = False,
+                        write: bool = False) -> list[int]:
+        """hmm_range_fault() as a mirroring driver calls it (mm/hmm.c, lib/test_hmm.c):
+        an mmu_interval_notifier on [start, end), ``seq = mmu_interval_read_begin()``,
+        the walk under mmap_read_lock, again on -EBUSY or when mmu_interval_read_retry()
+        says the seq moved. One word per page: ``pfn | HMM_PFN_VALID [| HMM_PFN_WRITE]``
+        (mm_core.hmm), 0 for nothing mapped, HMM_PFN_ERROR for an unreadable VMA or no
+        VMA. ``fault`` (HMM_PFN_REQ_FAULT) faults missing pages in first, ``write``
+        (HMM_PFN_REQ_WRITE) breaks COW / write-faults read-only ones. Raises OSError
+        (EFAULT, EPERM) as the kernel returns it."""
+        ret = run_sync(hmm.hmm_range_fault_once(self.kernel, mm, start, end, fault, write))
+        if isinstance(ret, int):
+            _check(ret)
+        return ret
+
+    def migrate_vma(self, mm: MMStruct, start: int, end: int) -> list[int]:
+        """Device migration of [start, end) (one VMA) with other RAM as the "device"
+        (mm/migrate_device.c via lib/test_hmm.c's driver pattern): migrate_vma_setup(),
+        allocate + copy, migrate_vma_pages(), migrate_vma_finalize(). Returns the src array
+        (``MIGRATE_PFN_MIGRATE`` set: the page moved, or a hole was populated)."""
+        ret = run_sync(migrate_device.dmirror_migrate(self.kernel, mm, start, end))
+        if isinstance(ret, int):
+            _check(ret)
+        return ret
 
     def put_page(self, paddr: int) -> None:
         """put_page() of a page get_user_pages() returned."""

@@ -147,6 +147,11 @@ BUGS: dict[str, str] = {
         "do_swap_page() maps the swap-cache folio under the ptl without the pte_same() recheck "
         "against the swap pte it read locklessly: a second faulter maps the page again over "
         "the first's mapping (rss counted twice, the swap count dropped twice)",
+    "hmm_driver_skips_read_retry":
+        "a mirroring driver (lib/test_hmm.c's dmirror_range_fault()) programs its device page "
+        "table from hmm_range_fault()'s pfns without checking mmu_interval_read_retry() under "
+        "the mutex its invalidate callback takes: an unmap / retract that ran after the walk "
+        "leaves the device mapping pages the CPU no longer maps there",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -858,6 +863,56 @@ def retract_vs_exit(sc: Scenario) -> World:
     sc.task("exit", memory.exit_mm(k, mm))
     sc.task("retract", collapse_file_tail(k, w))
     return w
+
+
+# -- HMM ---------------------------------------------------------------------------------------
+
+
+async def mirror_and_check(sc: Scenario, dm, start: int, end: int, after: list):
+    """A mirroring driver's dmirror_range_fault() (hmm_range_fault() + the seq protocol).
+    Once the racing tasks in ``after`` are done, what the device maps must be what the CPU
+    maps: every device entry the pfn the CPU page tables translate its address to."""
+    from mm_core import hmm
+    k = sc.kernel
+    ret = await hmm.dmirror_range_fault(k, dm, start, end)
+    for done in after:
+        await traps.wait(done)
+    for a in range(start, end, k.page_size):
+        dev = dm.pt.get(a)
+        cpu = sc.machine.translate(dm.mm, a)
+        if dev is not None and (cpu is None or hmm.hmm_pfn_to_pfn(dev) != cpu >> k.page_shift):
+            pa = hmm.hmm_pfn_to_pfn(dev) << k.page_shift
+            page = k.alloc.page_of(pa)
+            raise Finding("ORACLE", "ORACLE: the device mirror maps a page the CPU does not map there",
+                          "ORACLE:hmm-mirror",
+                          [f"  va {a:#x}: device {pa:#x} ({page.use.value if page else 'freed'}), "
+                           f"CPU: {'nothing' if cpu is None else hex(cpu)}"])
+    return ret if isinstance(ret, int) else len(dm.pt)
+
+
+@scenario("hmm-vs-retract",
+          "a mirroring driver's hmm_range_fault() loop (mmu_interval_read_begin, the lockless "
+          "walk under mmap_read_lock, mmu_interval_read_retry under the driver mutex) over two "
+          "mapped pages of a shared shmem mapping, racing khugepaged's collapse_file(), which "
+          "unmaps the small pages (try_to_unmap) and retracts the PTE table "
+          "(retract_page_tables): both invalidate the interval, and the device must end up "
+          "mapping what the CPU maps",
+          catches=("hmm_driver_skips_read_retry",), mem="16M")
+def hmm_vs_retract(sc: Scenario) -> World:
+    from mm_core import hmm
+    from mm_core.locks import Completion
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    inode = m.memfd_create("hmm", size)
+    mm = m.new_mm()
+    addr = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for i in range(2):
+        m.touch(mm, addr + i * k.page_size, write=True)
+    dm = run_sync(hmm.dmirror_new(k, mm, addr, 2 * k.page_size))
+    collapsed = Completion("collapse")
+    sc.task("driver", mirror_and_check(sc, dm, addr, addr + 2 * k.page_size, [collapsed]))
+    sc.task("collapse", completing(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True), collapsed))
+    return World([mm], [inode], addr, 0, inode, {"dmirror": dm})
 
 
 # -- swap ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import enum
 
 from emu.arch import Access, Kind, leaf_entry, table_entry
 from emu.sched import traps
-from mm_core import huge_memory, pgtable, rmap, shmem
+from mm_core import huge_memory, mmu_notifier, pgtable, rmap, shmem
 from mm_core.locks import WaitQueue, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
@@ -130,11 +130,14 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
                     await traps.unlock(mm.mmap_lock, "w")
                     continue
                 write_locked = True
+            # "PTEs were notified when unmapped; but now for the PMD?"
+            rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, mm, addr, addr + size)
             if prof.retract_pmd_lock_only:
                 done = await _collapse_pmd_under_pml(k, vma, addr, pmdp)
                 if done is not None:
                     await _free_retracted(k, done)
                     retracted += 1
+                await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
                 await traps.unlock(mm.mmap_lock, "w")
                 continue
             pml = await pgtable.pmd_lockptr(k, mm, pmdp)
@@ -160,6 +163,7 @@ async def retract_page_tables(k, mapping, pgoff: int) -> int:
             if done is not None:
                 await _free_retracted(k, done)
                 retracted += 1
+            await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
             if write_locked:
                 await traps.unlock(mm.mmap_lock, "w")
     finally:

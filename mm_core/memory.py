@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import SWP_HWPOISON, Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, pgtable, rmap, userfaultfd
+from mm_core import filemap, huge_memory, mmu_notifier, pgtable, rmap, userfaultfd
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -750,9 +750,11 @@ async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool =
     """unmap_page_range() under an mmu_gather: zap every pmd of [start, end), flush the
     TLBs, and only then free the pages (tlb_finish_mmu)."""
     tlb: list = []
+    rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, start, end)
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
         await zap_pmd_range(k, vma, pmdp, lo, hi, tlb, reclaim_pt)
     await flush_tlb_range(k, vma.mm, start, end)
+    await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
     for page in tlb:
         k.alloc.free_pages(page)
 

@@ -95,6 +95,7 @@ class MMStruct:
     frag_pool: list = field(default_factory=list)     # s390: pages with a free 2K half
     pte_frag: dict = field(default_factory=dict)      # powerpc: fragment size -> cursor page
     dead: bool = False
+    notifier_subscriptions: object = None   # mmu_notifier.MmuNotifierSubscriptions, on first insert
 
     def __post_init__(self) -> None:
         if not self.id:

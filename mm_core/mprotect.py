@@ -4,7 +4,7 @@ from __future__ import annotations
 from emu.arch import Access, Kind
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import huge_memory, memory, pgtable
+from mm_core import huge_memory, memory, mmu_notifier, pgtable
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     VM_ACCESS_FLAGS,
@@ -97,12 +97,20 @@ async def change_protection(k, vma: VMA, start: int, end: int, cp_flags: int = 0
             except OutOfMemory:
                 return -ENOMEM
             addr = (addr | (size - 1)) + 1
+    rng = None
     async for pmdp, lo, hi in memory.for_each_pmd(k, vma.mm, start, end):
+        if rng is None and getattr(vma.mm, "notifier_subscriptions", None) is not None \
+                and (await pgtable.get_entry(k, pmdp, k.arch.pmd_level)).kind is not Kind.NONE:
+            # change_pmd_range(): "invoke the mmu notifier if the pmd is populated"
+            rng = await mmu_notifier.mmu_notifier_invalidate_range_start(
+                k, vma.mm, lo, end, mmu_notifier.MMU_NOTIFY_PROTECTION_VMA)
         ret = await change_pmd_range(k, vma, pmdp, lo, hi, cp_flags)
         if ret < 0:
             pages = ret
             break
         pages += ret
+    if rng is not None:
+        await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
     await flush_tlb_range(k, vma.mm, start, end)
     return pages
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from emu.arch import Kind
 from emu.sched import traps
-from mm_core import pgtable
+from mm_core import mmu_notifier, pgtable
 from mm_core.locks import RwSemaphore
 from mm_core.tlbflush import flush_tlb_range
 
@@ -47,11 +47,13 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
             if addr is None:
                 continue
             pvmw = PageVmaMappedWalk(paddr, 1, vma, addr)
+            rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
             while await page_vma_mapped_walk(k, pvmw):
                 await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)      # ptep_clear_flush()
                 await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
+            await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
     finally:
         await traps.unlock(mapping.i_mmap_rwsem, "r")
     return unmapped
