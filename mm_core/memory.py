@@ -376,11 +376,13 @@ async def do_swap_page(k, vmf: VmFault) -> int:
     then: a migration entry waits (FAULT-RETRY: return 0, refault once it is done); a swap
     entry pins the area (get_swap_device(): none once swapoff got past try_to_unuse, then
     return 0 and refault), takes the folio from the swap cache or swapin_readahead(),
-    folio_lock() (sleeps: no map held), checks it is still the swap cache's folio for the
-    entry (else FAULT-RETRY), and maps it under pte_offset_map_lock() if pte_same() still
-    holds: a failed map or a changed pte is FAULT-RETRY (``out_nomap``: someone else, another
-    thread or swapoff, faulted it in first). swap_free(), folio_free_swap() when
-    should_try_to_free_swap(); MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
+    folio_lock_or_retry() (a locked folio with FAULT_FLAG_ALLOW_RETRY on the first try:
+    mmap_lock dropped, VM_FAULT_RETRY; else folio_lock(), sleeping: no map held), checks
+    it is still the swap cache's folio for the entry (else FAULT-RETRY), and maps it
+    under pte_offset_map_lock() if pte_same() still holds: a failed map or a changed pte
+    is FAULT-RETRY (``out_nomap``: someone else, another thread or swapoff, faulted it in
+    first). swap_free(), folio_free_swap() when should_try_to_free_swap();
+    MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
     entry was exclusive (or the folio's only reference is ours), else do_wp_page()."""
     from mm_core import shmem, swap_state, swapfile
     mm, arch, vma = vmf.vma.mm, k.arch, vmf.vma
@@ -412,8 +414,9 @@ async def do_swap_page(k, vmf: VmFault) -> int:
                     await pgtable.pte_unmap_unlock(k, *locked)
                 return ret
             k.stats["swap_major_fault"] += 1        # VM_FAULT_MAJOR
-        # folio_lock_or_retry() without FAULT_FLAG_ALLOW_RETRY: folio_lock()
-        await shmem.folio_lock(k, folio)
+        if not await folio_lock_or_retry(k, folio, vmf):
+            put_page(k, folio)                      # out_release (mmap_lock already dropped)
+            return VM_FAULT_RETRY
         if folio.extra.get("swap") != off:
             # folio_free_swap() or swapoff released the swap cache under us: refault
             k.stats["do_swap_page_not_swapcache"] += 1
@@ -468,6 +471,30 @@ async def do_swap_page(k, vmf: VmFault) -> int:
         return 0
     finally:
         swapfile.put_swap_device(si)
+
+
+async def folio_lock_or_retry(k, folio, vmf: VmFault) -> bool:
+    """folio_lock_or_retry() (6.6): folio_trylock(); failing that, with
+    fault_flag_allow_retry_first() (FAULT_FLAG_ALLOW_RETRY and not yet FAULT_FLAG_TRIED),
+    __folio_lock_or_retry() releases the fault's mmap_read_lock (release_fault_lock()),
+    waits for the folio to be unlocked (folio_wait_locked(): not taking it) and returns
+    false: the fault returns VM_FAULT_RETRY with mmap_lock dropped (FAULT-RETRY);
+    FAULT_FLAG_RETRY_NOWAIT returns false still holding the lock. Without ALLOW_RETRY
+    (GUP, KSM), or on the retried fault: folio_lock() (sleeps)."""
+    from mm_core import shmem
+    flags = vmf.flags
+    if not (flags & FAULT_FLAG_ALLOW_RETRY and not flags & FAULT_FLAG_TRIED):
+        await shmem.folio_lock(k, folio)
+        return True
+    if await shmem.folio_trylock(k, folio):
+        return True
+    k.stats["folio_lock_or_retry_failed"] += 1
+    if flags & FAULT_FLAG_RETRY_NOWAIT:
+        return False
+    await mmap_read_unlock(vmf.vma.mm)                  # release_fault_lock()
+    await shmem.folio_lock(k, folio)                    # folio_wait_locked(): wait for the bit,
+    shmem.folio_unlock(folio)                           # with no scheduling point in between
+    return False
 
 
 def should_try_to_free_swap(k, folio, vma, fault_flags: int) -> bool:
