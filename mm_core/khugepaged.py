@@ -219,6 +219,14 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: boo
     olds = []
     for index in range(start, start + nr):
         folio = shmem.filemap_get_folio(mapping, index)
+        if folio is None and index in mapping.swap_entries:
+            # xa_is_value(): swap it in (shmem_get_folio(SGP_NOALLOC)); failing: SCAN_FAIL
+            folio = await shmem.shmem_get_folio(k, inode, index, noalloc=True)
+            if folio is None:
+                for f in olds:
+                    shmem.folio_unlock(f)
+                k.alloc.free_pages(new)
+                return Scan.FAIL
         if folio is None:
             continue                          # a hole: the new folio is already zero there
         if folio.locked or folio.order != k.page_order:
