@@ -697,11 +697,16 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
         yield item
 
 
-async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None) -> bool:
+async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None,
+                        reclaim_pt: bool = False) -> bool:
     """zap_pte_range(): clear every PTE in [start, end) under ptl and drop the pages.
     Returns False without progress when the PTE table could not be mapped; the caller
-    (zap_pmd_range) then looks at the same pmd again (RETRY)."""
+    (zap_pmd_range) then looks at the same pmd again (RETRY). With ``reclaim_pt``
+    (6.14 PT_RECLAIM, reclaim_pt_is_enabled(): MADV_DONTNEED over a whole PMD extent) the
+    emptied table goes too: the fast path try_get_and_clear_pmd() under the ptl, then
+    free_pte(); its pml trylock failing is the slow path try_to_free_pte()."""
     arch = k.arch
+    can_reclaim_pt = reclaim_pt and k.profile.pt_reclaim and end - start >= arch.levels[arch.pmd_level].span
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
     if locked is None:
         return False
@@ -731,7 +736,16 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
             k.stats["swap_ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)
+    from mm_core import pt_reclaim
+    pmdval = None
+    if can_reclaim_pt:
+        pmdval = await pt_reclaim.try_get_and_clear_pmd(k, mm, pmdp)     # direct_reclaim
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    if can_reclaim_pt:
+        if pmdval is not None:
+            await pt_reclaim.free_pte(k, mm, start, pmdval)
+        else:
+            await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
     return True
 
 
@@ -763,12 +777,8 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list 
             continue
         if pmdval.kind is Kind.MIGRATION:
             return
-        if await zap_pte_range(k, mm, pmdp, start, end, tlb):
-            # 6.14 PT_RECLAIM (MADV_DONTNEED over a whole PMD extent): free the empty table
-            if reclaim_pt and k.profile.pt_reclaim and end - start >= size:
-                from mm_core import pt_reclaim
-                await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
-            return
+        if await zap_pte_range(k, mm, pmdp, start, end, tlb, reclaim_pt):
+            return                        # (6.14 PT_RECLAIM freed the emptied table there)
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
