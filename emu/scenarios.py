@@ -995,3 +995,43 @@ def pageout_vs_swapin(sc: Scenario) -> World:
     sc.task("reader", reader())
     sc.task("writer", swapin_and_check(k, m, mm, a + k.page_size, True, "writer"))
     return World([mm], [], a, 0)
+
+
+@scenario("khugepaged-swapin-vs-zap",
+          "MADV_COLLAPSE of an anon PMD range with two swapped-out pages, one already in the swap "
+          "cache: hpage_collapse_scan_pmd() counts them and __collapse_huge_page_swapin() brings "
+          "them in through do_swap_page(FAULT_FLAG_ALLOW_RETRY) under mmap_read_lock, while a "
+          "thread faults the cached one in (a locked folio: VM_FAULT_RETRY, the collapse gives up "
+          "with mmap_lock already dropped) and MADV_DONTNEED zaps the other (its swap pte before "
+          "the swap-in, or its page after the collapse): the kept page must read its bytes, the "
+          "zapped one zeroes, and rss and the swap counts must balance at exit")
+def khugepaged_swapin_vs_zap(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    m.swapon(4, readahead=1)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(2):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    m.madvise(mm, a, page, madvise.MADV_WILLNEED)
+
+    async def collapse():
+        ret = await madvise.do_madvise(k, mm, a, size, madvise.MADV_COLLAPSE)
+        if ret not in (0, -11):                          # SCAN_SUCCEED, or SCAN_PAGE_LOCK: -EAGAIN
+            raise Finding("ORACLE", f"ORACLE: MADV_COLLAPSE failed with {ret}", "ORACLE:collapse")
+        return "collapsed" if ret == 0 else "gave up"
+
+    async def dontneed():
+        ret = await madvise.do_madvise(k, mm, a + page, page, madvise.MADV_DONTNEED)
+        paddr = m.translate(mm, a + page)
+        if ret or (paddr is not None and k.physmem.read(paddr, 16) != bytes(16)):
+            raise Finding("ORACLE", "ORACLE: a zapped page still holds its bytes", "ORACLE:zap",
+                          [f"  MADV_DONTNEED returned {ret}, pa {paddr}"])
+        return "zapped"
+
+    sc.task("collapse", collapse())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    sc.task("dontneed", dontneed())
+    return World([mm], [], a, 0)
