@@ -20,7 +20,7 @@ from emu.arch import Kind
 from emu.scenario import Scenario
 from emu.sched import traps
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, userfaultfd
+from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, swap_state, userfaultfd
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.page_alloc import PageUse
 from mm_core.sanitizers import Finding
@@ -1035,3 +1035,38 @@ def khugepaged_swapin_vs_zap(sc: Scenario) -> World:
     sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
     sc.task("dontneed", dontneed())
     return World([mm], [], a, 0)
+
+
+@scenario("shmem-swapoff-vs-fault",
+          "swapoff's shmem_unuse() (shmem_find_swap_entries, shmem_swapin_folio) while two "
+          "threads fault the two swapped-out pages of a shared memfd mapping back in, one "
+          "already in the swap cache: whoever locks the folio second finds it no longer the swap "
+          "cache's (or the index no longer holding the entry) and looks again (-EEXIST, "
+          "goto repeat); the bytes written before MADV_PAGEOUT must come back and every slot go")
+def shmem_swapoff_vs_fault(sc: Scenario) -> World:
+    from mm_core import swapfile
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-swap", 2 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+               file=inode)
+    for i in range(2):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    off = inode.mapping.swap_entries[0]
+    run_sync(swap_state.read_swap_cache_async(k, swapfile.swp_entry_to_pte(off), None, 0))
+    k.swap_info.cache[off].refcount -= 1                # only the swap cache holds it
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret or inode.swapped or inode.mapping.swap_entries:
+            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                          "still swapped", "ORACLE:shmem-swapoff")
+        return "off"
+
+    sc.task("swapoff", swapoff())
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
+    return World([mm], [inode], a, 0)
