@@ -47,6 +47,16 @@ class Scan(enum.Enum):
     TRUNCATED = "SCAN_TRUNCATED"
     EXCEED_SWAP_PTE = "SCAN_EXCEED_SWAP_PTE"
     PTE_UFFD_WP = "SCAN_PTE_UFFD_WP"
+    EXCEED_SHARED_PTE = "SCAN_EXCEED_SHARED_PTE"
+    PAGE_NULL = "SCAN_PAGE_NULL"
+    PAGE_ANON = "SCAN_PAGE_ANON"
+    PAGE_RO = "SCAN_PAGE_RO"
+    LACK_REFERENCED_PAGE = "SCAN_LACK_REFERENCED_PAGE"
+
+
+def max_ptes_shared(k) -> int:
+    """.../khugepaged/max_ptes_shared: HPAGE_PMD_NR / 2."""
+    return huge_memory.hpage_pmd_nr(k) // 2
 
 
 def max_ptes_swap(k) -> int:
@@ -415,7 +425,12 @@ async def hpage_collapse_scan_pmd(k, mm, vma, haddr: int, is_khugepaged: bool) -
     markers); khugepaged gives up past max_ptes_swap (SCAN_EXCEED_SWAP_PTE), MADV_COLLAPSE
     takes any number; a uffd-wp one (pte_swp_uffd_wp_any) is SCAN_PTE_UFFD_WP; none ptes
     past max_ptes_none (khugepaged only, or any in a uffd-armed VMA) are
-    SCAN_EXCEED_NONE_PTE. The page checks are left to __collapse_huge_page_isolate()."""
+    SCAN_EXCEED_NONE_PTE. Each present pte: uffd-wp (SCAN_PTE_UFFD_WP), no normal page
+    (SCAN_PAGE_NULL), not anon (SCAN_PAGE_ANON), shared past max_ptes_shared (khugepaged,
+    SCAN_EXCEED_SHARED_PTE), locked (SCAN_PAGE_LOCK), extra references (SCAN_PAGE_COUNT),
+    young or referenced counted for khugepaged. Then no writable pte is SCAN_PAGE_RO, and
+    khugepaged wants a referenced page, and with swap ptes at least HPAGE_PMD_NR / 2 of
+    them (SCAN_LACK_REFERENCED_PAGE: swap-in only for a hot range)."""
     arch = k.arch
     nr = huge_memory.hpage_pmd_nr(k)
     result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
@@ -427,7 +442,8 @@ async def hpage_collapse_scan_pmd(k, mm, vma, haddr: int, is_khugepaged: bool) -
         await mmap_read_unlock(mm)
         return Scan.PMD_NULL
     ptep, ptl = locked
-    unmapped = none = 0
+    unmapped = none = shared = referenced = 0
+    writable = False
     for raw in await pgtable.get_raws_locked(k, ptep, nr):
         ent = arch.decode(arch.pte_level, raw)
         if _unmapped_pte(ent):
@@ -440,21 +456,48 @@ async def hpage_collapse_scan_pmd(k, mm, vma, haddr: int, is_khugepaged: bool) -
             result = Scan.EXCEED_SWAP_PTE
             k.stats["thp_scan_exceed_swap_pte"] += 1
             break
-        if ent.kind is Kind.NONE:
+        if ent.kind is Kind.NONE or ent.kind is Kind.LEAF and ent.paddr == k.zero_page.paddr:
             none += 1
             armed = vma.uffd_missing or vma.uffd_wp or vma.uffd_minor   # userfaultfd_armed()
             if not armed and (not is_khugepaged or none <= MAX_PTES_NONE):
                 continue
             result = Scan.EXCEED_NONE_PTE
             break
-        if ent.kind is Kind.LEAF and ent.uffd_wp:
+        if ent.uffd_wp:
             result = Scan.PTE_UFFD_WP
             break
+        if ent.prot & Access.W:
+            writable = True
+        folio = None if ent.special else k.alloc.page_of(ent.paddr)     # vm_normal_page()
+        if folio is None:
+            result = Scan.PAGE_NULL
+            break
+        if folio.use is not PageUse.ANON:
+            result = Scan.PAGE_ANON
+            break
+        if folio.mapcount > 1:                                          # folio_likely_mapped_shared()
+            shared += 1
+            if is_khugepaged and shared > max_ptes_shared(k):
+                result = Scan.EXCEED_SHARED_PTE
+                break
+        if folio.locked:
+            result = Scan.PAGE_LOCK
+            break
+        if not is_refcount_suitable(folio):
+            result = Scan.PAGE_COUNT
+            break
+        if is_khugepaged and (ent.young or folio.extra.get("referenced")):
+            referenced += 1
+    if result is Scan.SUCCEED:
+        if not writable:
+            result = Scan.PAGE_RO
+        elif is_khugepaged and (not referenced or unmapped and referenced < nr // 2):
+            result = Scan.LACK_REFERENCED_PAGE     # swap in only for a well-referenced range
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     await mmap_read_unlock(mm)             # collapse_huge_page() starts by dropping it
     if result is not Scan.SUCCEED:
         return result
-    return await collapse_huge_page(k, mm, haddr, unmapped=unmapped)
+    return await collapse_huge_page(k, mm, haddr, unmapped=unmapped, referenced=referenced)
 
 
 async def __collapse_huge_page_swapin(k, mm, vma, haddr: int, pmdp: int, referenced: int = 0) -> Scan:

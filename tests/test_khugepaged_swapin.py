@@ -75,7 +75,7 @@ def test_madv_collapse_swaps_the_range_in_and_the_thp_holds_the_same_bytes(arch:
 
 def test_khugepaged_gives_up_past_max_ptes_swap_and_madv_collapse_does_not() -> None:
     limit = 64                                          # HPAGE_PMD_NR / 8 on x86_64
-    sc, m, k, mm, a, si = swapped_range(swapped=limit + 1, present=0, slots=80)
+    sc, m, k, mm, a, si = swapped_range(swapped=limit + 1, present=1, slots=80)
     assert khugepaged.max_ptes_swap(k) == limit
     assert run_sync(scan(k, mm, a, is_khugepaged=True)) is Scan.EXCEED_SWAP_PTE
     assert k.stats["thp_scan_exceed_swap_pte"] == 1 and k.stats["do_swap_page"] == 0
@@ -90,12 +90,28 @@ def test_khugepaged_gives_up_past_max_ptes_swap_and_madv_collapse_does_not() -> 
     finish(m, mm)
 
 
-def test_khugepaged_within_max_ptes_swap_collapses() -> None:
+def test_khugepaged_swaps_in_only_for_a_well_referenced_range() -> None:
+    """hpage_collapse_scan_pmd() for khugepaged: with swap ptes it wants at least
+    HPAGE_PMD_NR / 2 young ptes (SCAN_LACK_REFERENCED_PAGE, nothing swapped in), and no
+    writable pte at all is SCAN_PAGE_RO (MADV_COLLAPSE too)."""
     sc, m, k, mm, a, si = swapped_range(arch="arm64", swapped=3, present=1)
+    nr = huge_memory.hpage_pmd_nr(k)
+    assert run_sync(scan(k, mm, a, is_khugepaged=True)) is Scan.LACK_REFERENCED_PAGE
+    assert k.stats["do_swap_page"] == 0 and mm.rss[MM_SWAPENTS] == 3
+    for i in range(4, nr // 2 + 3):                     # young, written ptes: a hot range
+        fill(m, mm, a + i * k.page_size, i)
     assert run_sync(scan(k, mm, a, is_khugepaged=True)) is Scan.SUCCEED
     assert k.stats["collapse_swapin_pages"] == 3 and pmd_kind(k, mm, a) is Kind.LEAF
-    assert [read_back(m, mm, a + i * k.page_size) for i in range(4)] == \
-        [pattern(i, k.page_size) for i in range(4)]
+    assert [read_back(m, mm, a + i * k.page_size) for i in range(5)] == \
+        [pattern(i, k.page_size) for i in range(5)]
+    finish(m, mm)
+
+
+def test_a_range_with_no_writable_pte_is_scan_page_ro() -> None:
+    sc, m, k, mm, a, si = swapped_range(swapped=2, present=0)
+    m.touch(mm, a + 5 * k.page_size)                    # a read fault: the zero page, none
+    assert run_sync(scan(k, mm, a, is_khugepaged=False)) is Scan.PAGE_RO
+    assert k.stats["do_swap_page"] == 0 and pmd_kind(k, mm, a) is Kind.TABLE
     finish(m, mm)
 
 
