@@ -20,7 +20,7 @@ from emu.arch import Kind
 from emu.scenario import Scenario
 from emu.sched import traps
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, userfaultfd
+from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, swap_state, userfaultfd
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.page_alloc import PageUse
 from mm_core.sanitizers import Finding
@@ -1050,3 +1050,78 @@ def pageout_vs_swapin(sc: Scenario) -> World:
     sc.task("reader", reader())
     sc.task("writer", swapin_and_check(k, m, mm, a + k.page_size, True, "writer"))
     return World([mm], [], a, 0)
+
+
+@scenario("khugepaged-swapin-vs-zap",
+          "MADV_COLLAPSE of an anon PMD range with two swapped-out pages, one already in the swap "
+          "cache: hpage_collapse_scan_pmd() counts them and __collapse_huge_page_swapin() brings "
+          "them in through do_swap_page(FAULT_FLAG_ALLOW_RETRY) under mmap_read_lock, while a "
+          "thread faults the cached one in (a locked folio: VM_FAULT_RETRY, the collapse gives up "
+          "with mmap_lock already dropped) and MADV_DONTNEED zaps the other (its swap pte before "
+          "the swap-in, or its page after the collapse): the kept page must read its bytes, the "
+          "zapped one zeroes, and rss and the swap counts must balance at exit")
+def khugepaged_swapin_vs_zap(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    m.swapon(4, readahead=1)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(3):                                   # the third stays: a writable pte
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    m.madvise(mm, a, page, madvise.MADV_WILLNEED)
+
+    async def collapse():
+        ret = await madvise.do_madvise(k, mm, a, size, madvise.MADV_COLLAPSE)
+        if ret not in (0, -11):                          # SCAN_SUCCEED, or SCAN_PAGE_LOCK: -EAGAIN
+            raise Finding("ORACLE", f"ORACLE: MADV_COLLAPSE failed with {ret}", "ORACLE:collapse")
+        return "collapsed" if ret == 0 else "gave up"
+
+    async def dontneed():
+        ret = await madvise.do_madvise(k, mm, a + page, page, madvise.MADV_DONTNEED)
+        paddr = m.translate(mm, a + page)
+        if ret or (paddr is not None and k.physmem.read(paddr, 16) != bytes(16)):
+            raise Finding("ORACLE", "ORACLE: a zapped page still holds its bytes", "ORACLE:zap",
+                          [f"  MADV_DONTNEED returned {ret}, pa {paddr}"])
+        return "zapped"
+
+    sc.task("collapse", collapse())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    sc.task("dontneed", dontneed())
+    return World([mm], [], a, 0)
+
+
+@scenario("shmem-swapoff-vs-fault",
+          "swapoff's shmem_unuse() (shmem_find_swap_entries, shmem_swapin_folio) while two "
+          "threads fault the two swapped-out pages of a shared memfd mapping back in, one "
+          "already in the swap cache: whoever locks the folio second finds it no longer the swap "
+          "cache's (or the index no longer holding the entry) and looks again (-EEXIST, "
+          "goto repeat); the bytes written before MADV_PAGEOUT must come back and every slot go")
+def shmem_swapoff_vs_fault(sc: Scenario) -> World:
+    from mm_core import swapfile
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-swap", 2 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+               file=inode)
+    for i in range(2):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    off = inode.mapping.swap_entries[0]
+    run_sync(swap_state.read_swap_cache_async(k, swapfile.swp_entry_to_pte(off), None, 0))
+    k.swap_info.cache[off].refcount -= 1                # only the swap cache holds it
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret or inode.swapped or inode.mapping.swap_entries:
+            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                          "still swapped", "ORACLE:shmem-swapoff")
+        return "off"
+
+    sc.task("swapoff", swapoff())
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
+    return World([mm], [inode], a, 0)

@@ -43,6 +43,8 @@ async def __do_fault(k, vmf):
     index = linear_page_index(vma, vmf.address)
     if vma.uffd_ctx is not None and index << vma.file.page_shift < vma.file.size:
         cached = shmem.filemap_get_folio(vma.file.mapping, index)
+        if cached is None and index in vma.file.mapping.swap_entries:
+            cached = True                             # a swap entry is no hole for uffd
         if cached is not None and vma.uffd_minor:
             return await userfaultfd.handle_userfault(k, vmf, VM_UFFD_MINOR), index
         if cached is None and vma.uffd_missing:

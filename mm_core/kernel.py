@@ -31,6 +31,7 @@ class Kernel:
         self.rcu = Rcu()
         self.swap_info = None                    # mm_core.swapfile.SwapInfo after swapon()
         self.mmlist: list = []                   # init_mm.mmlist: mms with swap entries (swapoff)
+        self.shmem_swaplist: list = []           # shmem_swaplist: inodes with swapped-out pages
         self.thp_enabled = "madvise"             # /sys/kernel/mm/transparent_hugepage/enabled
         self.bugs: dict[str, object] = {}        # named bug injections (explorer self-tests)
         self.san = Sanitizers(self)

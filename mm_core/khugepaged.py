@@ -18,9 +18,11 @@ from emu.arch import Access, Kind, leaf_entry, table_entry
 from emu.sched import traps
 from mm_core import huge_memory, mmu_notifier, pgtable, rmap, shmem
 from mm_core.locks import WaitQueue, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
+from mm_core.memory import VM_FAULT_OOM, VM_FAULT_SIGBUS, VM_FAULT_SIGSEGV
 from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import pte_free, pte_free_defer
+from mm_core.swapops import is_pte_marker, pte_marker_uffd_wp
 from mm_core.tlbflush import flush_tlb_range
 
 MAX_PTES_NONE = 511          # /sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_none
@@ -43,6 +45,23 @@ class Scan(enum.Enum):
     ALLOC_HUGE_PAGE_FAIL = "SCAN_ALLOC_HUGE_PAGE_FAIL"
     PTE_MAPPED_HUGEPAGE = "SCAN_PTE_MAPPED_HUGEPAGE"
     TRUNCATED = "SCAN_TRUNCATED"
+    EXCEED_SWAP_PTE = "SCAN_EXCEED_SWAP_PTE"
+    PTE_UFFD_WP = "SCAN_PTE_UFFD_WP"
+    EXCEED_SHARED_PTE = "SCAN_EXCEED_SHARED_PTE"
+    PAGE_NULL = "SCAN_PAGE_NULL"
+    PAGE_ANON = "SCAN_PAGE_ANON"
+    PAGE_RO = "SCAN_PAGE_RO"
+    LACK_REFERENCED_PAGE = "SCAN_LACK_REFERENCED_PAGE"
+
+
+def max_ptes_shared(k) -> int:
+    """.../khugepaged/max_ptes_shared: HPAGE_PMD_NR / 2."""
+    return huge_memory.hpage_pmd_nr(k) // 2
+
+
+def max_ptes_swap(k) -> int:
+    """/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_swap: HPAGE_PMD_NR / 8."""
+    return huge_memory.hpage_pmd_nr(k) // 8
 
 
 def hpage_collapse_test_exit(mm) -> bool:
@@ -214,6 +233,14 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: boo
     olds = []
     for index in range(start, start + nr):
         folio = shmem.filemap_get_folio(mapping, index)
+        if folio is None and index in mapping.swap_entries:
+            # xa_is_value(): swap it in (shmem_get_folio(SGP_NOALLOC)); failing: SCAN_FAIL
+            folio = await shmem.shmem_get_folio(k, inode, index, noalloc=True)
+            if folio is None:
+                for f in olds:
+                    shmem.folio_unlock(f)
+                k.alloc.free_pages(new)
+                return Scan.FAIL
         if folio is None:
             continue                          # a hole: the new folio is already zero there
         if folio.locked or folio.order != k.page_order:
@@ -376,23 +403,219 @@ async def _install(k, vma, haddr: int, pmdp: int | None, folio, install_pmd: boo
 
 # -- anonymous ------------------------------------------------------------------------------
 
-async def collapse_huge_page(k, mm, haddr: int) -> Scan:
-    """collapse_huge_page(): under mmap_write_lock, detach the PTE table, copy its pages
-    into a new THP, deposit the table and map the THP with one PMD."""
-    from mm_core.memory import _put_mapped_page, vm_get_page_prot
+def hugepage_vma_revalidate(k, mm, haddr: int):
+    """hugepage_vma_revalidate(mm, address, expect_anon=true) (6.6), after mmap_lock was
+    dropped and taken again: SCAN_ANY_PROCESS for an exiting mm, SCAN_VMA_CHECK when the
+    VMA went, no longer covers the PMD range, or is not anonymous. Returns (result, vma)."""
+    if hpage_collapse_test_exit(mm):
+        return Scan.ANY_PROCESS, None
+    size = huge_memory.hpage_pmd_size(k)
+    vma = mm.vma_lookup(haddr)
+    if vma is None or not vma.anonymous or haddr < vma.start or haddr + size > vma.end:
+        return Scan.VMA_CHECK, None
+    return Scan.SUCCEED, vma       # (hugepage_vma_check()'s sysfs / VM_NOHUGEPAGE tests: the callers')
+
+
+def _unmapped_pte(ent) -> bool:
+    """Generic is_swap_pte(): neither none nor present (swap, migration, pte marker)."""
+    return ent.kind in (Kind.SWAP, Kind.MIGRATION)
+
+
+async def hpage_collapse_scan_pmd(k, mm, vma, haddr: int, is_khugepaged: bool) -> Scan:
+    """hpage_collapse_scan_pmd() (6.6), entered with mmap_read_lock held and returning
+    with it released (``*mmap_locked = false`` once collapse_huge_page() was called; the
+    caller's unlock otherwise, done here). Under pte_offset_map_lock() (failing:
+    SCAN_PMD_NULL, GIVEUP) it counts the non-present ptes ("unmapped": swap, migration,
+    markers); khugepaged gives up past max_ptes_swap (SCAN_EXCEED_SWAP_PTE), MADV_COLLAPSE
+    takes any number; a uffd-wp one (pte_swp_uffd_wp_any) is SCAN_PTE_UFFD_WP; none ptes
+    past max_ptes_none (khugepaged only, or any in a uffd-armed VMA) are
+    SCAN_EXCEED_NONE_PTE. Each present pte: uffd-wp (SCAN_PTE_UFFD_WP), no normal page
+    (SCAN_PAGE_NULL), not anon (SCAN_PAGE_ANON), shared past max_ptes_shared (khugepaged,
+    SCAN_EXCEED_SHARED_PTE), locked (SCAN_PAGE_LOCK), extra references (SCAN_PAGE_COUNT),
+    young or referenced counted for khugepaged. Then no writable pte is SCAN_PAGE_RO, and
+    khugepaged wants a referenced page, and with swap ptes at least HPAGE_PMD_NR / 2 of
+    them (SCAN_LACK_REFERENCED_PAGE: swap-in only for a hot range)."""
     arch = k.arch
-    nr, size = huge_memory.hpage_pmd_nr(k), huge_memory.hpage_pmd_size(k)
+    nr = huge_memory.hpage_pmd_nr(k)
+    result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+    if result is not Scan.SUCCEED:
+        await mmap_read_unlock(mm)
+        return result
+    locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, haddr)
+    if locked is None:
+        await mmap_read_unlock(mm)
+        return Scan.PMD_NULL
+    ptep, ptl = locked
+    unmapped = none = shared = referenced = 0
+    writable = False
+    for raw in await pgtable.get_raws_locked(k, ptep, nr):
+        ent = arch.decode(arch.pte_level, raw)
+        if _unmapped_pte(ent):
+            unmapped += 1
+            if not is_khugepaged or unmapped <= max_ptes_swap(k):
+                if ent.uffd_wp or pte_marker_uffd_wp(ent):        # pte_swp_uffd_wp_any()
+                    result = Scan.PTE_UFFD_WP
+                    break
+                continue
+            result = Scan.EXCEED_SWAP_PTE
+            k.stats["thp_scan_exceed_swap_pte"] += 1
+            break
+        if ent.kind is Kind.NONE or ent.kind is Kind.LEAF and ent.paddr == k.zero_page.paddr:
+            none += 1
+            armed = vma.uffd_missing or vma.uffd_wp or vma.uffd_minor   # userfaultfd_armed()
+            if not armed and (not is_khugepaged or none <= MAX_PTES_NONE):
+                continue
+            result = Scan.EXCEED_NONE_PTE
+            break
+        if ent.uffd_wp:
+            result = Scan.PTE_UFFD_WP
+            break
+        if ent.prot & Access.W:
+            writable = True
+        folio = None if ent.special else k.alloc.page_of(ent.paddr)     # vm_normal_page()
+        if folio is None:
+            result = Scan.PAGE_NULL
+            break
+        if folio.use is not PageUse.ANON:
+            result = Scan.PAGE_ANON
+            break
+        if folio.mapcount > 1:                                          # folio_likely_mapped_shared()
+            shared += 1
+            if is_khugepaged and shared > max_ptes_shared(k):
+                result = Scan.EXCEED_SHARED_PTE
+                break
+        if folio.locked:
+            result = Scan.PAGE_LOCK
+            break
+        if not is_refcount_suitable(folio):
+            result = Scan.PAGE_COUNT
+            break
+        if is_khugepaged and (ent.young or folio.extra.get("referenced")):
+            referenced += 1
+    if result is Scan.SUCCEED:
+        if not writable:
+            result = Scan.PAGE_RO
+        elif is_khugepaged and (not referenced or unmapped and referenced < nr // 2):
+            result = Scan.LACK_REFERENCED_PAGE     # swap in only for a well-referenced range
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    await mmap_read_unlock(mm)             # collapse_huge_page() starts by dropping it
+    if result is not Scan.SUCCEED:
+        return result
+    return await collapse_huge_page(k, mm, haddr, unmapped=unmapped, referenced=referenced)
+
+
+async def __collapse_huge_page_swapin(k, mm, vma, haddr: int, pmdp: int, referenced: int = 0) -> Scan:
+    """__collapse_huge_page_swapin() (6.6), under mmap_read_lock: bring every swap pte of
+    the range in through do_swap_page() with FAULT_FLAG_ALLOW_RETRY. One pte map is kept
+    across the ptes that need nothing (``if (!pte++)``: pte_offset_map_nolock(), 6.13+
+    pte_offset_map_ro_nolock()); do_swap_page() unmaps it, so the next swap pte maps again.
+    GIVEUP, the collapse dropped, with mmap_lock released on every failure: a failed map
+    is SCAN_PMD_NULL (unlock here); VM_FAULT_RETRY (folio_lock_or_retry() dropped
+    mmap_lock) is SCAN_PAGE_LOCK; VM_FAULT_ERROR is SCAN_FAIL (unlock here). A swap pte
+    someone else faulted in meanwhile is no failure (do_swap_page() returns 0)."""
+    from mm_core.memory import (
+        FAULT_FLAG_ALLOW_RETRY,
+        VM_FAULT_RETRY,
+        VmFault,
+        do_swap_page,
+        do_swap_page_marker,
+        migration_entry_wait,
+    )
+    arch = k.arch
+    nr = huge_memory.hpage_pmd_nr(k)
+    swapped_in = 0
+    ptep = None
+    ptl = None
+    vm_fault_error = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV
+    for i in range(nr):
+        address = haddr + i * k.page_size
+        vmf = VmFault(vma, address, FAULT_FLAG_ALLOW_RETRY, pmd=pmdp)
+        if ptep is None:
+            if k.profile.rw_nolock:
+                mapped = await pgtable.pte_offset_map_ro_nolock(k, mm, pmdp, address)
+            else:
+                mapped = await pgtable.pte_offset_map_nolock(k, mm, pmdp, address)
+            if mapped is None:
+                await mmap_read_unlock(mm)
+                k.stats["collapse_swapin:SCAN_PMD_NULL"] += 1
+                return Scan.PMD_NULL
+            ptep, ptl = mapped[0], mapped[1]
+            base = i
+        entp = ptep + (i - base) * 8
+        vmf.orig_pte = await pgtable.get_raw(k, entp)              # ptep_get_lockless()
+        ent = arch.decode(arch.pte_level, vmf.orig_pte)
+        if not _unmapped_pte(ent):
+            continue
+        vmf.pte, vmf.ptl = entp, ptl
+        if ent.kind is Kind.MIGRATION:
+            await pgtable.pte_unmap(k, entp)                     # do_swap_page(): pte_unmap_same(),
+            await migration_entry_wait(k, mm, "migration_entry")
+            ret = 0
+        elif is_pte_marker(ent):
+            ret = await do_swap_page_marker(k, vmf, ent)
+        else:
+            ret = await do_swap_page(k, vmf)
+        ptep = None                                             # which unmaps the pte
+        if ret & VM_FAULT_RETRY:
+            k.stats["collapse_swapin:SCAN_PAGE_LOCK"] += 1
+            return Scan.PAGE_LOCK                               # mmap_lock already released
+        if ret & vm_fault_error:
+            await mmap_read_unlock(mm)
+            k.stats["collapse_swapin:SCAN_FAIL"] += 1
+            return Scan.FAIL
+        swapped_in += 1
+    if ptep is not None:
+        await pgtable.pte_unmap(k, ptep + (nr - 1 - base) * 8)
+    k.stats["collapse_swapin_pages"] += swapped_in             # lru_add_drain() is a no-op here
+    return Scan.SUCCEED
+
+
+def is_refcount_suitable(folio) -> bool:
+    """is_refcount_suitable() (6.6): only the mappings' references, plus the swap cache's."""
+    expected = folio.mapcount + (1 if "swap" in folio.extra else 0)
+    return folio.refcount == expected
+
+
+async def collapse_huge_page(k, mm, haddr: int, unmapped: int = 0, referenced: int = 0) -> Scan:
+    """collapse_huge_page() (6.6), entered with mmap_lock released (the kernel's first
+    step is mmap_read_unlock()): allocate the THP; under mmap_read_lock
+    hugepage_vma_revalidate() and find_pmd_or_thp_or_none(), and with ``unmapped`` swap
+    ptes __collapse_huge_page_swapin() (its failure returns with mmap_lock dropped: the
+    collapse is given up); then under mmap_write_lock revalidate again, check the pmd
+    (check_pmd_still_valid()), detach the PTE table, copy its pages into the THP, deposit
+    the table and map the THP with one PMD. A swap pte left (someone swapped it out again,
+    or do_swap_page() backed out) is SCAN_PTE_NON_PRESENT at isolation."""
+    from mm_core.memory import mm_counter, put_page, vm_get_page_prot
+    from mm_core.swap_state import free_swap_cache
+    arch = k.arch
+    nr = huge_memory.hpage_pmd_nr(k)
     try:
         new = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.ANON, owner=mm)
     except OutOfMemory:
         return Scan.ALLOC_HUGE_PAGE_FAIL
+    await mmap_read_lock(mm)
+    result, vma = hugepage_vma_revalidate(k, mm, haddr)
+    if result is Scan.SUCCEED:
+        result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+    if result is not Scan.SUCCEED:
+        await mmap_read_unlock(mm)
+        k.alloc.free_pages(new)
+        return result
+    if unmapped:
+        result = await __collapse_huge_page_swapin(k, mm, vma, haddr, pmdp, referenced)
+        if result is not Scan.SUCCEED:
+            k.alloc.free_pages(new)                 # out_nolock: mmap_lock already dropped
+            return result
+    await mmap_read_unlock(mm)
     await mmap_write_lock(mm)
     try:
-        vma = mm.vma_lookup(haddr)
-        if vma is None or not vma.anonymous or haddr < vma.start or haddr + size > vma.end:
+        result, vma = hugepage_vma_revalidate(k, mm, haddr)
+        if result is not Scan.SUCCEED:
             k.alloc.free_pages(new)
-            return Scan.VMA_CHECK
-        result, pmdp = await find_pmd_or_thp_or_none(k, mm, haddr)
+            return result
+        result, pmdp2 = await find_pmd_or_thp_or_none(k, mm, haddr)    # check_pmd_still_valid()
+        if result is Scan.SUCCEED and pmdp2 != pmdp:
+            result = Scan.FAIL
         if result is not Scan.SUCCEED:
             k.alloc.free_pages(new)
             return result
@@ -417,7 +640,7 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
         # cannot take a new one later: it rechecks the pmd after grabbing the page.
         folios = {id(p): p for e in entries if e.kind is Kind.LEAF and not e.special
                   for p in [k.alloc.page_of(e.paddr)] if p is not None}
-        if any(p.refcount != p.mapcount for p in folios.values()):
+        if any(not is_refcount_suitable(p) for p in folios.values()):
             await traps.lock(pml)                     # restore the pmd
             await pgtable.set_entry(k, pmdp, arch.pmd_level, table_entry(table.paddr))
             await traps.unlock(pml)
@@ -438,7 +661,12 @@ async def collapse_huge_page(k, mm, haddr: int) -> Scan:
             await traps.unlock(ptl)
             page = None if e.special else k.alloc.page_of(e.paddr)
             if page is not None:
-                _put_mapped_page(k, mm, page)
+                # folio_remove_rmap_pte() + free_page_and_swap_cache(): a swapped-in
+                # folio's swap cache (and slot) goes with its last mapping
+                page.mapcount -= 1
+                mm.rss[mm_counter(page)] -= 1
+                await free_swap_cache(k, page)
+                put_page(k, page)
         prot = vm_get_page_prot(vma.flags) | (Access.W if vma.flags & VM_WRITE else Access.NONE)
         await traps.lock(pml)
         huge_memory.pgtable_trans_huge_deposit(k, mm, pmdp, table)
@@ -482,8 +710,7 @@ async def madvise_collapse(k, mm, start: int, end: int) -> int:
             haddr += size
             continue
         if vma.anonymous:
-            await mmap_read_unlock(mm)
-            result = await collapse_huge_page(k, mm, haddr)
+            result = await hpage_collapse_scan_pmd(k, mm, vma, haddr, is_khugepaged=False)
         else:
             inode, index = vma.file, vma.pgoff + ((haddr - vma.start) >> k.page_shift)
             await mmap_read_unlock(mm)
@@ -550,9 +777,12 @@ async def khugepaged_scan_mm_slot(k, mm) -> None:
         if hpage_collapse_test_exit(mm):
             return
         if vma.anonymous:
-            result, _ = await find_pmd_or_thp_or_none(k, mm, haddr)
+            await mmap_read_lock(mm)
+            result, vma = hugepage_vma_revalidate(k, mm, haddr)
             if result is Scan.SUCCEED:
-                result = await collapse_huge_page(k, mm, haddr)
+                result = await hpage_collapse_scan_pmd(k, mm, vma, haddr, is_khugepaged=True)
+            else:
+                await mmap_read_unlock(mm)
         else:
             index = vma.pgoff + ((haddr - vma.start) >> k.page_shift)
             result = await collapse_file(k, vma.file, index, is_khugepaged=True)

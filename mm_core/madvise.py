@@ -284,8 +284,10 @@ async def reclaim_pages(k, isolated: list) -> int:
     the isolation's reference, which reclaim consumes): a lazyfree anon folio is unmapped
     and freed if still clean (try_to_unmap_one's MADV_FREE discard, no swap needed); a
     swap-backed anon folio is swapped out when there is a swap area
-    (vmscan.shrink_folio_list: add_to_swap, try_to_unmap, pageout, __remove_mapping);
-    every other folio (shmem, a THP, no swap area) goes back to the LRU."""
+    (vmscan.shrink_folio_list: add_to_swap, try_to_unmap, pageout, __remove_mapping); so
+    is a small shmem folio (try_to_unmap of its file ptes, pageout = shmem_writepage; the
+    caller is taken to own the file: can_do_file_pageout()); every other folio (a THP, a
+    large shmem folio, no swap area) goes back to the LRU."""
     reclaimed = 0
     to_swap = []
     for folio, vma, addr in isolated:
@@ -297,6 +299,10 @@ async def reclaim_pages(k, isolated: list) -> int:
                 continue
         elif small_anon and k.swap_info is not None:
             to_swap.append(folio)
+            continue
+        elif (folio.use is PageUse.SHMEM and folio.order == k.page_order and k.swap_info is not None
+              and folio.mapping is not None):
+            to_swap.append(folio)                        # shmem_writepage() through pageout()
             continue
         k.stats["pageout_kept"] += 1
         memory.put_page(k, folio)                        # folio_putback_lru()

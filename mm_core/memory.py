@@ -376,11 +376,13 @@ async def do_swap_page(k, vmf: VmFault) -> int:
     then: a migration entry waits (FAULT-RETRY: return 0, refault once it is done); a swap
     entry pins the area (get_swap_device(): none once swapoff got past try_to_unuse, then
     return 0 and refault), takes the folio from the swap cache or swapin_readahead(),
-    folio_lock() (sleeps: no map held), checks it is still the swap cache's folio for the
-    entry (else FAULT-RETRY), and maps it under pte_offset_map_lock() if pte_same() still
-    holds: a failed map or a changed pte is FAULT-RETRY (``out_nomap``: someone else, another
-    thread or swapoff, faulted it in first). swap_free(), folio_free_swap() when
-    should_try_to_free_swap(); MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
+    folio_lock_or_retry() (a locked folio with FAULT_FLAG_ALLOW_RETRY on the first try:
+    mmap_lock dropped, VM_FAULT_RETRY; else folio_lock(), sleeping: no map held), checks
+    it is still the swap cache's folio for the entry (else FAULT-RETRY), and maps it
+    under pte_offset_map_lock() if pte_same() still holds: a failed map or a changed pte
+    is FAULT-RETRY (``out_nomap``: someone else, another thread or swapoff, faulted it in
+    first). swap_free(), folio_free_swap() when should_try_to_free_swap();
+    MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
     entry was exclusive (or the folio's only reference is ours), else do_wp_page()."""
     from mm_core import shmem, swap_state, swapfile
     mm, arch, vma = vmf.vma.mm, k.arch, vmf.vma
@@ -412,8 +414,9 @@ async def do_swap_page(k, vmf: VmFault) -> int:
                     await pgtable.pte_unmap_unlock(k, *locked)
                 return ret
             k.stats["swap_major_fault"] += 1        # VM_FAULT_MAJOR
-        # folio_lock_or_retry() without FAULT_FLAG_ALLOW_RETRY: folio_lock()
-        await shmem.folio_lock(k, folio)
+        if not await folio_lock_or_retry(k, folio, vmf):
+            put_page(k, folio)                      # out_release (mmap_lock already dropped)
+            return VM_FAULT_RETRY
         if folio.extra.get("swap") != off:
             # folio_free_swap() or swapoff released the swap cache under us: refault
             k.stats["do_swap_page_not_swapcache"] += 1
@@ -468,6 +471,30 @@ async def do_swap_page(k, vmf: VmFault) -> int:
         return 0
     finally:
         swapfile.put_swap_device(si)
+
+
+async def folio_lock_or_retry(k, folio, vmf: VmFault) -> bool:
+    """folio_lock_or_retry() (6.6): folio_trylock(); failing that, with
+    fault_flag_allow_retry_first() (FAULT_FLAG_ALLOW_RETRY and not yet FAULT_FLAG_TRIED),
+    __folio_lock_or_retry() releases the fault's mmap_read_lock (release_fault_lock()),
+    waits for the folio to be unlocked (folio_wait_locked(): not taking it) and returns
+    false: the fault returns VM_FAULT_RETRY with mmap_lock dropped (FAULT-RETRY);
+    FAULT_FLAG_RETRY_NOWAIT returns false still holding the lock. Without ALLOW_RETRY
+    (GUP, KSM), or on the retried fault: folio_lock() (sleeps)."""
+    from mm_core import shmem
+    flags = vmf.flags
+    if not (flags & FAULT_FLAG_ALLOW_RETRY and not flags & FAULT_FLAG_TRIED):
+        await shmem.folio_lock(k, folio)
+        return True
+    if await shmem.folio_trylock(k, folio):
+        return True
+    k.stats["folio_lock_or_retry_failed"] += 1
+    if flags & FAULT_FLAG_RETRY_NOWAIT:
+        return False
+    await mmap_read_unlock(vmf.vma.mm)                  # release_fault_lock()
+    await shmem.folio_lock(k, folio)                    # folio_wait_locked(): wait for the bit,
+    shmem.folio_unlock(folio)                           # with no scheduling point in between
+    return False
 
 
 def should_try_to_free_swap(k, folio, vma, fault_flags: int) -> bool:
@@ -670,11 +697,16 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
         yield item
 
 
-async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None) -> bool:
+async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None,
+                        reclaim_pt: bool = False) -> bool:
     """zap_pte_range(): clear every PTE in [start, end) under ptl and drop the pages.
     Returns False without progress when the PTE table could not be mapped; the caller
-    (zap_pmd_range) then looks at the same pmd again (RETRY)."""
+    (zap_pmd_range) then looks at the same pmd again (RETRY). With ``reclaim_pt``
+    (6.14 PT_RECLAIM, reclaim_pt_is_enabled(): MADV_DONTNEED over a whole PMD extent) the
+    emptied table goes too: the fast path try_get_and_clear_pmd() under the ptl, then
+    free_pte(); its pml trylock failing is the slow path try_to_free_pte()."""
     arch = k.arch
+    can_reclaim_pt = reclaim_pt and k.profile.pt_reclaim and end - start >= arch.levels[arch.pmd_level].span
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
     if locked is None:
         return False
@@ -704,7 +736,16 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
             k.stats["swap_ptes_zapped"] += 1
         elif ent.kind is not Kind.NONE:
             await pgtable.clear_entry(k, entp, arch.pte_level)
+    from mm_core import pt_reclaim
+    pmdval = None
+    if can_reclaim_pt:
+        pmdval = await pt_reclaim.try_get_and_clear_pmd(k, mm, pmdp)     # direct_reclaim
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    if can_reclaim_pt:
+        if pmdval is not None:
+            await pt_reclaim.free_pte(k, mm, start, pmdval)
+        else:
+            await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
     return True
 
 
@@ -736,12 +777,8 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list 
             continue
         if pmdval.kind is Kind.MIGRATION:
             return
-        if await zap_pte_range(k, mm, pmdp, start, end, tlb):
-            # 6.14 PT_RECLAIM (MADV_DONTNEED over a whole PMD extent): free the empty table
-            if reclaim_pt and k.profile.pt_reclaim and end - start >= size:
-                from mm_core import pt_reclaim
-                await pt_reclaim.try_to_free_pte(k, mm, pmdp, start)
-            return
+        if await zap_pte_range(k, mm, pmdp, start, end, tlb, reclaim_pt):
+            return                        # (6.14 PT_RECLAIM freed the emptied table there)
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 

@@ -8,9 +8,14 @@ A second remover of PTE tables that holds only mmap_read_lock (after retract_pag
 whoever mapped the table before (pte_offset_map*) and writes into it after taking its ptl
 must recheck pmd_same(), since a none pte proves nothing about a detached table. That is
 why 6.14 made move_pages_pte() recheck its dst pmd ("mm: userfaultfd: recheck dst_pmd entry
-in move_pages_pte()", a prerequisite of this series). Only the slow path is modelled (the
-fast path try_get_and_clear_pmd() under the ptl is an optimisation of the same clear), and
-on every arch (Linux 6.14 offers PT_RECLAIM on x86_64 only).
+in move_pages_pte()", a prerequisite of this series). Modelled on every arch (Linux 6.14
+offers PT_RECLAIM on x86_64 only).
+
+The fast path (zap_pte_range(), still holding the ptl it zapped under, every pte of the
+whole PMD extent zapped, none skipped): try_get_and_clear_pmd() spin_trylock()s the pml
+and clears the pmd there; after pte_unmap_unlock() free_pte() frees the table. When the
+trylock fails (pml contended, or pml is the ptl itself: no split PTE locks) zap_pte_range()
+falls back to try_to_free_pte(), which takes pml, then the ptl, and rescans the table.
 """
 from __future__ import annotations
 
@@ -19,6 +24,39 @@ from emu.sched import traps
 from mm_core import pgtable
 from mm_core.pgalloc import pte_free_defer
 from mm_core.tlbflush import flush_tlb_range
+
+
+async def try_get_and_clear_pmd(k, mm, pmdp: int):
+    """try_get_and_clear_pmd() (6.14), called under the PTE table's ptl: spin_trylock()
+    the pml (GIVEUP on contention: the caller takes the slow path), read the pmd
+    (pmdp_get_lockless) and pmd_clear() it. Returns the old pmd value, or None."""
+    arch = k.arch
+    pml = await pgtable.pmd_lockptr(k, mm, pmdp)
+    if not await traps.trylock(pml):
+        k.stats["pt_reclaim_trylock_failed"] += 1
+        return None
+    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
+    await pgtable.clear_entry(k, pmdp, arch.pmd_level)                 # pmd_clear()
+    await traps.unlock(pml)
+    pt = k.ptdescs.get(pmdval.paddr) if pmdval.kind is Kind.TABLE else None
+    if pt is not None:
+        pt.state = "detached"
+        pt.note(k, "detached by try_get_and_clear_pmd (PT_RECLAIM fast path)")
+    return pmdval
+
+
+async def free_pte(k, mm, addr: int, pmdval) -> None:
+    """free_pte(): pte_free_tlb() of the table the fast path detached (after the flush,
+    RCU-freed: a pte_free_defer here), mm_dec_nr_ptes()."""
+    arch = k.arch
+    span = arch.levels[arch.pmd_level].span
+    start = addr & ~(span - 1)
+    await flush_tlb_range(k, mm, start, start + span)
+    pt = k.ptdescs.get(pmdval.paddr) if pmdval.kind is Kind.TABLE else None
+    if pt is not None:
+        await pte_free_defer(k, pt)
+    k.stats["pt_reclaimed"] += 1
+    k.stats["pt_reclaimed_fast"] += 1
 
 
 async def try_to_free_pte(k, mm, pmdp: int, addr: int) -> bool:

@@ -104,6 +104,34 @@ def folio_move_anon_rmap(k, folio, vma) -> None:
     folio.extra["anon_vma"] = anon_vma_prepare(k, vma)
 
 
+async def folio_referenced_file(k, folio) -> tuple[int, int]:
+    """folio_referenced() of a locked small shmem (page-cache) folio: rmap_walk_file()
+    under the i_mmap read lock, folio_referenced_one() in each VMA mapping its index
+    (page_vma_mapped_walk(), ptep_clear_flush_young() at every hit). (referenced, found)."""
+    from mm_core.page_vma_mapped import folio_vma_walk, page_vma_mapped_walk
+    mapping, arch = folio.mapping, k.arch
+    referenced = found = 0
+    await traps.lock(mapping.i_mmap_rwsem, "r")
+    try:
+        for vma in list(mapping.i_mmap):
+            addr = vma_address(vma, folio.index)
+            if addr is None:
+                continue
+            pvmw = folio_vma_walk(k, folio, vma, addr)
+            while await page_vma_mapped_walk(k, pvmw):
+                found += 1
+                if pvmw.pte is None:
+                    continue                                # PMD-mapped: not a small folio
+                ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, pvmw.pte))
+                if ent.young:
+                    referenced += 1
+                    await pgtable.set_entry(k, pvmw.pte, arch.pte_level, ent.with_(young=False))
+                    await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
+    finally:
+        await traps.unlock(mapping.i_mmap_rwsem, "r")
+    return referenced, found
+
+
 async def folio_referenced_anon(k, folio) -> tuple[int, int]:
     """folio_referenced() of a locked anon folio: rmap_walk_anon() under the anon_vma read
     lock, folio_referenced_one() in each VMA: page_vma_mapped_walk() from

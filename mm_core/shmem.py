@@ -18,6 +18,8 @@ class AddressSpace:
     i_pages: dict[int, Page] = field(default_factory=dict)   # index -> folio (a huge folio at
                                                              # every index it covers)
     i_mmap: list = field(default_factory=list)               # VMAs mapping the file
+    # the xa_value (swap entry) entries of i_pages: index -> swap slot of a swapped-out page
+    swap_entries: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.i_mmap_rwsem = RwSemaphore(f"i_mmap@{self.host.ino}", "i_mmap_rwsem")
@@ -44,6 +46,7 @@ class ShmemInode:
     size: int = 0
     ino: int = 0
     refs: int = 0                    # open files + mapping VMAs
+    swapped: int = 0                 # shmem_inode_info.swapped: pages out on swap
     mapping: AddressSpace = None     # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -132,12 +135,29 @@ def folio_unlock(folio: Page) -> None:
     folio.locked = False
 
 
-async def shmem_get_folio(k, inode: ShmemInode, index: int) -> Page | None:
-    """shmem_get_folio(SGP_CACHE): find the folio for ``index``, allocating a zeroed
-    small folio for a hole inside i_size. None beyond EOF."""
+async def shmem_get_folio(k, inode: ShmemInode, index: int, noalloc: bool = False) -> Page | None:
+    """shmem_get_folio_gfp(SGP_CACHE, or SGP_NOALLOC with ``noalloc``): find the folio
+    for ``index``; a swap entry there is swapped in (shmem_swapin_folio(): -EEXIST is
+    ``goto repeat``, another error None); a hole inside i_size gets a zeroed small folio
+    (SGP_NOALLOC: None). None beyond EOF."""
     if index << inode.page_shift >= inode.size:
         return None
-    folio = filemap_get_folio(inode.mapping, index)
+    while True:
+        folio = filemap_get_folio(inode.mapping, index)
+        off = inode.mapping.swap_entries.get(index)
+        if folio is not None or off is None:
+            break
+        err, folio = await shmem_swapin_folio(k, inode, index, off)
+        if err == -EEXIST:
+            k.stats["shmem_swapin_repeat"] += 1
+            continue                          # goto repeat
+        if err:
+            return None
+        folio_unlock(folio)
+        folio.refcount -= 1                   # the page cache holds it (this model's
+        return folio                          # shmem_get_folio hands out no reference)
+    if folio is None and noalloc:
+        return None
     if folio is None:
         try:
             folio = k.alloc.alloc_pages(k.page_order, PageUse.SHMEM, owner=inode.mapping)
@@ -153,6 +173,189 @@ async def shmem_get_folio(k, inode: ShmemInode, index: int) -> Page | None:
     return folio
 
 
+# -- swap (6.6): shmem_writepage, shmem_swapin_folio, shmem_unuse -----------------------------
+#
+# A swapped-out shmem page leaves the page cache: its index holds the swap entry instead
+# (``mapping.swap_entries``, the xa_value entries of i_pages), and the slot holds one count
+# for it (swap_shmem_alloc(): SWAP_MAP_SHMEM in Linux, a plain count of 1 here). Only
+# PAGE_SIZE folios: a large shmem folio is redirtied (split_huge_page() in
+# shmem_writepage() is not modelled). Swap-in reads only the one slot (shmem_swapin()'s
+# swap_cluster_readahead() is not modelled).
+
+EEXIST, ENOMEM, EIO, EINVAL = 17, 12, 5, 22
+SHMEM_UNUSE_BATCH = 15                # PAGEVEC_SIZE: shmem_find_swap_entries()' folio_batch
+
+
+def shmem_confirm_swap(mapping: AddressSpace, index: int, off: int) -> bool:
+    """shmem_confirm_swap(): the index still holds that swap entry."""
+    return mapping.swap_entries.get(index) == off
+
+
+async def shmem_writepage(k, folio: Page) -> bool:
+    """shmem_writepage() (6.6), from reclaim's pageout() with the folio locked and unmapped
+    (try_to_unmap() before): folio_alloc_swap() (no slot: redirty, false: reclaim
+    activates it), the inode on shmem_swaplist, add_to_swap_cache(), swap_shmem_alloc(),
+    shmem_delete_from_page_cache() (the index now holds the swap entry, the cache's
+    reference is dropped), swap_writepage(). A large folio is redirtied (false)."""
+    from mm_core import swap_state, swapfile
+    mapping = folio.mapping
+    inode = mapping.host
+    if folio.order != k.page_order:
+        k.stats["shmem_writepage_large_unmodelled"] += 1
+        return False                          # split_huge_page() not modelled: redirty
+    if folio.mapcount:
+        raise RuntimeError(f"shmem_writepage: pfn {folio.pfn:#x} still mapped")   # BUG_ON
+    off = await swapfile.get_swap_pages(k)
+    if off is None:
+        k.stats["shmem_writepage_redirty"] += 1
+        return False
+    if inode not in k.shmem_swaplist:         # under shmem_swaplist_mutex
+        k.shmem_swaplist.append(inode)
+    await swap_state.add_to_swap_cache(k, folio, off)
+    folio.extra["uptodate"] = True
+    await swapfile.swap_duplicate(k, swapfile.swp_entry_to_pte(off))      # swap_shmem_alloc()
+    inode.swapped += 1                        # shmem_recalc_inode(inode, 0, 1)
+    index = folio.index
+    for i in range(index, index + folio_nr_pages(folio, mapping)):
+        if mapping.i_pages.get(i) is folio:
+            del mapping.i_pages[i]
+    mapping.swap_entries[index] = off         # shmem_delete_from_page_cache(folio, swap)
+    folio.mapping = None
+    folio.refcount -= 1                       # the page cache's reference
+    await swap_state.swap_writepage(k, folio)
+    k.stats["shmem_writepage"] += 1
+    return True
+
+
+async def shmem_swapin_folio(k, inode: ShmemInode, index: int, off: int) -> tuple[int, Page | None]:
+    """shmem_swapin_folio() (6.6): bring swap slot ``off`` (found at ``index``) back into
+    the page cache. Returns (0, the folio locked with a reference) or (-errno, None):
+    get_swap_device() failing (swapoff done) is -EEXIST if the index changed meanwhile,
+    else -EINVAL; no folio: -ENOMEM; after folio_lock(), a folio no longer the swap
+    cache's for the slot or an index no longer holding the entry (shmem_confirm_swap()):
+    -EEXIST (the caller looks again); not uptodate: -EIO. Success:
+    shmem_add_to_page_cache(expected = the entry), delete_from_swap_cache(), swap_free()
+    of the mapping's count (the slot goes)."""
+    from mm_core import swap_state, swapfile
+    from mm_core.memory import put_page
+    mapping = inode.mapping
+    ent = swapfile.swp_entry_to_pte(off)
+    si = swapfile.get_swap_device(k, ent)
+    if si is None:
+        return (-EINVAL if shmem_confirm_swap(mapping, index, off) else -EEXIST), None
+    folio = None
+    try:
+        folio = await swap_state.swap_cache_get_folio(k, off)
+        if folio is None:
+            folio = await swap_state.read_swap_cache_async(k, ent, None, 0)    # shmem_swapin()
+            if folio is None:
+                return (-ENOMEM if shmem_confirm_swap(mapping, index, off) else -EEXIST), None
+            k.stats["shmem_swap_major"] += 1
+        await folio_lock(k, folio)
+        if folio.extra.get("swap") != off or not shmem_confirm_swap(mapping, index, off):
+            err = -EEXIST
+        elif not folio.extra.get("uptodate"):
+            err = -EIO
+        else:
+            await traps.sched_point("page_cache_insert", (inode.ino, index))
+            if not shmem_confirm_swap(mapping, index, off):
+                err = -EEXIST                 # shmem_add_to_page_cache(): xas_find_conflict
+            else:
+                del mapping.swap_entries[index]
+                folio.use, folio.owner = PageUse.SHMEM, mapping
+                folio.refcount += 1           # the page cache's reference
+                add_to_page_cache(mapping, folio, index)
+                inode.swapped -= 1            # shmem_recalc_inode(inode, 0, -1)
+                await swap_state.delete_from_swap_cache(k, folio)
+                folio.extra["dirty"] = True   # folio_mark_dirty()
+                await swapfile.swap_free(k, ent)
+                k.stats["shmem_swapin"] += 1
+                return 0, folio
+        folio_unlock(folio)
+        put_page(k, folio)
+        k.stats[f"shmem_swapin_err{err}"] += 1
+        return err, None
+    finally:
+        swapfile.put_swap_device(si)
+
+
+def shmem_find_swap_entries(mapping: AddressSpace, start: int, swp_type: int) -> list[tuple[int, int]]:
+    """shmem_find_swap_entries(): the next batch (PAGEVEC_SIZE) of (index, slot) swap
+    entries of area ``swp_type`` from ``start`` on (an RCU walk of i_pages)."""
+    out = []
+    for index in sorted(mapping.swap_entries):
+        if index >= start:
+            out.append((index, mapping.swap_entries[index]))     # one area: every type matches
+            if len(out) == SHMEM_UNUSE_BATCH:
+                break
+    return out
+
+
+async def shmem_unuse_swap_entries(k, inode: ShmemInode, batch: list[tuple[int, int]]) -> int:
+    """shmem_unuse_swap_entries(): shmem_swapin_folio() each; -ENOMEM stops the batch (and
+    swapoff), other errors are ignored (-EEXIST: truncated or swapped in meanwhile).
+    Returns how many were brought in, or -ENOMEM."""
+    from mm_core.memory import put_page
+    ret = 0
+    for index, off in batch:
+        err, folio = await shmem_swapin_folio(k, inode, index, off)
+        if not err:
+            folio_unlock(folio)
+            put_page(k, folio)
+            ret += 1
+        if err == -ENOMEM:
+            return err
+    return ret
+
+
+async def shmem_unuse_inode(k, inode: ShmemInode, swp_type: int) -> int:
+    """shmem_unuse_inode(): batch after batch until no swap entry of the area is left."""
+    start = 0
+    while True:
+        await traps.sched_point("shmem_find_swap_entries", inode.ino)
+        batch = shmem_find_swap_entries(inode.mapping, start, swp_type)
+        if not batch:
+            return 0
+        ret = await shmem_unuse_swap_entries(k, inode, batch)
+        if ret < 0:
+            return ret
+        start = batch[-1][0] + 1
+
+
+async def shmem_unuse(k, swp_type: int) -> int:
+    """shmem_unuse() (from try_to_unuse(), before the mms): every inode on shmem_swaplist
+    with swapped pages (pinned with igrab() while shmem_swaplist_mutex is dropped) gets
+    shmem_unuse_inode(); an inode with none left is pruned from the list. 0 or -ENOMEM."""
+    for inode in list(k.shmem_swaplist):
+        if not inode.swapped:
+            k.shmem_swaplist.remove(inode)
+            continue
+        if not inode.refs:
+            continue                          # igrab() failed: being evicted
+        inode.refs += 1
+        err = await shmem_unuse_inode(k, inode, swp_type)
+        iput(k, inode)
+        if not inode.swapped and inode in k.shmem_swaplist:
+            k.shmem_swaplist.remove(inode)
+        if err:
+            return err
+    return 0
+
+
+def shmem_free_swap(k, mapping: AddressSpace, index: int) -> None:
+    """shmem_free_swap() of eviction / truncation: the index's swap entry goes and the
+    mapping's count on the slot is dropped (free_swap_and_cache(), without its attempt
+    to reclaim a cache-only slot: such a folio is left to reclaim, drain_swap_cache())."""
+    from mm_core import swapfile
+    off = mapping.swap_entries.pop(index)
+    mapping.host.swapped -= 1
+    si = k.swap_info
+    si.swap_map[off] -= 1
+    if si.swap_map[off] == 0:
+        swapfile._slot_free(k, si, off)
+    k.stats["shmem_free_swap"] += 1
+
+
 async def shmem_setattr_size(k, inode: ShmemInode, size: int) -> None:
     """ftruncate(): shrinking unmaps the tail from every mapping and drops it from the
     cache (truncate_pagecache); growing only moves i_size."""
@@ -165,6 +368,9 @@ async def shmem_setattr_size(k, inode: ShmemInode, size: int) -> None:
         for folio in inode.mapping.folios():
             if folio.index + folio_nr_pages(folio, inode.mapping) > first:
                 delete_from_page_cache(k, folio)
+        for index in sorted(inode.mapping.swap_entries):
+            if index >= first:
+                shmem_free_swap(k, inode.mapping, index)
 
 
 def iput(k, inode: ShmemInode) -> None:
@@ -173,4 +379,8 @@ def iput(k, inode: ShmemInode) -> None:
     if inode.refs == 0:
         for folio in inode.mapping.folios():
             delete_from_page_cache(k, folio)
+        for index in sorted(inode.mapping.swap_entries):
+            shmem_free_swap(k, inode.mapping, index)        # shmem_evict_inode()
+        if inode in k.shmem_swaplist:
+            k.shmem_swaplist.remove(inode)
         k.stats["shmem_inodes_freed"] += 1

@@ -344,10 +344,14 @@ async def swapoff(k) -> int:
 
 
 async def try_to_unuse(k, si: SwapInfo) -> int:
-    """try_to_unuse(): unuse_mm() of every mm on the mmlist, then drop the cache-only slots
+    """try_to_unuse(): shmem_unuse() of the shmem inodes with swapped pages, unuse_mm() of
+    every mm on the mmlist, then drop the cache-only slots
     (folio_free_swap), and go round again while si->inuse_pages."""
     from mm_core.swap_state import filemap_get_swap_folio
     while si.inuse_pages:
+        err = await shmem.shmem_unuse(k, si.type)        # retry: shmem first
+        if err:
+            return err
         for mm in list(k.mmlist):
             if mm.dead or not mm.users:              # mmget_not_zero()
                 continue

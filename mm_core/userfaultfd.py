@@ -499,6 +499,8 @@ async def mfill_atomic_pte_continue(k, dst_pmd: int, dst_vma, dst_addr: int, wp:
     if index << k.page_shift >= inode.size:
         return -EFAULT
     folio = shmem.filemap_get_folio(inode.mapping, index)
+    if folio is None and index in inode.mapping.swap_entries:
+        folio = await shmem.shmem_get_folio(k, inode, index, noalloc=True)    # swapped in
     if folio is None:
         return -EFAULT
     folio.refcount += 1                                               # the lookup's reference
@@ -534,7 +536,7 @@ async def shmem_mfill_atomic_pte(k, dst_pmd: int, dst_vma, dst_addr: int, what: 
         k.physmem.write(folio.paddr, data[:k.page_size])
     folio.locked = True                                               # __folio_set_locked()
     await sched_point("page_cache_insert", (inode.ino, index))
-    if shmem.filemap_get_folio(inode.mapping, index) is not None:
+    if shmem.filemap_get_folio(inode.mapping, index) is not None or index in inode.mapping.swap_entries:
         k.alloc.free_pages(folio)
         return -EEXIST
     shmem.add_to_page_cache(inode.mapping, folio, index)

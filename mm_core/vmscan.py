@@ -432,7 +432,13 @@ async def shrink_one(k, folio, res: ReclaimResult, isolated: bool) -> None:
         k.stats["reclaim_kept_locked"] += 1
         return
     res.mapcount = folio.mapcount
-    res.referenced, res.mappings_found = await rmap.folio_referenced_anon(k, folio)
+    is_shmem = folio.use is PageUse.SHMEM
+    if is_shmem and folio.mapping is None:           # truncated while isolated: not ours to write
+        res.kept = True
+        shmem.folio_unlock(folio)
+        return
+    referenced = rmap.folio_referenced_file if is_shmem else rmap.folio_referenced_anon
+    res.referenced, res.mappings_found = await referenced(k, folio)
     si = k.swap_info
     if si is None:
         # folio_test_anon && !folio_test_swapcache: add_to_swap() fails with no swap area
@@ -451,13 +457,22 @@ async def shrink_one(k, folio, res: ReclaimResult, isolated: bool) -> None:
             _activate_locked(k, folio, res)          # no slot (or a THP: split not modelled)
             return
     if folio.mapcount:
-        await rmap.try_to_unmap_anon(k, folio)
+        if is_shmem:
+            await rmap.try_to_unmap_file_page(k, folio, folio.index)   # file ptes: just cleared
+        else:
+            await rmap.try_to_unmap_anon(k, folio)
         if folio.mapcount:
             res.unmap_failed = True
             k.stats["reclaim_unmap_failed"] += 1
             _activate_locked(k, folio, res)
             return
-    await swap_state.swap_writepage(k, folio)        # pageout(): PAGE_SUCCESS, no writeback left
+    if is_shmem:
+        # pageout() -> shmem_writepage(): into the swap cache, out of the page cache
+        if not await shmem.shmem_writepage(k, folio):
+            _activate_locked(k, folio, res)          # redirty: AOP_WRITEPAGE_ACTIVATE
+            return
+    else:
+        await swap_state.swap_writepage(k, folio)    # pageout(): PAGE_SUCCESS, no writeback left
     # __remove_mapping(): folio_ref_freeze(folio, 1 + nr) -- the isolation's and the cache's
     if folio.refcount != 1 + int(isolated):
         res.kept = True
