@@ -69,7 +69,8 @@ async def create_huge_pmd(k, vmf) -> int:
     vma, mm = vmf.vma, vmf.vma.mm
     vma.anon_vma = True                                 # anon_vma_prepare()
     try:
-        folio = k.alloc.alloc_pages(hpage_pmd_order(k), PageUse.ANON, owner=mm)
+        from mm_core.mempolicy import vma_alloc_folio
+        folio = vma_alloc_folio(k, vma, vmf.address & ~(hpage_pmd_size(k) - 1), hpage_pmd_order(k), owner=mm)
     except OutOfMemory:
         k.stats["thp_fault_fallback"] += 1
         return VM_FAULT_FALLBACK

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import SWP_HWPOISON, Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, pgtable, rmap, userfaultfd
+from mm_core import filemap, huge_memory, mempolicy, pgtable, rmap, userfaultfd
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -496,7 +496,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
     else:
         vma.anon_vma = True                                # anon_vma_prepare()
         try:
-            page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm)
+            page = mempolicy.vma_alloc_folio(k, vma, vmf.address, k.page_order, owner=mm)
         except OutOfMemory:
             return VM_FAULT_OOM
         if vma.flags & VM_WRITE:
@@ -585,7 +585,8 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     mm, arch = vmf.vma.mm, k.arch
     rmap.anon_vma_prepare(k, vmf.vma)
     try:
-        new_page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm, zero=orig.special)
+        new_page = mempolicy.vma_alloc_folio(k, vmf.vma, vmf.address, k.page_order, owner=mm,
+                                             zero=orig.special)
     except OutOfMemory:
         return VM_FAULT_OOM
     if not orig.special:
