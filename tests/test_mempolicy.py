@@ -1,0 +1,260 @@
+"""NUMA memory policy (mm_core/mempolicy.py, v6.6 mm/mempolicy.c): a machine with RAM split
+into nodes, mbind(2) setting VMA policies (splits, merges, fork), the queue_pages_range()
+walk over the real tables with MPOL_MF_STRICT / MPOL_MF_MOVE, migration of misplaced pages
+(checked through translate() and the pte bytes), and the walk's failure categories forced
+by schedules: a retracted table is ACTION_AGAIN (RETRY) then a hole; a migration pmd is
+-EIO with no retry."""
+from __future__ import annotations
+
+import pytest
+from conftest import collapsed_world, finish
+
+import emu
+from emu.arch import Kind
+from emu.scenario import Scenario
+from emu.sched.loop import run_sync
+from mm_core import huge_memory, khugepaged, rmap
+from mm_core import mempolicy as mp
+from mm_core.sched_helpers import stalled_thp_migration
+
+BASE = 0x40000000
+RW = emu.PROT_READ | emu.PROT_WRITE
+ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
+
+
+def _nodes(m, mm, a: int, n: int) -> list[int | None]:
+    out = []
+    for i in range(n):
+        pa = m.translate(mm, a + i * m.kernel.page_size)
+        out.append(None if pa is None else m.page_to_nid(pa))
+    return out
+
+
+def _pte(m, mm, va: int):
+    k = m.kernel
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
+    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    idx = (va >> k.page_shift) & (k.arch.levels[k.arch.pte_level].entries - 1)
+    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(pmd.paddr + 8 * idx))
+
+
+def test_nodes_split_ram_in_equal_ranges() -> None:
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=4)
+    k = m.kernel
+    assert [mp.node_pfn_range(k, n) for n in range(4)] == [(i * 2048, (i + 1) * 2048) for i in range(4)]
+    assert m.page_to_nid(2047 << 12) == 0 and m.page_to_nid(2048 << 12) == 1
+    assert m.page_to_nid((8192 << 12) - 1) == 3
+    with pytest.raises(ValueError):
+        emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=3)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_mbind_move_migrates_misplaced_pages_and_new_faults_follow_the_policy(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 8 * page, RW, ANON)
+    old = {}
+    for i in range(6):                                          # pages 6, 7 stay unfaulted
+        old[i] = m.touch(mm, a + i * page, write=True)
+        k.physmem.write(old[i] + 8, f"page {i}".encode())
+    before = {i: _pte(m, mm, a + i * page) for i in range(6)}
+    assert _nodes(m, mm, a, 8) == [0, 0, 0, 0, 0, 0, None, None]
+    m.mbind(mm, a + 2 * page, 6 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
+    assert [(v.start - a) // page for v in mm.vmas] == [0, 2]  # split once: the range reaches the end
+    assert mm.vmas[0].policy is None and str(mm.vmas[1].policy) == "bind:1"
+    assert _nodes(m, mm, a, 8) == [0, 0, 1, 1, 1, 1, None, None]
+    assert k.stats["numa_pages_migrated"] == 4
+    for i in range(6):
+        assert m.read_user(mm, a + i * page + 8, 6) == f"page {i}".encode()
+        after = _pte(m, mm, a + i * page)                      # the pte bytes: same bits, new frame
+        assert after.kind is Kind.LEAF and after.with_(paddr=0) == before[i].with_(paddr=0)
+        assert (after.paddr == old[i]) == (i < 2)
+    for i in range(2, 6):                                       # the old frames are free again
+        assert k.alloc.page_of(old[i]) is None
+        folio = k.alloc.page_of(m.translate(mm, a + i * page))
+        assert folio.mapcount == 1 and rmap.folio_anon_vma(folio) is not None
+    m.touch(mm, a + 7 * page, write=True)                       # vma_alloc_folio() under bind:1
+    assert _nodes(m, mm, a, 8)[7] == 1
+    assert m.get_mempolicy(mm, a + 7 * page, mp.MPOL_F_ADDR) == (mp.MPOL_BIND, frozenset({1}))
+    assert m.get_mempolicy(mm, a, mp.MPOL_F_ADDR) == (mp.MPOL_DEFAULT, frozenset())
+    assert m.get_mempolicy(mm, a + 3 * page, mp.MPOL_F_ADDR | mp.MPOL_F_NODE)[0] == 1
+    child = m.fork_mm(mm)                                       # vma_dup_policy()
+    assert [str(v.policy) for v in child.vmas] == ["None", "bind:1"]
+    m.mbind(mm, a + 2 * page, 6 * page, mp.MPOL_DEFAULT)        # equal policies merge again
+    assert len(mm.vmas) == 1 and mm.vmas[0].policy is None
+    finish(m, mm, child)
+
+
+def test_strict_alone_fails_on_a_misplaced_page_and_leaves_the_policy() -> None:
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=2)
+    page = m.kernel.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 4 * page, RW, ANON)
+    m.touch(mm, a + 3 * page, write=True)
+    with pytest.raises(OSError) as err:
+        m.mbind(mm, a, 4 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_STRICT)
+    assert err.value.errno == 5 and len(mm.vmas) == 1 and mm.vmas[0].policy is None
+    m.mbind(mm, a, 4 * page, mp.MPOL_BIND, [0], mp.MPOL_MF_STRICT)   # nothing misplaced
+    assert str(mm.vmas[0].policy) == "bind:0"
+    m.mbind(mm, a, 4 * page, mp.MPOL_BIND, [1])                      # no flags: no walk, no move
+    assert str(mm.vmas[0].policy) == "bind:1" and _nodes(m, mm, a, 4)[3] == 0
+    finish(m, mm)
+
+
+def test_holes_and_bad_arguments() -> None:
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=2)
+    page = m.kernel.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, RW, ANON)
+    m.mmap(mm, BASE + 3 * page, page, RW, ANON)
+    for args, errno in (((a, 4 * page, mp.MPOL_BIND, [1]), 14),          # the hole at page 2
+                        ((a, 2 * page, mp.MPOL_BIND, []), 22),           # empty nodemask
+                        ((a, 2 * page, mp.MPOL_BIND, [5]), 22),          # no such node
+                        ((a, 2 * page, mp.MPOL_DEFAULT, [1]), 22),
+                        ((a + 1, page, mp.MPOL_BIND, [1]), 22)):
+        with pytest.raises(OSError) as err:
+            m.mbind(mm, *args)
+        assert err.value.errno == errno
+    assert all(v.policy is None for v in mm.vmas)
+    with pytest.raises(OSError) as err:
+        m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE_ALL)
+    assert err.value.errno == 1
+    m.mbind(mm, a, 4 * page, mp.MPOL_DEFAULT)                    # default: holes are fine
+    m.mbind(mm, a, page, mp.MPOL_PREFERRED, [])                  # empty preferred is local
+    assert str(mm.vmas[0].policy) == "local"
+    finish(m, mm)
+
+
+def test_interleave_and_the_task_policy() -> None:
+    m = emu.Machine(arch="arm64", mem="64M", prefault=False, numa_nodes=2)
+    page = m.kernel.page_size
+    mm = m.new_mm()
+    m.set_mempolicy(mm, mp.MPOL_BIND, [1])
+    a = m.mmap(mm, BASE, 4 * page, RW, ANON)
+    b = m.mmap(mm, BASE + 8 * page, 4 * page, RW, ANON)
+    m.mbind(mm, b, 4 * page, mp.MPOL_INTERLEAVE, [0, 1])
+    for i in range(4):
+        m.touch(mm, a + i * page, write=True)
+        m.touch(mm, b + i * page, write=True)
+    assert _nodes(m, mm, a, 4) == [1, 1, 1, 1]                   # the task's bind:1
+    assert _nodes(m, mm, b, 4) == [0, 1, 0, 1]                   # interleave by page offset
+    assert m.get_mempolicy(mm) == (mp.MPOL_BIND, frozenset({1}))
+    finish(m, mm)
+
+
+def test_shared_folios_stay_and_pinned_ones_fail_the_migration() -> None:
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, RW, ANON)
+    shared = m.touch(mm, a, write=True)
+    pinned = m.touch(mm, a + page, write=True)
+    child = m.fork_mm(mm)                                         # page 0 now mapped twice
+    m.exit_mm(child)
+    child = m.fork_mm(mm)
+    assert m.get_user_pages(mm, a + page, 1, write=True, pin=True) == [m.translate(mm, a + page)]
+    pinned = m.translate(mm, a + page)
+    m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)  # no STRICT: nothing reported
+    assert m.translate(mm, a) == shared and m.translate(mm, a + page) == pinned
+    assert k.stats["migrate_failed_eagain"] == mp.NR_MAX_MIGRATE_PAGES_RETRY   # pinned: retried, restored
+    assert _pte(m, mm, a + page).kind is Kind.LEAF
+    with pytest.raises(OSError) as err:                           # STRICT: the failure is -EIO
+        m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
+    assert err.value.errno == 5 and str(mm.vmas[0].policy) == "bind:1"
+    m.unpin_user_pages([pinned])
+    m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
+    assert _nodes(m, mm, a, 2) == [0, 1]                          # the shared one is left (6.6)
+    finish(m, mm, child)
+
+
+def test_mbind_moves_a_thp_through_its_pmd() -> None:
+    m = emu.Machine(arch="arm64", mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)
+    k.physmem.write(thp + size - 16, b"thp tail")
+    m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert pmd.kind is Kind.LEAF and pmd.paddr != thp and m.page_to_nid(pmd.paddr) == 1
+    assert k.alloc.page_of(pmd.paddr).order == huge_memory.hpage_pmd_order(k)
+    assert m.read_user(mm, a + size - 16, 8) == b"thp tail" and k.alloc.page_of(thp) is None
+    assert k.stats["numa_pages_migrated"] == size // k.page_size
+    finish(m, mm)
+
+
+# -- the walk's failure categories, forced ------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_queue_pages_walk_retries_a_retracted_table_and_then_sees_a_hole(arch: str) -> None:
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False, numa_nodes=2)
+    size = huge_memory.hpage_pmd_size(k)
+    sc.task("mbind", mp.do_mbind(k, mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    # mbind: the walk's reads down to the pmd, then queue_folios_pte_range's own read of it
+    sc.run(f"mbind:pt_read#{k.arch.pmd_level + 2} retract:* mbind:*")
+    assert sc.results == {"retract": 1, "mbind": 0}
+    assert k.stats["queue_pages_again"] == 1                     # RETRY, once: then a hole
+    assert sum(" retry" in t for t in sc.trace_of("mbind")) == 1
+    assert k.stats["mbind_isolate_failed"] == 0 and str(mm.vmas[0].policy) == "bind:1"
+    finish(m, mm, files=[inode])
+
+
+def test_queue_pages_walk_without_the_race_maps_the_emptied_table() -> None:
+    """The twin of the above without the retraction: the collapse left the table empty,
+    the walk maps it at once (no retry) and finds nothing."""
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world("x86_64", mem="32M", prefault=False, numa_nodes=2)
+    size = huge_memory.hpage_pmd_size(k)
+    assert run_sync(mp.do_mbind(k, mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)) == 0
+    assert k.stats["queue_pages_again"] == 0 and str(mm.vmas[0].policy) == "bind:1"
+    finish(m, mm, files=[inode])
+
+
+def test_file_folios_are_not_migrated() -> None:
+    """A misplaced shmem folio is an isolation failure in the model (only anon folios
+    migrate): STRICT reports it as -EIO, without STRICT it stays where it is."""
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    page = k.page_size
+    inode = m.memfd_create("f", 2 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    m.touch(mm, a, write=True)
+    m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)
+    assert _nodes(m, mm, a, 1) == [0] and k.stats["mbind_isolate_failed"] == 1
+    with pytest.raises(OSError) as err:
+        m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
+    assert err.value.errno == 5
+    finish(m, mm, files=[inode])
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64"])          # s390x has no THP migration entries
+def test_queue_pages_walk_over_a_migration_pmd_ends_with_eio(arch: str) -> None:
+    """pmd_trans_huge_lock() returns a migration pmd locked and queue_folios_pmd() answers
+    -EIO (6.6): the walk ends at once, no ACTION_AGAIN, and mbind fails before touching
+    the policy."""
+    sc = Scenario(arch=arch, mem="32M", prefault=False, numa_nodes=2)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("mbind", mp.do_mbind(k, mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE))
+    sc.run("migrate:* mbind:*", finish=False)
+    assert sc.results["mbind"] == -5 and k.stats["queue_pages_again"] == 0
+    assert k.stats["mbind_pmd_migration"] == 1 and mm.vmas[0].policy is None
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.MIGRATION
+    sc.run()
+    assert m.translate(mm, a) == thp
+    m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)   # after it: moved
+    assert m.page_to_nid(m.translate(mm, a)) == 1
+    finish(m, mm)
