@@ -230,6 +230,11 @@ class Machine:
         ``rec.render()`` the kernel's text)."""
         return run_sync(task_mmu.show_smaps(self.kernel, mm))
 
+    def numa_maps(self, mm: MMStruct) -> str:
+        """/proc/PID/numa_maps: one line per VMA (policy, anon/dirty/mapped/mapmax/active,
+        per-node page counts N<nid>=, kernelpagesize_kB) in the kernel's format."""
+        return run_sync(task_mmu.show_numa_maps(self.kernel, mm))
+
     def smaps_rollup(self, mm: MMStruct) -> task_mmu.SmapsRecord:
         """/proc/PID/smaps_rollup: the sums over every VMA."""
         return run_sync(task_mmu.show_smaps_rollup(self.kernel, mm))

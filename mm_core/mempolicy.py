@@ -18,8 +18,9 @@ task_numa_work()).
 NUMA nodes: ``Machine(numa_nodes=N)`` splits guest RAM into N equal pfn ranges (node i is
 frames [i * size, (i + 1) * size)); node 0 is the CPUs' local node, and node distances grow
 with the node number, so "nearest first" is "lowest nid first". page_to_nid() is the range
-a frame lies in. The default policy allocates the lowest free block anywhere, which is
-node 0 first, falling back upward: a one-node machine behaves exactly as before.
+a frame lies in. User pages (vma_alloc_folio()) under the default policy come from node 0,
+falling back upward; kernel allocations (page tables, page cache) keep taking the lowest
+free block of the smallest order on any node. A one-node machine behaves as before.
 
 do_numa_page() never migrates (a NUMA hinting fault only restores the protection). Not
 modelled: the scan window and period (numa_scan_offset, scan size, the rate limits: one
@@ -188,11 +189,11 @@ def get_vma_policy(vma: VMA) -> Mempolicy | None:
 
 
 def policy_node_order(k, pol: Mempolicy | None, ilx: int) -> list[int] | None:
-    """The nodes vma_alloc_folio() tries, in order (None: the default, any node lowest
-    first). BIND stays inside its nodes; PREFERRED / PREFERRED_MANY / INTERLEAVE fall
+    """The nodes vma_alloc_folio() tries, in order (the default and local policies: node
+    0, then the others by distance). BIND stays inside its nodes; PREFERRED / PREFERRED_MANY / INTERLEAVE fall
     back to the others, nearest (lowest nid) first."""
     if pol is None or pol.mode in (MPOL_DEFAULT, MPOL_LOCAL):
-        return None
+        return list(range(k.numa_nodes))                  # local node 0, then the zonelist
     allowed = sorted(pol.nodes)
     others = [n for n in range(k.numa_nodes) if n not in pol.nodes]
     if pol.mode == MPOL_BIND:
@@ -207,14 +208,11 @@ def vma_alloc_folio(k, vma: VMA, addr: int, order: int, owner: object = None, ze
                     use: PageUse = PageUse.ANON):
     """vma_alloc_folio(): allocate under the VMA's policy (interleave index from the
     VMA's pgoff, interleave_nid()). Raises OutOfMemory when no allowed node has room."""
-    pol = get_vma_policy(vma)
-    if k.numa_nodes == 1 or pol is None:
+    if k.numa_nodes == 1:
         return k.alloc.alloc_pages(order, use, owner=owner, zero=zero)
     shift = k.page_shift + order - k.page_order
     ilx = (vma.pgoff >> (shift - k.page_shift)) + ((addr - vma.start) >> shift)
-    order_nodes = policy_node_order(k, pol, ilx)
-    if order_nodes is None:
-        return k.alloc.alloc_pages(order, use, owner=owner, zero=zero)
+    order_nodes = policy_node_order(k, get_vma_policy(vma), ilx)
     for nid in order_nodes:
         try:
             return k.alloc.alloc_pages(order, use, owner=owner, zero=zero, pfn_range=node_pfn_range(k, nid))

@@ -13,7 +13,7 @@ import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, rmap
+from mm_core import huge_memory, khugepaged, rmap, task_mmu
 from mm_core import mempolicy as mp
 from mm_core.sched_helpers import stalled_thp_migration
 
@@ -257,4 +257,87 @@ def test_queue_pages_walk_over_a_migration_pmd_ends_with_eio(arch: str) -> None:
     assert m.translate(mm, a) == thp
     m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)   # after it: moved
     assert m.page_to_nid(m.translate(mm, a)) == 1
+    finish(m, mm)
+
+
+# -- /proc/PID/numa_maps ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_numa_maps_counts_the_touched_pages_per_node(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    page = k.page_size
+    kb = page >> 10
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 8 * page, RW, ANON)
+    inode = m.memfd_create("shm", 4 * page)
+    f = m.mmap(mm, BASE + 16 * page, 4 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for i in range(5):
+        m.touch(mm, a + i * page, write=True)
+    m.touch(mm, a + 6 * page)                                    # the zero page: not counted
+    for i in range(3):
+        m.touch(mm, f + i * page)                                # read: mapped, clean
+    m.mbind(mm, a + 3 * page, 5 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)
+    nodes = _nodes(m, mm, a, 5)                                  # independently: the software walk
+    assert nodes == [0, 0, 0, 1, 1]
+    m.mlock(mm, a, page)                                         # unevictable: "active"
+    child = m.fork_mm(mm)
+    lines = m.numa_maps(mm).splitlines()
+    assert lines == [
+        f"{a:08x} default anon=1 dirty=1 mapmax=2 N0=1 kernelpagesize_kB={kb}",
+        f"{a + page:08x} default anon=2 dirty=2 mapmax=2 active=0 N0=2 kernelpagesize_kB={kb}",
+        f"{a + 3 * page:08x} bind:1 anon=2 dirty=2 mapmax=2 active=0 N1=2 kernelpagesize_kB={kb}",
+        f"{f:08x} default file=/memfd:shm (deleted) mapped=3 active=0 N0=3 kernelpagesize_kB={kb}",
+    ]
+    assert m.numa_maps(child).splitlines()[:2] == [                # the child's VMAs as split; no policy
+        f"{a:08x} default anon=1 dirty=1 mapmax=2 N0=1 kernelpagesize_kB={kb}",   # the folio is mlocked
+        f"{a + page:08x} default anon=2 dirty=2 mapmax=2 active=0 N0=2 kernelpagesize_kB={kb}"]
+    m.exit_mm(child)
+    lines = m.numa_maps(mm).splitlines()                         # mapmax goes with the child
+    assert lines[2] == f"{a + 3 * page:08x} bind:1 anon=2 dirty=2 active=0 N1=2 kernelpagesize_kB={kb}"
+    finish(m, mm, files=[inode])
+
+
+def test_numa_maps_counts_a_thp_through_its_pmd() -> None:
+    m = emu.Machine(arch="x86_64", mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    nr = size // k.page_size
+    assert m.numa_maps(mm) == f"{a:08x} default anon={nr} dirty={nr} active=0 N0={nr} kernelpagesize_kB=4\n"
+    m.mbind(mm, a, size, mp.MPOL_PREFERRED, [1], mp.MPOL_MF_MOVE)
+    assert m.numa_maps(mm) == f"{a:08x} prefer:1 anon={nr} dirty={nr} active=0 N1={nr} kernelpagesize_kB=4\n"
+    finish(m, mm)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_numa_maps_walk_retries_a_retracted_table(arch: str) -> None:
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, mem="32M", prefault=False, numa_nodes=2)
+    sc.task("numa_maps", task_mmu.show_numa_maps(k, mm))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run(f"numa_maps:pt_read#{k.arch.pmd_level + 2} retract:* numa_maps:*")
+    assert sc.results == {"retract": 1, "numa_maps": f"{a:08x} default file=/memfd:race (deleted)\n"}
+    assert k.stats["numa_maps_again"] == 1                       # RETRY, once: then a hole
+    assert sum(" retry" in t for t in sc.trace_of("numa_maps")) == 1
+    finish(m, mm, files=[inode])
+
+
+def test_numa_maps_over_a_migration_pmd_ends() -> None:
+    sc = Scenario(arch="arm64", mem="32M", prefault=False, numa_nodes=2)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("numa_maps", task_mmu.show_numa_maps(k, mm))
+    sc.run("migrate:* numa_maps:*", finish=False)
+    assert sc.results["numa_maps"] == f"{a:08x} default\n" and k.stats["numa_maps_again"] == 0
+    sc.run()
+    assert "N0=" in m.numa_maps(mm)
     finish(m, mm)
