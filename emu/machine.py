@@ -186,6 +186,15 @@ class Machine:
         mlocked, the rest faulted in."""
         _check(run_sync(mm_mlock.do_mlock(self.kernel, mm, addr, length, flags)))
 
+    def mlockall(self, mm: MMStruct, flags: int) -> None:
+        """mlockall(2): MCL_CURRENT (1) locks and populates every VMA, MCL_FUTURE (2)
+        every later mmap/brk, MCL_ONFAULT (4) without populating."""
+        _check(run_sync(mm_mlock.do_mlockall(self.kernel, mm, flags)))
+
+    def munlockall(self, mm: MMStruct) -> None:
+        """munlockall(2)."""
+        _check(run_sync(mm_mlock.do_munlockall(self.kernel, mm)))
+
     def munlock(self, mm: MMStruct, addr: int, length: int) -> None:
         """munlock(2)."""
         _check(run_sync(mm_mlock.do_munlock(self.kernel, mm, addr, length)))
