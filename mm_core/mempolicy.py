@@ -22,14 +22,16 @@ a frame lies in. User pages (vma_alloc_folio()) under the default policy come fr
 falling back upward; kernel allocations (page tables, page cache) keep taking the lowest
 free block of the smallest order on any node. A one-node machine behaves as before.
 
-do_numa_page() never migrates (a NUMA hinting fault only restores the protection). Not
-modelled: the scan window and period (numa_scan_offset, scan size, the rate limits: one
-call scans the whole mm), vma_is_accessed()'s per-VMA access history, huge pmds
-(change_huge_pmd(MM_CP_PROT_NUMA) and do_huge_pmd_numa_page()), memory tiering; for
+NUMA hinting faults (do_numa_page(), do_huge_pmd_numa_page()) migrate a folio away from
+node 0 (the CPUs' node) under the default policy (mpol_misplaced()). Not modelled: the
+scan window and period (numa_scan_offset, scan size, the rate limits: one
+call scans the whole mm), vma_is_accessed()'s per-VMA access history, NUMA groups and
+the cpupid filter beyond one task, memory tiering; for
 mbind: shared (shmem) policies (a file VMA gets a vm_policy but shmem allocation ignores
 it), MPOL_F_STATIC_NODES / RELATIVE_NODES, MPOL_MF_MOVE_ALL (-EPERM: the caller has no
 CAP_SYS_NICE), cpusets, hugetlb, migration of file / shmem folios (the model migrates
-exclusive anon folios; a misplaced file folio is an isolation failure: counted unmovable),
+exclusive anon folios; a misplaced file folio is an isolation failure: counted unmovable;
+a THP where the arch has no pmd migration entries, s390x, is not split: it stays),
 the LRU isolation itself (``extra["isolated"]`` marks a queued folio).
 """
 from __future__ import annotations
@@ -123,7 +125,7 @@ MPOL_MF_VALID = MPOL_MF_STRICT | MPOL_MF_MOVE | MPOL_MF_MOVE_ALL
 
 MPOL_F_NODE, MPOL_F_ADDR = 1 << 0, 1 << 1       # get_mempolicy() flags
 
-EINVAL, EFAULT, EIO, EPERM, ENOMEM, EAGAIN = 22, 14, 5, 1, 12, 11
+EINVAL, EFAULT, EIO, EPERM, ENOMEM, EAGAIN, EBUSY = 22, 14, 5, 1, 12, 11, 16
 NR_MAX_MIGRATE_PAGES_RETRY = 10
 
 
@@ -393,10 +395,10 @@ async def try_to_migrate_one(k, folio, vma: VMA, addr: int):
         await pgtable.pte_unmap_unlock(k, ptep, ptl)
 
 
-async def remove_migration_pte(k, folio, vma: VMA, addr: int, old) -> bool:
-    """remove_migration_pte(): the migration entry for the old folio's frame becomes a pte
-    of ``folio`` with the old pte's protection and young/dirty (as on the arches where
-    migration_entry_supports_ad()); True if it was there."""
+async def remove_migration_pte(k, folio, vma: VMA, addr: int, old, entry) -> bool:
+    """remove_migration_pte(): the migration entry for the old folio's frame (``old`` the
+    pte it replaced) becomes ``entry``, a pte of ``folio`` (remap_entry()); True if it was
+    there."""
     mm, arch = vma.mm, k.arch
     pmdp = await rmap.walk_to_pmd(k, mm, addr)
     if pmdp is None:
@@ -409,7 +411,7 @@ async def remove_migration_pte(k, folio, vma: VMA, addr: int, old) -> bool:
         pte = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep))
         if pte.kind is not Kind.MIGRATION or pte.swp_offset != old.paddr >> PAGE_SHIFT:
             return False
-        await pgtable.set_entry(k, ptep, arch.pte_level, old.with_(paddr=folio.paddr))
+        await pgtable.set_entry(k, ptep, arch.pte_level, entry)
         folio.mapcount += 1
         folio.refcount += 1
         return True
@@ -424,14 +426,45 @@ def folio_migrate_flags(new, old) -> None:
     new.extra = {key: v for key, v in old.extra.items() if key != "isolated"}
 
 
-async def migrate_folio(k, folio, vma: VMA, addr: int, huge: bool) -> int:
-    """migrate_pages_batch() for one folio (MIGRATE_SYNC): lock it (folio_lock, sleeping,
-    before any table is mapped), unmap it into migration entries, check no other
-    reference is left (a GUP pin or the swap cache: -EAGAIN, the mapping is restored),
-    allocate on the policy's node (new_folio(): vma_alloc_folio() under the new policy),
-    copy, map the new folio in, free the old one. 0 or -errno."""
+def thp_migration_supported(k) -> bool:
+    """thp_migration_supported() (CONFIG_ARCH_ENABLE_THP_MIGRATION): the arch can encode a
+    migration entry in a pmd. Where it cannot (s390x), Linux splits the THP and migrates
+    the pieces; the model does not split: the THP stays where it is (migration failed)."""
+    try:
+        k.arch.encode(k.arch.pmd_level, swap_entry(SWP_MIGRATION_WRITE, 1))
+    except ValueError:
+        return False
+    return True
+
+
+def remap_entry(k, vma: VMA, old, paddr: int):
+    """remove_migration_pte() / remove_migration_pmd(): mk_pte(new, vma->vm_page_prot),
+    write if the migration entry was writable, soft-dirty / uffd-wp / young / dirty kept
+    (arches where migration_entry_supports_ad()). A PAGE_NONE (NUMA hinting) entry comes
+    back accessible."""
+    prot = memory.vm_get_page_prot(vma.flags) | (old.prot & Access.W)
+    if old.uffd_wp:
+        prot &= ~Access.W
+    return old.with_(paddr=paddr, prot=prot)
+
+
+async def migrate_folio(k, folio, vma: VMA, addr: int, huge: bool, target_nid: int | None = None,
+                        sync: bool = True) -> int:
+    """migrate_pages_batch() for one folio: lock it (MIGRATE_SYNC: folio_lock, sleeping,
+    before any table is mapped; MIGRATE_ASYNC: folio_trylock, -EAGAIN if taken), unmap it
+    into migration entries, check no other reference is left (a GUP pin or the swap cache:
+    -EAGAIN, the mapping is restored), allocate the new folio (mbind's new_folio():
+    vma_alloc_folio() under the new policy; ``target_nid`` set: alloc_misplaced_dst_folio(),
+    that node only, __GFP_THISNODE), copy, map the new folio in, free the old one.
+    0 or -errno."""
     mm = vma.mm
-    await shmem.folio_lock(k, folio)
+    if huge and not thp_migration_supported(k):
+        k.stats["migrate_thp_unsupported"] += 1
+        return -EBUSY
+    if sync:
+        await shmem.folio_lock(k, folio)
+    elif not await shmem.folio_trylock(k, folio):
+        return -EAGAIN
     try:
         pmdp = None
         if huge:
@@ -448,28 +481,33 @@ async def migrate_folio(k, folio, vma: VMA, addr: int, huge: bool) -> int:
             old = await try_to_migrate_one(k, folio, vma, addr)
             if old is None:
                 return -EAGAIN
+        new = None
         if folio.refcount:                                 # folio_migrate_mapping(): extra refs
             rc = -EAGAIN
-            new = None
         else:
             try:
-                new = vma_alloc_folio(k, vma, addr, folio.order, owner=folio.owner, zero=False)
+                if target_nid is None:
+                    new = vma_alloc_folio(k, vma, addr, folio.order, owner=folio.owner, zero=False)
+                else:
+                    new = k.alloc.alloc_pages(folio.order, PageUse.ANON, owner=folio.owner, zero=False,
+                                              pfn_range=node_pfn_range(k, target_nid))
                 rc = 0
             except OutOfMemory:
-                new, rc = None, -ENOMEM
-        if new is None:                                    # back to the old folio
+                rc = -ENOMEM
+        if new is None:                                    # back to the old folio, as it was
             k.stats["migrate_failed_" + ("eagain" if rc == -EAGAIN else "enomem")] += 1
-            new = folio
+            new, entry = folio, old
         else:
             k.physmem.copy(new.paddr, folio.paddr, folio.nr_pages << PAGE_SHIFT)
             folio_migrate_flags(new, folio)
             new.refcount = 0
+            entry = remap_entry(k, vma, old, new.paddr)
         if huge:
-            await huge_memory.remove_migration_pmd(k, vma, pmdp, old.with_(paddr=new.paddr))
+            await huge_memory.remove_migration_pmd(k, vma, pmdp, entry)
             new.mapcount += 1
             new.refcount += 1
         else:
-            await remove_migration_pte(k, new, vma, addr, old)
+            await remove_migration_pte(k, new, vma, addr, old, entry)
         if new is not folio:
             k.stats["numa_pages_migrated"] += new.nr_pages >> k.page_order
             folio.extra.pop("isolated", None)
@@ -596,3 +634,39 @@ async def do_get_mempolicy(k, mm, addr: int = 0, flags: int = 0) -> tuple[int, f
     if pol is None:
         return MPOL_DEFAULT, frozenset()
     return pol.mode, pol.nodes
+
+
+# -- NUMA hinting faults: mpol_misplaced(), migrate_misplaced_folio() ------------------------
+
+NUMA_NO_NODE = -1
+
+
+def mpol_misplaced(k, folio, vma: VMA, addr: int) -> int:
+    """mpol_misplaced() (6.6): the node a NUMA hinting fault should move the folio to, or
+    NUMA_NO_NODE. Only a policy with MPOL_F_MOF says so: here the default (no VMA and no
+    task policy), whose preferred_node_policy[] carries MPOL_F_MOF | MPOL_F_MORON, so the
+    folio moves towards the faulting CPU's node, node 0 (should_numa_migrate_memory() lets
+    a single task's first and later faults through). Policies set by mbind() /
+    set_mempolicy() lack MPOL_F_MOF (MPOL_F_NUMA_BALANCING is not modelled): no move."""
+    if k.numa_nodes == 1 or get_vma_policy(vma) is not None:
+        return NUMA_NO_NODE
+    thisnid = 0
+    return thisnid if page_to_nid(k, folio.paddr) != thisnid else NUMA_NO_NODE
+
+
+async def migrate_misplaced_folio(k, folio, vma: VMA, addr: int, huge: bool, node: int) -> bool:
+    """migrate_misplaced_folio() (MIGRATE_ASYNC, MR_NUMA_MISPLACED): isolate unless it is
+    shared (the model moves a folio mapped once only; Linux refuses shared executable file
+    folios and lets rmap find the other mappings), then migrate_pages() to ``node`` (no
+    fallback node), retried while -EAGAIN. True when it moved."""
+    if folio.mapcount != 1 or folio.use is not PageUse.ANON or folio.mapping is not None:
+        k.stats["numa_migrate_refused"] += 1
+        return False
+    rc = -EAGAIN
+    for _ in range(NR_MAX_MIGRATE_PAGES_RETRY):
+        rc = await migrate_folio(k, folio, vma, addr & ~((folio.nr_pages << PAGE_SHIFT) - 1), huge,
+                                 target_nid=node, sync=False)
+        if rc != -EAGAIN:
+            break
+    k.stats["numa_migrate_" + ("ok" if rc == 0 else "failed")] += 1
+    return rc == 0
