@@ -10,10 +10,10 @@ import pytest
 from conftest import collapsed_world, finish
 
 import emu
-from emu.arch import Kind
+from emu.arch import Access, Kind
 from emu.scenario import Scenario
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, rmap, task_mmu
+from mm_core import huge_memory, khugepaged, madvise, memory, rmap, task_mmu
 from mm_core import mempolicy as mp
 from mm_core.sched_helpers import stalled_thp_migration
 
@@ -340,4 +340,138 @@ def test_numa_maps_over_a_migration_pmd_ends() -> None:
     assert sc.results["numa_maps"] == f"{a:08x} default\n" and k.stats["numa_maps_again"] == 0
     sc.run()
     assert "N0=" in m.numa_maps(mm)
+    finish(m, mm)
+
+
+# -- NUMA hinting faults that migrate: do_numa_page, do_huge_pmd_numa_page ---------------------
+
+def _thp_on_node1(arch: str, **kw):
+    """A THP placed on node 1 by mbind, whose VMA then goes back to the default policy."""
+    sc = Scenario(arch=arch, mem="64M", prefault=False, numa_nodes=2, **kw)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)
+    m.mbind(mm, a, size, mp.MPOL_DEFAULT)
+    thp = m.translate(mm, a)
+    k.physmem.write(thp + size - 8, b"thp-data")
+    assert m.page_to_nid(thp) == 1 and mm.vmas[0].policy is None
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
+    return sc, m, k, mm, a, size, thp, pmdp
+
+
+def _pmd(k, pmdp):
+    return k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "ppc64"])
+def test_a_hinting_fault_on_a_huge_pmd_migrates_the_thp_to_the_cpu_node(arch: str) -> None:
+    sc, m, k, mm, a, size, thp, pmdp = _thp_on_node1(arch)
+    assert m.numa_scan(mm) == size // k.page_size               # change_huge_pmd(MM_CP_PROT_NUMA)
+    pmd = _pmd(k, pmdp)
+    assert pmd.kind is Kind.LEAF and pmd.prot == Access.NONE and pmd.paddr == thp
+    assert m.translate(mm, a) is None                          # the MMU faults on PAGE_NONE
+    assert m.numa_scan(mm) == 0                                # already protnone: handled, not counted
+    m.touch(mm, a + 5 * k.page_size)                            # do_huge_pmd_numa_page -> migrate
+    pmd = _pmd(k, pmdp)
+    assert pmd.kind is Kind.LEAF and pmd.prot != Access.NONE and m.page_to_nid(pmd.paddr) == 0
+    assert k.alloc.page_of(pmd.paddr).order == huge_memory.hpage_pmd_order(k)
+    assert m.read_user(mm, a + size - 8, 8) == b"thp-data" and k.alloc.page_of(thp) is None
+    assert k.stats["numa_migrate_ok"] == 1 and k.stats["numa_hint_faults_huge"] == 1
+    m.touch(mm, a, write=True)                                 # exclusive anon: reused, not copied
+    assert m.translate(mm, a, "w") == pmd.paddr
+    finish(m, mm)
+
+
+def test_a_failed_thp_migration_restores_the_pmd_not_writable() -> None:
+    sc, m, k, mm, a, size, thp, pmdp = _thp_on_node1("x86_64")
+    pinned = m.get_user_pages(mm, a, 1, pin=True)               # an extra reference: -EAGAIN
+    m.numa_scan(mm)
+    m.touch(mm, a)
+    pmd = _pmd(k, pmdp)
+    assert pmd.paddr == thp and pmd.prot != Access.NONE and not pmd.prot & Access.W and pmd.young
+    assert k.stats["numa_migrate_failed"] == 1
+    assert k.stats["migrate_failed_eagain"] == mp.NR_MAX_MIGRATE_PAGES_RETRY
+    m.unpin_user_pages(pinned)
+    finish(m, mm)
+
+
+def test_a_hinting_fault_under_an_mbind_policy_does_not_migrate() -> None:
+    """mpol_misplaced(): a policy without MPOL_F_MOF (any mbind()) names no target node."""
+    m = emu.Machine(arch="arm64", mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.mbind(mm, a, size, mp.MPOL_BIND, [1])
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)
+    assert m.page_to_nid(thp) == 1
+    m.numa_scan(mm)
+    m.touch(mm, a)
+    assert m.translate(mm, a) == thp and k.stats["numa_migrate_ok"] == 0
+    assert k.stats["numa_hint_faults_huge"] == 1
+    finish(m, mm)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_a_hinting_fault_on_a_pte_migrates_the_page_to_the_cpu_node(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M", prefault=False, numa_nodes=2)
+    k = m.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, RW, ANON)
+    m.touch(mm, a, write=True)
+    m.touch(mm, a + page, write=True)
+    m.mbind(mm, a + page, page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)
+    m.mbind(mm, a, 2 * page, mp.MPOL_DEFAULT)
+    far = m.translate(mm, a + page)
+    k.physmem.write(far, b"far away")
+    assert _nodes(m, mm, a, 2) == [0, 1] and len(mm.vmas) == 1
+    assert m.numa_scan(mm) == 1                                # single-threaded: the node-0 page is skipped
+    assert _pte(m, mm, a + page).prot == Access.NONE and m.translate(mm, a + page) is None
+    m.touch(mm, a + page)                                      # do_numa_page -> migrate_misplaced_folio
+    assert _nodes(m, mm, a, 2) == [0, 0] and m.read_user(mm, a + page, 8) == b"far away"
+    pte = _pte(m, mm, a + page)
+    assert pte.prot != Access.NONE and pte.paddr != far and k.alloc.page_of(far) is None
+    assert k.stats["numa_migrate_ok"] == 1
+    finish(m, mm)
+
+
+def test_a_pmd_changed_while_the_migration_failed_is_fault_retry() -> None:
+    """do_huge_pmd_numa_page() after a failed migrate_misplaced_folio(): pmd_lock() again
+    and !pmd_same() is ``goto out`` (return 0, the access faults again). Forced: the fault
+    is parked after its last unlock before that lock (the first pmd lock's, then
+    set_pmd_migration_entry's and remove_migration_pmd's per attempt) while MADV_DONTNEED
+    zaps the THP."""
+    sc, m, k, mm, a, size, thp, pmdp = _thp_on_node1("x86_64")
+    pinned = m.get_user_pages(mm, a, 1, pin=True)
+    m.numa_scan(mm)
+    unlocks = 1 + 2 * mp.NR_MAX_MIGRATE_PAGES_RETRY
+    sc.task("fault", memory.handle_mm_fault(k, mm.vma_lookup(a), a, 0))
+    sc.task("zap", madvise.do_madvise(k, mm, a, size, emu.MADV_DONTNEED))
+    sc.run(f"fault:unlock#{unlocks} zap:* fault:*", finish=False)
+    assert sc.results == {"fault": 0, "zap": 0}
+    assert k.stats["numa_migrate_failed"] == 1 and k.stats["numa_fault_pmd_changed"] == 1
+    assert k.stats["numa_hint_faults_huge"] == 0                # out_map never ran
+    assert _pmd(k, pmdp).kind is Kind.NONE                      # nothing written over the zap
+    m.unpin_user_pages(pinned)
+    sc.run()
+    assert k.alloc.page_of(thp) is None
+    finish(m, mm)
+
+
+def test_the_same_fault_without_the_zap_restores_the_pmd() -> None:
+    sc, m, k, mm, a, size, thp, pmdp = _thp_on_node1("x86_64")
+    pinned = m.get_user_pages(mm, a, 1, pin=True)
+    m.numa_scan(mm)
+    sc.task("fault", memory.handle_mm_fault(k, mm.vma_lookup(a), a, 0))
+    sc.run("fault:*", finish=False)
+    assert k.stats["numa_fault_pmd_changed"] == 0 and k.stats["numa_hint_faults_huge"] == 1
+    assert _pmd(k, pmdp).paddr == thp
+    m.unpin_user_pages(pinned)
+    sc.run()
     finish(m, mm)
