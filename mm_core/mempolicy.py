@@ -247,10 +247,12 @@ def migrate_folio_add(k, folio, vma: VMA, addr: int, huge: bool, qp: QueuePages)
     """migrate_folio_add(): a folio mapped once (folio_estimated_sharers() == 1) is
     isolated onto the pagelist; a shared one is silently left; an isolation failure
     (here: a folio already isolated, or not an exclusive anon folio: the model migrates
-    those only) is -EIO under MPOL_MF_STRICT, else ignored."""
+    those only, not KSM pages and not PTE-mapped large folios, which Linux would split)
+    is -EIO under MPOL_MF_STRICT, else ignored."""
     if folio.mapcount != 1:
         return 0
-    if folio.use is PageUse.ANON and not folio.extra.get("isolated") and folio.mapping is None:
+    if (folio.use is PageUse.ANON and not folio.extra.get("isolated") and folio.mapping is None
+            and not folio.extra.get("ksm") and not (folio.order > k.page_order and not huge)):
         folio.extra["isolated"] = True                    # folio_isolate_lru()
         qp.pagelist.append((folio, addr, huge))
         return 0
