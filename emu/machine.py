@@ -87,7 +87,7 @@ class Machine:
     def __init__(self, arch: str = "x86_64", mem: str | int = "256M", cpus: int = 1,
                  kernel: str | Profile = "6.6", policy: Any = "round-robin", quantum: int = DEFAULT_QUANTUM,
                  walks: str = "inline", count_instructions: bool = True, prefault: bool = True,
-                 **arch_options: Any) -> None:
+                 numa_nodes: int = 1, **arch_options: Any) -> None:
         if cpus < 1 or cpus > 64:
             raise ValueError("cpus must be between 1 and 64")
         if quantum < 1:
@@ -104,6 +104,7 @@ class Machine:
         # first touch otherwise); kernel-only scenarios skip it to start in microseconds
         self.ram = PhysMem(parse_size(mem), self.arch.big_endian, prefault)
         self.kernel = Kernel(self.arch, self.ram, kernel)
+        mempolicy.set_numa_nodes(self.kernel, numa_nodes)
         self.kernel.flush_tlb_range = self._shootdown
         self.ncpus = cpus
         self.quantum = quantum
@@ -187,6 +188,15 @@ class Machine:
         mlocked, the rest faulted in."""
         _check(run_sync(mm_mlock.do_mlock(self.kernel, mm, addr, length, flags)))
 
+    def mlockall(self, mm: MMStruct, flags: int) -> None:
+        """mlockall(2): MCL_CURRENT (1) locks and populates every VMA, MCL_FUTURE (2)
+        every later mmap/brk, MCL_ONFAULT (4) without populating."""
+        _check(run_sync(mm_mlock.do_mlockall(self.kernel, mm, flags)))
+
+    def munlockall(self, mm: MMStruct) -> None:
+        """munlockall(2)."""
+        _check(run_sync(mm_mlock.do_munlockall(self.kernel, mm)))
+
     def munlock(self, mm: MMStruct, addr: int, length: int) -> None:
         """munlock(2)."""
         _check(run_sync(mm_mlock.do_munlock(self.kernel, mm, addr, length)))
@@ -230,6 +240,11 @@ class Machine:
         """/proc/PID/smaps: one record per VMA (``rec["Rss"]`` in kB, ``rec.mss`` in bytes,
         ``rec.render()`` the kernel's text)."""
         return run_sync(task_mmu.show_smaps(self.kernel, mm))
+
+    def numa_maps(self, mm: MMStruct) -> str:
+        """/proc/PID/numa_maps: one line per VMA (policy, anon/dirty/mapped/mapmax/active,
+        per-node page counts N<nid>=, kernelpagesize_kB) in the kernel's format."""
+        return run_sync(task_mmu.show_numa_maps(self.kernel, mm))
 
     def smaps_rollup(self, mm: MMStruct) -> task_mmu.SmapsRecord:
         """/proc/PID/smaps_rollup: the sums over every VMA."""
@@ -339,6 +354,28 @@ class Machine:
             return tk.addr
         _check(ret)
         return None
+
+    def mbind(self, mm: MMStruct, addr: int, length: int, mode: int, nodes=(), flags: int = 0) -> None:
+        """mbind(2): set the NUMA policy of [addr, addr + length) (``mode`` one of
+        mm_core.mempolicy.MPOL_*, ``nodes`` an iterable of node ids, ``flags``
+        MPOL_MF_STRICT / MPOL_MF_MOVE); with MPOL_MF_MOVE the misplaced pages migrate."""
+        _check(run_sync(mempolicy.do_mbind(self.kernel, mm, addr, length, mode, nodes, flags)))
+
+    def set_mempolicy(self, mm: MMStruct, mode: int, nodes=()) -> None:
+        """set_mempolicy(2) for the mm's task: the policy of VMAs without their own."""
+        _check(mempolicy.do_set_mempolicy(self.kernel, mm, mode, nodes))
+
+    def get_mempolicy(self, mm: MMStruct, addr: int = 0, flags: int = 0) -> tuple[int, frozenset]:
+        """get_mempolicy(2): (mode, nodes); MPOL_F_ADDR: the VMA's; MPOL_F_NODE |
+        MPOL_F_ADDR: (node of the page at addr, empty)."""
+        ret = run_sync(mempolicy.do_get_mempolicy(self.kernel, mm, addr, flags))
+        if isinstance(ret, int):
+            _check(ret)
+        return ret
+
+    def page_to_nid(self, paddr: int) -> int:
+        """The NUMA node a guest physical address lies in."""
+        return mempolicy.page_to_nid(self.kernel, paddr)
 
     def numa_scan(self, mm: MMStruct) -> int:
         """One NUMA-balancing scan of ``mm`` (task_numa_work() -> change_prot_numa()):

@@ -29,12 +29,12 @@ from mm_core.config import Profile, get_profile
 class Scenario:
     def __init__(self, arch: str = "x86_64", kernel: str | Profile = "6.6", mem: str = "64M",
                  strategy: Strategy | str = "round-robin", cpus: int = 1, quantum: int = 20000,
-                 prefault: bool = True, **profile_changes: Any) -> None:
+                 prefault: bool = True, numa_nodes: int = 1, **profile_changes: Any) -> None:
         profile = kernel if isinstance(kernel, Profile) else get_profile(kernel)
         if profile_changes:
             profile = dataclasses.replace(profile, name=f"{profile.name}+custom", **profile_changes)
         self.machine = Machine(arch=arch, mem=mem, kernel=profile, policy=strategy, cpus=cpus,
-                               quantum=quantum, prefault=prefault)
+                               quantum=quantum, prefault=prefault, numa_nodes=numa_nodes)
         self.kernel = self.machine.kernel
         self.sched = self.machine.scheduler
         self.trace: list[tuple[str, tuple]] = []

@@ -70,7 +70,7 @@ def vm_area_dup(mm: MMStruct, vma: VMA) -> VMA:
     """vm_area_dup() + anon_vma_fork() + dup_userfaultfd(): the child's copy of ``vma``;
     VM_LOCKED is not inherited, nor is uffd-wp without UFFD_FEATURE_EVENT_FORK."""
     return VMA(mm, vma.start, vma.end, vma.flags & ~(VM_LOCKED | VM_UFFD_FLAGS), vma.name, vma.file,
-               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=None)
+               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=None, policy=vma.policy)   # vma_dup_policy()
 
 
 async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:

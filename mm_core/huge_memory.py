@@ -9,7 +9,7 @@ from __future__ import annotations
 from emu.arch import PAGE_SHIFT, Access, Entry, Kind, leaf_entry, table_entry
 from emu.sched import traps
 from mm_core import pgtable
-from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+from mm_core.mm import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_SHARED, VM_WRITE
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import alloc_table, pte_free
 from mm_core.tlbflush import flush_tlb_range
@@ -69,7 +69,8 @@ async def create_huge_pmd(k, vmf) -> int:
     vma, mm = vmf.vma, vmf.vma.mm
     vma.anon_vma = True                                 # anon_vma_prepare()
     try:
-        folio = k.alloc.alloc_pages(hpage_pmd_order(k), PageUse.ANON, owner=mm)
+        from mm_core.mempolicy import vma_alloc_folio
+        folio = vma_alloc_folio(k, vma, vmf.address & ~(hpage_pmd_size(k) - 1), hpage_pmd_order(k), owner=mm)
     except OutOfMemory:
         k.stats["thp_fault_fallback"] += 1
         return VM_FAULT_FALLBACK
@@ -133,6 +134,52 @@ async def huge_pmd_fault(k, vmf, pmdval: Entry) -> int:
     if new != cur or new != pmdval:
         await pgtable.set_entry(k, vmf.pmd, arch.pmd_level, new)
     await traps.unlock(pml)
+    return 0
+
+
+async def do_huge_pmd_numa_page(k, vmf, oldpmd: Entry) -> int:
+    """do_huge_pmd_numa_page() (6.6): a NUMA hinting fault on a PAGE_NONE PMD leaf that
+    change_huge_pmd(MM_CP_PROT_NUMA) made. Under the pmd lock: !pmd_same() is ``goto out``
+    (return 0: FAULT-RETRY). pmd_modify(oldpmd, vm_page_prot), writable if it may be
+    (can_change_pmd_writable()); numa_migrate_prep() -> mpol_misplaced() names a target
+    node: unlock, migrate_misplaced_folio() of the whole THP (set_pmd_migration_entry,
+    copy, remove_migration_pmd: the refault finds the new pmd, return 0); on failure
+    pmd_lock() again and !pmd_same() is ``goto out``, else ``out_map`` (not writable). No
+    target: ``out_map``: the pmd back with the VMA's protection, young."""
+    from mm_core import mempolicy
+    from mm_core.memory import vm_get_page_prot
+    vma, mm, arch = vmf.vma, vmf.vma.mm, k.arch
+    haddr = vmf.address & ~(hpage_pmd_size(k) - 1)
+    pml = await pgtable.pmd_lock(k, mm, vmf.pmd)
+    if await pgtable.get_entry(k, vmf.pmd, arch.pmd_level) != oldpmd:
+        await traps.unlock(pml)
+        k.stats["numa_fault_pmd_changed"] += 1
+        return 0                                             # goto out: FAULT-RETRY
+    pmd = oldpmd.with_(prot=vm_get_page_prot(vma.flags))     # pmd_modify(oldpmd, vm_page_prot)
+    writable = bool(pmd.prot & Access.W)
+    folio = None if oldpmd.special else k.alloc.page_of(oldpmd.paddr)   # vm_normal_page_pmd()
+    if not writable and vma.flags & VM_WRITE and folio is not None and folio.use is PageUse.ANON \
+            and folio.refcount == 1 and not vma.flags & VM_SHARED:   # can_change_pmd_writable()
+        writable = True
+    if folio is not None:
+        target = mempolicy.mpol_misplaced(k, folio, vma, haddr)
+        if target != mempolicy.NUMA_NO_NODE:
+            await traps.unlock(pml)
+            writable = False
+            if await mempolicy.migrate_misplaced_folio(k, folio, vma, haddr, True, target):
+                k.stats["numa_hint_faults_huge"] += 1
+                return 0
+            pml = await pgtable.pmd_lock(k, mm, vmf.pmd)
+            if await pgtable.get_entry(k, vmf.pmd, arch.pmd_level) != oldpmd:
+                await traps.unlock(pml)
+                k.stats["numa_fault_pmd_changed"] += 1
+                return 0                                     # goto out
+    pmd = pmd.with_(young=True)                              # out_map: pmd_mkyoung()
+    if writable:
+        pmd = pmd.with_(prot=pmd.prot | Access.W)            # pmd_mkwrite()
+    await pgtable.set_entry(k, vmf.pmd, arch.pmd_level, pmd)
+    await traps.unlock(pml)
+    k.stats["numa_hint_faults_huge"] += 1                    # task_numa_fault(HPAGE_PMD_NR)
     return 0
 
 

@@ -44,6 +44,7 @@ class Kernel:
         from mm_core.khugepaged import Khugepaged
         self.khugepaged = Khugepaged()
         self.lrugen = None                       # MGLRU's lruvec (mm_core.vmscan.get_lruvec)
+        self.numa_nodes = 1                      # RAM split in equal node ranges (mempolicy.set_numa_nodes)
         self.init_mm = None                      # kernel page tables (mm_core.vmalloc.get_init_mm)
         self.stats: Counter[str] = Counter()
         self.log: list[str] = []                 # kernel messages (pmd_ERROR, ...)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from emu.arch import SWP_HWPOISON, Access, Entry, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import filemap, huge_memory, mmu_notifier, pgtable, rmap, userfaultfd
+from mm_core import filemap, huge_memory, mempolicy, mmu_notifier, pgtable, rmap, userfaultfd
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -188,6 +188,8 @@ async def __handle_mm_fault(k, vma: VMA, addr: int, flags: int) -> int:
         if not ret & VM_FAULT_FALLBACK:
             return ret
     elif pmdval.kind is Kind.LEAF:
+        if pte_protnone(pmdval) and vma_is_accessible(vma):      # pmd_protnone()
+            return await huge_memory.do_huge_pmd_numa_page(k, vmf, pmdval)
         return await huge_memory.huge_pmd_fault(k, vmf, pmdval)
     elif pmdval.kind is Kind.MIGRATION:
         await pmd_migration_entry_wait(k, mm, pmdp)
@@ -340,12 +342,15 @@ async def do_numa_page(k, vmf: VmFault) -> int:
     change_prot_numa() made. Entered with the pte mapped (pte_offset_map_nolock() in
     handle_pte_fault()) and the ptl it named: spin_lock(vmf->ptl), then pte_same() against
     orig_pte; a changed pte is ``goto out``: return 0 (FAULT-RETRY: the access faults
-    again). With one node numa_migrate_prep() answers NUMA_NO_NODE (mpol_misplaced(): the
-    folio is where it should be), so nothing migrates: ``out_map`` restores the VMA's
-    protection (pte_modify(old_pte, vma->vm_page_prot), young, writable if it may be) in
-    place. Not modelled: migrate_misplaced_folio() and the re-map after a failed migration
-    (its pte_offset_map_lock() failure is ``goto out`` too), task_numa_fault()'s
-    statistics beyond a counter, memory tiering."""
+    again). numa_migrate_prep() -> mpol_misplaced() (mm_core/mempolicy.py) names a target
+    node for a small folio away from the faulting CPU's node under the default policy:
+    the pte is unmapped and unlocked, migrate_misplaced_folio() moves it (return 0: the
+    refault finds the new pte); if that fails, pte_offset_map_lock() again: a failed map
+    or a changed pte is ``goto out`` (FAULT-RETRY), else ``out_map``. ``out_map`` restores
+    the VMA's protection (pte_modify(old_pte, vma->vm_page_prot), young, writable if it
+    may be, never after a failed migration) in place. Not modelled: task_numa_fault()'s
+    statistics beyond counters, memory tiering, large folios (``out_map``, as 6.6)."""
+    from mm_core import mempolicy
     vma, arch = vmf.vma, k.arch
     await traps.lock(vmf.ptl)
     if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
@@ -358,8 +363,26 @@ async def do_numa_page(k, vmf: VmFault) -> int:
     if not writable and vma.flags & VM_WRITE and not vma.flags & VM_SHARED \
             and can_change_pte_writable(k, vma, pte):         # vma_wants_manual_pte_write_upgrade()
         writable = True
-    # vm_normal_folio(); a large folio, or numa_migrate_prep() == NUMA_NO_NODE: out_map
-    pte = pte.with_(young=True)                               # pte_mkyoung()
+    folio = None if old.special else k.alloc.page_of(old.paddr)   # vm_normal_folio()
+    if folio is not None and folio.order == k.page_order:    # a large folio: out_map
+        target = mempolicy.mpol_misplaced(k, folio, vma, vmf.address)
+        if target != mempolicy.NUMA_NO_NODE:
+            await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+            vmf.pte = None
+            writable = False
+            if await mempolicy.migrate_misplaced_folio(k, folio, vma, vmf.address, False, target):
+                k.stats["numa_hint_faults"] += 1
+                return 0
+            locked = await pgtable.pte_offset_map_lock(k, vma.mm, vmf.pmd, vmf.address)
+            if locked is None:
+                k.stats["numa_fault_remap_failed"] += 1
+                return 0                                      # goto out: FAULT-RETRY
+            vmf.pte, vmf.ptl = locked
+            if await pgtable.get_raw(k, vmf.pte) != vmf.orig_pte:
+                await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
+                k.stats["numa_fault_pte_changed"] += 1
+                return 0                                      # goto out
+    pte = pte.with_(young=True)                               # out_map: pte_mkyoung()
     if writable:
         pte = pte.with_(prot=pte.prot | Access.W)             # pte_mkwrite()
     # ptep_modify_prot_start() + ptep_modify_prot_commit(): the pte goes from PAGE_NONE to
@@ -523,7 +546,7 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
     else:
         vma.anon_vma = True                                # anon_vma_prepare()
         try:
-            page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm)
+            page = mempolicy.vma_alloc_folio(k, vma, vmf.address, k.page_order, owner=mm)
         except OutOfMemory:
             return VM_FAULT_OOM
         if vma.flags & VM_WRITE:
@@ -612,7 +635,8 @@ async def wp_page_copy(k, vmf: VmFault, orig: Entry, old_page) -> int:
     mm, arch = vmf.vma.mm, k.arch
     rmap.anon_vma_prepare(k, vmf.vma)
     try:
-        new_page = k.alloc.alloc_pages(k.page_order, PageUse.ANON, owner=mm, zero=orig.special)
+        new_page = mempolicy.vma_alloc_folio(k, vmf.vma, vmf.address, k.page_order, owner=mm,
+                                             zero=orig.special)
     except OutOfMemory:
         return VM_FAULT_OOM
     if not orig.special:

@@ -1,5 +1,8 @@
-"""mlock(2) / munlock(2) (mm/mlock.c): VM_LOCKED on the VMAs, then a walk that marks the
-mapped folios mlocked (or munlocked), then (mlock) __mm_populate() faults the rest in.
+"""mlock(2) / munlock(2) / mlockall(2) / munlockall(2) (mm/mlock.c, v6.6): VM_LOCKED on
+the VMAs, then a walk that marks the mapped folios mlocked (or munlocked), then (mlock,
+mlockall(MCL_CURRENT)) __mm_populate() faults the rest in. mlockall(MCL_FUTURE) puts
+VM_LOCKED (| VM_LOCKONFAULT with MCL_ONFAULT) in mm->def_flags: every later mmap() and
+brk() VMA is born locked, accounted in locked_vm and populated (unless on-fault).
 
 ``mlock_pte_range`` is a walk_page_range() pmd_entry. A huge pmd (or a THP migration
 entry, which pmd_trans_huge_lock() also returns locked) is handled under the pmd lock; a
@@ -8,8 +11,10 @@ PTE table is mapped with pte_offset_map_lock(), and a failed map asks for ACTION
 swap-pmd case is caught by pmd_trans_huge_lock() first, a migration entry that stays
 there cannot make the retry endless (DAMON's 2025 soft lockup cannot happen here).
 
-Not modelled: RLIMIT_MEMLOCK, mlockall(), MLOCK_ONFAULT's VM_LOCKONFAULT beyond not
-populating, the transient VM_IO of mlock_vma_pages_range(), the unevictable LRU (a
+Not modelled: RLIMIT_MEMLOCK and can_do_mlock() (mlockall is always allowed),
+MLOCK_ONFAULT's VM_LOCKONFAULT beyond not populating, mlock of a folio a COW fault
+copies into a VM_LOCKED VMA (mlock_new_folio()), locked_vm on munmap, the transient
+VM_IO of mlock_vma_pages_range(), the unevictable LRU (a
 folio's mlock state is ``extra["mlock_count"]``), and munlock on unmap
 (page_remove_rmap()'s munlock_vma_folio: a page freed by a zap simply goes).
 """
@@ -23,6 +28,7 @@ from mm_core.mm import VM_EXEC, VM_LOCKED, VM_READ, VM_SHARED, VM_WRITE, VMA
 from mm_core.mmap import EINVAL, ENOMEM, split_range
 
 MLOCK_ONFAULT = 0x01
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 VM_LOCKONFAULT = 0x00080000
 VM_LOCKED_MASK = VM_LOCKED | VM_LOCKONFAULT
 EAGAIN = 11
@@ -180,5 +186,53 @@ async def do_munlock(k, mm, start: int, length: int) -> int:
     await mmap_write_lock(mm)
     try:
         return await apply_vma_lock_flags(k, mm, start, end, 0)
+    finally:
+        await mmap_write_unlock(mm)
+
+
+async def apply_mlockall_flags(k, mm, flags: int) -> int:
+    """apply_mlockall_flags(): mm->def_flags from MCL_FUTURE (| MCL_ONFAULT); with
+    MCL_CURRENT (or none: munlockall) every VMA goes through mlock_fixup(), whose errors
+    are ignored. Called under mmap_write_lock."""
+    mm.def_flags &= ~VM_LOCKED_MASK
+    if flags & MCL_FUTURE:
+        mm.def_flags |= VM_LOCKED
+        if flags & MCL_ONFAULT:
+            mm.def_flags |= VM_LOCKONFAULT
+        if not flags & MCL_CURRENT:
+            return 0
+    to_add = 0
+    if flags & MCL_CURRENT:
+        to_add = VM_LOCKED | (VM_LOCKONFAULT if flags & MCL_ONFAULT else 0)
+    for vma in list(mm.vmas):
+        await mlock_fixup(k, mm, vma, vma.start, vma.end, (vma.flags & ~VM_LOCKED_MASK) | to_add)
+    mm.merge_adjacent()
+    return 0
+
+
+async def do_mlockall(k, mm, flags: int) -> int:
+    """mlockall(2): 0 or -errno; MCL_CURRENT then populates every VMA (__mm_populate(0,
+    TASK_SIZE), VMA by VMA)."""
+    if not flags or flags & ~(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) or flags == MCL_ONFAULT:
+        return -EINVAL
+    await mmap_write_lock(mm)
+    try:
+        ret = await apply_mlockall_flags(k, mm, flags)
+        ranges = [(v.start, v.end) for v in mm.vmas]
+    finally:
+        await mmap_write_unlock(mm)
+    if not ret and flags & MCL_CURRENT:
+        for start, end in ranges:
+            err = await mm_populate(k, mm, start, end)
+            if err:
+                return err
+    return ret
+
+
+async def do_munlockall(k, mm) -> int:
+    """munlockall(2): clear def_flags and unlock every VMA."""
+    await mmap_write_lock(mm)
+    try:
+        return await apply_mlockall_flags(k, mm, 0)
     finally:
         await mmap_write_unlock(mm)

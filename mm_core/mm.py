@@ -45,6 +45,7 @@ class VMA:
     pgoff: int = 0
     anon_vma: object = None     # rmap.AnonVma once it has private anon pages (anon_vma_prepare)
     uffd_ctx: object = None     # vm_userfaultfd_ctx.ctx: the userfaultfd it is registered with
+    policy: object = None       # vm_policy: mempolicy.Mempolicy set by mbind(), None: the task's
 
     @property
     def anonymous(self) -> bool:
@@ -86,6 +87,8 @@ class MMStruct:
     rss: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
     pgtables_bytes: int = 0
     locked_vm: int = 0                      # pages under VM_LOCKED (mlock)
+    def_flags: int = 0                      # VM_LOCKED (| VM_LOCKONFAULT) after mlockall(MCL_FUTURE)
+    mempolicy: object = None                # current->mempolicy of the mm's one task (set_mempolicy)
     hiwater_rss: int = 0                    # VmHWM: set by clear_refs 5 (update_hiwater_rss not modelled)
     start_brk: int = 0
     brk: int = 0
@@ -128,7 +131,8 @@ class MMStruct:
         """__split_vma(): cut ``vma`` at ``addr``; returns the upper part."""
         assert vma.start < addr < vma.end and addr % self.kernel.page_size == 0
         upper = VMA(self, addr, vma.end, vma.flags, vma.name, vma.file,
-                    vma.pgoff + ((addr - vma.start) >> self.kernel.page_shift), vma.anon_vma, vma.uffd_ctx)
+                    vma.pgoff + ((addr - vma.start) >> self.kernel.page_shift), vma.anon_vma, vma.uffd_ctx,
+                    vma.policy)
         vma.end = addr
         bisect.insort(self.vmas, upper, key=lambda v: v.start)
         if vma.file is not None:                  # the new half is a mapping of the file too
@@ -142,7 +146,8 @@ class MMStruct:
         for v in self.vmas:
             p = merged[-1] if merged else None
             if (p is not None and p.end == v.start and p.flags == v.flags and p.name == v.name
-                    and p.file is None and v.file is None and p.uffd_ctx is v.uffd_ctx):
+                    and p.file is None and v.file is None and p.uffd_ctx is v.uffd_ctx
+                    and p.policy == v.policy):            # mpol_equal()
                 p.end = v.end
             else:
                 merged.append(v)

@@ -7,6 +7,7 @@ from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     VM_EXEC,
     VM_GROWSDOWN,
+    VM_LOCKED,
     VM_MAYEXEC,
     VM_MAYREAD,
     VM_MAYSHARE,
@@ -17,6 +18,8 @@ from mm_core.mm import (
     VMA,
     MMStruct,
 )
+
+VM_LOCKONFAULT = 0x00080000           # as mm_core.mlock (which imports this module)
 
 # Linux uapi values (asm-generic/mman-common.h; identical on the four arches for these)
 PROT_NONE, PROT_READ, PROT_WRITE, PROT_EXEC = 0, 1, 2, 4
@@ -62,9 +65,15 @@ async def do_mmap(k, mm: MMStruct, addr: int, length: int, prot: int, flags: int
     """do_mmap() + mmap_region(): returns the address or -errno. Takes mmap_write_lock."""
     await mmap_write_lock(mm)
     try:
-        return await _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name)
+        ret = await _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name)
+        vma = mm.vma_lookup(ret) if ret >= 0 else None
+        populate = vma is not None and vma.flags & (VM_LOCKED | VM_LOCKONFAULT) == VM_LOCKED
     finally:
         await mmap_write_unlock(mm)
+    if populate:                       # vm_mmap_pgoff(): mm_populate() of a VM_LOCKED mapping
+        from mm_core.mlock import mm_populate
+        await mm_populate(k, mm, ret, ret + page_align(length, k.page_size))
+    return ret
 
 
 async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -> int:
@@ -87,13 +96,15 @@ async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -
         addr = get_unmapped_area(mm, addr & ~(k.page_size - 1), length, task_size, k.page_size)
         if addr is None:
             return -ENOMEM
-    vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC | mm.def_flags
     if flags & MAP_TYPE != MAP_PRIVATE:
         vm_flags |= VM_SHARED | VM_MAYSHARE
     if flags & MAP_GROWSDOWN:
         vm_flags |= VM_GROWSDOWN
     vma = VMA(mm, addr, addr + length, vm_flags, name, file, pgoff)
     mm.insert_vma(vma)
+    if vm_flags & VM_LOCKED:                     # mmap_region(): mlock_future_ok() + locked_vm
+        mm.locked_vm += length >> k.page_shift
     memory.vma_link_file(k, vma)
     mm.merge_adjacent()
     if flags & MAP_POPULATE:
@@ -153,6 +164,7 @@ def split_range(mm: MMStruct, start: int, end: int) -> list[VMA]:
 
 async def do_brk(k, mm: MMStruct, brk: int) -> int:
     """sys_brk(): move the program break; returns the new (or unchanged) break."""
+    populate = False
     await mmap_write_lock(mm)
     try:
         if brk < mm.start_brk:
@@ -163,10 +175,16 @@ async def do_brk(k, mm: MMStruct, brk: int) -> int:
         elif new_end > old_end:
             if mm.overlapping(old_end, new_end + k.page_size):
                 return mm.brk
-            flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+            flags = VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC | mm.def_flags
             mm.insert_vma(VMA(mm, old_end, new_end, flags, "[heap]"))
+            if flags & VM_LOCKED:                # do_brk_flags()
+                mm.locked_vm += (new_end - old_end) >> k.page_shift
             mm.merge_adjacent()
+            populate = bool(mm.def_flags & VM_LOCKED)
         mm.brk = brk
-        return brk
     finally:
         await mmap_write_unlock(mm)
+    if populate:                                 # sys_brk(): mm_populate(oldbrk, newbrk - oldbrk)
+        from mm_core.mlock import mm_populate
+        await mm_populate(k, mm, old_end, new_end)
+    return brk

@@ -141,11 +141,10 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         if pmdval.kind is Kind.NONE:
             return 0
         if pmdval.kind is Kind.LEAF:
-            if cp_flags & MM_CP_PROT_NUMA:
-                return 0            # change_huge_pmd(MM_CP_PROT_NUMA): not modelled, left as it is
             if start & (size - 1) == 0 and end - start == size and not pgtable_split_needed(vma, cp_flags):
-                if await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags):
-                    return size >> k.page_shift
+                ret = await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags)
+                if ret:                                      # "huge pmd was handled"
+                    return size >> k.page_shift if ret == 2 else 0
             else:
                 await huge_memory.split_huge_pmd(k, vma, pmdp, start)
             continue
@@ -158,15 +157,30 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         await sched_point("retry", pmdp)
 
 
-async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> bool:
+def _page_to_nid(k, paddr: int) -> int:
+    from mm_core.mempolicy import page_to_nid
+    return page_to_nid(k, paddr)
+
+
+async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> int:
     """change_huge_pmd(): new protection on a PMD leaf, under pml; MM_CP_UFFD_WP sets the
-    pmd's uffd-wp bit and write-protects it, _RESOLVE clears the bit."""
+    pmd's uffd-wp bit and write-protects it, _RESOLVE clears the bit. MM_CP_PROT_NUMA
+    (6.6): the huge zero page and a pmd already protnone are left (handled, not counted),
+    else the pmd becomes PAGE_NONE (pmdp_invalidate_ad() + pmd_modify(PAGE_NONE)) for
+    do_huge_pmd_numa_page(). Returns 0 (no longer this leaf: look again), 1 (handled,
+    unchanged), 2 (changed: HPAGE_PMD_NR)."""
     mm, arch = vma.mm, k.arch
     pml = await pgtable.pmd_lockptr(k, mm, pmdp)
     await traps.lock(pml)
     try:
         if await pgtable.get_entry(k, pmdp, arch.pmd_level) != pmdval:
-            return False
+            return 0
+        if cp_flags & MM_CP_PROT_NUMA:
+            if pmdval.special or memory.pte_protnone(pmdval):    # is_huge_zero_pmd(), pmd_protnone()
+                return 1
+            await pgtable.set_entry(k, pmdp, arch.pmd_level, pmdval.with_(prot=Access.NONE))
+            k.stats["numa_huge_pmd_updates"] += 1
+            return 2
         uffd_wp = pmdval.uffd_wp
         if cp_flags & MM_CP_UFFD_WP:
             uffd_wp = True
@@ -180,7 +194,7 @@ async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> 
         if uffd_wp:
             prot &= ~Access.W                                        # pmd_wrprotect(pmd_mkuffd_wp())
         await pgtable.set_entry(k, pmdp, arch.pmd_level, pmdval.with_(prot=prot, uffd_wp=uffd_wp))
-        return True
+        return 2
     finally:
         await traps.unlock(pml)
 
@@ -193,7 +207,8 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
 
     MM_CP_PROT_NUMA (change_prot_numa()): PAGE_NONE instead, skipping ptes already
     protnone, special and KSM pages, shared COW pages, dirty file pages, and pages already
-    on the node a single-threaded private mapping runs on (every page, with one node).
+    on the node a single-threaded private mapping runs on (node 0: every page, with one
+    node).
 
     uffd-wp (UFFDIO_WRITEPROTECT): MM_CP_UFFD_WP sets the uffd-wp bit (pte_mkuffd_wp, which
     write-protects) on present ptes and swap ptes, and puts PTE_MARKER_UFFD_WP in none
@@ -224,8 +239,8 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
                 continue                                   # is_cow_mapping() && page_count() != 1
             if page.use is PageUse.FILE and (page.extra.get("dirty") or ent.dirty):
                 continue                                   # page_is_file_lru() && PageDirty()
-            if single_node_target:
-                continue                                   # target_node == page_to_nid(page)
+            if single_node_target and _page_to_nid(k, page.paddr) == 0:
+                continue                                   # target_node (the CPU's: 0) == page_to_nid(page)
             await pgtable.set_entry(k, entp, level, ent.with_(prot=Access.NONE))
             k.stats["numa_pte_updates"] += 1
             pages += 1

@@ -67,7 +67,7 @@ async def move_vma(k, mm, vma: VMA, old_addr: int, old_len: int, new_len: int, n
     # mremap_userfaultfd_prep() without UFFD_FEATURE_EVENT_REMAP: the uffd registration is
     # dropped (no uffd context here has that feature)
     new = VMA(mm, new_addr, new_addr + new_len, vma.flags & ~VM_UFFD_FLAGS, vma.name, vma.file,
-              vma.pgoff, vma.anon_vma, None)
+              vma.pgoff, vma.anon_vma, None, vma.policy)        # copy_vma(): vma_dup_policy()
     mm.insert_vma(new)
     memory.vma_link_file(k, new)
     moved = await move_page_tables(k, vma, old_addr, new, new_addr, min(old_len, new_len))

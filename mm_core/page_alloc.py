@@ -84,18 +84,24 @@ class PageAllocator:
             self.nr_free += 1 << order
             pfn += 1 << order
 
-    def alloc_pages(self, order: int, use: PageUse, owner: object = None, zero: bool = True) -> Page:
-        """alloc_pages(gfp, order): the lowest free block of 2^order pages."""
+    def alloc_pages(self, order: int, use: PageUse, owner: object = None, zero: bool = True,
+                    pfn_range: tuple[int, int] | None = None) -> Page:
+        """alloc_pages(gfp, order): the lowest free block of 2^order pages; ``pfn_range``
+        (one NUMA node's frames, __alloc_pages_node() without fallback) limits the search."""
         for o in range(order, MAX_ORDER + 1):
-            if self.free_area[o]:
-                pfn = min(self.free_area[o])      # lowest first: deterministic layouts
+            area = self.free_area[o]
+            if pfn_range is not None:
+                lo, hi = pfn_range
+                area = {p for p in area if lo <= p and p + (1 << o) <= hi}
+            if area:
+                pfn = min(area)                   # lowest first: deterministic layouts
                 self.free_area[o].discard(pfn)
                 break
         else:
             if self.quarantine:                   # out of memory: give the quarantine back first
                 while self.quarantine:
                     self._merge_free(*self.quarantine.pop(0))
-                return self.alloc_pages(order, use, owner, zero)
+                return self.alloc_pages(order, use, owner, zero, pfn_range)
             raise OutOfMemory(f"out of guest memory allocating an order-{order} block")
         while o > order:                          # split, returning the upper halves
             o -= 1

@@ -1,5 +1,5 @@
 """The /proc/PID page-table walkers (fs/proc/task_mmu.c, Linux 6.6): smaps and
-smaps_rollup, pagemap, clear_refs, and the PAGEMAP_SCAN ioctl (6.7+).
+smaps_rollup, pagemap, clear_refs, numa_maps, and the PAGEMAP_SCAN ioctl (6.7+).
 
 All of them are walk_page_range() users whose ``pmd_entry`` first tries
 pmd_trans_huge_lock() (a huge pmd *or a swap/migration pmd* is handled whole under the
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 
 from emu.arch import PAGE_SHIFT, SWP_TYPE_BITS, Access, Kind
 from emu.sched import traps
-from mm_core import huge_memory, pagewalk, pgtable
+from mm_core import huge_memory, mempolicy, pagewalk, pgtable
 from mm_core.locks import mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -985,3 +985,128 @@ async def do_pagemap_scan(k, mm, arg: PmScanArg) -> tuple[int, list]:
         ret = n_ranges
     arg.walk_end = arg.walk_end or walk_start
     return ret, p.out
+
+
+# =============================================================================================
+# numa_maps
+# =============================================================================================
+
+@dataclass
+class NumaMapsStats:
+    """struct numa_maps: page counts of one VMA (base pages)."""
+
+    pages: int = 0
+    anon: int = 0
+    active: int = 0
+    writeback: int = 0
+    mapcount_max: int = 0
+    dirty: int = 0
+    swapcache: int = 0
+    node: dict = field(default_factory=dict)
+
+
+def gather_stats(k, md: NumaMapsStats, folio: Page, pte_dirty: bool, nr_pages: int) -> None:
+    """gather_stats(): count ``nr_pages`` pages of ``folio``. PageActive is not modelled:
+    active counts the unevictable (mlocked) pages only."""
+    count = page_mapcount(k, folio)
+    md.pages += nr_pages
+    if pte_dirty or folio.extra.get("dirty"):
+        md.dirty += nr_pages
+    if folio.extra.get("swap") is not None:              # PageSwapCache()
+        md.swapcache += nr_pages
+    if folio.extra.get("mlock_count"):                   # PageActive() || PageUnevictable()
+        md.active += nr_pages
+    if folio.use is PageUse.ANON:                         # PageAnon()
+        md.anon += nr_pages
+    md.mapcount_max = max(md.mapcount_max, count)
+    nid = mempolicy.page_to_nid(k, folio.paddr)
+    md.node[nid] = md.node.get(nid, 0) + nr_pages
+
+
+def can_gather_numa_stats(k, ent) -> Page | None:
+    """can_gather_numa_stats() / _pmd(): a present entry's normal page (not the zero page,
+    not reserved) on a node with memory."""
+    if ent.kind is not Kind.LEAF:
+        return None
+    folio = vm_normal_page(k, ent)
+    if folio is None or folio.use is PageUse.ZERO:
+        return None
+    return folio
+
+
+async def gather_pte_stats(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk) -> int:
+    """gather_pte_stats() (v6.6): pmd_trans_huge_lock() first (a present huge pmd counts
+    HPAGE_PMD_NR pages with pmd_dirty; a migration pmd nothing); a failed
+    pte_offset_map_lock() is ACTION_AGAIN (RETRY); else every present pte's page."""
+    k, arch, vma = walk.k, walk.k.arch, walk.vma
+    md: NumaMapsStats = walk.private
+    pml, pmdval = await _pmd_trans_huge_lock(k, vma.mm, pmdp)
+    if pml is not None:
+        folio = can_gather_numa_stats(k, pmdval)
+        if folio is not None:
+            gather_stats(k, md, folio, pmdval.dirty, _pmd_size(k) // k.page_size)
+        await traps.unlock(pml)
+        return 0
+    locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+    if locked is None:
+        k.stats["numa_maps_again"] += 1
+        walk.action = pagewalk.ACTION_AGAIN               # RETRY
+        return 0
+    ptep, ptl = locked
+    for i in range((end - addr) >> k.page_shift):
+        ptent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + 8 * i))
+        folio = can_gather_numa_stats(k, ptent)
+        if folio is not None:
+            gather_stats(k, md, folio, ptent.dirty, 1)
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return 0
+
+
+SHOW_NUMA_OPS = pagewalk.MmWalkOps(pmd_entry=gather_pte_stats)
+
+
+def numa_map_line(k, vma: VMA, md: NumaMapsStats) -> str:
+    """show_numa_map()'s text for one VMA."""
+    pol = vma.policy if vma.policy is not None else vma.mm.mempolicy
+    line = f"{vma.start:08x} {pol if pol is not None else 'default'}"
+    if vma.file is not None:
+        line += f" file=/{vma.file.name} (deleted)"        # a memfd
+    elif vma.name == "[heap]":
+        line += " heap"
+    elif vma.name == "[stack]":
+        line += " stack"
+    if not md.pages:
+        return line
+    if md.anon:
+        line += f" anon={md.anon}"
+    if md.dirty:
+        line += f" dirty={md.dirty}"
+    if md.pages != md.anon and md.pages != md.dirty:
+        line += f" mapped={md.pages}"
+    if md.mapcount_max > 1:
+        line += f" mapmax={md.mapcount_max}"
+    if md.swapcache:
+        line += f" swapcache={md.swapcache}"
+    if md.active < md.pages:
+        line += f" active={md.active}"
+    if md.writeback:
+        line += f" writeback={md.writeback}"
+    for nid in sorted(md.node):
+        if md.node[nid]:
+            line += f" N{nid}={md.node[nid]}"
+    return line + f" kernelpagesize_kB={k.page_size >> 10}"
+
+
+async def show_numa_maps(k, mm) -> str:
+    """/proc/PID/numa_maps: show_numa_map() for every VMA (walk_page_vma() with
+    gather_pte_stats), under mmap_read_lock (m_start)."""
+    await mmap_read_lock(mm)
+    try:
+        out = []
+        for vma in list(mm.vmas):
+            md = NumaMapsStats()
+            await pagewalk.walk_page_vma(k, vma, SHOW_NUMA_OPS, md)
+            out.append(numa_map_line(k, vma, md) + "\n")
+        return "".join(out)
+    finally:
+        await mmap_read_unlock(mm)

@@ -121,3 +121,72 @@ def test_mlock_walk_over_a_migration_pmd_ends(arch: str) -> None:
     sc.run()
     assert k.alloc.page_of(thp) is not None
     finish(m, mm)
+
+
+# -- mlockall / munlockall ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_mlockall_current_locks_and_populates_every_vma(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="32M", prefault=False)
+    k = m.kernel
+    page = k.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 4 * page, RW, ANON)
+    b = m.mmap(mm, BASE + 8 * page, 2 * page, emu.PROT_NONE, ANON)
+    touched = m.touch(mm, a + page, write=True)
+    m.mlockall(mm, mlock.MCL_CURRENT)
+    assert all(v.flags & VM_LOCKED for v in mm.vmas) and mm.locked_vm == 6 and mm.def_flags == 0
+    assert k.alloc.page_of(touched).extra["mlock_count"] == 1 and k.stats["mlock_folio"] == 1
+    for i in range(4):                                         # populated, written (private writable)
+        pa = m.translate(mm, a + i * page, "w")
+        assert pa is not None and (pa == touched) == (i == 1)
+    assert m.translate(mm, b) is None                          # PROT_NONE: locked, not populated
+    c = m.mmap(mm, BASE + 16 * page, page, RW, ANON)           # no MCL_FUTURE: born unlocked
+    assert not mm.vma_lookup(c).flags & VM_LOCKED and m.translate(mm, c) is None
+    m.munlockall(mm)
+    assert not any(v.flags & VM_LOCKED for v in mm.vmas) and mm.locked_vm == 0
+    assert "mlock_count" not in k.alloc.page_of(touched).extra and k.stats["munlock_folio"] == 4
+    assert len(mm.vmas) == 3                                   # separate mappings stay separate
+    finish(m, mm)
+
+
+def test_mlockall_future_locks_later_mappings() -> None:
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False)
+    page = m.kernel.page_size
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, RW, ANON)
+    for bad in (0, 8, mlock.MCL_ONFAULT):
+        with pytest.raises(OSError) as err:
+            m.mlockall(mm, bad)
+        assert err.value.errno == 22
+    m.mlockall(mm, mlock.MCL_FUTURE)                           # existing VMAs untouched
+    assert not mm.vmas[0].flags & VM_LOCKED and mm.locked_vm == 0 and mm.def_flags == VM_LOCKED
+    b = m.mmap(mm, BASE + 4 * page, 2 * page, RW, ANON)
+    assert mm.vma_lookup(b).flags & VM_LOCKED and mm.locked_vm == 2
+    assert m.translate(mm, b, "w") is not None and m.translate(mm, b + page, "w") is not None
+    m.mlockall(mm, mlock.MCL_FUTURE | mlock.MCL_ONFAULT)
+    c = m.mmap(mm, BASE + 8 * page, page, RW, ANON)
+    assert mm.vma_lookup(c).flags & mlock.VM_LOCKED_MASK == mlock.VM_LOCKED_MASK
+    assert m.translate(mm, c) is None and mm.locked_vm == 3    # on fault: not populated
+    m.munlockall(mm)
+    d = m.mmap(mm, BASE + 12 * page, page, RW, ANON)
+    assert mm.def_flags == 0 and not any(v.flags & mlock.VM_LOCKED_MASK for v in mm.vmas)
+    assert m.translate(mm, d) is None and m.translate(mm, a) is None
+    child = m.fork_mm(mm)
+    assert child.def_flags == 0
+    finish(m, mm, child)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_mlockall_walk_retries_a_retracted_table_and_then_sees_a_hole(arch: str) -> None:
+    sc, m, k, mm, inode, a, pmdp, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
+    sc.task("mlockall", mlock.do_mlockall(k, mm, mlock.MCL_CURRENT))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run(f"mlockall:pt_read#{k.arch.pmd_level + 2} retract:* mlockall:*")
+    assert sc.results == {"retract": 1, "mlockall": 0}
+    assert k.stats["mlock_pte_range_again"] == 1               # RETRY, once: then a hole
+    assert sum(" retry" in t for t in sc.trace_of("mlockall")) == 1
+    assert k.stats["mlock_folio"] == 0 and mm.vmas[0].flags & VM_LOCKED
+    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))   # populated: one huge pmd
+    assert pmd.kind is Kind.LEAF and pmd.paddr == inode.mapping.i_pages[0].paddr
+    finish(m, mm, files=[inode])
