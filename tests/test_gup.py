@@ -7,6 +7,7 @@ detached under it."""
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import Kind
@@ -21,15 +22,6 @@ RW = emu.PROT_READ | emu.PROT_WRITE
 ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 
 
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.deferred_tables() == []
-    assert k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 def pmd_of(k, mm, va: int):
@@ -213,16 +205,7 @@ def test_the_stack_copy_map_validates_the_copy_only(arch: str) -> None:
 def collapsed(arch: str):
     """A shared shmem mapping whose page cache was just collapsed into a THP (unlocked,
     PTE table still in place and empty): retract_page_tables() is next."""
-    sc = Scenario(arch=arch, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
+    sc, m, k, mm, inode, a, _, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
     pmdp, pmd = pmd_of(k, mm, a)
     return sc, m, k, mm, inode, a, pmdp, k.ptdescs[pmd.paddr]
 

@@ -7,6 +7,7 @@ the 6.13 profile."""
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world, finish
 
 import emu
 from emu.arch import Kind
@@ -22,14 +23,6 @@ RW = emu.PROT_READ | emu.PROT_WRITE
 ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 
 
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 def pte_of(m, mm, va: int):
@@ -194,16 +187,7 @@ def test_trylock_failure_skips_the_table(arch: str) -> None:
 def collapsed_file(arch: str, kernel: str):
     """A shmem file collapsed in the page cache up to retract_page_tables(): the PTE
     table is still in the pmd, empty."""
-    sc = Scenario(arch=arch, kernel=kernel, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
+    sc, m, k, mm, inode, a, _, _ = collapsed_world(arch, kernel, mem="32M", prefault=False)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
     return sc, m, k, mm, inode, a, pmdp, table

@@ -6,10 +6,10 @@ forced by a schedule: a failed map rereads the pmd (RETRY), and a retracted tabl
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import Kind
-from emu.scenario import Scenario
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, pgtable, rmap
 from mm_core.page_vma_mapped import (
@@ -135,16 +135,8 @@ def test_pvmw_rereads_the_pmd_when_its_map_fails_and_finds_nothing(arch: str, fl
     """The walk read the pmd (a table) for the collapsed huge folio; retract_page_tables()
     takes the table before map_pte(): the map fails, the walk goes back to restart,
     rereads the pmd, finds it none and steps over it: not found, nothing held."""
-    sc = Scenario(arch=arch, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
+    sc, m, k, mm, inode, a, _, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
     size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
     folio = inode.mapping.i_pages[0]
     pvmw = folio_vma_walk(k, folio, mm.vma_lookup(a), a, flags)
     sc.task("pvmw", walk_all(k, pvmw))

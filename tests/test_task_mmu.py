@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import finish
 
 import emu
 from emu.arch import Access, Kind
@@ -32,14 +33,6 @@ ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 
 
-def finish(m, *mms, files=()) -> None:
-    k = m.kernel
-    for mm in mms:
-        m.exit_mm(mm)
-    for f in files:
-        m.close_file(f)
-    m.rcu_barrier()
-    assert k.ptdescs == {} and k.alloc.pages.keys() == {k.zero_page.pfn}
 
 
 def kb(n: int) -> int:

@@ -5,6 +5,7 @@ perf_get_pgtable_size() (pte_offset_map(&pmd) on a stack copy; a failed map is
 from __future__ import annotations
 
 import pytest
+from conftest import collapsed_world
 
 import emu
 from emu.arch import Access, Kind
@@ -96,16 +97,7 @@ def test_perf_page_size_of_user_samples(arch: str) -> None:
 # -- the retry and its end, forced --------------------------------------------------------------------
 
 def collapsed_file(arch: str):
-    sc = Scenario(arch=arch, mem="32M", prefault=False)
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    inode = m.memfd_create("race", size)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    for off in range(0, size, k.page_size):
-        m.touch(mm, a + off, write=True)
-    assert run_sync(khugepaged.collapse_file(k, inode, 0, is_khugepaged=True, retract=False)) \
-        is khugepaged.Scan.SUCCEED
+    sc, m, k, mm, inode, a, _, _ = collapsed_world(arch, "6.6", mem="32M", prefault=False)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     table = k.ptdescs[k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).paddr]
     return sc, m, k, mm, inode, a, pmdp, table
