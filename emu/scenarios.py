@@ -393,13 +393,9 @@ def guest_collapse_race(sc: Scenario) -> World:
     return World(extra={"proc": proc, "expect": b"mismatches 0\n"})
 
 
-@scenario("damon-vs-thp-migration",
-          "a DAMON aging walk (walk_page_range + damon_mkold_pmd_entry) over a THP whose pmd is "
-          "a migration entry for as long as the walk runs: spec §6 case 6; the retry loop "
-          "must end",
-          catches=("damon_endless_again",))
-def damon_vs_thp_migration(sc: Scenario) -> World:
-    from mm_core import damon
+def thp_under_migration(sc: Scenario):
+    """An anonymous THP at BASE and a "migrate" task that turns its pmd into a migration
+    entry for a long while (migrate_pages() copying the folio). Returns (mm, addr, pmdp)."""
     from mm_core.sched_helpers import stalled_thp_migration
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
@@ -410,6 +406,19 @@ def damon_vs_thp_migration(sc: Scenario) -> World:
     m.touch(mm, a, write=True)                                   # one THP
     pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    return mm, a, pmdp
+
+
+@scenario("damon-vs-thp-migration",
+          "a DAMON aging walk (walk_page_range + damon_mkold_pmd_entry) over a THP whose pmd is "
+          "a migration entry for as long as the walk runs: spec §6 case 6; the retry loop "
+          "must end",
+          catches=("damon_endless_again",))
+def damon_vs_thp_migration(sc: Scenario) -> World:
+    from mm_core import damon
+    k = sc.kernel
+    mm, a, pmdp = thp_under_migration(sc)
+    size = huge_memory.hpage_pmd_size(k)
     sc.task("damon", damon.damon_va_mkold(k, mm, a, a + size))
     return World([mm], [], a, pmdp)
 
@@ -422,16 +431,9 @@ def damon_vs_thp_migration(sc: Scenario) -> World:
           catches=("proc_walker_misses_migration_pmd",))
 def proc_walkers_vs_thp_migration(sc: Scenario) -> World:
     from mm_core import task_mmu
-    from mm_core.sched_helpers import stalled_thp_migration
-    m, k = sc.machine, sc.kernel
+    k = sc.kernel
+    mm, a, pmdp = thp_under_migration(sc)
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)                                   # one THP
-    pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
-    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("smaps", task_mmu.show_smaps(k, mm))
     sc.task("pagemap", task_mmu.pagemap_read(k, mm, (a >> 12) * 8, (size >> 12) * 8, True))
     sc.task("clear_refs", task_mmu.clear_refs_write(k, mm, task_mmu.CLEAR_REFS_ALL))
