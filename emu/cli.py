@@ -17,7 +17,8 @@ from mm_core.config import DEFAULT_PROFILE, PROFILES
 from mm_core.memory import CheckMMError
 
 ARCH_CHOICES_HELP = "x86_64, arm64, s390x, ppc64 or any plugin's arch"
-DEMO_WORKLOADS = (("hello", []), ("pagetouch", []), ("qsort", []), ("segv", []), ("shmem_collapse", []))
+DEMO_WORKLOADS = (("hello", []), ("pagetouch", []), ("qsort", []), ("segv", []), ("shmem_collapse", []),
+                  ("forktest", []), ("vmops", []))
 
 
 class UsageError(click.ClickException):

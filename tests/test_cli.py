@@ -108,7 +108,8 @@ def test_demo_runs_every_workload_on_four_arches_with_identical_output() -> None
     r = emu("demo", "--json", timeout=300)
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
-    assert set(j["same_output"]) == {"hello", "pagetouch", "qsort", "segv", "shmem_collapse"}
+    assert set(j["same_output"]) == {"hello", "pagetouch", "qsort", "segv", "shmem_collapse", "forktest",
+                                     "vmops"}
     assert j["results"]["shmem_collapse"]["ppc64"]["pt_tables_rcu_deferred"] >= 2
     assert all(j["same_output"].values())
     assert j["results"]["segv"]["s390x"]["exit_code"] == 139
