@@ -31,7 +31,8 @@ def parse_size(text: str | int) -> int:
 # fresh world for every schedule, and a fresh host mapping costs a host page fault on every
 # first touch (~1 us a page), more than the rest of a small schedule.
 _POOL: dict[int, list[mmap.mmap]] = {}
-_POOL_MAX = 4
+_POOL_MAX = 4                # buffers kept per size
+_POOL_SIZE_MAX = 32 << 20    # bigger RAM is not worth keeping resident (the explorer's is 8-16M)
 _ZERO_GAP = 32          # clean frames between two dirty ones zeroed anyway (one memset)
 
 
@@ -138,7 +139,7 @@ class PhysMem:
         the frames written and keep the buffer for the next PhysMem of this size."""
         self._view.release()
         pool = _POOL.setdefault(self.size, [])
-        if not recycle or self.exposed or len(pool) >= _POOL_MAX:
+        if not recycle or self.exposed or len(pool) >= _POOL_MAX or self.size > _POOL_SIZE_MAX:
             self.buf.close()
             return
         # one memset per cluster of dirty frames: a call costs as much as zeroing ~16 pages

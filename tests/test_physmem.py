@@ -43,3 +43,12 @@ def test_buffer_written_behind_its_back_is_not_recycled() -> None:
     plain.write(0, b"x")
     plain.close()                                           # recycling is opt-in
     assert physmem._POOL.get(SIZE) == []
+
+
+def test_big_ram_is_not_kept() -> None:
+    big = 64 << 20
+    physmem._POOL.pop(big, None)
+    ram = PhysMem(big, big_endian=False, prefault=False)
+    ram.write(0, b"x")
+    ram.close(recycle=True)
+    assert not physmem._POOL.get(big)
