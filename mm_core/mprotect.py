@@ -151,6 +151,10 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         if pmdval.kind is not Kind.TABLE:
             return 0
         ret = await change_pte_range(k, vma, pmdp, start, end, cp_flags)
+        if ret == -EAGAIN and "change_pte_range_ignores_map_failure" in k.bugs:
+            # bug injection: no failure path, change_pte_range() walks the table it saw
+            await pgtable.walk_stale_pte_table(k, pmdval, start, end)
+            return 0
         if ret != -EAGAIN:
             return ret
         k.stats["change_pmd_retry"] += 1
