@@ -165,6 +165,10 @@ BUGS: dict[str, str] = {
     "gather_pte_stats_ignores_map_failure":
         "numa_maps' gather_pte_stats() ignores a failed pte_offset_map_lock() (instead of "
         "ACTION_AGAIN) and reads the table its pmd read named, after retract_page_tables() freed it",
+    "change_huge_pmd_keeps_writable_migration_entry":
+        "mprotect's change_huge_pmd() leaves a writable THP migration entry as it is (without "
+        "its \"be safe and disable write\" branch): remove_migration_pmd() then maps the THP "
+        "writable again after mprotect(PROT_READ) returned",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -1287,3 +1291,41 @@ def numa_maps_vs_retract(sc: Scenario) -> World:
     sc.task("numa_maps", show())
     sc.task("retract", collapse_file_tail(k, w))
     return w
+
+
+@scenario("mprotect-vs-thp-migration",
+          "mprotect(PROT_READ) of an anonymous THP while migration (rmap-driven, without "
+          "mmap_lock) has its pmd as a writable migration entry: change_pmd_range() takes the "
+          "swap pmd to change_huge_pmd(), which makes the entry readable so that "
+          "remove_migration_pmd() does not map the THP writable again. Oracle: once both are "
+          "done, the THP is mapped and not writable",
+          catches=("change_huge_pmd_keeps_writable_migration_entry",))
+def mprotect_vs_thp_migration(sc: Scenario) -> World:
+    from mm_core import mprotect
+    from mm_core.locks import Completion
+    from mm_core.sched_helpers import stalled_thp_migration
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)                             # one THP
+    pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
+    migrated = Completion("migrated")
+
+    async def protect():
+        ret = await mprotect.do_mprotect(k, mm, a, size, emu.PROT_READ)
+        await traps.wait(migrated)
+        if ret:
+            raise _oracle("mprotect failed", f"ret {ret}")
+        if m.translate(mm, a + 3 * k.page_size, "w") is not None:
+            raise _oracle("mprotect left the THP writable",
+                          f"pmd {k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))}")
+        if m.translate(mm, a) != thp:
+            raise _oracle("mprotect lost the THP", f"{m.translate(mm, a)} != {thp:#x}")
+        return "protected"
+
+    sc.task("mprotect", protect())
+    sc.task("migrate", completing(stalled_thp_migration(k, mm.vma_lookup(a), pmdp), migrated))
+    return World([mm], [], a, pmdp)

@@ -21,6 +21,9 @@ ENTRY = {
                              "madvise_cold_or_pageout_pte_range"),
     "numa-maps-vs-retract": ("numa_maps_again", "gather_pte_stats_ignores_map_failure", "gather_pte_stats"),
 }
+# the same for the THP migration scenario: change_huge_pmd()'s migration-entry branch
+MIGRATION = {"mprotect-vs-thp-migration": ("change_huge_pmd_migration",
+                                           "change_huge_pmd_keeps_writable_migration_entry")}
 
 
 def recording(spec: ex.ScenarioSpec, kernels: list) -> ex.ScenarioSpec:
@@ -30,9 +33,9 @@ def recording(spec: ex.ScenarioSpec, kernels: list) -> ex.ScenarioSpec:
     return dataclasses.replace(spec, build=build)
 
 
-@pytest.mark.parametrize("scenario", ENTRY)
+@pytest.mark.parametrize("scenario", list(ENTRY) + list(MIGRATION))
 def test_the_map_failure_path_is_reached_and_handled(scenario: str) -> None:
-    counter, bug, _ = ENTRY[scenario]
+    counter, bug = (ENTRY.get(scenario) or MIGRATION[scenario])[:2]
     assert SCENARIOS[scenario].catches == (bug,)
     kernels: list = []
     spec = recording(SCENARIOS[scenario], kernels)
@@ -41,7 +44,7 @@ def test_the_map_failure_path_is_reached_and_handled(scenario: str) -> None:
         outcome = ex.execute(spec, RandomWalk(seed=seed))
         assert outcome.finding is None, outcome.finding
         failed += kernels[-1].stats[counter] > 0
-    assert failed, f"no schedule of {scenario} made the walker's pte_offset_map_lock() fail"
+    assert failed, f"no schedule of {scenario} reached the walker's {counter} path"
 
 
 @pytest.mark.parametrize("scenario", ENTRY)
@@ -50,3 +53,13 @@ def test_the_injected_walker_reads_the_freed_table(scenario: str) -> None:
     result = ex.explore(SCENARIOS[scenario], budget=200, seed=3, inject=(bug,))
     assert result.outcome is not None
     assert result.outcome.finding.signature == f"UAF:pagetable:read:{walker}"
+
+
+def test_mprotect_over_a_migrating_thp_is_caught_by_the_oracle_not_a_sanitizer() -> None:
+    """Without change_huge_pmd()'s "just be safe and disable write", remove_migration_pmd()
+    maps the THP writable again after mprotect(PROT_READ) returned: only the oracle sees it."""
+    result = ex.explore(SCENARIOS["mprotect-vs-thp-migration"], budget=100, seed=3,
+                        inject=("change_huge_pmd_keeps_writable_migration_entry",))
+    assert result.outcome is not None
+    assert result.outcome.finding.signature == "ORACLE:mprotect"
+    assert "writable" in result.outcome.finding.title
