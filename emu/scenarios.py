@@ -169,6 +169,10 @@ BUGS: dict[str, str] = {
         "mprotect's change_huge_pmd() leaves a writable THP migration entry as it is (without "
         "its \"be safe and disable write\" branch): remove_migration_pmd() then maps the THP "
         "writable again after mprotect(PROT_READ) returned",
+    "hwpoison_pte_range_ignores_map_failure":
+        "memory-failure's hwpoison_pte_range() goes on into the table its pmd read named after "
+        "a failed pte_offset_map_lock() (instead of SKIP, goto out) while kill_accessing_process() "
+        "looks for the poisoned pfn",
 }
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
@@ -1289,6 +1293,31 @@ def numa_maps_vs_retract(sc: Scenario) -> World:
         return text
 
     sc.task("numa_maps", show())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
+
+
+@scenario("hwpoison-vs-retract",
+          "memory failure's kill_accessing_process() (walk_page_range + hwpoison_pte_range, a "
+          "failed map is SKIP) looking for a poisoned page of a shared shmem mapping racing "
+          "retract_page_tables() of the range before it. Oracle: it finds the page's address "
+          "(-EHWPOISON, the SIGBUS address)",
+          catches=("hwpoison_pte_range_ignores_map_failure",))
+def hwpoison_vs_retract(sc: Scenario) -> World:
+    from mm_core import memory_failure
+    w, length, pteps = entry_world(sc)
+    k = sc.kernel
+    mm = w.mms[0]
+    last = w.addr + length - k.page_size
+    pfn = k.arch.decode(k.arch.pte_level, k.physmem.read_entry(pteps[-1])).paddr >> k.page_shift
+
+    async def kill():
+        ret, tk = await memory_failure.kill_accessing_process(k, mm, pfn, memory_failure.MF_ACTION_REQUIRED)
+        if ret != -memory_failure.EHWPOISON or tk.addr != last:
+            raise _oracle("hwpoison walk missed the page", f"ret {ret}, addr {tk.addr:#x}, want {last:#x}")
+        return "found"
+
+    sc.task("hwpoison", kill())
     sc.task("retract", collapse_file_tail(k, w))
     return w
 

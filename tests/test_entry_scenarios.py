@@ -1,5 +1,5 @@
 """The walker entry points raced against retract_page_tables() (emu/scenarios.py's
-mprotect-, mlock-, madv-cold- and numa-maps-vs-retract): the race really reaches each
+mprotect-, mlock-, madv-cold-, numa-maps- and hwpoison-vs-retract): the race really reaches each
 walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
 does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into
 the stale table" bug is a use-after-free of the retracted table, reported in that walker."""
@@ -20,6 +20,8 @@ ENTRY = {
     "madv-cold-vs-retract": ("madv_cold_map_failed", "madvise_cold_uses_stale_pmd",
                              "madvise_cold_or_pageout_pte_range"),
     "numa-maps-vs-retract": ("numa_maps_again", "gather_pte_stats_ignores_map_failure", "gather_pte_stats"),
+    "hwpoison-vs-retract": ("hwpoison_pte_range_map_failed", "hwpoison_pte_range_ignores_map_failure",
+                            "hwpoison_pte_range"),
 }
 # the same for the THP migration scenario: change_huge_pmd()'s migration-entry branch
 MIGRATION = {"mprotect-vs-thp-migration": ("change_huge_pmd_migration",
