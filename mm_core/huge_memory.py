@@ -379,15 +379,20 @@ async def madvise_free_huge_pmd(k, vma, pmdp: int, addr: int, nxt: int) -> bool:
 
 async def set_pmd_migration_entry(k, vma, pmdp: int) -> Entry | None:
     """set_pmd_migration_entry(): replace a PMD leaf by a migration entry while the folio
-    is copied; returns the leaf to put back (None if the pmd was not a leaf)."""
-    from emu.arch import SWP_MIGRATION_WRITE, swap_entry
+    is copied: a writable one for a writable pmd (pmd_write()), else a readable (exclusive,
+    for anon) one, keeping soft-dirty and uffd-wp. Returns the leaf it replaced (None if
+    the pmd was not a leaf)."""
+    from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_READ_EXCLUSIVE, SWP_MIGRATION_WRITE, swap_entry
     pml = await pgtable.pmd_lock(k, vma.mm, pmdp)
     try:
         cur = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
         if cur.kind is not Kind.LEAF:
             return None
+        typ = SWP_MIGRATION_WRITE if cur.prot & Access.W else \
+            SWP_MIGRATION_READ_EXCLUSIVE if vma.anonymous else SWP_MIGRATION_READ
         await pgtable.set_entry(k, pmdp, k.arch.pmd_level,
-                                swap_entry(SWP_MIGRATION_WRITE, cur.paddr >> PAGE_SHIFT))
+                                swap_entry(typ, cur.paddr >> PAGE_SHIFT, soft_dirty=cur.soft_dirty,
+                                           uffd_wp=cur.uffd_wp))
         await flush_tlb_range(k, vma.mm, vma.start, vma.end)
         return cur
     finally:
@@ -395,10 +400,18 @@ async def set_pmd_migration_entry(k, vma, pmdp: int) -> Entry | None:
 
 
 async def remove_migration_pmd(k, vma, pmdp: int, leaf: Entry) -> None:
-    """remove_migration_pmd(): the copy is done (here: back to the same folio)."""
+    """remove_migration_pmd(): the copy is done; ``leaf`` is the pmd of the new folio the
+    caller built (mk_huge_pmd(new, vma->vm_page_prot) + what the old pmd had; after a
+    failed copy the old pmd itself). Writable only if the migration entry still is:
+    pmd_mkwrite() is ``if (is_writable_migration_entry(entry))``, and an mprotect() that
+    ran meanwhile made the entry readable (change_huge_pmd()); uffd-wp from the entry."""
+    from emu.arch import SWP_MIGRATION_WRITE
     pml = await pgtable.pmd_lock(k, vma.mm, pmdp)
     try:
-        if (await pgtable.get_entry(k, pmdp, k.arch.pmd_level)).kind is Kind.MIGRATION:
-            await pgtable.set_entry(k, pmdp, k.arch.pmd_level, leaf)
+        cur = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
+        if cur.kind is Kind.MIGRATION:
+            if cur.swp_type != SWP_MIGRATION_WRITE or cur.uffd_wp:
+                leaf = leaf.with_(prot=leaf.prot & ~Access.W)
+            await pgtable.set_entry(k, pmdp, k.arch.pmd_level, leaf.with_(uffd_wp=cur.uffd_wp))
     finally:
         await traps.unlock(pml)

@@ -248,6 +248,9 @@ async def madvise_cold_or_pageout_pte_range(pmdp: int, addr: int, end: int, walk
             await reclaim_pages(k, isolated)
         return 0
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, addr)
+    if locked is None and "madvise_cold_uses_stale_pmd" in k.bugs:
+        await pgtable.walk_stale_pte_table(k, pmdval, addr, end)   # bug injection: walks on
+        return 0
     if locked is None:
         k.stats["madv_cold_map_failed"] += 1
         return 0                                        # SKIP

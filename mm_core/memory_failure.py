@@ -104,6 +104,9 @@ async def hwpoison_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWa
             await traps.unlock(pml)
             return ret
     locked = await pgtable.pte_offset_map_lock(k, walk.mm, pmdp, addr)
+    if locked is None and "hwpoison_pte_range_ignores_map_failure" in k.bugs:
+        await pgtable.walk_stale_pte_table(k, pmdval, addr, end)   # bug injection: walks on
+        return 0
     if locked is None:
         k.stats["hwpoison_pte_range_map_failed"] += 1
         return 0                                                   # goto out

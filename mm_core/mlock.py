@@ -68,6 +68,9 @@ async def mlock_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk)
             await traps.unlock(pml)
             return 0
     locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+    if locked is None and "mlock_pte_range_ignores_map_failure" in k.bugs:
+        await pgtable.walk_stale_pte_table(k, pmdval, addr, end)   # bug injection: walks on
+        return 0
     if locked is None:
         k.stats["mlock_pte_range_again"] += 1
         walk.action = pagewalk.ACTION_AGAIN                   # RETRY

@@ -1,7 +1,14 @@
 """mprotect (mm/mprotect.c): change VMA flags and rewrite the PTEs in place."""
 from __future__ import annotations
 
-from emu.arch import Access, Kind
+from emu.arch import (
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
+    Access,
+    Kind,
+    swap_entry,
+)
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import huge_memory, memory, mmu_notifier, pgtable
@@ -140,8 +147,14 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
         if pmdval.kind is Kind.NONE:
             return 0
+        whole = start & (size - 1) == 0 and end - start == size
+        if pmdval.kind is Kind.MIGRATION and whole:                  # is_swap_pmd()
+            ret = await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags)
+            if ret:
+                return 0
+            continue
         if pmdval.kind is Kind.LEAF:
-            if start & (size - 1) == 0 and end - start == size and not pgtable_split_needed(vma, cp_flags):
+            if whole and not pgtable_split_needed(vma, cp_flags):
                 ret = await change_huge_pmd(k, vma, pmdp, pmdval, cp_flags)
                 if ret:                                      # "huge pmd was handled"
                     return size >> k.page_shift if ret == 2 else 0
@@ -151,6 +164,10 @@ async def change_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
         if pmdval.kind is not Kind.TABLE:
             return 0
         ret = await change_pte_range(k, vma, pmdp, start, end, cp_flags)
+        if ret == -EAGAIN and "change_pte_range_ignores_map_failure" in k.bugs:
+            # bug injection: no failure path, change_pte_range() walks the table it saw
+            await pgtable.walk_stale_pte_table(k, pmdval, start, end)
+            return 0
         if ret != -EAGAIN:
             return ret
         k.stats["change_pmd_retry"] += 1
@@ -175,6 +192,8 @@ async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> 
     try:
         if await pgtable.get_entry(k, pmdp, arch.pmd_level) != pmdval:
             return 0
+        if pmdval.kind is Kind.MIGRATION:
+            return await _change_migration_pmd(k, vma, pmdp, pmdval, cp_flags)
         if cp_flags & MM_CP_PROT_NUMA:
             if pmdval.special or memory.pte_protnone(pmdval):    # is_huge_zero_pmd(), pmd_protnone()
                 return 1
@@ -197,6 +216,25 @@ async def change_huge_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int = 0) -> 
         return 2
     finally:
         await traps.unlock(pml)
+
+
+async def _change_migration_pmd(k, vma: VMA, pmdp: int, pmdval, cp_flags: int) -> int:
+    """change_huge_pmd()'s is_swap_pmd() branch (under pml, for every cp_flags): "a
+    protection check is difficult so just be safe and disable write": a writable migration
+    entry becomes a readable (exclusive, for anon) one, which remove_migration_pmd() will
+    not make writable again; uffd-wp set or cleared. Handled (1), never counted."""
+    typ = pmdval.swp_type
+    k.stats["change_huge_pmd_migration"] += 1
+    if typ == SWP_MIGRATION_WRITE and "change_huge_pmd_keeps_writable_migration_entry" not in k.bugs:
+        page = k.alloc.page_of(pmdval.swp_offset << k.page_shift)
+        typ = SWP_MIGRATION_READ_EXCLUSIVE if page is not None and page.use is PageUse.ANON \
+            else SWP_MIGRATION_READ
+    uffd_wp = True if cp_flags & MM_CP_UFFD_WP else False if cp_flags & MM_CP_UFFD_WP_RESOLVE \
+        else pmdval.uffd_wp
+    new = swap_entry(typ, pmdval.swp_offset, soft_dirty=pmdval.soft_dirty, uffd_wp=uffd_wp)
+    if new != pmdval:
+        await pgtable.set_entry(k, pmdp, k.arch.pmd_level, new)
+    return 1
 
 
 async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flags: int = 0) -> int:

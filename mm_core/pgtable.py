@@ -60,6 +60,22 @@ async def get_raw(k, entp: int) -> int:
     return k.physmem.read_entry(entp)
 
 
+async def walk_stale_pte_table(k, pmdval: Entry, start: int, end: int) -> int:
+    """Bug injection shared by the ``*_ignores_map_failure`` walkers: what a walker that
+    ignores a failed pte_offset_map_lock() does (the pre-6.5 shape, with no failure path):
+    it goes on into the PTE table named by the pmd value it read before mapping, with
+    neither the rcu_read_lock() nor the ptl a successful map would hold, reading every
+    entry of [start, end). Returns the number of present entries seen (a detached table's
+    entries were never the VMA's to act on)."""
+    if pmdval.kind is not Kind.TABLE:
+        return 0
+    present = 0
+    for addr in range(start, end, k.page_size):
+        raw = await get_raw(k, entry_addr(k, pmdval.paddr, k.arch.pte_level, addr))
+        present += k.arch.decode(k.arch.pte_level, raw).kind is Kind.LEAF
+    return present
+
+
 async def get_raws_locked(k, ptep: int, nr: int) -> tuple[int, ...]:
     """``nr`` consecutive READ_ONCE(*ptep) of one PTE table, for loops that scan a table
     under its ptl (zap_pte_range, the collapse checks). Under the table's own ptl no read

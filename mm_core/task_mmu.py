@@ -1048,6 +1048,9 @@ async def gather_pte_stats(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk
         await traps.unlock(pml)
         return 0
     locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+    if locked is None and "gather_pte_stats_ignores_map_failure" in k.bugs:
+        await pgtable.walk_stale_pte_table(k, pmdval, addr, end)   # bug injection: walks on
+        return 0
     if locked is None:
         k.stats["numa_maps_again"] += 1
         walk.action = pagewalk.ACTION_AGAIN               # RETRY

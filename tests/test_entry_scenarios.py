@@ -1,0 +1,67 @@
+"""The walker entry points raced against retract_page_tables() (emu/scenarios.py's
+mprotect-, mlock-, madv-cold-, numa-maps- and hwpoison-vs-retract): the race really reaches each
+walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
+does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into
+the stale table" bug is a use-after-free of the retracted table, reported in that walker."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from emu import explore as ex
+from emu.scenarios import SCENARIOS
+from emu.sched.strategy import RandomWalk
+
+# scenario -> (the k.stats counter of its map-failure path, the injected bug, the walker)
+ENTRY = {
+    "mprotect-vs-retract": ("change_pmd_retry", "change_pte_range_ignores_map_failure", "change_pmd_range"),
+    "mlock-vs-retract": ("mlock_pte_range_again", "mlock_pte_range_ignores_map_failure", "mlock_pte_range"),
+    "madv-cold-vs-retract": ("madv_cold_map_failed", "madvise_cold_uses_stale_pmd",
+                             "madvise_cold_or_pageout_pte_range"),
+    "numa-maps-vs-retract": ("numa_maps_again", "gather_pte_stats_ignores_map_failure", "gather_pte_stats"),
+    "hwpoison-vs-retract": ("hwpoison_pte_range_map_failed", "hwpoison_pte_range_ignores_map_failure",
+                            "hwpoison_pte_range"),
+}
+# the same for the THP migration scenario: change_huge_pmd()'s migration-entry branch
+MIGRATION = {"mprotect-vs-thp-migration": ("change_huge_pmd_migration",
+                                           "change_huge_pmd_keeps_writable_migration_entry")}
+
+
+def recording(spec: ex.ScenarioSpec, kernels: list) -> ex.ScenarioSpec:
+    def build(sc):
+        kernels.append(sc.kernel)
+        return spec.build(sc)
+    return dataclasses.replace(spec, build=build)
+
+
+@pytest.mark.parametrize("scenario", list(ENTRY) + list(MIGRATION))
+def test_the_map_failure_path_is_reached_and_handled(scenario: str) -> None:
+    counter, bug = (ENTRY.get(scenario) or MIGRATION[scenario])[:2]
+    assert SCENARIOS[scenario].catches == (bug,)
+    kernels: list = []
+    spec = recording(SCENARIOS[scenario], kernels)
+    failed = 0
+    for seed in range(40):
+        outcome = ex.execute(spec, RandomWalk(seed=seed))
+        assert outcome.finding is None, outcome.finding
+        failed += kernels[-1].stats[counter] > 0
+    assert failed, f"no schedule of {scenario} reached the walker's {counter} path"
+
+
+@pytest.mark.parametrize("scenario", ENTRY)
+def test_the_injected_walker_reads_the_freed_table(scenario: str) -> None:
+    _, bug, walker = ENTRY[scenario]
+    result = ex.explore(SCENARIOS[scenario], budget=200, seed=3, inject=(bug,))
+    assert result.outcome is not None
+    assert result.outcome.finding.signature == f"UAF:pagetable:read:{walker}"
+
+
+def test_mprotect_over_a_migrating_thp_is_caught_by_the_oracle_not_a_sanitizer() -> None:
+    """Without change_huge_pmd()'s "just be safe and disable write", remove_migration_pmd()
+    maps the THP writable again after mprotect(PROT_READ) returned: only the oracle sees it."""
+    result = ex.explore(SCENARIOS["mprotect-vs-thp-migration"], budget=100, seed=3,
+                        inject=("change_huge_pmd_keeps_writable_migration_entry",))
+    assert result.outcome is not None
+    assert result.outcome.finding.signature == "ORACLE:mprotect"
+    assert "writable" in result.outcome.finding.title
