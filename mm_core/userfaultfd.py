@@ -322,7 +322,8 @@ async def userfaultfd_must_wait(k, ctx: UserfaultfdCtx, address: int, flags: int
 async def handle_userfault(k, vmf, reason: int) -> int:
     """handle_userfault(): deliver the fault to the userfaultfd and sleep until it is
     resolved. Called with mmap_read_lock held and no pte mapped. Returns VM_FAULT_SIGBUS
-    (no context, UFFD_FEATURE_SIGBUS, or a fault that may not retry), VM_FAULT_NOPAGE (the
+    (no context, UFFD_FEATURE_SIGBUS, a kernel-mode fault (no FAULT_FLAG_USER) on a
+    UFFD_USER_MODE_ONLY context, or a fault that may not retry), VM_FAULT_NOPAGE (the
     context is being released), or VM_FAULT_RETRY: with FAULT_FLAG_RETRY_NOWAIT at once and
     still holding mmap_lock (a FOLL_NOWAIT GUP), otherwise after dropping mmap_lock and, if
     userfaultfd_must_wait(), sleeping until a resolving ioctl wakes the range."""

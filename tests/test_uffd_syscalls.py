@@ -39,7 +39,9 @@ def _get(sc, addr: int, n: int) -> list[int]:
 
 
 def _call(sc, name: str, *args: int) -> int:
-    return run_sync(syscalls.SYSCALLS[name](sc, *args))
+    """The syscall as dispatch() runs it (an EFault is -EFAULT)."""
+    nr = sc.arch.syscall_abi.numbers[name]
+    return run_sync(syscalls.dispatch(sc, nr, list(args), {nr: name}))
 
 
 def _uffd_with_api(sc, buf: int, flags: int = kuffd.UFFD_USER_MODE_ONLY) -> int:
@@ -157,3 +159,17 @@ def test_close_releases_the_context() -> None:
     vma = p.mm.find_vma(buf + 4096)
     assert vma.uffd_ctx is None and not vma.flags & VM_UFFD_MISSING
     assert _call(sc, "ioctl", fd, _nr(sc, "API"), buf) == -EBADF
+
+
+def test_a_kernel_uaccess_fault_on_a_user_mode_only_uffd_is_efault_not_a_wait() -> None:
+    """copy_from_user() of an ioctl argument lying in a MODE_MISSING range: the uaccess
+    fault has no FAULT_FLAG_USER, so handle_userfault() answers VM_FAULT_SIGBUS and the
+    syscall returns -EFAULT instead of sleeping until a handler resolves it."""
+    m, p, sc, buf = _sc()
+    fd = _uffd_with_api(sc, buf)
+    _put(sc, buf + 64, buf + 8192, 8192, kuffd.UFFDIO_REGISTER_MODE_MISSING, 0)
+    assert _call(sc, "ioctl", fd, _nr(sc, "REGISTER"), buf + 64) == 0
+    fd2 = _call(sc, "userfaultfd", kuffd.UFFD_USER_MODE_ONLY)
+    assert _call(sc, "ioctl", fd2, _nr(sc, "API"), buf + 8192) == -kuffd.EFAULT
+    assert m.kernel.stats["handle_userfault_missing"] == 1 and m.kernel.stats["uffd_fault_waits"] == 0
+    assert not p.files[fd].ctx.fault_pending_wqh
