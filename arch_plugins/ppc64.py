@@ -311,6 +311,7 @@ class Ppc64(ArchSpec):
             "close": 6,
             "lseek": 19, "pread64": 179, "mincore": 206, "process_madvise": 440,
         },
+        ioc_dir=(29, 4, 2),         # arch/powerpc/include/uapi/asm/ioctl.h: 3 dir bits, 13 size bits
     )
 
     # -- timing defaults -------------------------------------------------------------------

@@ -226,6 +226,9 @@ class SyscallABI:
     pc_advance: int = 0
     numbers: Mapping[str, int] = field(default_factory=dict)
     old_mmap: bool = False      # mmap takes one pointer to six longs (s390x old_mmap)
+    # ioctl number encoding (asm/ioctl.h): (_IOC_DIRSHIFT, _IOC_WRITE, _IOC_READ); the
+    # generic one, or powerpc's 3 direction bits at 29 (_IOC_WRITE 4)
+    ioc_dir: tuple[int, int, int] = (30, 1, 2)
 
 
 @dataclass(frozen=True)

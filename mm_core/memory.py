@@ -98,13 +98,15 @@ def access_error(vma: VMA, access: Access) -> bool:
     return not vma.flags & (VM_READ | VM_WRITE | VM_EXEC)
 
 
-async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access) -> FaultResult:
+async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access, user: bool = True) -> FaultResult:
     """do_user_addr_fault() (x86; do_page_fault() on arm64/s390/powerpc): find the VMA
     under mmap_read_lock, check the access, grow the stack, handle_mm_fault(). A
     VM_FAULT_RETRY (handle_userfault() slept on a userfaultfd, mmap_lock already dropped)
-    takes the lock again and retries with FAULT_FLAG_TRIED."""
+    takes the lock again and retries with FAULT_FLAG_TRIED. ``user`` is user_mode(regs):
+    False for the kernel's own uaccess faults (copy_{from,to}_user), which then carry no
+    FAULT_FLAG_USER (a UFFD_USER_MODE_ONLY userfaultfd answers those with SIGBUS)."""
     k.stats["faults"] += 1
-    flags = FAULT_FLAG_DEFAULT | FAULT_FLAG_USER
+    flags = FAULT_FLAG_DEFAULT | (FAULT_FLAG_USER if user else 0)
     if access & Access.W:
         flags |= FAULT_FLAG_WRITE
     if access & Access.X:

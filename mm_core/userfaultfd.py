@@ -78,7 +78,18 @@ UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
 UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
 UFFDIO_CONTINUE_MODE_WP = 1 << 1
 # uffdio_api.features
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFD_FEATURE_SIGBUS = 1 << 7
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
+UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
+UFFD_FEATURE_MOVE = 1 << 16
+# struct uffd_msg
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1 << 0, 1 << 1, 1 << 2
+UFFD_MSG_SIZE = 32
+# userfaultfd(2) flags
+UFFD_USER_MODE_ONLY = 1
 # ioctl numbers: the bits of uffdio_register.ioctls
 _UFFDIO_REGISTER, _UFFDIO_UNREGISTER, _UFFDIO_WAKE, _UFFDIO_COPY, _UFFDIO_ZEROPAGE = 0, 1, 2, 3, 4
 _UFFDIO_MOVE, _UFFDIO_WRITEPROTECT, _UFFDIO_CONTINUE, _UFFDIO_POISON = 5, 6, 7, 8
@@ -124,19 +135,44 @@ class UffdWaitQueue:
 
 
 @dataclass(eq=False)
+class UffdFdWaitQueue:
+    """ctx->fd_wqh: where read() sleeps until a fault is pending (handle_userfault()'s
+    wake_up_poll(&ctx->fd_wqh, EPOLLIN) ends the wait; the scheduler polls
+    ``try_acquire``). Released contexts end the wait too (read() then sees released)."""
+
+    ctx: UserfaultfdCtx
+    sleeps = True                       # schedule() in TASK_INTERRUPTIBLE
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        return bool(self.ctx.fault_pending_wqh) or self.ctx.released
+
+    def post(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<uffd{self.ctx.id} fd_wqh>"
+
+
+@dataclass(eq=False)
 class UserfaultfdCtx:
-    """struct userfaultfd_ctx: the mm it serves, its features and the faults waiting on it
-    (fault_pending_wqh: read() and the refile to fault_wqh are not modelled, a waiter stays
-    pending until it is woken)."""
+    """struct userfaultfd_ctx: the mm it serves, its features and the faults waiting on it.
+    fault_pending_wqh holds the faults no read() has reported yet; read() refiles the one it
+    reports to fault_wqh (both under fault_pending_wqh.lock, ``wqh_lock``); a resolving
+    ioctl wakes the range on both. fd_wqh is where read() sleeps. ``api_done`` is
+    UFFD_STATE_RUNNING (UFFDIO_API done; 6.6 ctx->state)."""
 
     mm: object
     features: int = 0
     id: int = 0
     released: bool = False
     fault_pending_wqh: list = field(default_factory=list)
+    fault_wqh: list = field(default_factory=list)
+    api_done: bool = False
+    flags: int = 0                      # userfaultfd(2) flags (UFFD_USER_MODE_ONLY, O_NONBLOCK)
 
     def __post_init__(self) -> None:
         self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
+        self.fd_wqh = UffdFdWaitQueue(self)
 
 
 def userfaultfd_ctx_new(k, mm, features: int = 0) -> UserfaultfdCtx:
@@ -286,13 +322,15 @@ async def userfaultfd_must_wait(k, ctx: UserfaultfdCtx, address: int, flags: int
 async def handle_userfault(k, vmf, reason: int) -> int:
     """handle_userfault(): deliver the fault to the userfaultfd and sleep until it is
     resolved. Called with mmap_read_lock held and no pte mapped. Returns VM_FAULT_SIGBUS
-    (no context, UFFD_FEATURE_SIGBUS, or a fault that may not retry), VM_FAULT_NOPAGE (the
+    (no context, UFFD_FEATURE_SIGBUS, a kernel-mode fault (no FAULT_FLAG_USER) on a
+    UFFD_USER_MODE_ONLY context, or a fault that may not retry), VM_FAULT_NOPAGE (the
     context is being released), or VM_FAULT_RETRY: with FAULT_FLAG_RETRY_NOWAIT at once and
     still holding mmap_lock (a FOLL_NOWAIT GUP), otherwise after dropping mmap_lock and, if
     userfaultfd_must_wait(), sleeping until a resolving ioctl wakes the range."""
     from mm_core.memory import (
         FAULT_FLAG_ALLOW_RETRY,
         FAULT_FLAG_RETRY_NOWAIT,
+        FAULT_FLAG_USER,
         VM_FAULT_NOPAGE,
         VM_FAULT_RETRY,
         VM_FAULT_SIGBUS,
@@ -303,6 +341,8 @@ async def handle_userfault(k, vmf, reason: int) -> int:
     k.stats[f"handle_userfault_{_REASONS.get(reason, reason)}"] += 1
     if ctx is None or ctx.features & UFFD_FEATURE_SIGBUS:
         return VM_FAULT_SIGBUS
+    if ctx.flags & UFFD_USER_MODE_ONLY and not vmf.flags & FAULT_FLAG_USER:
+        return VM_FAULT_SIGBUS                                       # a kernel-mode fault
     if ctx.released:
         return VM_FAULT_NOPAGE
     if not vmf.flags & FAULT_FLAG_ALLOW_RETRY:
@@ -324,10 +364,11 @@ async def handle_userfault(k, vmf, reason: int) -> int:
     if must_wait and not ctx.released:
         k.stats["uffd_fault_waits"] += 1
         await traps.wait(uwq)                                        # schedule()
-    if uwq in ctx.fault_pending_wqh:                                 # !list_empty_careful()
+    if uwq in ctx.fault_pending_wqh or uwq in ctx.fault_wqh:         # !list_empty_careful()
         await traps.lock(ctx.wqh_lock)
-        if uwq in ctx.fault_pending_wqh:
-            ctx.fault_pending_wqh.remove(uwq)
+        for wqh in (ctx.fault_pending_wqh, ctx.fault_wqh):          # list_del(&uwq.wq.entry)
+            if uwq in wqh:
+                wqh.remove(uwq)
         await traps.unlock(ctx.wqh_lock)
     return VM_FAULT_RETRY
 
@@ -341,14 +382,87 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
     caller has already changed the page tables: a fault queued after this finds them
     resolved in userfaultfd_must_wait()."""
     await sched_point("uffd_waitqueue_active", ctx)                  # smp_mb(); waitqueue_active()
-    if not ctx.fault_pending_wqh:
+    if not ctx.fault_pending_wqh and not ctx.fault_wqh:
         return
     await traps.lock(ctx.wqh_lock)
-    for uwq in list(ctx.fault_pending_wqh):
-        if start <= uwq.address < start + length:
+    for wqh in (ctx.fault_pending_wqh, ctx.fault_wqh):
+        for uwq in list(wqh):
+            if start <= uwq.address < start + length:
+                uwq.waken = True
+                wqh.remove(uwq)
+                k.stats["uffd_woken"] += 1
+    await traps.unlock(ctx.wqh_lock)
+
+
+async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | int:
+    """userfaultfd_ctx_read() for a page fault (fs/userfaultfd.c): take the oldest fault on
+    fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to at its
+    head), refile it to fault_wqh (so it is reported once, and still woken by the resolving
+    ioctl) and return it for the uffd_msg. With none pending: -EAGAIN if ``no_wait``
+    (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh until
+    handle_userfault() queues one. Events other than page faults (fork, remap, remove,
+    unmap) are not modelled. Returns 0 (nothing read) to a reader sleeping when the
+    context is released (here only by exit_files(), when another thread exits the
+    process; Linux ends that read with the signal that killed the thread)."""
+    while True:
+        await traps.lock(ctx.wqh_lock)                               # spin_lock(&fault_pending_wqh.lock)
+        uwq = ctx.fault_pending_wqh[0] if ctx.fault_pending_wqh else None
+        if uwq is not None:
+            ctx.fault_pending_wqh.remove(uwq)                        # list_del(&uwq->wq.entry)
+            ctx.fault_wqh.append(uwq)                                # add_wait_queue(&ctx->fault_wqh)
+        await traps.unlock(ctx.wqh_lock)
+        if uwq is not None:
+            k.stats["uffd_msgs_read"] += 1
+            return uwq
+        if no_wait:
+            return -EAGAIN
+        if ctx.released:
+            return 0
+        await traps.wait(ctx.fd_wqh)                                 # schedule()
+
+
+def uffd_msg_pagefault(ctx: UserfaultfdCtx, uwq: UffdWaitQueue, page_size: int, big_endian: bool) -> bytes:
+    """userfault_msg(): the 32-byte struct uffd_msg of a page fault, in the guest's byte
+    order: event UFFD_EVENT_PAGEFAULT, flags (WRITE, WP for a VM_UFFD_WP reason, MINOR for
+    VM_UFFD_MINOR), the address (page-aligned unless UFFD_FEATURE_EXACT_ADDRESS)."""
+    from mm_core.memory import FAULT_FLAG_WRITE
+    flags = 0
+    if uwq.flags & FAULT_FLAG_WRITE:
+        flags |= UFFD_PAGEFAULT_FLAG_WRITE
+    if uwq.reason & VM_UFFD_WP:
+        flags |= UFFD_PAGEFAULT_FLAG_WP
+    if uwq.reason & VM_UFFD_MINOR:
+        flags |= UFFD_PAGEFAULT_FLAG_MINOR
+    address = uwq.address
+    if not ctx.features & UFFD_FEATURE_EXACT_ADDRESS:
+        address &= ~(page_size - 1)
+    order = "big" if big_endian else "little"
+    return (bytes([UFFD_EVENT_PAGEFAULT]) + bytes(7) + flags.to_bytes(8, order)
+            + address.to_bytes(8, order) + bytes(8))
+
+
+async def userfaultfd_release(k, ctx: UserfaultfdCtx) -> None:
+    """userfaultfd_release() (the last close of the fd, 6.6): ctx->released, then under
+    mmap_write_lock drop VM_UFFD_* and the context from every VMA registered with it (the
+    uffd-wp bits stay, as in 6.6), and wake every fault of both queues (range len 0: all)
+    and fd_wqh. A fault racing with the release sees released and returns VM_FAULT_NOPAGE."""
+    ctx.released = True
+    mm = ctx.mm
+    await mmap_write_lock(mm)
+    try:
+        for vma in list(mm.vmas):
+            if vma.uffd_ctx is ctx:
+                vma.flags &= ~VM_UFFD_FLAGS
+                vma.uffd_ctx = None
+                await sched_point("vma_write", vma)
+        mm.merge_adjacent()
+    finally:
+        await mmap_write_unlock(mm)
+    await traps.lock(ctx.wqh_lock)
+    for wqh in (ctx.fault_pending_wqh, ctx.fault_wqh):
+        for uwq in wqh:
             uwq.waken = True
-            ctx.fault_pending_wqh.remove(uwq)
-            k.stats["uffd_woken"] += 1
+        wqh.clear()
     await traps.unlock(ctx.wqh_lock)
 
 

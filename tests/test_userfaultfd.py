@@ -644,3 +644,42 @@ def test_case_9_wp_registered_between_retracts_precheck_and_its_locks(bug: bool)
             sc.run("retract:* uffd:*")
         assert found.value.signature == "ORACLE:uffd-wp-lost" and k.stats["retracted_tables"] == 1
     sc.close()
+
+
+@pytest.mark.parametrize(("arch", "kernel"), WP_WORLDS)
+def test_a_reader_sleeping_on_fd_wqh_gets_the_wp_fault_once_and_the_unprotect_wakes_it(arch: str,
+                                                                                       kernel: str) -> None:
+    """userfaultfd_ctx_read(): the reader sleeps on fd_wqh until handle_userfault() queues
+    the fault on fault_pending_wqh, takes it (uffd_msg flags WRITE | WP) and refiles it to
+    fault_wqh; a second read has nothing (-EAGAIN); UFFDIO_WRITEPROTECT un-protect wakes
+    the fault from fault_wqh and the retried write succeeds."""
+    sc = Scenario(arch=arch, kernel=kernel, mem="16M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    mm = m.new_mm()
+    page = k.page_size
+    a = m.mmap(mm, BASE, 2 * page, RW, ANON)
+    m.touch(mm, a, write=True)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, 2 * page, WP)
+    m.uffdio_writeprotect(ctx, a, page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
+    sc.task("reader", userfaultfd.userfaultfd_ctx_read(k, ctx, False))
+    sc.run("reader:*", finish=False)
+    assert sc.state("reader") is TaskState.BLOCKED                    # nothing pending: fd_wqh
+    sc.task("fault", do_user_addr_fault(k, mm, a + 8, Access.W))
+    sc.run("fault:*", finish=False)
+    assert sc.state("fault") is TaskState.BLOCKED and k.stats["handle_userfault_wp"] == 1
+    sc.run("reader:*", finish=False)
+    uwq = sc.results["reader"]
+    assert isinstance(uwq, userfaultfd.UffdWaitQueue) and ctx.fault_wqh == [uwq] and not ctx.fault_pending_wqh
+    msg = userfaultfd.uffd_msg_pagefault(ctx, uwq, page, k.arch.big_endian)
+    assert msg[0] == userfaultfd.UFFD_EVENT_PAGEFAULT and len(msg) == userfaultfd.UFFD_MSG_SIZE
+    flags, address = int.from_bytes(msg[8:16], "little"), int.from_bytes(msg[16:24], "little")
+    assert address == a
+    assert flags == userfaultfd.UFFD_PAGEFAULT_FLAG_WRITE | userfaultfd.UFFD_PAGEFAULT_FLAG_WP
+    assert run_sync(userfaultfd.userfaultfd_ctx_read(k, ctx, True)) == -userfaultfd.EAGAIN
+    m.uffdio_writeprotect(ctx, a, page, 0)                            # un-protect and wake
+    assert uwq.waken and not ctx.fault_wqh
+    sc.run()
+    assert sc.results["fault"] is FaultResult.OK and m.translate(mm, a, "w") is not None
+    m.exit_mm(mm)
+    sc.close()

@@ -154,3 +154,22 @@ def test_fork_copies_the_mm_and_wait4_reaps_the_children(arch_name: str) -> None
     children = [c for c in m.processes if c.parent is p]
     assert [c.exit_code for c in children] == [7, 0] and all(c.reaped and c.mm.dead for c in children)
     assert m.kernel.alloc.pages.keys() == {m.kernel.zero_page.pfn}
+
+
+@pytest.mark.parametrize("arch_name", ARCHES)
+def test_uffdtest_handler_thread_resolves_missing_faults_with_uffdio_copy(arch_name: str) -> None:
+    """userfaultfd(2) from a guest: UFFDIO_API / REGISTER, a handler thread read()s each
+    fault's uffd_msg and answers it with UFFDIO_COPY while the faulting thread sleeps in
+    handle_userfault(); then UFFDIO_ZEROPAGE (again: -EEXIST) and the error cases. qemu-user
+    7.2 has no userfaultfd (-ENOSYS), so the expected output is emu's, the same on every
+    arch and checked by the program itself (bad_words 0, copy_errors 0)."""
+    out, rc = expected("uffdtest")
+    m = Machine(arch=arch_name, mem="32M")
+    p = m.spawn(workload(arch_name, "uffdtest"), ["uffdtest"])
+    r = m.run()
+    assert r.stdout == out and r.exit_code == rc == 0, r.stdout.decode()
+    stats = m.kernel.stats
+    # each of the four pages: one fault queued, read once, slept on, woken by the copy
+    assert stats["handle_userfault_missing"] == stats["uffd_msgs_read"] == 4
+    assert stats["uffd_fault_waits"] == stats["uffd_woken"] == stats["uffdio_copy"] == 4
+    assert p.syscalls["userfaultfd"] == 3 and p.syscalls["ioctl"] >= 10

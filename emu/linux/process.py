@@ -83,11 +83,14 @@ class Process:
 
     def close_files(self, k) -> None:
         """exit_files(): drop every open file."""
+        from emu.linux.uffd import UffdFile, userfaultfd_exit_files
         from mm_core.shmem import ShmemInode, iput
         for fd in list(self.files):
             f = self.files.pop(fd)
             if isinstance(f, ShmemInode):
                 iput(k, f)
+            elif isinstance(f, UffdFile):
+                userfaultfd_exit_files(f)
 
     @property
     def exited(self) -> bool:

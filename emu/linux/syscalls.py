@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Awaitable, Callable
 
-from emu.linux import procfs
+from emu.linux import procfs, uffd
 from emu.linux.uaccess import EFault, copy_from_user, copy_to_user, strncpy_from_user
 from emu.sched import traps
 from mm_core import madvise, shmem
@@ -101,6 +101,8 @@ async def sys_read(ctx, fd, buf, count, *_):
         await copy_to_user(ctx.machine, ctx.mm, buf, data)
         f.pos += len(data)
         return len(data)
+    if isinstance(f, uffd.UffdFile):
+        return await uffd.userfaultfd_read(ctx, f, buf, count)
     return 0 if fd == 0 else -EBADF          # stdin is empty
 
 
@@ -307,7 +309,18 @@ async def sys_close(ctx, fd, *_):
         return -EBADF
     if isinstance(inode, shmem.ShmemInode):
         shmem.iput(ctx.k, inode)
+    elif isinstance(inode, uffd.UffdFile):
+        await uffd.userfaultfd_close(ctx.k, inode)
     return 0
+
+
+@syscall("userfaultfd")
+async def sys_userfaultfd(ctx, flags, *_):
+    """userfaultfd(2): an fd for a new userfaultfd context of the caller's mm (emu/linux/uffd.py)."""
+    f = uffd.new_userfaultfd(ctx.k, ctx.mm, flags & 0xFFFFFFFF)
+    if isinstance(f, int):
+        return f
+    return ctx.proc.install_fd(f)
 
 
 @syscall("mlock")
@@ -382,8 +395,13 @@ async def sys_set_robust_list(ctx, *_):
 
 
 @syscall("ioctl")
-async def sys_ioctl(ctx, fd, *_):
-    return -ENOTTY if fd in (0, 1, 2) else -EBADF
+async def sys_ioctl(ctx, fd, cmd=0, arg=0, *_):
+    f = ctx.proc.files.get(_signed(fd))
+    if isinstance(f, uffd.UffdFile):
+        return await uffd.userfaultfd_ioctl(ctx, f, cmd, arg)
+    if f is None:
+        return -EBADF
+    return -ENOTTY
 
 
 @syscall("uname")

@@ -28,7 +28,7 @@ async def user_paddr(machine, mm, va: int, access: Access, force: bool = False) 
             await handle_mm_fault(k, vma, va, FAULT_FLAG_WRITE if access & Access.W else 0)
             if access & Access.W:
                 access = Access.R         # the page is now a private copy; write it physically
-        elif await do_user_addr_fault(k, mm, va, access) is not FaultResult.OK:
+        elif await do_user_addr_fault(k, mm, va, access, user=False) is not FaultResult.OK:
             raise EFault(va)
     raise EFault(va)
 

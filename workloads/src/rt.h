@@ -56,6 +56,8 @@ typedef unsigned long      size_t;
 #define NR_mlock      149
 #define NR_munlock    150
 #define NR_openat     257
+#define NR_ioctl       16
+#define NR_userfaultfd 323
 #elif defined(__aarch64__)
 #define NR_ftruncate   46
 #define NR_close       57
@@ -83,6 +85,8 @@ typedef unsigned long      size_t;
 #define NR_mlock      228
 #define NR_munlock    229
 #define NR_mincore    232
+#define NR_ioctl       29
+#define NR_userfaultfd 282
 #elif defined(__s390x__)
 #define NR_exit         1
 #define NR_write        4
@@ -110,6 +114,8 @@ typedef unsigned long      size_t;
 #define NR_pread64    180
 #define NR_mincore    218
 #define NR_openat     288
+#define NR_ioctl       54
+#define NR_userfaultfd 355
 #elif defined(__powerpc64__)
 #define NR_exit         1
 #define NR_write        4
@@ -137,6 +143,8 @@ typedef unsigned long      size_t;
 #define NR_pread64    179
 #define NR_mincore    206
 #define NR_openat     286
+#define NR_ioctl       54
+#define NR_userfaultfd 364
 #else
 #error "emu workloads: unsupported architecture"
 #endif
@@ -334,6 +342,68 @@ static inline long sys_mlock(void *addr, size_t len)
 static inline long sys_munlock(void *addr, size_t len)
 {
     return rt_syscall2(NR_munlock, addr, len);
+}
+
+/* ---- userfaultfd (include/uapi/linux/userfaultfd.h) ---------------------
+ * ioctl numbers are _IOR / _IOWR(0xAA, nr, size) in asm/ioctl.h's encoding:
+ * the generic one (2 direction bits at 30, _IOC_WRITE 1, _IOC_READ 2) on
+ * x86_64, arm64 and s390x; powerpc has 3 direction bits at 29 (_IOC_WRITE 4). */
+#if defined(__powerpc64__)
+#define RT_IOC_DIRSHIFT 29
+#define RT_IOC_WRITE    4UL
+#else
+#define RT_IOC_DIRSHIFT 30
+#define RT_IOC_WRITE    1UL
+#endif
+#define RT_IOC_READ     2UL
+#define RT_IOC(dir, type, nr, size) \
+    (((dir) << RT_IOC_DIRSHIFT) | ((unsigned long)(size) << 16) | ((type) << 8) | (nr))
+#define RT_IOR(type, nr, size)  RT_IOC(RT_IOC_READ, type, nr, size)
+#define RT_IOWR(type, nr, size) RT_IOC(RT_IOC_READ | RT_IOC_WRITE, type, nr, size)
+
+#define UFFD_USER_MODE_ONLY 1
+#define O_NONBLOCK      04000
+#define O_CLOEXEC       02000000
+#define UFFD_API        0xAAUL
+#define UFFD_EVENT_PAGEFAULT      0x12
+#define UFFD_PAGEFAULT_FLAG_WRITE (1UL << 0)
+#define UFFD_PAGEFAULT_FLAG_WP    (1UL << 1)
+#define UFFDIO_REGISTER_MODE_MISSING (1UL << 0)
+#define UFFDIO_REGISTER_MODE_WP      (1UL << 1)
+#define _UFFDIO_REGISTER   0x00
+#define _UFFDIO_UNREGISTER 0x01
+#define _UFFDIO_WAKE       0x02
+#define _UFFDIO_COPY       0x03
+#define _UFFDIO_ZEROPAGE   0x04
+#define _UFFDIO_API        0x3F
+
+struct uffd_msg {                      /* __packed in the uapi; no padding here */
+    u8 event, reserved1;
+    unsigned short reserved2;
+    u32 reserved3;
+    u64 flags, address, ptid;          /* arg.pagefault (+ feat.ptid, padded) */
+};
+struct uffdio_api      { u64 api, features, ioctls; };
+struct uffdio_range    { u64 start, len; };
+struct uffdio_register { struct uffdio_range range; u64 mode, ioctls; };
+struct uffdio_copy     { u64 dst, src, len, mode; s64 copy; };
+struct uffdio_zeropage { struct uffdio_range range; u64 mode; s64 zeropage; };
+
+#define UFFDIO_API        RT_IOWR(0xAAUL, _UFFDIO_API, sizeof(struct uffdio_api))
+#define UFFDIO_REGISTER   RT_IOWR(0xAAUL, _UFFDIO_REGISTER, sizeof(struct uffdio_register))
+#define UFFDIO_UNREGISTER RT_IOR(0xAAUL, _UFFDIO_UNREGISTER, sizeof(struct uffdio_range))
+#define UFFDIO_WAKE       RT_IOR(0xAAUL, _UFFDIO_WAKE, sizeof(struct uffdio_range))
+#define UFFDIO_COPY       RT_IOWR(0xAAUL, _UFFDIO_COPY, sizeof(struct uffdio_copy))
+#define UFFDIO_ZEROPAGE   RT_IOWR(0xAAUL, _UFFDIO_ZEROPAGE, sizeof(struct uffdio_zeropage))
+
+static inline long sys_userfaultfd(int flags)
+{
+    return rt_syscall1(NR_userfaultfd, flags);
+}
+
+static inline long sys_ioctl(int fd, unsigned long cmd, void *arg)
+{
+    return rt_syscall3(NR_ioctl, fd, cmd, arg);
 }
 
 #define SIGCHLD 17
