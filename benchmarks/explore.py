@@ -426,7 +426,7 @@ def full_clean(scenarios: list[str], budget: int) -> list[dict[str, Any]]:
         rows.append({
             "scenario": name, "kernel": kernel, "why": why, "schedules": r.schedules,
             "seconds": r.seconds, "rate": r.schedules / r.seconds, "clean": r.outcome is None,
-            "finding": None if r.outcome is None else r.outcome.finding.message,
+            "finding": None if r.outcome is None else r.outcome.finding.title,
             "found_by": r.found_by or None, "found_after": r.found_after or None,
             "schedule": None if r.outcome is None else r.outcome.schedule.encode(),
         })
