@@ -1,4 +1,4 @@
-"""The walker entry points raced against retract_page_tables() (emu/scenarios.py's
+"""The walker entry points raced against retract_page_tables() (emu/scenarios/walkers.py's
 mprotect-, mlock-, madv-cold-, numa-maps- and hwpoison-vs-retract): the race really reaches each
 walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
 does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into

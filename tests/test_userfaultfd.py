@@ -501,7 +501,7 @@ def test_continue_gets_eagain_when_retract_takes_the_table_after_the_pmd_check()
     assert sc.results["uffd"] == -userfaultfd.EAGAIN and k.stats["mfill_eagain"] == 1
     assert pte_raw(k, mm, va) is None
     assert m.uffdio_continue(ctx, va, page) == page                 # the caller's retry
-    assert m.read_user(mm, va, 8) == (7).to_bytes(8, "little")         # _file_data(): page 6 of the file
+    assert m.read_user(mm, va, 8) == (7).to_bytes(8, "little")         # file_data(): page 6 of the file
     assert pte_of(k, mm, va).paddr == w.extra["folio"].paddr + 6 * page
     m.exit_mm(mm)
     sc.close()

@@ -1,0 +1,226 @@
+"""Swap scenarios: do_swap_page, swapoff's unuse walk, MADV_PAGEOUT, khugepaged's swap-in
+and shmem swap racing each other, exit and zap.
+"""
+from __future__ import annotations
+
+import emu
+from emu.scenario import Scenario
+from emu.scenarios.base import (
+    BASE,
+    World,
+    scenario,
+)
+from emu.sched.loop import run_sync
+from mm_core import huge_memory, madvise, swap_state
+from mm_core.sanitizers import Finding
+
+# -- swap ------------------------------------------------------------------------------------
+
+def swapped_page(sc: Scenario, cached: bool, pages: int = 1) -> tuple:
+    """An mm with ``pages`` anon pages written, swapped out by MADV_PAGEOUT (and, ``cached``,
+    the first read back into the swap cache by MADV_WILLNEED): (mm, address, the first
+    page's bytes); page i holds swap_marker(k, address + i pages)."""
+    m, k = sc.machine, sc.kernel
+    m.swapon(4, readahead=1)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(pages):
+        va = a + i * k.page_size
+        k.physmem.write(m.touch(mm, va, write=True), swap_marker(k, va))
+    m.madvise(mm, a, pages * k.page_size, madvise.MADV_PAGEOUT)
+    if cached:
+        m.madvise(mm, a, k.page_size, madvise.MADV_WILLNEED)
+    return mm, a, swap_marker(k, a)
+
+
+def swap_marker(k, va: int) -> bytes:
+    return b"swapped!" + (va >> k.page_shift).to_bytes(8, "little")
+
+
+async def swapin_and_check(k, m, mm, va: int, write: bool, name: str):
+    """Fault ``va`` in (again after each FAULT-RETRY) and check the bytes swapped out."""
+    from emu.arch import Access
+    from mm_core import memory
+    data = swap_marker(k, va)
+    for _ in range(8):
+        paddr = m.translate(mm, va, "w" if write else "r")
+        if paddr is not None:
+            seen = k.physmem.read(paddr, len(data))
+            if seen != data:
+                raise Finding("ORACLE", "ORACLE: a swapped-in page does not hold what was swapped out",
+                              "ORACLE:swapin", [f"  {name} reads {seen!r} at {va:#x}, expected {data!r}"])
+            return "written" if write else "read"
+        ret = await memory.do_user_addr_fault(k, mm, va, Access.W if write else Access.R)
+        if ret is not memory.FaultResult.OK:
+            raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
+    raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page", "ORACLE:swapin-refault")
+
+
+@scenario("swapin-vs-swapin",
+          "two threads fault the same swapped-out anon page (do_swap_page): one maps the swap-cache "
+          "folio, the other finds the pte changed under its ptl (pte_same) and refaults; both must "
+          "read the bytes written before MADV_PAGEOUT, and rss and the swap counts must balance",
+          catches=("do_swap_page_without_pte_same",))
+def swapin_vs_swapin(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    mm, a, _ = swapped_page(sc, cached=False)
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a, False, "t2"))
+    return World([mm], [], a, 0)
+
+
+@scenario("swapoff-vs-swapin",
+          "swapoff (try_to_unuse -> unuse_pte_range -> unuse_pte) while two threads fault in the "
+          "two swapped-out pages, one of them already in the swap cache: get_swap_device() pins "
+          "the area under a fault, do_swap_page rechecks the folio is still the swap cache's and "
+          "pte_same, unuse_pte skips a pte faulted in first; the bytes must come back either way")
+def swapoff_vs_swapin(sc: Scenario) -> World:
+    from mm_core import swapfile
+    m, k = sc.machine, sc.kernel
+    mm, a, _ = swapped_page(sc, cached=True, pages=2)
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: swapoff failed with {ret}", "ORACLE:swapoff")
+        return "off"
+
+    sc.task("swapoff", swapoff())
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a + k.page_size, True, "t2"))
+    return World([mm], [], a, 0)
+
+
+@scenario("swapoff-vs-exit",
+          "swapoff's try_to_unuse() while a process exits: exit_mmap() (mm_users already 0, so "
+          "unuse_mm skips it) zaps a swap pte whose slot also has a swap-cache folio, and "
+          "free_swap_and_cache() drops the count; swapoff's cache pass can then free the slot, "
+          "finish, and free the area: free_swap_and_cache() must hold it with get_swap_device()",
+          catches=("free_swap_and_cache_without_get_swap_device",))
+def swapoff_vs_exit(sc: Scenario) -> World:
+    from mm_core import memory, swapfile
+    k = sc.kernel
+    mm, a, _ = swapped_page(sc, cached=True)
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: swapoff failed with {ret}", "ORACLE:swapoff")
+        return "off"
+
+    async def exit_mm():
+        await memory.exit_mmap(k, mm)            # check_mm() at its end
+        return "exited"
+
+    sc.task("exit", exit_mm())
+    sc.task("swapoff", swapoff())
+    return World([], [], a, 0)
+
+
+@scenario("pageout-vs-swapin",
+          "MADV_PAGEOUT swapping out two anon pages (the walk, then shrink_folio_list: "
+          "add_to_swap, try_to_unmap_one under the ptl, pageout, __remove_mapping) while one "
+          "thread reads and another writes them, faulting them back in (do_swap_page) when they "
+          "are gone: the bytes written before must be read back whatever the interleaving")
+def pageout_vs_swapin(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    m.swapon(4, readahead=2)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(2):
+        va = a + i * k.page_size
+        k.physmem.write(m.touch(mm, va, write=True), swap_marker(k, va))
+
+    async def pageout():
+        for _ in range(2):
+            ret = await madvise.do_madvise(k, mm, a, 2 * k.page_size, madvise.MADV_PAGEOUT)
+            if ret:
+                raise Finding("ORACLE", f"ORACLE: MADV_PAGEOUT failed with {ret}", "ORACLE:pageout")
+        return "paged out"
+
+    async def reader():
+        for _ in range(2):
+            await swapin_and_check(k, m, mm, a, False, "reader")
+        return "read"
+
+    sc.task("pageout", pageout())
+    sc.task("reader", reader())
+    sc.task("writer", swapin_and_check(k, m, mm, a + k.page_size, True, "writer"))
+    return World([mm], [], a, 0)
+
+
+@scenario("khugepaged-swapin-vs-zap",
+          "MADV_COLLAPSE of an anon PMD range with two swapped-out pages, one already in the swap "
+          "cache: hpage_collapse_scan_pmd() counts them and __collapse_huge_page_swapin() brings "
+          "them in through do_swap_page(FAULT_FLAG_ALLOW_RETRY) under mmap_read_lock, while a "
+          "thread faults the cached one in (a locked folio: VM_FAULT_RETRY, the collapse gives up "
+          "with mmap_lock already dropped) and MADV_DONTNEED zaps the other (its swap pte before "
+          "the swap-in, or its page after the collapse): the kept page must read its bytes, the "
+          "zapped one zeroes, and rss and the swap counts must balance at exit")
+def khugepaged_swapin_vs_zap(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    m.swapon(4, readahead=1)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    for i in range(3):                                   # the third stays: a writable pte
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    m.madvise(mm, a, page, madvise.MADV_WILLNEED)
+
+    async def collapse():
+        ret = await madvise.do_madvise(k, mm, a, size, madvise.MADV_COLLAPSE)
+        if ret not in (0, -11):                          # SCAN_SUCCEED, or SCAN_PAGE_LOCK: -EAGAIN
+            raise Finding("ORACLE", f"ORACLE: MADV_COLLAPSE failed with {ret}", "ORACLE:collapse")
+        return "collapsed" if ret == 0 else "gave up"
+
+    async def dontneed():
+        ret = await madvise.do_madvise(k, mm, a + page, page, madvise.MADV_DONTNEED)
+        paddr = m.translate(mm, a + page)
+        if ret or (paddr is not None and k.physmem.read(paddr, 16) != bytes(16)):
+            raise Finding("ORACLE", "ORACLE: a zapped page still holds its bytes", "ORACLE:zap",
+                          [f"  MADV_DONTNEED returned {ret}, pa {paddr}"])
+        return "zapped"
+
+    sc.task("collapse", collapse())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    sc.task("dontneed", dontneed())
+    return World([mm], [], a, 0)
+
+
+@scenario("shmem-swapoff-vs-fault",
+          "swapoff's shmem_unuse() (shmem_find_swap_entries, shmem_swapin_folio) while two "
+          "threads fault the two swapped-out pages of a shared memfd mapping back in, one "
+          "already in the swap cache: whoever locks the folio second finds it no longer the swap "
+          "cache's (or the index no longer holding the entry) and looks again (-EEXIST, "
+          "goto repeat); the bytes written before MADV_PAGEOUT must come back and every slot go")
+def shmem_swapoff_vs_fault(sc: Scenario) -> World:
+    from mm_core import swapfile
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-swap", 2 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+               file=inode)
+    for i in range(2):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    off = inode.mapping.swap_entries[0]
+    run_sync(swap_state.read_swap_cache_async(k, swapfile.swp_entry_to_pte(off), None, 0))
+    k.swap_info.cache[off].refcount -= 1                # only the swap cache holds it
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret or inode.swapped or inode.mapping.swap_entries:
+            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                          "still swapped", "ORACLE:shmem-swapoff")
+        return "off"
+
+    sc.task("swapoff", swapoff())
+    sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
+    sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
+    return World([mm], [inode], a, 0)
