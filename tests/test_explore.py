@@ -234,3 +234,16 @@ def test_uffd_move_twins_run_clean_where_uffdio_move_exists(scenario: str, kerne
     default 6.6 the ioctl is -EINVAL (the generic twin test above)."""
     result = ex.explore(SCENARIOS[scenario], budget=60, seed=7, kernel=kernel)
     assert result.outcome is None and result.schedules == 60
+
+
+def test_the_uffd_wp_marker_window_of_the_66_model_replays() -> None:
+    """The one finding of --full-clean in a fixed twin (docs/explore.md): UFFDIO_WRITEPROTECT's
+    change_pmd_prepare() sees the table, retract_page_tables() (past its uffd-wp recheck)
+    clears the pmd, and change_pmd_range()'s pmd_none() test skips the markers. The schedule
+    replays to it exactly; if the model changes here, this test says so."""
+    sched = Schedule.decode(
+        "emu1.mwG7cmV0cmFjdC12cy11ZmZkLXdwLXJlZ2lzdGVyozYuNqZ4ODZfNjSgk6praHVnZXBhZ2Vkp3JldHJhY3Sk"
+        "dWZmZJoAAgEIAgoBBQIPsDdlMDAxZTAyNTk5MWEwY2a2cmFuZG9tKHN0aWNraW5lc3M9MC41KQCQ")
+    out = ex.replay(sched)
+    assert out.finding is not None and out.finding.signature == "ORACLE:uffd-wp-lost"
+    assert out.preemptions == 2
