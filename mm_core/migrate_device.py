@@ -180,7 +180,7 @@ async def migrate_vma_collect_pmd(pmdp: int, start: int, end: int, walk: pagewal
             mpfn = migrate_pfn(pte.paddr >> PAGE_SHIFT) | MIGRATE_PFN_MIGRATE
             if pte.prot & Access.W:
                 mpfn |= MIGRATE_PFN_WRITE
-            if page is None or not _has_mapping(page) or page.order:        # FIXME support THP
+            if page is None or not _has_mapping(page) or page.order:   # 6.6: "FIXME support THP"
                 mpfn = 0
             else:
                 mpfn = await _collect_page(k, mig, vma, a, entp, pte, page, mpfn)
