@@ -65,6 +65,8 @@ async def perf_get_page_size(k, mm, addr: int) -> int:
     if mm is None:
         from mm_core.vmalloc import get_init_mm
         mm = get_init_mm(k)
+    if "perf_get_page_size_without_irqs_off" in k.bugs:       # bug injection: no local_irq_save()
+        return await perf_get_pgtable_size(k, mm, addr)
     await rcu_read_lock(k)                                    # local_irq_save()
     try:
         return await perf_get_pgtable_size(k, mm, addr)

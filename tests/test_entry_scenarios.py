@@ -1,8 +1,10 @@
 """The walker entry points raced against retract_page_tables() (emu/scenarios/walkers.py's
-mprotect-, mlock-, madv-cold-, numa-maps- and hwpoison-vs-retract): the race really reaches each
+mprotect-, mlock-, madv-cold-, numa-maps-, hwpoison- and perf-vs-retract): the race really reaches each
 walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
 does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into
-the stale table" bug is a use-after-free of the retracted table, reported in that walker."""
+the stale table" bug is a use-after-free of the retracted table, reported in that walker.
+perf's walk maps a stack copy of the pmd, which retraction cannot make fail: there the
+injected bug is the walk without IRQs off (the RCU read side that keeps the copy's table)."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,3 +67,29 @@ def test_mprotect_over_a_migrating_thp_is_caught_by_the_oracle_not_a_sanitizer()
     assert result.outcome is not None
     assert result.outcome.finding.signature == "ORACLE:mprotect"
     assert "writable" in result.outcome.finding.title
+
+
+def test_perf_maps_its_pmd_copy_through_a_retraction_and_samples_right() -> None:
+    """perf_get_pgtable_size()'s RETRY (a failed pte_offset_map(&pmd)) is for a bad copy
+    only: retraction clears the live pmd, never the copy, so no schedule retries, and the
+    oracle (size 0 in the retracted range, one page after it) holds on every one."""
+    spec = SCENARIOS["perf-vs-retract"]
+    assert spec.catches == ("perf_get_page_size_without_irqs_off",)
+    kernels: list = []
+    rec = recording(spec, kernels)
+    for seed in range(40):
+        outcome = ex.execute(rec, RandomWalk(seed=seed))
+        assert outcome.finding is None, outcome.finding
+        assert kernels[-1].stats["perf_pgtable_again"] == 0
+        assert kernels[-1].stats["retracted_tables"] == 1           # the table really went
+
+
+def test_perf_without_irqs_off_reads_the_freed_table_and_the_fixed_twin_does_not() -> None:
+    """Without local_irq_save() the table the stack copy names can be freed between
+    pmdp_get_lockless() and pte_offset_map(&pmd)'s rcu_read_lock(): a use-after-free in
+    perf_get_pgtable_size. The same exploration of the fixed kernel is clean."""
+    spec = SCENARIOS["perf-vs-retract"]
+    bad = ex.explore(spec, budget=200, seed=3, inject=("perf_get_page_size_without_irqs_off",))
+    assert bad.outcome is not None
+    assert bad.outcome.finding.signature == "UAF:pagetable:read:perf_get_pgtable_size"
+    assert ex.explore(spec, budget=200, seed=3).outcome is None

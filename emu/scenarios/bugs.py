@@ -121,6 +121,10 @@ BUGS: dict[str, str] = {
         "memory-failure's hwpoison_pte_range() goes on into the table its pmd read named after "
         "a failed pte_offset_map_lock() (instead of SKIP, goto out) while kill_accessing_process() "
         "looks for the poisoned pfn",
+    "perf_get_page_size_without_irqs_off":
+        "perf_get_page_size() walks without local_irq_save(): pte_offset_map(&pmd)'s own "
+        "rcu_read_lock() comes after pmdp_get_lockless(), so the stack copy can name a table "
+        "retract_page_tables()' pte_free_defer() freed in between",
 }
 
 

@@ -262,3 +262,32 @@ def mprotect_vs_thp_migration(sc: Scenario) -> World:
     sc.task("mprotect", protect())
     sc.task("migrate", completing(stalled_thp_migration(k, mm.vma_lookup(a), pmdp), migrated))
     return World([mm], [], a, pmdp)
+
+
+@scenario("perf-vs-retract",
+          "perf's sample page size (perf_get_page_size -> perf_get_pgtable_size: IRQs off, "
+          "pmdp_get_lockless() into a stack copy, pte_offset_map(&pmd), a failed map is RETRY) "
+          "of a shared shmem mapping racing retract_page_tables(). The copy cannot fail to map "
+          "(retraction clears the live pmd, not the copy): IRQs off is what keeps the table it "
+          "names from being freed. Oracle: the retracted range samples as size 0, the written "
+          "page after it as one page",
+          catches=("perf_get_page_size_without_irqs_off",))
+def perf_vs_retract(sc: Scenario) -> World:
+    from mm_core import events_core
+    w, length, _ = entry_world(sc)
+    k = sc.kernel
+    mm = w.mms[0]
+    last = w.addr + length - k.page_size
+    samples = {w.addr: 0, w.addr + k.page_size: 0, last: k.page_size}
+
+    async def sample():
+        sizes = {va: await events_core.perf_get_page_size(k, mm, va) for va in samples}
+        if sizes != samples:
+            raise _oracle("perf sampled a wrong page size",
+                          f"{ {hex(va): s for va, s in sizes.items()} }, want "
+                          f"{ {hex(va): s for va, s in samples.items()} }")
+        return "sampled"
+
+    sc.task("perf", sample())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
