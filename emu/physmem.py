@@ -7,8 +7,10 @@ first byte. Page-table entries are read in the arch's byte order.
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import struct
+import weakref
 
 from emu.arch import PAGE_SHIFT, PAGE_SIZE
 
@@ -33,7 +35,16 @@ def parse_size(text: str | int) -> int:
 _POOL: dict[int, list[mmap.mmap]] = {}
 _POOL_MAX = 4                # buffers kept per size
 _POOL_SIZE_MAX = 32 << 20    # bigger RAM is not worth keeping resident (the explorer's is 8-16M)
+# Machines refer to their kernels and schedulers in cycles, so RAM nobody can reach any
+# more is unmapped only when the cycle collector runs, which counts objects, not bytes:
+# past this much guest RAM alive, a new PhysMem collects first.
+_LIVE_MAX = 768 << 20
+_live = [0]
 _ZERO_GAP = 32          # clean frames between two dirty ones zeroed anyway (one memset)
+
+
+def _forget(size: int) -> None:
+    _live[0] -= size
 
 
 class PhysicalAddressError(Exception):
@@ -48,6 +59,8 @@ class PhysMem:
             raise ValueError("guest memory must be at least 4M")
         size = (size + (2 << 20) - 1) & ~((2 << 20) - 1)
         self.size = size
+        if _live[0] + size > _LIVE_MAX:
+            gc.collect()
         pooled = _POOL.get(size)
         if pooled:
             self.buf = pooled.pop()             # all zero again: see close()
@@ -57,6 +70,8 @@ class PhysMem:
             # MAP_POPULATE prefaults: a first touch costs ~9 us a page from inside a guest run.
             self.buf = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self.buf)
+        _live[0] += size
+        self._gone = weakref.finalize(self, _forget, size)      # at close() or collection
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         self.big_endian = big_endian
         self.entry = struct.Struct(">Q" if big_endian else "<Q")
@@ -138,6 +153,7 @@ class PhysMem:
         """Unmap the RAM; with ``recycle`` (and nobody untracked ever wrote to it) zero
         the frames written and keep the buffer for the next PhysMem of this size."""
         self._view.release()
+        self._gone()
         pool = _POOL.setdefault(self.size, [])
         if not recycle or self.exposed or len(pool) >= _POOL_MAX or self.size > _POOL_SIZE_MAX:
             self.buf.close()

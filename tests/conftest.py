@@ -67,12 +67,3 @@ def finish(m, *mms, files=()) -> None:
     m.rcu_barrier()
     assert k.ptdescs == {} and k.deferred_tables() == []
     assert k.alloc.pages.keys() == {k.zero_page.pfn}
-
-
-def pytest_runtest_teardown(item, nextitem) -> None:
-    """Machines, kernels and schedulers refer to each other, so a finished test's guest RAM
-    (up to 64M, often prefaulted) goes only when the cycle collector runs, which counts
-    objects, not bytes: collect after every test to keep the suite's memory flat (the whole
-    suite peaked at 2.2 GB without this, a few hundred MB with it)."""
-    import gc
-    gc.collect()

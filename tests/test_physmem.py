@@ -52,3 +52,22 @@ def test_big_ram_is_not_kept() -> None:
     ram.write(0, b"x")
     ram.close(recycle=True)
     assert not physmem._POOL.get(big)
+
+
+def test_unreachable_ram_is_collected_before_live_ram_passes_the_limit() -> None:
+    """Machines hold their RAM in reference cycles; past _LIVE_MAX alive, a new PhysMem runs
+    the cycle collector, so RAM nobody can reach is unmapped before more is mapped."""
+    import gc
+
+    class Cycle:
+        pass
+
+    gc.collect()
+    before = physmem._live[0]
+    for _ in range(3 * physmem._LIVE_MAX // SIZE):
+        c = Cycle()
+        c.ram, c.me = PhysMem(SIZE, big_endian=False, prefault=False), c   # garbage, in a cycle
+        del c
+    assert physmem._live[0] - before <= physmem._LIVE_MAX
+    gc.collect()
+    assert physmem._live[0] == before
