@@ -33,6 +33,7 @@
  * to stderr only.
  */
 #include "rt.h"
+#include "page_pattern.h"
 #include "shmem_map.h"
 
 #define FILE_SIZE  (4UL << 20)
@@ -47,21 +48,6 @@
 #define STACK_SIZE (32UL << 10)
 #define FINAL      (~0UL)              /* the own-word tag after the checkers stop */
 #define DEFAULT_ROUNDS 20
-
-static u64 page_value(u64 i)
-{
-    return (i + 1) * 0x9e3779b97f4a7c15UL ^ (i << 32);
-}
-
-static u64 page_offset(u64 i)
-{
-    return (i * 56) & (PAGE_SIZE - 8);
-}
-
-static u64 mix(u64 sum, u64 v)
-{
-    return sum * 0x100000001b3UL ^ v;
-}
 
 /* The own word of page i with tag r: 0 before the threads start, the round
  * number while a checker runs, FINAL after it stops. */

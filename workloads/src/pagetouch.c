@@ -10,24 +10,10 @@
  * output is the same on little- and big-endian arches.
  */
 #include "rt.h"
+#include "page_pattern.h"
 
 #define DEFAULT_PAGES 256
 #define HEAP_PAGES    16
-
-static u64 page_value(u64 i)
-{
-    return (i + 1) * 0x9e3779b97f4a7c15UL ^ (i << 32);
-}
-
-static u64 page_offset(u64 i)
-{
-    return (i * 56) & (PAGE_SIZE - 8);
-}
-
-static u64 mix(u64 sum, u64 v)
-{
-    return sum * 0x100000001b3UL ^ v;
-}
 
 int main(int argc, char **argv)
 {

@@ -19,6 +19,7 @@
  * to stderr only: stdout is the same whether the collapse happened or not.
  */
 #include "rt.h"
+#include "page_pattern.h"
 #include "shmem_map.h"
 
 #define FILE_SIZE  (4UL << 20)
@@ -27,21 +28,6 @@
 #define HUGE_PAGES (HUGE_SIZE / PAGE_SIZE)
 #define DONTNEED_OFF  (3UL << 20)      /* 64 KiB at 3 MiB: outside the collapsed range */
 #define DONTNEED_LEN  (64UL << 10)
-
-static u64 page_value(u64 i)
-{
-    return (i + 1) * 0x9e3779b97f4a7c15UL ^ (i << 32);
-}
-
-static u64 page_offset(u64 i)
-{
-    return (i * 56) & (PAGE_SIZE - 8);
-}
-
-static u64 mix(u64 sum, u64 v)
-{
-    return sum * 0x100000001b3UL ^ v;
-}
 
 static volatile u64 *word(u8 *base, u64 i)
 {
