@@ -10,6 +10,7 @@ from emu.scenarios.base import (
     World,
     collapse_file_tail,
     collapsed_shmem,
+    completing,
     scenario,
 )
 from emu.sched import traps
@@ -55,11 +56,6 @@ def retract_vs_uffd_wp_register(sc: Scenario) -> World:
     protected = w.addr + 4 * page
     retracted = Completion("retract done")
 
-    async def retract():
-        n = await collapse_file_tail(k, w)
-        retracted.complete()
-        return n
-
     async def register_and_protect():
         ret = await userfaultfd.userfaultfd_register(k, ctx, w.addr, size,
                                                      userfaultfd.UFFDIO_REGISTER_MODE_WP)
@@ -93,7 +89,7 @@ def retract_vs_uffd_wp_register(sc: Scenario) -> World:
         raise Finding("ORACLE", "ORACLE: a write to a uffd-wp protected page neither mapped nor "
                       "reached the userfaultfd", "ORACLE:uffd-wp-fault")
 
-    sc.task("retract", retract())
+    sc.task("retract", completing(collapse_file_tail(k, w), retracted))
     sc.task("uffd", register_and_protect())
     return w
 
