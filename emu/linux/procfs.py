@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from errno import EACCES, EBADF, EINVAL, ENOENT
 
 from mm_core import task_mmu
 
 O_ACCMODE, O_RDONLY, O_WRONLY, O_RDWR = 3, 0, 1, 2
-ENOENT, EACCES, EINVAL, ESRCH, EBADF = 2, 13, 22, 3, 9
 SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
 
 # name -> (readable, writable) as the files' modes allow (0444 / 0400 / 0200)
