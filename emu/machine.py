@@ -624,11 +624,16 @@ class Machine:
     def clone_thread(self, parent: Thread, newsp: int, tls: int | None) -> Thread:
         """The vCPU side of clone(CLONE_VM|CLONE_THREAD): a new thread with a copy of the
         parent's registers, returning 0 from the syscall on its own stack."""
-        proc = parent.process
+        return self._copy_thread(parent, parent.process, self._next_tid(), newsp, tls)
+
+    def _copy_thread(self, parent: Thread, proc: Process, tid: int, newsp: int,
+                     tls: int | None = None) -> Thread:
+        """copy_thread(): thread ``tid`` of ``proc`` on a vCPU, with the parent's registers
+        (optionally another stack and TLS), returning 0 from the syscall; runnable."""
         vcpu = self._vcpu_for_new_thread()
         self.bind(parent)
         regs = parent.vcpu.uc.context_save()
-        child = Thread(self._next_tid(), proc, vcpu)
+        child = Thread(tid, proc, vcpu)
         self._unbind(vcpu)
         vcpu.uc.context_restore(regs)
         vcpu.sentinel = parent.vcpu.sentinel
@@ -667,22 +672,8 @@ class Machine:
         if proc.child_exit is None:
             proc.child_exit = WaitQueue(f"wait_chldexit@{proc.pid}")
         proc.children.append(child)
-        vcpu = self._vcpu_for_new_thread()
-        self.bind(parent)
-        regs = parent.vcpu.uc.context_save()
-        thread = Thread(pid, child, vcpu)
-        self._unbind(vcpu)
-        vcpu.uc.context_restore(regs)
-        vcpu.sentinel = parent.vcpu.sentinel
-        vcpu.switch_mm(child_mm)
-        vcpu.loaded = thread
-        if newsp:
-            vcpu.uc.reg_write(self.arch.sp_reg, newsp)
-        self.arch.set_syscall_result(vcpu.uc, 0)
-        child.threads.append(thread)
         self.processes.append(child)
-        thread.task = self.scheduler.spawn(guest_thread(self, thread), f"{os.path.basename(proc.path)}:{pid}")
-        self._thread_of_task[thread.task] = thread
+        self._copy_thread(parent, child, pid, newsp)
         return child
 
     def _run_user(self, thread: Thread, quantum: int) -> UserStop:
