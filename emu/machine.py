@@ -30,6 +30,7 @@ from mm_core import (
     mempolicy,
     migrate_device,
     pgtable,
+    ptdump,
     rcu,
     shmem,
     swapfile,
@@ -240,6 +241,17 @@ class Machine:
         """/proc/PID/smaps: one record per VMA (``rec["Rss"]`` in kB, ``rec.mss`` in bytes,
         ``rec.render()`` the kernel's text)."""
         return run_sync(task_mmu.show_smaps(self.kernel, mm))
+
+    def ptdump(self, mm: MMStruct | None = None) -> str:
+        """The page-table dump (mm/ptdump.c): init_mm's kernel tables as
+        /sys/kernel/debug/kernel_page_tables shows them, or with ``mm`` a process's user
+        tables (x86's page_tables/current_user), one line per range of equal attributes."""
+        return "".join(line + "\n" for line in run_sync(ptdump.ptdump_show(self.kernel, mm)))
+
+    def ptdump_check_wx(self) -> int:
+        """CONFIG_DEBUG_WX's check of init_mm: the number of writable+executable kernel
+        pages (0: passed); the verdict goes to the kernel log."""
+        return run_sync(ptdump.ptdump_check_wx(self.kernel))
 
     def numa_maps(self, mm: MMStruct) -> str:
         """/proc/PID/numa_maps: one line per VMA (policy, anon/dirty/mapped/mapmax/active,
