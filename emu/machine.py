@@ -409,16 +409,20 @@ class Machine:
         run_sync(memory.exit_mm(self.kernel, mm))
 
     def get_user_pages(self, mm: MMStruct, addr: int, nr: int, write: bool = False, *,
-                       pin: bool = False, fast: bool = False) -> list[int]:
+                       pin: bool = False, fast: bool = False, split_pmd: bool = False) -> list[int]:
         """get_user_pages_unlocked() (``fast``: get_user_pages_fast(); ``pin``: the
         pin_user_pages variants, FOLL_PIN): take a reference on (or pin) ``nr`` pages
         from ``addr``, faulting them in as a kernel access would (``write`` breaks COW);
         returns their physical addresses (fewer than ``nr`` if GUP stopped early).
-        Release them with put_page() or, if pinned, unpin_user_pages(). Raises OSError
-        when no page could be taken."""
+        Release them with put_page() or, if pinned, unpin_user_pages(). ``split_pmd``
+        (FOLL_SPLIT_PMD, as uprobes asks) splits a PMD-mapped THP and takes the page
+        through its new PTE; GUP-fast refuses it (-EINVAL). Raises OSError when no page
+        could be taken."""
         k = self.kernel
         pages: list[int] = []
-        flags = gup.FOLL_WRITE if write else 0
+        flags = (gup.FOLL_WRITE if write else 0) | (gup.FOLL_SPLIT_PMD if split_pmd else 0)
+        if fast and split_pmd:
+            raise OSError(22, "GUP-fast takes no FOLL_SPLIT_PMD")
         if fast:
             fn = gup.pin_user_pages_fast if pin else gup.get_user_pages_fast
             ret = run_sync(fn(k, mm, addr, nr, flags, pages))

@@ -52,6 +52,7 @@ FOLL_FORCE = 1 << 3
 FOLL_NOWAIT = 1 << 4
 FOLL_NOFAULT = 1 << 5
 FOLL_LONGTERM = 1 << 8
+FOLL_SPLIT_PMD = 1 << 9
 FOLL_TOUCH = 1 << 16
 FOLL_PIN = 1 << 19
 FOLL_FAST_ONLY = 1 << 20
@@ -255,7 +256,8 @@ async def follow_pmd_mask(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
     present (a migration entry) is no_page_table() (the fault waits for the migration);
     a table goes to follow_page_pte(); a huge pmd is rechecked under the pmd lock and
     followed by follow_trans_huge_pmd(), or, if it stopped being huge meanwhile, handled
-    at the pte level."""
+    at the pte level. FOLL_SPLIT_PMD splits a huge pmd first and goes to the pte level
+    (a failed map there is no_page_table(): RETRY through the fault path)."""
     arch = k.arch
     pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, pmdp))
     if pmdval.kind in (Kind.NONE, Kind.MIGRATION, Kind.SWAP):
@@ -272,6 +274,17 @@ async def follow_pmd_mask(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
         return no_page_table(vma, flags)
     if cur.kind is not Kind.LEAF:                               # split under us
         await traps.unlock(pml)
+        return await follow_page_pte(k, vma, address, pmdp, flags, ctx)
+    if flags & FOLL_SPLIT_PMD:
+        # uprobes' get_user_pages_remote(FOLL_FORCE | FOLL_SPLIT_PMD): split, and if
+        # that left the pmd empty (a file THP's mapping is dropped) "stuff a page table
+        # in there quickly"; the pte level may still find no table (retracted again, or
+        # refaulted huge): no_page_table(), and __get_user_pages() faults and retries
+        await traps.unlock(pml)
+        await huge_memory.split_huge_pmd(k, vma, pmdp, address)
+        k.stats["gup_split_pmd"] += 1
+        if not await pgtable.pte_alloc(k, vma.mm, pmdp):
+            return -ENOMEM
         return await follow_page_pte(k, vma, address, pmdp, flags, ctx)
     page = await follow_trans_huge_pmd(k, vma, address, pmdp, cur, flags)
     await traps.unlock(pml)

@@ -411,3 +411,71 @@ def test_gup_fast_mapping_the_live_pmd_reads_the_thp_as_a_table() -> None:
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
     assert found.value.signature == "BADPMD:read:gup_pte_range" and "shmem page" in found.value.title
     sc.close()
+
+
+# -- FOLL_SPLIT_PMD (uprobes) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_split_pmd_gup_of_an_anon_thp_splits_it_and_follows_the_pte(arch: str) -> None:
+    m = emu.Machine(arch=arch, mem="64M", prefault=False)
+    k = m.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, ANON)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    thp = m.touch(mm, a, write=True)
+    assert pmd_of(k, mm, a)[1].kind is Kind.LEAF
+    got = m.get_user_pages(mm, a + 7 * page, 2, split_pmd=True)
+    assert pmd_of(k, mm, a)[1].kind is Kind.TABLE and k.stats["gup_split_pmd"] == 1
+    assert got == [thp + 7 * page, thp + 8 * page] == [m.translate(mm, a + (7 + i) * page) for i in range(2)]
+    assert k.stats["gup_faultin"] == 0                        # the deposited table keeps every pte
+    with pytest.raises(OSError):
+        m.get_user_pages(mm, a, 1, fast=True, split_pmd=True)
+    for pa in got:
+        m.put_page(pa)
+    finish(m, mm)
+
+
+def _shmem_pmd_mapped(arch: str = "x86_64"):
+    """A shared shmem mapping whose huge folio is mapped by a PMD leaf."""
+    sc, m, k, mm, inode, a, pmdp, table = collapsed_world(arch, mem="32M", prefault=False)
+    run_sync(khugepaged.retract_page_tables(k, inode.mapping, 0))
+    m.rcu_barrier()
+    m.touch(mm, a)                                            # do_set_pmd()
+    assert pmd_of(k, mm, a)[1].kind is Kind.LEAF
+    return sc, m, k, mm, inode, a, pmdp
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_split_pmd_gup_of_a_file_thp_stuffs_a_table_and_faults_the_pte(arch: str) -> None:
+    """split_huge_pmd() of a file THP drops the mapping; pte_alloc() puts an empty table
+    there, so the fault maps a pte (not the PMD again) and the retry follows it."""
+    sc, m, k, mm, inode, a, pmdp = _shmem_pmd_mapped(arch)
+    page = k.page_size
+    got = m.get_user_pages(mm, a + 9 * page, 1, split_pmd=True)
+    folio = inode.mapping.i_pages[0]
+    assert got == [folio.paddr + 9 * page] == [m.translate(mm, a + 9 * page)]
+    assert pmd_of(k, mm, a)[1].kind is Kind.TABLE
+    assert k.stats["gup_split_pmd"] == 1 and k.stats["gup_faultin"] == 1 and k.stats["gup_retry"] == 1
+    m.put_page(got[0])
+    finish(m, mm, files=[inode])
+
+
+def test_split_pmd_gup_whose_new_table_is_retracted_faults_and_splits_again() -> None:
+    """retract_page_tables() takes the empty table pte_alloc() just put in before
+    follow_page_pte() maps it: the map fails (no_page_table), the fault maps the THP by
+    PMD again (the pmd is none), and the retry splits once more: RETRY, and it ends."""
+    sc, m, k, mm, inode, a, pmdp = _shmem_pmd_mapped()
+    page = k.page_size
+    pages: list[int] = []
+    sc.task("gup", gup.get_user_pages_unlocked(k, mm, a + 9 * page, 1, pages, gup.FOLL_SPLIT_PMD))
+    sc.task("retract", khugepaged.retract_page_tables(k, inode.mapping, 0))
+    sc.run("gup:rcu_read_lock#1 retract:* gup:* rcu_gp:*")
+    folio = inode.mapping.i_pages[0]
+    assert sc.results["retract"] == 1 and sc.results["gup"] == 1
+    assert pages == [folio.paddr + 9 * page] == [m.translate(mm, a + 9 * page)]
+    # one failed map (the retracted table); the second pass finds a none pte in its table
+    assert k.stats["gup_split_pmd"] == 2 and k.stats["gup_no_page_table"] == 1
+    assert k.stats["gup_faultin"] == 2 and k.stats["thp_file_mapped"] == 2   # the touch, then the fault
+    m.put_page(pages[0])
+    finish(m, mm, files=[inode])
