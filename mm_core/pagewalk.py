@@ -201,7 +201,7 @@ async def walk_pte_range(k, walk: MmWalk, pmdp: int, addr: int, end: int) -> int
     a VMA: init_mm's table by pte_offset_kernel() (cannot fail, no unmap), a user table by
     pte_offset_map() without the ptl (a failed map is ACTION_AGAIN as well)."""
     if walk.no_vma:
-        if walk.mm is k.init_mm:
+        if walk.mm is k.init_mm or "novma_walk_maps_user_table_as_kernel" in k.bugs:
             pmdval = await pgtable.get_entry(k, pmdp, k.arch.pmd_level)
             return await walk_pte_range_inner(k, walk, pgtable.pte_offset_kernel(k, pmdval, addr),
                                               addr, end)

@@ -93,3 +93,22 @@ def test_perf_without_irqs_off_reads_the_freed_table_and_the_fixed_twin_does_not
     assert bad.outcome is not None
     assert bad.outcome.finding.signature == "UAF:pagetable:read:perf_get_pgtable_size"
     assert ex.explore(spec, budget=200, seed=3).outcome is None
+
+
+# scenario -> the k.stats counters that show its map-failure path was taken
+REACHED = {"ptdump-vs-retract": ("pte_map_failed",),             # walk_pte_range(no_vma): ACTION_AGAIN
+           "gup-split-pmd-vs-collapse": ("gup_no_page_table", "gup_split_pmd")}
+
+
+@pytest.mark.parametrize("scenario", REACHED)
+def test_the_no_vma_and_split_pmd_walks_reach_their_map_failure(scenario: str) -> None:
+    kernels: list = []
+    spec = recording(SCENARIOS[scenario], kernels)
+    reached = 0
+    for seed in range(40):
+        outcome = ex.execute(spec, RandomWalk(seed=seed))
+        assert outcome.finding is None, outcome.finding
+        stats = kernels[-1].stats
+        # gup-split-pmd: a failed map after the split, then the retry split the PMD again
+        reached += all(stats[c] >= (2 if c == "gup_split_pmd" else 1) for c in REACHED[scenario])
+    assert reached, f"no schedule of {scenario} reached its map-failure path"

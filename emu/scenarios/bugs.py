@@ -38,6 +38,11 @@ BUGS: dict[str, str] = {
         "pte_offset_map_lock() and pte_offset_map_nolock() derive the ptl from the live pmd "
         "read again after the map (the pre-6.5 pte_lockptr(mm, pmd)) instead of from the "
         "snapshot they validated: after a retraction that is pfn 0's or a THP head's \"lock\"",
+    "novma_walk_maps_user_table_as_kernel":
+        "walk_pte_range() of a no-VMA walk (ptdump) reaches a user mm's PTE table with "
+        "pte_offset_kernel(), as for init_mm: no validation of the pmd, no RCU read section, "
+        "nothing to fail (a what-if of patch 10 of the 6.5 series getting its test wrong): a "
+        "retracted table is read after it is freed",
     "move_ptes_without_pmd_same":
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "

@@ -11,6 +11,7 @@ from emu.scenarios.base import (
     collapse_file_tail,
     collapsed_shmem,
     completing,
+    locked_collapse,
     scenario,
 )
 from emu.sched import traps
@@ -64,6 +65,42 @@ def gup_fast_vs_retract(sc: Scenario) -> World:
     retracted = Completion("retract")
     sc.task("gup", pin_and_check(sc, mm, w.addr - 2 * page, 4, [retracted]))
     sc.task("retract", completing(collapse_file_tail(k, w), retracted))
+    return w
+
+
+@scenario("gup-split-pmd-vs-collapse",
+          "get_user_pages(FOLL_SPLIT_PMD) (uprobes) of a page of a shmem THP mapped by a PMD "
+          "racing khugepaged's collapse_pte_mapped_thp() of the same range: follow_pmd_mask() "
+          "splits the pmd (a file THP's mapping is dropped), pte_alloc() stuffs an empty table "
+          "in, and the collapse may take that table (or the ptes the fault put in it) back to a "
+          "PMD mapping before follow_page_pte() maps it: no_page_table(), the fault, and the "
+          "retry splits again. Oracle: the page taken is the one mapped there")
+def gup_split_pmd_vs_collapse(sc: Scenario) -> World:
+    from mm_core import gup
+    from mm_core.locks import Completion
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    mm = w.mms[0]
+    run_sync(collapse_file_tail(k, w))                  # the collapse is over ...
+    m.rcu_barrier()
+    m.touch(mm, w.addr)                                 # ... and the THP is mapped by a PMD
+    collapsed = Completion("collapse")
+    addr = w.addr + 9 * k.page_size
+
+    async def get_and_check():
+        pages: list[int] = []
+        n = await gup.get_user_pages_unlocked(k, mm, addr, 1, pages, gup.FOLL_SPLIT_PMD)
+        await traps.wait(collapsed)
+        now = m.translate(mm, addr)
+        if n != 1 or pages != [now]:
+            raise Finding("ORACLE", "ORACLE: GUP(FOLL_SPLIT_PMD) took a page that is not mapped there",
+                          "ORACLE:gup-split-pmd", [f"  got {n}: {[hex(p) for p in pages]}, mapped now: "
+                                                   f"{'nothing' if now is None else hex(now)}"])
+        gup.put_user_page(k, pages[0])
+        return n
+
+    sc.task("gup", get_and_check())
+    sc.task("collapse", completing(locked_collapse(k, mm, w.addr), collapsed))
     return w
 
 

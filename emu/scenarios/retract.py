@@ -151,6 +151,38 @@ def mincore_vs_retract(sc: Scenario) -> World:
     return w
 
 
+@scenario("ptdump-vs-retract",
+          "a page-table dump of a user mm (ptdump_walk_pgd -> walk_page_range_novma, x86's "
+          "page_tables/current_user) over the end of a collapsed shmem range and an anon page "
+          "after it, racing retract_page_tables(): mmap_write_lock does not keep the retraction "
+          "out; the no-VMA walk maps the user table with pte_offset_map() (a failed map is "
+          "ACTION_AGAIN) and must show the anon page and nothing in the retracted range",
+          catches=("novma_walk_maps_user_table_as_kernel",))
+def ptdump_vs_retract(sc: Scenario) -> World:
+    from mm_core import ptdump
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    anon = m.mmap(w.mms[0], w.addr + size, page, emu.PROT_READ | emu.PROT_WRITE,
+                  emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.touch(w.mms[0], anon, write=True)
+    start, end = w.addr + size - 4 * page, anon + page   # four ptes of the table, then the anon page
+
+    async def dump():
+        st = ptdump.PtdumpState(k, [], user_bit=ptdump.has_user_bit(k))
+        await ptdump.ptdump_walk_pgd(k, st, w.mms[0], start, end)
+        shown = [(r.start, r.end, r.level) for r in st.ranges]
+        if shown != [(anon, anon + page, "pte")]:
+            raise Finding("ORACLE", "ORACLE: the page-table dump shows the wrong mappings",
+                          "ORACLE:ptdump", [f"  {r.render()}" for r in st.ranges]
+                          + [f"  expected only {anon:#x}-{anon + page:#x} (pte)"])
+        return "ok"
+
+    sc.task("ptdump", dump())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
+
+
 LRU_GEN_EXTENTS = 2
 
 
