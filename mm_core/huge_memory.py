@@ -248,8 +248,15 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
         return
     folio = k.alloc.page_of(cur.paddr)
     deposit = pgtable_trans_huge_withdraw(k, mm, pmdp)
-    # the pmd goes through an invalid window: pmdp_invalidate(), then populate
-    await pgtable.clear_entry(k, pmdp, arch.pmd_level)
+    if deposit is not None and folio is not None and folio.use is PageUse.ANON:
+        # pmdp_invalidate(): the pmd stays a huge leaf to Linux (pmd_present() and
+        # pmd_trans_huge() still true, as pmd_mkinvalid() keeps _PAGE_PSE) but not to the
+        # MMU, so lockless walkers see a THP and wait in pmd_trans_huge_lock() instead of
+        # taking the range for a hole; then the table is filled and populated
+        await pgtable.set_entry(k, pmdp, arch.pmd_level, cur.with_(prot=Access.NONE))
+    else:
+        # a file THP: pmdp_huge_clear_flush(), the mapping is simply dropped
+        await pgtable.clear_entry(k, pmdp, arch.pmd_level)
     haddr = addr & ~(hpage_pmd_size(k) - 1)
     await flush_tlb_range(k, mm, haddr, haddr + hpage_pmd_size(k))
     if deposit is None or folio is None or folio.use is not PageUse.ANON:

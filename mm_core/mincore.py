@@ -8,7 +8,8 @@ the page cache for file mappings).
 from __future__ import annotations
 
 from emu.arch import Kind
-from mm_core import pagewalk, pgtable, shmem, swapfile
+from emu.sched import traps
+from mm_core import huge_memory, pagewalk, pgtable, shmem, swapfile
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.mmap import EINVAL, ENOMEM
 from mm_core.swapops import pte_none_mostly
@@ -32,15 +33,20 @@ async def mincore_unmapped_range(addr: int, end: int, walk: pagewalk.MmWalk) -> 
 
 
 async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWalk) -> int:
-    """mincore_pte_range(): RETRY on a failed map."""
+    """mincore_pte_range(): a huge or swap pmd (a THP, one being split, a migration pmd)
+    is taken with pmd_trans_huge_lock() and counts as resident; otherwise the PTEs under
+    pte_offset_map_lock(), RETRY (ACTION_AGAIN) on a failed map."""
     k, arch = walk.k, walk.k.arch
     vec, start = walk.private
     walk.action = pagewalk.ACTION_CONTINUE
     pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level)
-    if pmdval.kind is Kind.LEAF:
-        for a in range(addr, end, k.page_size):
-            vec[(a - start) >> k.page_shift] = 1
-        return 0
+    if pmdval.kind in (Kind.LEAF, Kind.MIGRATION, Kind.SWAP):      # pmd_trans_huge_lock()
+        ptl, _ = await huge_memory.pmd_trans_huge_lock(k, walk.mm, pmdp)
+        if ptl is not None:
+            for a in range(addr, end, k.page_size):
+                vec[(a - start) >> k.page_shift] = 1
+            await traps.unlock(ptl)
+            return 0
     locked = await pgtable.pte_offset_map_lock(k, walk.mm, pmdp, addr)
     if locked is None:
         walk.action = pagewalk.ACTION_AGAIN

@@ -16,6 +16,7 @@ from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
 from emu.scenario import Scenario
 from emu.scenarios import collapse_file_tail, collapsed_shmem
 from emu.sched.loop import run_sync
+from emu.sched.task import TaskState
 from mm_core import filemap, huge_memory, khugepaged, memory, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.memory import CheckMMError
@@ -452,6 +453,65 @@ def test_anon_thp_fault_collapse_and_split() -> None:
     m.exit_mm(mm)
     m.rcu_barrier()
     assert k.alloc.pages.keys() == {k.zero_page.pfn}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_walker_meeting_an_anon_thp_split_waits_instead_of_seeing_a_hole(arch: str) -> None:
+    """MADV_DONTNEED of the second half of an anon THP splits its pmd; between
+    pmdp_invalidate() and pmd_populate() the pmd is still a (not present to the MMU) huge
+    leaf to Linux, so mincore()'s pmd_trans_huge_lock() waits for the split and then
+    walks the new table: the first half's pages are resident, never a hole."""
+    from mm_core import madvise, mincore
+    sc, m, k, mm, a, size = _anon_thp(arch)
+    pmdp = pmdp_of(k, mm, a)
+    sc.task("zap", madvise.madvise_dontneed(k, mm, a + size // 2, a + size))
+    sc.task("mincore", mincore.do_mincore(k, mm, a, 8 * PAGE_SIZE))
+    zap_writes = [i for i, ev in enumerate(_dry_run_writes(arch), 1) if ev == pmdp]
+    sc.run(f"zap:pt_write#{zap_writes[0]} mincore:*", finish=False)
+    invalid = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    assert invalid.kind is Kind.LEAF and invalid.prot == Access.NONE     # pmdp_invalidate()
+    assert sc.state("mincore") is not TaskState.DONE                     # waiting for the pml
+    sc.run("zap:* mincore:*")
+    assert sc.results["mincore"] == [1] * 8 and k.stats["thp_split_pmd"] == 1
+    m.exit_mm(mm)
+
+
+def test_mincore_counts_a_thp_under_migration_as_resident_at_once() -> None:
+    """mincore_pte_range() takes a migration pmd with pmd_trans_huge_lock() (a swap pmd)
+    and reports the range resident: no pte_offset_map_lock() failure, no ACTION_AGAIN
+    spinning for as long as the migration lasts."""
+    from emu.scenarios import thp_under_migration
+    from mm_core import mincore
+    sc = Scenario(arch="arm64", mem="16M", prefault=False)
+    k = sc.kernel
+    mm, a, pmdp = thp_under_migration(sc)
+    sc.task("mincore", mincore.do_mincore(k, mm, a, 4 * PAGE_SIZE))
+    sc.run("migrate:sleep#1 mincore:*", finish=False)
+    assert sc.results["mincore"] == [1] * 4 and k.stats["pte_map_failed"] == 0
+    assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.MIGRATION
+    sc.run()
+
+
+def _anon_thp(arch: str):
+    """One anon THP mapped by a PMD at BASE."""
+    sc = Scenario(arch=arch, mem="16M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    size = huge_memory.hpage_pmd_size(k)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    m.touch(mm, a, write=True)
+    return sc, m, k, mm, a, size
+
+
+def _dry_run_writes(arch: str) -> list[int]:
+    """The entries MADV_DONTNEED of the THP's second half writes, in order."""
+    from mm_core import madvise
+    sc, m, k, mm, a, size = _anon_thp(arch)
+    sc.task("zap", madvise.madvise_dontneed(k, mm, a + size // 2, a + size))
+    sc.run()
+    return [ev[2] for name, ev in sc.trace if ev[:2] == ("point", "pt_write")]
 
 
 # -- the profile table, exercised: one scenario, four kernels ---------------------------------
