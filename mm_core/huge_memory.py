@@ -248,7 +248,8 @@ async def split_huge_pmd(k, vma, pmdp: int, addr: int) -> None:
         return
     folio = k.alloc.page_of(cur.paddr)
     deposit = pgtable_trans_huge_withdraw(k, mm, pmdp)
-    if deposit is not None and folio is not None and folio.use is PageUse.ANON:
+    if deposit is not None and folio is not None and folio.use is PageUse.ANON \
+            and "split_huge_pmd_clears_pmd" not in k.bugs:
         # pmdp_invalidate(): the pmd stays a huge leaf to Linux (pmd_present() and
         # pmd_trans_huge() still true, as pmd_mkinvalid() keeps _PAGE_PSE) but not to the
         # MMU, so lockless walkers see a THP and wait in pmd_trans_huge_lock() instead of

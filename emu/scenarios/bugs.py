@@ -43,6 +43,11 @@ BUGS: dict[str, str] = {
         "pte_offset_kernel(), as for init_mm: no validation of the pmd, no RCU read section, "
         "nothing to fail (a what-if of patch 10 of the 6.5 series getting its test wrong): a "
         "retracted table is read after it is freed",
+    "split_huge_pmd_clears_pmd":
+        "__split_huge_pmd_locked() clears an anon THP's pmd (pmdp_huge_clear_flush) instead of "
+        "pmdp_invalidate() before populating the table: a concurrent zap under mmap_read_lock "
+        "sees pmd_none() and skips the range (the race class ced108037c2a and 58ceeb6bec86 "
+        "fixed for change_huge_pmd and MADV_FREE, 2017; a what-if for the split)",
     "move_ptes_without_pmd_same":
         "move_ptes() under 6.13 writes into the table from pte_offset_map_rw_nolock() without "
         "the pmd_same() recheck Qi Zheng added (retract_page_tables() may free that table "
