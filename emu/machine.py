@@ -355,11 +355,13 @@ class Machine:
                        action_required: bool = True) -> int | None:
         """memory_failure(pfn, MF_ACTION_REQUIRED) as the machine-check handler of a task
         running ``mm`` calls it (mm/memory-failure.c; ``pfn`` in base pages). The first
-        report poisons the page (a small anon page is unmapped: hwpoison entries) and
-        returns None; a report on a poisoned page walks ``mm`` (kill_accessing_process())
-        and returns the address SIGBUS would carry. Raises OSError: EFAULT (``mm`` does
-        not map it), EBUSY (poisoned but still mapped: a THP or page-cache page, whose
-        unmapping is not modelled), EHWPOISON (poisoned, no action required), ENXIO."""
+        report poisons the page (a small anon or shmem page is unmapped: hwpoison entries;
+        a shmem page stays in the page cache, poisoned) and returns None; a report on a
+        poisoned page walks ``mm`` (kill_accessing_process()) and returns the address
+        SIGBUS would carry. Raises OSError: EFAULT (``mm`` does not map it), EBUSY
+        (poisoned but not recovered: a THP, whose split is not modelled, or a page with
+        extra references such as a GUP pin), EHWPOISON (poisoned, no action required),
+        ENXIO."""
         flags = mm_memory_failure.MF_ACTION_REQUIRED if action_required else 0
         ret, tk = run_sync(mm_memory_failure.memory_failure(self.kernel, pfn, flags, mm))
         if ret == -mm_memory_failure.EHWPOISON and tk is not None and tk.addr:

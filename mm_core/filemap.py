@@ -56,6 +56,12 @@ async def __do_fault(k, vmf):
     if folio.mapping is not vmf.vma.file.mapping:    # truncated or replaced by a collapse
         shmem.folio_unlock(folio)
         return "retry", index
+    if folio.order == k.page_order and folio.extra.get("hwpoison"):
+        # __do_fault(): PageHWPoison(vmf->page) is VM_FAULT_HWPOISON (SIGBUS); a shmem
+        # page cannot be invalidated (it is dirty), so there is no VM_FAULT_NOPAGE retry
+        shmem.folio_unlock(folio)
+        k.stats["fault_hwpoison"] += 1
+        return None, index
     return folio, index
 
 
@@ -199,8 +205,8 @@ async def filemap_map_pages(k, vmf, start: int, end: int) -> bool:
     mapped_fault = False
     for addr in range(start, end, k.page_size):
         folio = shmem.filemap_get_folio(mapping, linear_page_index(vma, addr))
-        if folio is None or folio.locked:
-            continue
+        if folio is None or folio.locked or folio.extra.get("hwpoison"):
+            continue                                 # (filemap_map_folio_range: PageHWPoison skips)
         entp = ptep + ((addr - start) >> k.page_shift) * 8
         if arch.decode(arch.pte_level, await pgtable.get_raw(k, entp)).kind is not Kind.NONE:
             continue

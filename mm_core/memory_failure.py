@@ -18,11 +18,21 @@
                                 failure is ``goto out``: 0, SKIP (the walk goes on with the
                                 next pmd)
 
-Not modelled: the unmapping of file, shmem and huge pages (split_huge_page(),
-truncate_error_page(): the page stays poisoned and mapped, -EBUSY as for an unsplit THP),
-the LRU/swap-cache states of error_states[], hugetlb, early kill (collect_procs), unpoison,
-MF_COUNT_INCREASED, and signal delivery. A poisoned page is never freed: it is taken out of
-circulation (owned by nobody, left allocated).
+    shmem pages                 a small shmem folio is locked and unmapped the same way
+                                through the file rmap (rmap_walk_file ->
+                                page_vma_mapped_walk, hwpoison entries in every mapping),
+                                then me_pagecache_clean(): shmem_error_remove_page() keeps it
+                                in the page cache, poisoned, so that a later fault on the
+                                index gets VM_FAULT_HWPOISON from __do_fault() (SIGBUS) and
+                                fault-around skips it; a reference beyond the page cache's
+                                (a GUP pin, a mapping that could not be undone) is
+                                has_extra_refcount(): MF_FAILED, -EBUSY
+
+Not modelled: huge pages (split_huge_page(): -EBUSY as for an unsplit THP), page cache
+of other filesystems (truncate_error_page()), the LRU/swap-cache states of
+error_states[], hugetlb, early kill (collect_procs), unpoison, MF_COUNT_INCREASED, and
+signal delivery. A poisoned page is never freed: memory_failure() keeps the reference it
+took, so the page is out of circulation (left allocated; an anon page owned by nobody).
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from dataclasses import dataclass
 
 from emu.arch import SWP_HWPOISON, Kind, swap_entry
 from emu.sched import traps
-from mm_core import huge_memory, memory, pagewalk, pgtable, rmap
+from mm_core import huge_memory, memory, mmu_notifier, pagewalk, pgtable, rmap, shmem
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.page_alloc import PageUse
 from mm_core.tlbflush import flush_tlb_range
@@ -196,4 +206,80 @@ async def memory_failure(k, pfn: int, flags: int, current_mm=None) -> tuple[int,
         unmapped = await hwpoison_user_mappings(k, page)
         page.owner = None                                    # never freed: out of circulation
         return (0 if unmapped else -EBUSY), None
-    return -EBUSY, None                                      # THP split / page cache: not modelled
+    if page.use is PageUse.SHMEM and page.order == k.page_order:
+        return await memory_failure_shmem(k, page), None
+    return -EBUSY, None                                      # THP split / other file systems
+
+
+MF_FAILED, MF_RECOVERED = "Failed", "Recovered"
+
+
+async def try_to_unmap_hwpoison_file(k, folio) -> None:
+    """try_to_unmap(folio, TTU_HWPOISON) of a small page-cache (shmem) folio:
+    rmap_walk_file() under i_mmap_rwsem (read), page_vma_mapped_walk() in each VMA that
+    maps the index (a failed map reads the pmd again; a retracted or zapped table maps
+    nothing there: SKIP), and try_to_unmap_one()'s PageHWPoison branch: the pte becomes a
+    hwpoison entry, dec_mm_counter(MM_SHMEMPAGES), the mapping and its reference go."""
+    from mm_core.page_vma_mapped import PageVmaMappedWalk, page_vma_mapped_walk
+    mapping, arch = folio.mapping, k.arch
+    await traps.lock(mapping.i_mmap_rwsem, "r")
+    try:
+        for vma in list(mapping.i_mmap):
+            addr = rmap.vma_address(vma, folio.index)
+            if addr is None:
+                continue
+            pvmw = PageVmaMappedWalk(folio.paddr, 1, vma, addr)
+            rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
+            while await page_vma_mapped_walk(k, pvmw):
+                await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)      # ptep_clear_flush()
+                await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
+                await pgtable.set_entry(k, pvmw.pte, arch.pte_level,
+                                        swap_entry(SWP_HWPOISON, folio.paddr >> 12))
+                memory._put_mapped_page(k, vma.mm, folio)                  # dec_mm_counter + rmap
+                k.stats["hwpoison_unmapped"] += 1
+            await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
+    finally:
+        await traps.unlock(mapping.i_mmap_rwsem, "r")
+
+
+def has_extra_refcount(k, page, extra_pins: bool) -> bool:
+    """has_extra_refcount(): references beyond memory_failure()'s own (and, for shmem,
+    the page cache's, which the page keeps)."""
+    count = page.refcount - 1 - (1 if extra_pins else 0)
+    if count > 0:
+        k.printk(f"Memory failure: {page.paddr >> k.page_shift:#x}: dirty LRU page still "
+                 f"referenced by {count} users")
+        return True
+    return False
+
+
+def me_pagecache_clean(k, page) -> str:
+    """me_pagecache_dirty() -> me_pagecache_clean() for a shmem page: truncate_error_page()
+    calls shmem_error_remove_page(), which keeps the page in the page cache (poisoned, so
+    the next access of the index fails instead of reading zeroes); the page cache's
+    reference is an expected one (extra_pins)."""
+    if page.mapping is None:                                 # truncated meanwhile
+        return MF_FAILED
+    return MF_FAILED if has_extra_refcount(k, page, extra_pins=True) else MF_RECOVERED
+
+
+async def memory_failure_shmem(k, page) -> int:
+    """memory_failure() of a small shmem folio (6.6): get_hwpoison_page()'s reference
+    (kept: the page never goes back), lock_page(), hwpoison_user_mappings() (any mapping
+    left is MF_FAILED), identify_page_state() -> me_pagecache_clean(). 0 when recovered,
+    -EBUSY when not."""
+    page.refcount += 1                                       # get_hwpoison_page()
+    await shmem.folio_lock(k, page)
+    try:
+        if page.mapping is not None:
+            await try_to_unmap_hwpoison_file(k, page)
+        if page.mapcount:                                    # hwpoison_user_mappings() failed
+            k.printk(f"Memory failure: {page.paddr >> k.page_shift:#x}: failed to unmap page "
+                     f"(mapcount={page.mapcount})")
+            result = MF_FAILED
+        else:
+            result = me_pagecache_clean(k, page)
+    finally:
+        shmem.folio_unlock(page)
+    k.stats[f"memory_failure_{result.lower()}"] += 1
+    return 0 if result == MF_RECOVERED else -EBUSY

@@ -11,8 +11,8 @@ import emu
 from emu.arch import SWP_HWPOISON, Kind
 from emu.scenario import Scenario
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, memory_failure, pgtable, rmap
-from mm_core.mm import MM_ANONPAGES
+from mm_core import gup, huge_memory, khugepaged, memory_failure, pgtable, rmap
+from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES
 from mm_core.sched_helpers import stalled_thp_migration
 
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
@@ -74,26 +74,87 @@ def test_a_poisoned_anon_page_is_unmapped_and_found_by_its_hwpoison_entry(arch: 
     finish(m, mm, other, poisoned=[pa >> 12])
 
 
-def test_a_present_mapping_is_found_and_the_walk_stops_at_the_first() -> None:
-    """A shmem page is poisoned but stays mapped (its unmapping is not modelled): the
-    walk finds the present pte, the lowest of the two addresses mapping it."""
-    m = emu.Machine(arch="arm64", mem="32M", prefault=False)
+@pytest.mark.parametrize("arch", ARCHES)
+def test_a_poisoned_shmem_page_is_unmapped_everywhere_and_kept_in_the_page_cache(arch: str) -> None:
+    """memory_failure() of a small shmem page: every mapping (two processes, one of them
+    twice) becomes a hwpoison entry, MM_SHMEMPAGES drops, and the page stays in the page
+    cache poisoned: a new mapping's fault gets SIGBUS (__do_fault) and fault-around skips
+    it while it maps its neighbours; a second report finds the lowest address."""
+    m = emu.Machine(arch=arch, mem="32M", prefault=False)
     k = m.kernel
     page = k.page_size
     inode = m.memfd_create("mf", 4 * page)
-    mm = m.new_mm()
-    lo = m.mmap(mm, BASE, 4 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    hi = m.mmap(mm, BASE + (8 << 20), 4 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    mm, other, late = m.new_mm(), m.new_mm(), m.new_mm()
+    shared = emu.MAP_SHARED | emu.MAP_FIXED
+    lo = m.mmap(mm, BASE, 4 * page, RW, shared, file=inode)
+    hi = m.mmap(mm, BASE + (8 << 20), 4 * page, RW, shared, file=inode)
+    o = m.mmap(other, BASE, 4 * page, RW, shared, file=inode)
     pa = m.touch(mm, hi + page, write=True)
-    assert m.touch(mm, lo + page) == pa
+    assert m.touch(mm, lo + page) == pa == m.touch(other, o + page)
+    before = (mm.rss[MM_SHMEMPAGES], other.rss[MM_SHMEMPAGES])
+    assert m.memory_failure(pa >> k.page_shift, mm) is None          # recovered
+    for who, va in ((mm, lo + page), (mm, hi + page), (other, o + page)):
+        pte = pte_of(m, who, va)
+        assert pte.kind is Kind.SWAP and pte.swp_type == SWP_HWPOISON and pte.swp_offset == pa >> 12
+    assert (mm.rss[MM_SHMEMPAGES], other.rss[MM_SHMEMPAGES]) == (before[0] - 2, before[1] - 1)
+    folio = inode.mapping.i_pages[1]
+    assert folio.paddr == pa and folio.mapcount == 0 and folio.refcount == 2   # cache + memory_failure
+    with pytest.raises(emu.GuestAccessError, match="SIGBUS"):
+        m.touch(other, o + page)
+    late_a = m.mmap(late, BASE, 4 * page, RW, shared, file=inode)
+    assert m.touch(late, late_a) is not None                          # fault-around maps 0, 2, 3 ...
+    assert pte_of(m, late, late_a + page).kind is Kind.NONE           # ... but not the poisoned 1
+    with pytest.raises(emu.GuestAccessError, match="SIGBUS"):
+        m.touch(late, late_a + page)                                  # __do_fault: VM_FAULT_HWPOISON
+    assert k.stats["fault_hwpoison"] == 1 and k.stats["memory_failure_recovered"] == 1
+    assert m.memory_failure(pa >> k.page_shift, mm) == lo + page     # the walk stops at the first
+    finish(m, mm, other, late, files=[inode], poisoned=[pa >> k.page_shift])
+
+
+def test_a_pinned_shmem_page_is_unmapped_but_not_recovered() -> None:
+    """A GUP pin is a reference beyond the page cache's: has_extra_refcount() makes the
+    result MF_FAILED (-EBUSY), though the mappings were replaced all the same."""
+    m = emu.Machine(arch="x86_64", mem="32M", prefault=False)
+    k = m.kernel
+    inode = m.memfd_create("mf", 2 * k.page_size)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 2 * k.page_size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    [pa] = m.get_user_pages(mm, a, 1, write=True, pin=True)
     with pytest.raises(OSError) as err:
         m.memory_failure(pa >> k.page_shift, mm)
-    assert err.value.errno == memory_failure.EBUSY and pte_of(m, mm, lo + page).kind is Kind.LEAF
-    assert m.memory_failure(pa >> k.page_shift, mm) == lo + page
-    m.exit_mm(mm)
-    m.close_file(inode)
-    m.rcu_barrier()
-    assert k.ptdescs == {}
+    assert err.value.errno == memory_failure.EBUSY and k.stats["memory_failure_failed"] == 1
+    assert pte_of(m, mm, a).swp_type == SWP_HWPOISON
+    # a FOLL_PIN on a small folio is GUP_PIN_COUNTING_BIAS references
+    assert k.log[-1].endswith(f"still referenced by {gup.GUP_PIN_COUNTING_BIAS} users")
+    m.unpin_user_pages([pa])
+    finish(m, mm, files=[inode], poisoned=[pa >> k.page_shift])
+
+
+def test_a_second_report_during_the_unmap_finds_a_mapping_still_present() -> None:
+    """Two machine checks on one shmem page: the first report's rmap walk has replaced
+    one mapping (the VMA first in i_mmap, at the higher address) when the second report
+    (MF_ACTION_REQUIRED: PageHWPoison is already set) walks the mm: it finds the lower
+    mapping, still a present pte, first."""
+    sc = Scenario(arch="x86_64", mem="32M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    inode = m.memfd_create("mf", 2 * page)
+    mm = m.new_mm()
+    hi = m.mmap(mm, BASE + (8 << 20), 2 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    lo = m.mmap(mm, BASE, 2 * page, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    pa = m.touch(mm, hi, write=True)
+    assert m.touch(mm, lo) == pa
+    pfn = pa >> k.page_shift
+    sc.task("first", memory_failure.memory_failure(k, pfn, AR, mm))
+    sc.task("second", memory_failure.memory_failure(k, pfn, AR, mm))
+    writes = 2                                            # hi: ptep_clear_flush(), the hwpoison entry
+    sc.run(f"first:pt_write#{writes} second:*", finish=False)
+    assert pte_of(m, mm, hi).kind is Kind.SWAP and pte_of(m, mm, lo).kind is Kind.LEAF
+    ret, tk = sc.results["second"]
+    assert ret == -memory_failure.EHWPOISON and tk.addr == lo
+    sc.run()
+    assert sc.results["first"] == (0, None) and pte_of(m, mm, lo).kind is Kind.SWAP
+    finish(m, mm, files=[inode], poisoned=[pfn])
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "arm64", "ppc64", "s390x"])
