@@ -52,6 +52,7 @@ class Scan(enum.Enum):
     PAGE_ANON = "SCAN_PAGE_ANON"
     PAGE_RO = "SCAN_PAGE_RO"
     LACK_REFERENCED_PAGE = "SCAN_LACK_REFERENCED_PAGE"
+    COPY_MC = "SCAN_COPY_MC"
 
 
 def max_ptes_shared(k) -> int:
@@ -257,6 +258,15 @@ async def _collapse_file(k, inode, start: int, is_khugepaged: bool, retract: boo
                 shmem.folio_unlock(f)
             k.alloc.free_pages(new)
             return Scan.PAGE_COUNT
+    if any(folio.extra.get("hwpoison") for folio in olds):
+        # copy_mc_highpage() machine-checks on a poisoned page (6.4+, 12904d953364): every
+        # page is copied before the page cache is touched, so SCAN_COPY_MC rolls back
+        # with the old pages still in place (unmapped: they fault back in)
+        for f in olds:
+            shmem.folio_unlock(f)
+        k.alloc.free_pages(new)
+        k.stats["collapse_copy_mc"] += 1
+        return Scan.COPY_MC
     for folio in olds:                        # copy, then replace in the page cache
         k.physmem.copy(new.paddr + ((folio.index - start) << k.page_shift), folio.paddr, k.page_size)
         shmem.folio_unlock(folio)

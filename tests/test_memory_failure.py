@@ -111,6 +111,28 @@ def test_a_poisoned_shmem_page_is_unmapped_everywhere_and_kept_in_the_page_cache
     finish(m, mm, other, late, files=[inode], poisoned=[pa >> k.page_shift])
 
 
+def test_collapse_of_a_range_with_a_poisoned_shmem_page_rolls_back() -> None:
+    """collapse_file()'s copy_mc_highpage() machine-checks on the poisoned page:
+    SCAN_COPY_MC (MADV_COLLAPSE: -EINVAL), nothing replaced in the page cache, the other
+    pages fault back in with their data."""
+    m = emu.Machine(arch="arm64", mem="32M", prefault=False)
+    k = m.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    inode = m.memfd_create("mf", size)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, size, RW, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    for off in range(0, size, page):
+        m.physmem[m.touch(mm, a + off, write=True)] = off // page % 251
+    pa = m.translate(mm, a + 5 * page)
+    assert m.memory_failure(pa >> k.page_shift, mm) is None
+    with pytest.raises(OSError) as err:
+        m.madvise(mm, a, size, emu.MADV_COLLAPSE)
+    assert err.value.errno == 22 and k.stats["collapse_copy_mc"] == 1
+    assert inode.mapping.i_pages[5].paddr == pa and inode.mapping.i_pages[0].order == k.page_order
+    assert m.physmem[m.touch(mm, a + 6 * page)] == 6
+    finish(m, mm, files=[inode], poisoned=[pa >> k.page_shift])
+
+
 def test_a_pinned_shmem_page_is_unmapped_but_not_recovered() -> None:
     """A GUP pin is a reference beyond the page cache's: has_extra_refcount() makes the
     result MF_FAILED (-EBUSY), though the mappings were replaced all the same."""
