@@ -224,3 +224,62 @@ def shmem_swapoff_vs_fault(sc: Scenario) -> World:
     sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
     sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
     return World([mm], [inode], a, 0)
+
+
+@scenario("swapin-skip-swapcache",
+          "a SWP_SYNCHRONOUS_IO swap area (zram-like): a reader and a writer fault the same "
+          "swapped-out anon page (swap count 1: both skip the swap cache and read it into "
+          "folios of their own); the writer then writes new bytes and MADV_PAGEOUT swaps them "
+          "out again into the same, lowest free, slot. The reader must never map its stale copy: "
+          "13ddaf26be32's swapcache_prepare() pin keeps the slot from being freed and reused "
+          "before the winner's pte is set (pte_same() alone cannot see the ABA)",
+          catches=("do_swap_page_skip_swapcache_without_swapcache_prepare",))
+def swapin_skip_swapcache(sc: Scenario) -> World:
+    from emu.arch import Access
+    from mm_core import memory
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1, synchronous=True)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, page, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    old, new = b"version1" + bytes(8), b"version2" + bytes(8)
+    k.physmem.write(m.touch(mm, a, write=True), old)
+    m.madvise(mm, a, page, madvise.MADV_PAGEOUT)
+    state = {"written": False}
+
+    def check(name: str, paddr: int) -> None:
+        seen, want = k.physmem.read(paddr, len(old)), new if state["written"] else old
+        if seen != want:
+            raise Finding("ORACLE", "ORACLE: a swap-in mapped a stale copy of the page",
+                          "ORACLE:swapin-stale",
+                          [f"  {name} reads {seen!r} at {a:#x}, expected {want!r}",
+                           f"  the newer bytes were {'written' if state['written'] else 'not yet written'}"])
+
+    async def access(name: str, write: bool) -> int:
+        for _ in range(64):
+            paddr = m.translate(mm, a, "w" if write else "r")
+            if paddr is not None:
+                return paddr
+            ret = await memory.do_user_addr_fault(k, mm, a, Access.W if write else Access.R)
+            if ret is not memory.FaultResult.OK:
+                raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
+        raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page",
+                      "ORACLE:swapin-refault")
+
+    async def reader():
+        check("reader", await access("reader", False))
+        return "read"
+
+    async def writer():
+        paddr = await access("writer", True)
+        k.physmem.write(paddr, new)                      # the store, atomic with the flag
+        state["written"] = True
+        ret = await madvise.do_madvise(k, mm, a, page, madvise.MADV_PAGEOUT)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_PAGEOUT failed with {ret}", "ORACLE:pageout")
+        return "written"
+
+    sc.task("reader", reader())
+    sc.task("writer", writer())
+    return World([mm], [], a, 0)
