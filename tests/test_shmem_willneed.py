@@ -208,3 +208,26 @@ def test_willneed_loses_swapcache_prepare_to_a_fault_and_looks_again() -> None:
     assert si.cache == {} and si.inuse_pages == 0 and mm.rss[MM_SHMEMPAGES] == 1
     assert read_back(m, mm, a) == pattern(0, k.page_size)
     finish(m, mm, files=[inode])
+
+
+def test_the_explorers_willneed_race_reaches_stale_entries_and_runs_clean() -> None:
+    """emu explore shmem-willneed-race: random schedules are clean, and some of them hand
+    shmem_swapin_range() an entry that went stale after its RCU lookup (SKIP), others read."""
+    import dataclasses
+
+    from emu import explore as ex
+    from emu.scenarios import SCENARIOS
+    from emu.sched.strategy import RandomWalk
+    kernels: list = []
+
+    def build(sc):
+        kernels.append(sc.kernel)
+        return SCENARIOS["shmem-willneed-race"].build(sc)
+    spec = dataclasses.replace(SCENARIOS["shmem-willneed-race"], build=build)
+    skipped = read = 0
+    for seed in range(40):
+        outcome = ex.execute(spec, RandomWalk(seed=seed))
+        assert outcome.finding is None, outcome.finding
+        skipped += kernels[-1].stats["shmem_swapin_range_skipped"] > 0
+        read += kernels[-1].stats["shmem_swapin_range_read"] > 0
+    assert skipped and read, (skipped, read)

@@ -126,3 +126,28 @@ def test_the_aba_of_a_reused_slot_and_how_the_pin_closes_it(fixed: bool) -> None
 def test_the_pin_is_a_later_fix_than_the_6_6_0_text() -> None:
     versions = ("5.10", "6.4", "6.5", "6.6", "6.8", "6.14")
     assert [get_profile(v).swapin_skip_swapcache_prepare for v in versions] == [False] * 3 + [True] * 3
+
+
+def test_the_explorers_scenario_reaches_the_pin_and_runs_clean_only_with_it() -> None:
+    """emu explore swapin-skip-swapcache: under 6.6 (the pin) random schedules are clean and
+    some meet a held pin (FAULT-RETRY); under 6.5 (no pin) the explorer finds the stale copy."""
+    import dataclasses
+
+    from emu import explore as ex
+    from emu.scenarios import SCENARIOS
+    from emu.sched.strategy import RandomWalk
+    kernels: list = []
+
+    def build(sc):
+        kernels.append(sc.kernel)
+        return SCENARIOS["swapin-skip-swapcache"].build(sc)
+    spec = dataclasses.replace(SCENARIOS["swapin-skip-swapcache"], build=build)
+    pinned = 0
+    for seed in range(40):
+        outcome = ex.execute(spec, RandomWalk(seed=seed))
+        assert outcome.finding is None, outcome.finding
+        pinned += kernels[-1].stats["do_swap_page_skip_swapcache_eexist"] > 0
+        assert kernels[-1].stats["swapin_skip_swapcache"] >= 1
+    assert pinned
+    stale = ex.explore(SCENARIOS["swapin-skip-swapcache"], budget=400, seed=1, kernel="6.5")
+    assert stale.outcome is not None and stale.outcome.finding.signature == "ORACLE:swapin-stale"

@@ -283,3 +283,48 @@ def swapin_skip_swapcache(sc: Scenario) -> World:
     sc.task("reader", reader())
     sc.task("writer", writer())
     return World([mm], [], a, 0)
+
+
+@scenario("shmem-willneed-race",
+          "MADV_WILLNEED of a shared memfd mapping whose three pages are swapped out "
+          "(shmem_swapin_range: each swap entry read under RCU, used after rcu_read_unlock) "
+          "while a thread reads page 0, another writes page 1, ftruncate drops page 2 and "
+          "swapoff brings everything back: a stale entry is skipped (nothing read for a freed "
+          "slot), the faults read the bytes written before MADV_PAGEOUT, and no slot, swap-cache "
+          "folio or folio reference is left")
+def shmem_willneed_race(sc: Scenario) -> World:
+    from mm_core import shmem, swapfile
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-willneed", 3 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 3 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+               file=inode)
+    for i in range(3):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 3 * page, madvise.MADV_PAGEOUT)
+
+    async def willneed():
+        ret = await madvise.do_madvise(k, mm, a, 3 * page, madvise.MADV_WILLNEED)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_WILLNEED failed with {ret}", "ORACLE:willneed")
+        return "willneed"
+
+    async def truncate():
+        await shmem.shmem_setattr_size(k, inode, 2 * page)
+        return "truncated"
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret or inode.swapped or inode.mapping.swap_entries:
+            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                          "still swapped", "ORACLE:shmem-swapoff")
+        return "off"
+
+    sc.task("willneed", willneed())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    sc.task("writer", swapin_and_check(k, m, mm, a + page, True, "writer"))
+    sc.task("truncate", truncate())
+    sc.task("swapoff", swapoff())
+    return World([mm], [inode], a, 0)
