@@ -407,14 +407,17 @@ async def shmem_swapin_range(k, vma, start: int, end: int, mapping) -> None:
         ent = swapfile.swp_entry_to_pte(mapping.swap_entries[nxt])      # radix_to_swp_entry()
         addr = vma.start + ((nxt - vma.pgoff) << k.page_shift)
         index = nxt + 1                                                  # xas_pause()
-        await rcu_read_unlock(k)
+        in_rcu = "shmem_swapin_range_reads_under_rcu" in k.bugs          # bug injection
+        if not in_rcu:
+            await rcu_read_unlock(k)
         folio = await swap_state.read_swap_cache_async(k, ent, vma, addr)
         if folio is not None:
             k.stats["shmem_swapin_range_read"] += 1
             memory.put_page(k, folio)
         else:
             k.stats["shmem_swapin_range_skipped"] += 1
-        await rcu_read_lock(k)
+        if not in_rcu:
+            await rcu_read_lock(k)
     await rcu_read_unlock(k)
 
 

@@ -101,6 +101,11 @@ BUGS: dict[str, str] = {
         "swapcache\", 6.8 and 6.6.19; the 6.6.0 text): two faulters read the entry into two "
         "folios, the first maps and frees the slot, a swap-out reuses it for the same entry, "
         "and the second's pte_same() passes: it maps its stale copy",
+    "shmem_swapin_range_reads_under_rcu":
+        "a what-if: MADV_WILLNEED's shmem_swapin_range() calls read_swap_cache_async() inside "
+        "its xas_for_each() RCU section, without xas_pause() + rcu_read_unlock(): the read "
+        "sleeps there when swapcache_prepare() finds another reader's SWAP_HAS_CACHE "
+        "(schedule_timeout_uninterruptible())",
     "hmm_driver_skips_read_retry":
         "a mirroring driver (lib/test_hmm.c's dmirror_range_fault()) programs its device page "
         "table from hmm_range_fault()'s pfns without checking mmu_interval_read_retry() under "

@@ -328,3 +328,31 @@ def shmem_willneed_race(sc: Scenario) -> World:
     sc.task("truncate", truncate())
     sc.task("swapoff", swapoff())
     return World([mm], [inode], a, 0)
+
+
+@scenario("shmem-willneed-vs-fault",
+          "MADV_WILLNEED of a shared memfd mapping's swapped-out page (shmem_swapin_range) while "
+          "a thread faults the same index in: whoever sets SWAP_HAS_CACHE first reads the slot, "
+          "the other finds the folio in the swap cache, or sleeps a tick on swapcache_prepare()'s "
+          "-EEXIST (outside the RCU section), or finds the entry stale; the fault reads the bytes "
+          "written before MADV_PAGEOUT",
+          catches=("shmem_swapin_range_reads_under_rcu",))
+def shmem_willneed_vs_fault(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-willneed", page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    k.physmem.write(m.touch(mm, a, write=True), swap_marker(k, a))
+    m.madvise(mm, a, page, madvise.MADV_PAGEOUT)
+
+    async def willneed():
+        ret = await madvise.do_madvise(k, mm, a, page, madvise.MADV_WILLNEED)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_WILLNEED failed with {ret}", "ORACLE:willneed")
+        return "willneed"
+
+    sc.task("willneed", willneed())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    return World([mm], [inode], a, 0)
