@@ -42,6 +42,8 @@ def test_willneed_reads_swapped_shmem_pages_into_the_swap_cache_and_the_fault_fi
     assert mapping.swap_entries == offs and inode.swapped == 4 and mapping.i_pages == {}
     assert all(pte(k, mm, a + i * page).kind is Kind.NONE for i in range(4))
     assert mm.rss[MM_SHMEMPAGES] == 0
+    # mincore_page() -> filemap_get_incore_folio(): a shmem swap entry asks the swap cache
+    assert m.mincore(mm, a, 4 * page) == [0, 1, 1, 0]
     # the fault: shmem_swapin_folio() finds the folio in the swap cache (no major fault)
     major, cached = k.stats["shmem_swap_major"], si.cache[offs[2]]
     assert read_back(m, mm, a + 2 * page) == pattern(2, page)
