@@ -233,3 +233,42 @@ def test_the_explorers_willneed_race_reaches_stale_entries_and_runs_clean() -> N
         skipped += kernels[-1].stats["shmem_swapin_range_skipped"] > 0
         read += kernels[-1].stats["shmem_swapin_range_read"] > 0
     assert skipped and read, (skipped, read)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_the_guest_madvise_syscall_reaches_shmem_swapin_range(arch: str) -> None:
+    """memfd_create, ftruncate, madvise(MADV_PAGEOUT / MADV_WILLNEED) and mincore at the
+    guest's syscall numbers: mincore shows what WILLNEED read back, the data comes back."""
+    from conftest import workload
+
+    from emu.linux import syscalls
+    from emu.linux.syscalls import SyscallContext
+    from emu.linux.uaccess import copy_from_user, copy_to_user
+    from emu.machine import Machine
+    m = Machine(arch=arch, mem="32M")
+    k = m.kernel
+    page = k.page_size
+    si = m.swapon(8, readahead=1)
+    p = m.spawn(workload(arch, "hello"), ["hello"])
+    sc = SyscallContext(m, p.threads[0])
+
+    def call(name: str, *args: int) -> int:
+        nr = sc.arch.syscall_abi.numbers[name]
+        return run_sync(syscalls.dispatch(sc, nr, list(args), {nr: name}))
+
+    buf = m.mmap(p.mm, 0, page, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS)
+    run_sync(copy_to_user(m, p.mm, buf, b"willneed\0"))
+    fd = call("memfd_create", buf, 0)
+    assert fd >= 3 and call("ftruncate", fd, 3 * page) == 0
+    inode = p.files[fd]
+    a = m.mmap(p.mm, 0, 3 * page, RW, emu.MAP_SHARED, file=inode)
+    for i in range(3):
+        run_sync(copy_to_user(m, p.mm, a + i * page, pattern(i, page)))
+    assert call("madvise", a, 3 * page, emu.MADV_PAGEOUT) == 0 and inode.swapped == 3
+    assert call("madvise", a + page, 2 * page, emu.MADV_WILLNEED) == 0
+    assert k.stats["shmem_swapin_range_read"] == 2 and len(si.cache) == 2
+    assert call("mincore", a, 3 * page, buf) == 0
+    assert run_sync(copy_from_user(m, p.mm, buf, 3)) == bytes([0, 1, 1])
+    for i in range(3):
+        assert run_sync(copy_from_user(m, p.mm, a + i * page, page)) == pattern(i, page)
+    assert k.stats["shmem_swap_major"] == 1 and inode.swapped == 0 and si.inuse_pages == 0
