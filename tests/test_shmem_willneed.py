@@ -51,12 +51,10 @@ def test_willneed_reads_swapped_shmem_pages_into_the_swap_cache_and_the_fault_fi
     assert mapping.i_pages[2] is cached and offs[2] not in si.cache and si.swap_map[offs[2]] == 0
     # index 0 was not in the range: its fault reads from the device
     assert read_back(m, mm, a) == pattern(0, page) and k.stats["shmem_swap_major"] == major + 1
-    m.exit_mm(mm)
-    m.close_file(inode)                                 # eviction: shmem_free_swap() of 1 and 3
-    # index 1's swap-cache folio: the model's shmem_free_swap() leaves it to reclaim
-    assert list(si.cache) == [offs[1]] and si.swap_map[offs[1]] == SWAP_HAS_CACHE
-    assert run_sync(swapfile.drain_swap_cache(k)) == 1
-    finish(m)
+    # eviction: shmem_free_swap() of 1 and 3; free_swap_and_cache() reclaims index 1's
+    # read-ahead folio (unmapped, unlocked) with its slot
+    finish(m, mm, files=[inode])
+    assert k.stats["swap_cache_reclaimed"] == 1
 
 
 def test_willneed_reads_exactly_the_range_of_a_mapping_with_a_file_offset() -> None:
@@ -272,3 +270,18 @@ def test_the_guest_madvise_syscall_reaches_shmem_swapin_range(arch: str) -> None
     for i in range(3):
         assert run_sync(copy_from_user(m, p.mm, a + i * page, page)) == pattern(i, page)
     assert k.stats["shmem_swap_major"] == 1 and inode.swapped == 0 and si.inuse_pages == 0
+
+
+def test_truncating_a_read_ahead_index_reclaims_its_swap_cache_folio_and_slot() -> None:
+    """shmem_free_swap() -> free_swap_and_cache(): only the cache is left on the slot and
+    the read-ahead folio is unmapped and unlocked: __try_to_reclaim_swap() frees both."""
+    sc, m, k, mm, inode, a, si = shmem_world(pages=2)
+    page = k.page_size
+    m.madvise(mm, a + page, page, emu.MADV_WILLNEED)
+    off = inode.mapping.swap_entries[1]
+    folio = si.cache[off]
+    run_sync(shmem.shmem_setattr_size(k, inode, page))
+    assert si.cache == {} and si.swap_map[off] == 0 and si.inuse_pages == 1
+    assert k.alloc.page_of(folio.paddr) is None and k.stats["swap_cache_reclaimed"] == 1
+    assert read_back(m, mm, a) == pattern(0, page)
+    finish(m, mm, files=[inode])
