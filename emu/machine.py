@@ -219,11 +219,13 @@ class Machine:
             self.exit_mm(child)          # mmput() of the half-built child
             _check(ret)
         return child
-    def swapon(self, slots: int, readahead: int = 4) -> Any:
+    def swapon(self, slots: int, readahead: int = 4, synchronous: bool = False) -> Any:
         """swapon(2) of a swap area of ``slots`` pages kept in host memory; MADV_PAGEOUT then
         swaps anonymous pages out and faults bring them back (``readahead``: the
-        swap_vma_readahead window in pages). Returns the area (mm_core.swapfile.SwapInfo)."""
-        return swapfile.swapon(self.kernel, slots, readahead)
+        swap_vma_readahead window in pages; ``synchronous``: a SWP_SYNCHRONOUS_IO device,
+        like zram, whose faults skip the swap cache for an entry one pte names). Returns
+        the area (mm_core.swapfile.SwapInfo)."""
+        return swapfile.swapon(self.kernel, slots, readahead, synchronous)
 
     def swapoff(self) -> None:
         """swapoff(2): bring every swapped-out page back (try_to_unuse) and remove the area."""

@@ -28,6 +28,11 @@ class Profile:
     # 5.10: retract_page_tables() clears the pmd under pmd_lock() alone (no ptl, no
     # anon_vma/uffd-wp recheck), relying on mmap_write_trylock() + khugepaged_test_exit()
     retract_pmd_lock_only: bool = False
+    # 13ddaf26be32 "mm/swap: fix race when skipping swapcache" (Kairui Song, v6.8, and the
+    # 6.6 stable series from 6.6.19): do_swap_page()'s direct swap-in from a
+    # SWP_SYNCHRONOUS_IO device pins the slot with swapcache_prepare() (a parallel faulter
+    # sleeps a tick and refaults) and drops the pin with swapcache_clear() after mapping
+    swapin_skip_swapcache_prepare: bool = True
 
     @property
     def version(self) -> tuple[int, int]:
@@ -40,11 +45,13 @@ PROFILES = {
     "5.10": Profile("5.10", False, False, False, False, False,
                     "the 6.4 rules, but exit_mmap() without mmap_lock and retract_page_tables() "
                     "under mmap_write_trylock + pmd_lock only (v5.10; see docs/profiles.md)",
-                    exit_mmap_lock=False, retract_pmd_lock_only=True),
+                    exit_mmap_lock=False, retract_pmd_lock_only=True, swapin_skip_swapcache_prepare=False),
     "6.4": Profile("6.4", False, False, False, False, False,
-                   "pmd_trans_unstable()-style checks; collapse under mmap_write_lock; immediate free"),
+                   "pmd_trans_unstable()-style checks; collapse under mmap_write_lock; immediate free",
+                   swapin_skip_swapcache_prepare=False),
     "6.5": Profile("6.5", True, False, False, False, False,
-                   "fallible pte_offset_map[_lock]; no RCU around the map yet"),
+                   "fallible pte_offset_map[_lock]; no RCU around the map yet",
+                   swapin_skip_swapcache_prepare=False),
     "6.6": Profile("6.6", True, True, True, True, False,
                    "RCU-protected map, pte_free_defer, retract_page_tables without mmap_lock (default)"),
     "6.8": Profile("6.8", True, True, True, True, False,

@@ -20,7 +20,8 @@ The model has no LRU lists; a swap area exists only after swapon (mm_core/swapfi
                 lazyfree anon page is discarded (the next read sees zeroes); a small
                 swap-backed anon page is swapped out when there is a swap area (the next
                 access faults it back in: do_swap_page); shmem pages and THPs stay
-  MADV_WILLNEED reads the swapped-out pages of the range into the swap cache
+  MADV_WILLNEED reads the swapped-out pages of the range into the swap cache (anon: the
+                swap ptes; shmem: the swap entries of the page cache, shmem_swapin_range)
 """
 from __future__ import annotations
 
@@ -355,14 +356,69 @@ async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
 # -- MADV_WILLNEED ------------------------------------------------------------------------------
 
 async def madvise_willneed(k, vma, start: int, end: int) -> int:
-    """madvise_willneed(): for anonymous memory, start reading its swapped-out pages into
-    the swap cache (walk_page_range with swapin_walk_ops). File memory would get page-cache
-    readahead (shmem: shmem_swapin_range), which the model has no use for: shmem is never
-    swapped and its pages are all in memory."""
+    """madvise_willneed() (6.6; ``*prev = vma``, no mmap_lock dropped on these paths): an
+    anonymous VMA gets the swapin_walk_ops walk (its swap ptes' entries read into the
+    swap cache), a shmem VMA shmem_swapin_range() (the swap entries of the mapping's page
+    cache over the range), each followed by lru_add_drain() (no LRU here: nothing to
+    push). Neither maps anything: the later fault finds the folio in the swap cache.
+
+    A regular file would go to vfs_fadvise(POSIX_FADV_WILLNEED) with mmap_lock dropped
+    (``*prev = NULL``, get_file(), mmap_read_unlock(), readahead, mmap_read_lock(); 6.16+
+    says mark_mmap_lock_dropped()): not modelled, the model has no files but shmem
+    (do_fault() answers SIGBUS for any other), so no page-cache readahead exists."""
+    from mm_core import shmem
     if vma.anonymous:
         await pagewalk.walk_page_range(k, vma.mm, start, end, SWAPIN_WALK_OPS, vma)
+    elif isinstance(vma.file, shmem.ShmemInode):                # shmem_mapping()
+        await shmem_swapin_range(k, vma, start, end, vma.file.mapping)
+    else:
+        raise NotImplementedError("madvise_willneed: vfs_fadvise() of a non-shmem file is not modelled")
     k.stats["madv_willneed"] += 1
     return 0
+
+
+async def shmem_swapin_range(k, vma, start: int, end: int, mapping) -> None:
+    """shmem_swapin_range() (6.5+, Hugh Dickins' "mm/madvise: clean up
+    force_shm_swapin_readahead()"): under rcu_read_lock(), xas_for_each() over the
+    mapping's i_pages from linear_page_index(start) to linear_page_index(end) - 1; each
+    value (swap) entry: its address in the VMA, xas_pause(), rcu_read_unlock(),
+    read_swap_cache_async(entry, vma, addr) (the folio put at once), rcu_read_lock()
+    again and on from the next index. Folios are skipped (``!xa_is_value``).
+
+    The entry is read under RCU but used after it: by then truncation, swapoff or a
+    fault may have freed the slot. read_swap_cache_async() copes (SKIP that entry):
+    get_swap_device() fails once swapoff is done; a slot with no count left is not read
+    (``!swap_swapcount() && swap_slot_cache_enabled``, or swapcache_prepare()'s
+    -ENOENT); a folio another reader put in the swap cache is found there. A slot freed
+    after swapcache_prepare() holds SWAP_HAS_CACHE is read into a swap-cache folio no
+    index names, which reclaim frees. Nothing is mapped and the index keeps its swap
+    entry; the fault's shmem_swapin_folio() finds the folio in the swap cache."""
+    from mm_core.filemap import linear_page_index
+    from mm_core.rcu import rcu_read_lock, rcu_read_unlock
+    index = linear_page_index(vma, start)
+    end_index = linear_page_index(vma, end) - 1
+    await rcu_read_lock(k)
+    while True:
+        await traps.sched_point("xas_find", (mapping.host.ino, index))    # xas_for_each()
+        found = [i for i in mapping.swap_entries if index <= i <= end_index]
+        if not found:
+            break
+        nxt = min(found)
+        ent = swapfile.swp_entry_to_pte(mapping.swap_entries[nxt])      # radix_to_swp_entry()
+        addr = vma.start + ((nxt - vma.pgoff) << k.page_shift)
+        index = nxt + 1                                                  # xas_pause()
+        in_rcu = "shmem_swapin_range_reads_under_rcu" in k.bugs          # bug injection
+        if not in_rcu:
+            await rcu_read_unlock(k)
+        folio = await swap_state.read_swap_cache_async(k, ent, vma, addr)
+        if folio is not None:
+            k.stats["shmem_swapin_range_read"] += 1
+            memory.put_page(k, folio)
+        else:
+            k.stats["shmem_swapin_range_skipped"] += 1
+        if not in_rcu:
+            await rcu_read_lock(k)
+    await rcu_read_unlock(k)
 
 
 async def swapin_walk_pmd_entry(pmdp: int, start: int, end: int, walk: pagewalk.MmWalk) -> int:

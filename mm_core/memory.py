@@ -408,7 +408,16 @@ async def do_swap_page(k, vmf: VmFault) -> int:
     is FAULT-RETRY (``out_nomap``: someone else, another thread or swapoff, faulted it in
     first). swap_free(), folio_free_swap() when should_try_to_free_swap();
     MM_SWAPENTS -> MM_ANONPAGES; writable at once when the
-    entry was exclusive (or the folio's only reference is ours), else do_wp_page()."""
+    entry was exclusive (or the folio's only reference is ours), else do_wp_page().
+
+    SWP_SYNCHRONOUS_IO (``si.synchronous_io``) with a swap count of 1 and no swap-cache
+    folio: the swap cache is skipped (swapin_skip_swapcache(): a new folio read directly,
+    certainly exclusive). 6.6.0 has nothing but pte_same() between two such faulters, and
+    pte_same() cannot see an ABA (the winner maps, frees the slot, and a swap-out reuses
+    it for the same entry value: the loser maps its stale copy). 13ddaf26be32 (6.8, 6.6.19;
+    ``k.profile.swapin_skip_swapcache_prepare``) pins the slot first with
+    swapcache_prepare(): on failure schedule_timeout_uninterruptible(1) and FAULT-RETRY
+    (``goto out``); the pin goes with swapcache_clear() after the ptl is dropped."""
     from mm_core import shmem, swap_state, swapfile
     mm, arch, vma = vmf.vma.mm, k.arch, vmf.vma
     await pgtable.pte_unmap(k, vmf.pte)             # pte_unmap_same()
@@ -424,11 +433,26 @@ async def do_swap_page(k, vmf: VmFault) -> int:
     if si is None:
         k.stats["do_swap_page_no_device"] += 1
         return 0
+    need_clear_cache = False
     try:
         off = ent.swp_offset
         folio = await swap_state.swap_cache_get_folio(k, off)
+        swapcache = folio
         if folio is None:
-            folio = await swap_state.swapin_readahead(k, ent, vmf)
+            if si.synchronous_io and si.count(off) == 1:
+                # skip the swap cache (SWP_SYNCHRONOUS_IO, __swap_count() == 1)
+                if k.profile.swapin_skip_swapcache_prepare:
+                    # 13ddaf26be32: pin the slot with SWAP_HAS_CACHE so that a parallel
+                    # swap-in cannot free it and a swap-out reuse it (ABA for pte_same)
+                    if await swapfile.swapcache_prepare(k, ent):
+                        k.stats["do_swap_page_skip_swapcache_eexist"] += 1
+                        await traps.sleep(1)             # schedule_timeout_uninterruptible(1)
+                        return 0                         # goto out: FAULT-RETRY
+                    need_clear_cache = True
+                folio = await swap_state.swapin_skip_swapcache(k, ent, vma, vmf.address)
+            else:
+                folio = await swap_state.swapin_readahead(k, ent, vmf)
+                swapcache = folio
             if folio is None:
                 # back out if somebody else faulted in this pte meanwhile
                 ret = 0
@@ -442,7 +466,7 @@ async def do_swap_page(k, vmf: VmFault) -> int:
         if not await folio_lock_or_retry(k, folio, vmf):
             put_page(k, folio)                      # out_release (mmap_lock already dropped)
             return VM_FAULT_RETRY
-        if folio.extra.get("swap") != off:
+        if swapcache is not None and folio.extra.get("swap") != off:
             # folio_free_swap() or swapoff released the swap cache under us: refault
             k.stats["do_swap_page_not_swapcache"] += 1
             shmem.folio_unlock(folio)
@@ -465,7 +489,8 @@ async def do_swap_page(k, vmf: VmFault) -> int:
             shmem.folio_unlock(folio)
             put_page(k, folio)
             return VM_FAULT_SIGBUS
-        exclusive = ent.exclusive
+        # a fresh folio never exposed in the swap cache is certainly exclusive
+        exclusive = ent.exclusive or swapcache is None
         await swapfile.swap_free(k, ent)
         if should_try_to_free_swap(k, folio, vma, vmf.flags):
             await swapfile.folio_free_swap(k, folio)
@@ -495,6 +520,8 @@ async def do_swap_page(k, vmf: VmFault) -> int:
         await pgtable.pte_unmap_unlock(k, vmf.pte, vmf.ptl)
         return 0
     finally:
+        if need_clear_cache:                            # after the ptl is dropped
+            await swapfile.swapcache_clear(k, si, ent)
         swapfile.put_swap_device(si)
 
 

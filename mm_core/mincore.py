@@ -16,12 +16,23 @@ from mm_core.swapops import pte_none_mostly
 
 
 def _cached(walk: pagewalk.MmWalk, addr: int) -> int:
-    """mincore_page(): for a file VMA, whether the page cache holds the page."""
-    vma = walk.vma
+    """mincore_page(): for a file VMA, whether the page cache holds the page; for a
+    swapped-out shmem page (a swap entry at the index), filemap_get_incore_folio() asks
+    the swap cache (under get_swap_device()): 1 if an uptodate folio is there (e.g. read
+    by MADV_WILLNEED's shmem_swapin_range())."""
+    vma, k = walk.vma, walk.k
     if vma.file is None:
         return 0
-    index = vma.pgoff + ((addr - vma.start) >> walk.k.page_shift)
-    return 1 if shmem.filemap_get_folio(vma.file.mapping, index) is not None else 0
+    index = vma.pgoff + ((addr - vma.start) >> k.page_shift)
+    mapping = vma.file.mapping
+    if shmem.filemap_get_folio(mapping, index) is not None:
+        return 1
+    off = mapping.swap_entries.get(index)
+    si = k.swap_info
+    if off is None or si is None or not si.live:
+        return 0
+    folio = si.cache.get(off)
+    return 1 if folio is not None and folio.extra.get("uptodate") else 0
 
 
 async def mincore_unmapped_range(addr: int, end: int, walk: pagewalk.MmWalk) -> int:

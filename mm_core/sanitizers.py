@@ -7,6 +7,7 @@
   SPINLOCK     "bad magic": a ptl taken that belongs to no live or RCU-deferred PTE
                table (pte_lockptr() of a pmd that is none or huge by now)
   RCU          rcu_read_lock imbalance when a task ends, sleeping inside rcu_read_lock
+               (on a sleeping lock or wait queue, or a timed sleep: schedule_timeout())
   PTEMAP       map/unmap balance of pte_offset_map*() (the kmap_local stack of HIGHPTE):
                pte_unmap() of a pointer no map of this task returned (a stack copy),
                out of LIFO order, or a task that sleeps or ends with maps outstanding
@@ -108,6 +109,16 @@ class Sanitizers:
                               "progress", f"LIVELOCK:{site}",
                               ["  a retry after a failed pte_offset_map*() must re-read the pmd and end "
                                "when it is stable but not a table"])
+        if kind == "sleep" and self.k.rcu.readers.get(task, 0):
+            # schedule_timeout() & co. inside rcu_read_lock(): "Illegal context switch in RCU
+            # read-side critical section" (and might_sleep()'s "sleeping function called from
+            # invalid context")
+            site = coroutine_site(task.kstate.get("coro", task.coro))
+            raise Finding("RCU", f"RCU: {task.name} sleeps inside rcu_read_lock() in {site}",
+                          f"RCU:sleep:{site}",
+                          ["  schedule_timeout() in an RCU read-side critical section: leave it "
+                           "first (xas_pause() + rcu_read_unlock(), pte_unmap())",
+                           *self._outstanding(task)])
         if kind in ("lock", "wait", "trylock"):
             lock = event[1]
             if getattr(lock, "not_a_ptl", False):

@@ -344,8 +344,11 @@ async def shmem_unuse(k, swp_type: int) -> int:
 
 def shmem_free_swap(k, mapping: AddressSpace, index: int) -> None:
     """shmem_free_swap() of eviction / truncation: the index's swap entry goes and the
-    mapping's count on the slot is dropped (free_swap_and_cache(), without its attempt
-    to reclaim a cache-only slot: such a folio is left to reclaim, drain_swap_cache())."""
+    mapping's count on the slot is dropped (free_swap_and_cache()). When only the swap
+    cache is left, __try_to_reclaim_swap(TTRS_UNMAPPED | TTRS_FULL): an unmapped folio
+    whose lock can be had (a read-ahead one, e.g. MADV_WILLNEED's) leaves the cache and
+    the slot goes; a locked one (a read still in flight) is left to reclaim
+    (drain_swap_cache()). One atomic step here: the callers are not coroutines."""
     from mm_core import swapfile
     off = mapping.swap_entries.pop(index)
     mapping.host.swapped -= 1
@@ -353,6 +356,17 @@ def shmem_free_swap(k, mapping: AddressSpace, index: int) -> None:
     si.swap_map[off] -= 1
     if si.swap_map[off] == 0:
         swapfile._slot_free(k, si, off)
+    elif si.swap_map[off] == swapfile.SWAP_HAS_CACHE:
+        folio = si.cache.get(off)
+        if folio is not None and not folio.locked and not folio.mapcount:   # folio_trylock()
+            del si.cache[off]                                 # folio_free_swap()
+            folio.extra.pop("swap")
+            si.swap_map[off] = 0                              # put_swap_folio()
+            swapfile._slot_free(k, si, off)
+            folio.refcount -= 1                               # the swap cache's reference
+            if folio.refcount == 0:
+                k.alloc.free_pages(folio)
+            k.stats["swap_cache_reclaimed"] += 1
     k.stats["shmem_free_swap"] += 1
 
 

@@ -16,10 +16,11 @@
                           its swap cache if its lock can be had and no swap pte needs it
 
 I/O: a read or a write completes inside the task that submits it (one scheduling point,
-the folio locked across it for a read). A device of this model is not SWP_SYNCHRONOUS_IO,
-so do_swap_page() always goes through the swap cache. swap_ra_info() is reduced to a fixed
-window (si.ra_win pages, the faulting page second) clamped to the VMA and the PMD: no hit
-statistics.
+the folio locked across it for a read). An area swapped on with ``synchronous=True`` is
+SWP_SYNCHRONOUS_IO (zram, pmem): do_swap_page() reads an entry only one pte names
+straight into a new folio, skipping the swap cache (swapin_skip_swapcache).
+swap_ra_info() is reduced to a fixed window (si.ra_win pages, the faulting page second)
+clamped to the VMA and the PMD: no hit statistics.
 """
 from __future__ import annotations
 
@@ -145,6 +146,25 @@ async def __read_swap_cache_async(k, ent: Entry, vma, addr: int):
         return folio, True
     finally:
         swapfile.put_swap_device(si)
+
+
+async def swapin_skip_swapcache(k, ent: Entry, vma, addr: int):
+    """do_swap_page()'s direct swap-in from a SWP_SYNCHRONOUS_IO device (6.6, the
+    ``skip swapcache`` branch): vma_alloc_folio(), __folio_set_locked(),
+    __folio_set_swapbacked(), folio->swap = entry for swap_readpage(synchronous) (the
+    read completes at once and unlocks the folio), folio->private = NULL. The folio is
+    never in the swap cache, so nothing but the caller's pte_same() (and, from
+    13ddaf26be32 on, the SWAP_HAS_CACHE pin of swapcache_prepare()) keeps two faulters
+    apart. Returns the folio with the caller's reference, or None (no memory)."""
+    try:
+        folio = k.alloc.alloc_pages(k.page_order, PageUse.ANON, zero=False)
+    except OutOfMemory:
+        return None
+    folio.locked = True
+    folio.extra["swapbacked"] = True
+    k.stats["swapin_skip_swapcache"] += 1
+    await swap_readpage(k, folio, ent.swp_offset)
+    return folio
 
 
 async def read_swap_cache_async(k, ent: Entry, vma, addr: int):

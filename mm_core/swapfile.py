@@ -48,7 +48,7 @@ SWAP_TYPE = 0                  # the one area's type
 class SwapInfo:
     """struct swap_info_struct for the one swap area (type 0)."""
 
-    def __init__(self, k, nr_slots: int, ra_win: int = 4) -> None:
+    def __init__(self, k, nr_slots: int, ra_win: int = 4, synchronous: bool = False) -> None:
         if nr_slots < 1:
             raise ValueError("a swap area needs at least one slot")
         self.type = SWAP_TYPE
@@ -62,6 +62,9 @@ class SwapInfo:
         self.live = True                        # percpu_ref users alive (get_swap_device)
         self.users = 0                          # get_swap_device() references held
         self.ra_win = ra_win                    # swap_vma_readahead window (pages)
+        # SWP_SYNCHRONOUS_IO (a device whose bdev has BDI_CAP_SYNCHRONOUS_IO: zram, pmem,
+        # brd): do_swap_page() swaps in an entry with one count without the swap cache
+        self.synchronous_io = synchronous
         self.drained = _UsersDrained(self)
         # swap_slot_cache_enabled: off while swapoff runs try_to_unuse(), so that
         # __read_swap_cache_async() does not skip a slot whose SWAP_HAS_CACHE is set by a
@@ -132,11 +135,12 @@ def swap_info_get(k, ent: Entry) -> SwapInfo | None:
 
 # -- swapon, and the use count swapoff waits for -----------------------------------------------
 
-def swapon(k, nr_slots: int, ra_win: int = 4) -> SwapInfo:
-    """swapon(2) of an area of ``nr_slots`` pages (one area at a time)."""
+def swapon(k, nr_slots: int, ra_win: int = 4, synchronous: bool = False) -> SwapInfo:
+    """swapon(2) of an area of ``nr_slots`` pages (one area at a time); ``synchronous``:
+    the device is SWP_SYNCHRONOUS_IO."""
     if k.swap_info is not None:
         raise OSError(EBUSY, "a swap area is already active")
-    k.swap_info = SwapInfo(k, nr_slots, ra_win)
+    k.swap_info = SwapInfo(k, nr_slots, ra_win, synchronous)
     k.stats["swapon"] += 1
     return k.swap_info
 
@@ -209,6 +213,19 @@ async def swap_duplicate(k, ent: Entry) -> int:
 async def swapcache_prepare(k, ent: Entry) -> int:
     """swapcache_prepare(): claim the right to add a folio for the slot to the swap cache."""
     return await __swap_duplicate(k, ent, SWAP_HAS_CACHE)
+
+
+async def swapcache_clear(k, si: SwapInfo, ent: Entry) -> None:
+    """swapcache_clear() (13ddaf26be32 "mm/swap: fix race when skipping swapcache", 6.8,
+    6.6.19): drop the SWAP_HAS_CACHE pin do_swap_page()'s swapcache_prepare() took for a
+    direct swap-in, after the pte is set and the ptl dropped; the slot is freed if no
+    count is left (the fault's swap_free() left only the pin)."""
+    await sched_point("swap_map", si)
+    si.check_live(k, "swapcache_clear")
+    off = ent.swp_offset
+    si.swap_map[off] &= ~SWAP_HAS_CACHE
+    if si.swap_map[off] == 0:
+        _slot_free(k, si, off)
 
 
 async def swap_free(k, ent: Entry) -> None:

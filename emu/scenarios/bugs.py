@@ -105,6 +105,17 @@ BUGS: dict[str, str] = {
         "do_swap_page() maps the swap-cache folio under the ptl without the pte_same() recheck "
         "against the swap pte it read locklessly: a second faulter maps the page again over "
         "the first's mapping (rss counted twice, the swap count dropped twice)",
+    "do_swap_page_skip_swapcache_without_swapcache_prepare":
+        "do_swap_page()'s direct swap-in from a SWP_SYNCHRONOUS_IO device without the "
+        "swapcache_prepare() pin (before 13ddaf26be32, \"mm/swap: fix race when skipping "
+        "swapcache\", 6.8 and 6.6.19; the 6.6.0 text): two faulters read the entry into two "
+        "folios, the first maps and frees the slot, a swap-out reuses it for the same entry, "
+        "and the second's pte_same() passes: it maps its stale copy",
+    "shmem_swapin_range_reads_under_rcu":
+        "a what-if: MADV_WILLNEED's shmem_swapin_range() calls read_swap_cache_async() inside "
+        "its xas_for_each() RCU section, without xas_pause() + rcu_read_unlock(): the read "
+        "sleeps there when swapcache_prepare() finds another reader's SWAP_HAS_CACHE "
+        "(schedule_timeout_uninterruptible())",
     "hmm_driver_skips_read_retry":
         "a mirroring driver (lib/test_hmm.c's dmirror_range_fault()) programs its device page "
         "table from hmm_range_fault()'s pfns without checking mmu_interval_read_retry() under "
@@ -144,4 +155,6 @@ BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same":
                "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10"}
 
 
-PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True}}
+PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True},
+                "do_swap_page_skip_swapcache_without_swapcache_prepare":
+                    {"swapin_skip_swapcache_prepare": False}}

@@ -224,3 +224,135 @@ def shmem_swapoff_vs_fault(sc: Scenario) -> World:
     sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
     sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
     return World([mm], [inode], a, 0)
+
+
+@scenario("swapin-skip-swapcache",
+          "a SWP_SYNCHRONOUS_IO swap area (zram-like): a reader and a writer fault the same "
+          "swapped-out anon page (swap count 1: both skip the swap cache and read it into "
+          "folios of their own); the writer then writes new bytes and MADV_PAGEOUT swaps them "
+          "out again into the same, lowest free, slot. The reader must never map its stale copy: "
+          "13ddaf26be32's swapcache_prepare() pin keeps the slot from being freed and reused "
+          "before the winner's pte is set (pte_same() alone cannot see the ABA)",
+          catches=("do_swap_page_skip_swapcache_without_swapcache_prepare",))
+def swapin_skip_swapcache(sc: Scenario) -> World:
+    from emu.arch import Access
+    from mm_core import memory
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1, synchronous=True)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, page, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    old, new = b"version1" + bytes(8), b"version2" + bytes(8)
+    k.physmem.write(m.touch(mm, a, write=True), old)
+    m.madvise(mm, a, page, madvise.MADV_PAGEOUT)
+    state = {"written": False}
+
+    def check(name: str, paddr: int) -> None:
+        seen, want = k.physmem.read(paddr, len(old)), new if state["written"] else old
+        if seen != want:
+            raise Finding("ORACLE", "ORACLE: a swap-in mapped a stale copy of the page",
+                          "ORACLE:swapin-stale",
+                          [f"  {name} reads {seen!r} at {a:#x}, expected {want!r}",
+                           f"  the newer bytes were {'written' if state['written'] else 'not yet written'}"])
+
+    async def access(name: str, write: bool) -> int:
+        for _ in range(64):
+            paddr = m.translate(mm, a, "w" if write else "r")
+            if paddr is not None:
+                return paddr
+            ret = await memory.do_user_addr_fault(k, mm, a, Access.W if write else Access.R)
+            if ret is not memory.FaultResult.OK:
+                raise Finding("ORACLE", f"ORACLE: swap-in fault failed: {ret.value}", "ORACLE:swapin-fault")
+        raise Finding("ORACLE", f"ORACLE: {name} kept faulting on a swapped-out page",
+                      "ORACLE:swapin-refault")
+
+    async def reader():
+        check("reader", await access("reader", False))
+        return "read"
+
+    async def writer():
+        paddr = await access("writer", True)
+        k.physmem.write(paddr, new)                      # the store, atomic with the flag
+        state["written"] = True
+        ret = await madvise.do_madvise(k, mm, a, page, madvise.MADV_PAGEOUT)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_PAGEOUT failed with {ret}", "ORACLE:pageout")
+        return "written"
+
+    sc.task("reader", reader())
+    sc.task("writer", writer())
+    return World([mm], [], a, 0)
+
+
+@scenario("shmem-willneed-race",
+          "MADV_WILLNEED of a shared memfd mapping whose three pages are swapped out "
+          "(shmem_swapin_range: each swap entry read under RCU, used after rcu_read_unlock) "
+          "while a thread reads page 0, another writes page 1, ftruncate drops page 2 and "
+          "swapoff brings everything back: a stale entry is skipped (nothing read for a freed "
+          "slot), the faults read the bytes written before MADV_PAGEOUT, and no slot, swap-cache "
+          "folio or folio reference is left")
+def shmem_willneed_race(sc: Scenario) -> World:
+    from mm_core import shmem, swapfile
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-willneed", 3 * page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, 3 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
+               file=inode)
+    for i in range(3):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, 3 * page, madvise.MADV_PAGEOUT)
+
+    async def willneed():
+        ret = await madvise.do_madvise(k, mm, a, 3 * page, madvise.MADV_WILLNEED)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_WILLNEED failed with {ret}", "ORACLE:willneed")
+        return "willneed"
+
+    async def truncate():
+        await shmem.shmem_setattr_size(k, inode, 2 * page)
+        return "truncated"
+
+    async def swapoff():
+        ret = await swapfile.swapoff(k)
+        if ret or inode.swapped or inode.mapping.swap_entries:
+            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                          "still swapped", "ORACLE:shmem-swapoff")
+        return "off"
+
+    sc.task("willneed", willneed())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    sc.task("writer", swapin_and_check(k, m, mm, a + page, True, "writer"))
+    sc.task("truncate", truncate())
+    sc.task("swapoff", swapoff())
+    return World([mm], [inode], a, 0)
+
+
+@scenario("shmem-willneed-vs-fault",
+          "MADV_WILLNEED of a shared memfd mapping's swapped-out page (shmem_swapin_range) while "
+          "a thread faults the same index in: whoever sets SWAP_HAS_CACHE first reads the slot, "
+          "the other finds the folio in the swap cache, or sleeps a tick on swapcache_prepare()'s "
+          "-EEXIST (outside the RCU section), or finds the entry stale; the fault reads the bytes "
+          "written before MADV_PAGEOUT",
+          catches=("shmem_swapin_range_reads_under_rcu",))
+def shmem_willneed_vs_fault(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create("shmem-willneed", page)
+    mm = m.new_mm()
+    a = m.mmap(mm, BASE, page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
+    k.physmem.write(m.touch(mm, a, write=True), swap_marker(k, a))
+    m.madvise(mm, a, page, madvise.MADV_PAGEOUT)
+
+    async def willneed():
+        ret = await madvise.do_madvise(k, mm, a, page, madvise.MADV_WILLNEED)
+        if ret:
+            raise Finding("ORACLE", f"ORACLE: MADV_WILLNEED failed with {ret}", "ORACLE:willneed")
+        return "willneed"
+
+    sc.task("willneed", willneed())
+    sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
+    return World([mm], [inode], a, 0)
