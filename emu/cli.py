@@ -325,13 +325,14 @@ def _explore_kernel(profile: str | None, inject: tuple[str, ...], home: str = DE
 def _list_scenarios(as_json: bool) -> None:
     from emu.scenarios import BUGS, SCENARIOS
     if as_json:
-        click.echo(json.dumps({"scenarios": {n: {"description": s.description, "catches": list(s.catches)}
+        click.echo(json.dumps({"scenarios": {n: {"description": s.description, "catches": list(s.catches),
+                                                 "kernel": s.kernel}
                                              for n, s in SCENARIOS.items()}, "bugs": BUGS}, indent=2))
         return
     import textwrap
     click.echo("Scenarios (emu explore NAME):")
     for name, spec in SCENARIOS.items():
-        click.echo(f"  {name}")
+        click.echo(f"  {name}" + (f"  (kernel {spec.kernel})" if spec.kernel != DEFAULT_PROFILE else ""))
         click.echo(textwrap.indent(textwrap.fill(spec.description, 84), "      "))
         if spec.catches:
             click.echo(f"      catches: {', '.join(spec.catches)}")
