@@ -358,18 +358,19 @@ MBIND_NODE = 1          # mbind-vs-retract's target node; the file's pages are o
 
 
 @scenario("mbind-vs-retract",
-          "mbind(MPOL_BIND, node 1, MPOL_MF_MOVE | MPOL_MF_STRICT) of a shared shmem mapping on a "
-          "two-node machine (do_mbind under mmap_write_lock, which retract does not take: "
-          "queue_pages_range -> queue_folios_pte_range, a failed map is ACTION_AGAIN) racing "
-          "retract_page_tables(). The model does not migrate shmem folios (an isolation "
-          "failure, docs/walkers.md), so the written pages on node 0 are unmovable. Oracle: "
-          "-EIO, both written pages seen once each and left in place, the VMA's policy bind:1",
+          "mbind(MPOL_BIND, node 1, MPOL_MF_MOVE) of a shared shmem mapping on a two-node machine "
+          "(do_mbind under mmap_write_lock, which retract does not take: queue_pages_range -> "
+          "queue_folios_pte_range, a failed map is ACTION_AGAIN) racing retract_page_tables(). "
+          "Oracle: 0, the VMA's policy bind:1, and each written page (on node 0, mapped once) "
+          "seen by the walk exactly once: migrated to node 1 with its bytes, as 6.6 does for a "
+          "shmem folio, or, as the model does (it migrates no shmem folios, docs/walkers.md), "
+          "left in place as an isolation failure",
           catches=("queue_folios_pte_range_ignores_map_failure",))
 def mbind_vs_retract(sc: Scenario) -> World:
     from mm_core import mempolicy
     m, k = sc.machine, sc.kernel
     mempolicy.set_numa_nodes(k, 2)          # before the world's allocations: RAM in two nodes
-    w, length, pteps = entry_world(sc)
+    w, length, pteps = written_entry_world(sc)
     mm = w.mms[0]
     frames = [k.arch.decode(k.arch.pte_level, k.physmem.read_entry(p)).paddr for p in pteps]
     if any(mempolicy.page_to_nid(k, f) == MBIND_NODE for f in frames):
@@ -378,14 +379,22 @@ def mbind_vs_retract(sc: Scenario) -> World:
 
     async def bind():
         ret = await mempolicy.do_mbind(k, mm, w.addr, length, mempolicy.MPOL_BIND, {MBIND_NODE},
-                                       mempolicy.MPOL_MF_MOVE | mempolicy.MPOL_MF_STRICT)
-        seen = k.stats["mbind_isolate_failed"]
-        if ret != -mempolicy.EIO or seen != ENTRY_EXTRA_PAGES:
-            raise _oracle("mbind misjudged the misplaced pages",
-                          f"ret {ret} (want -EIO), isolation failures {seen} (want {ENTRY_EXTRA_PAGES})")
-        now = [m.translate(mm, tail + i * k.page_size) for i in range(ENTRY_EXTRA_PAGES)]
-        if now != frames:
-            raise _oracle("mbind moved or lost a shmem page", f"{now} != {frames}")
+                                       mempolicy.MPOL_MF_MOVE)
+        if ret:
+            raise _oracle("mbind failed", f"ret {ret}")
+        seen = k.stats["mbind_isolate_failed"] + k.stats["numa_pages_migrated"]
+        wrong = []
+        for i, frame in enumerate(frames):
+            va = tail + i * k.page_size
+            now = m.translate(mm, va)
+            moved = now is not None and mempolicy.page_to_nid(k, now) == MBIND_NODE \
+                and k.physmem.read(now, 16) == page_marker(k, va)
+            if now != frame and not moved:
+                wrong.append(f"{va:#x}: {frame:#x} -> {now}")
+        if wrong or seen != ENTRY_EXTRA_PAGES:
+            raise _oracle("mbind mishandled the written pages",
+                          f"{wrong}; seen {seen} times (isolation failures + migrated), want "
+                          f"{ENTRY_EXTRA_PAGES}")
         policies = {str(v.policy) for v in mm.overlapping(w.addr, w.addr + length)}
         if policies != {f"bind:{MBIND_NODE}"}:
             raise _oracle("mbind set the wrong policy", f"{policies}")
