@@ -402,9 +402,9 @@ def print_determinism(rows: list[dict[str, Any]]) -> None:
 
 def twins(scenarios: list[str]) -> list[tuple[str, str, str]]:
     """(scenario, kernel, why) for every fixed twin."""
-    rows = [(name, "6.6", "6.6 rules") for name in scenarios]
+    rows = [(name, SCENARIOS[name].kernel, f"{SCENARIOS[name].kernel} rules") for name in scenarios]
     rows += sorted({(name, kernel, f"twin of {bug}") for name, bug, kernel in pairs(scenarios)
-                    if kernel != "6.6"})
+                    if kernel != SCENARIOS[name].kernel})
     return rows
 
 

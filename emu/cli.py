@@ -273,7 +273,7 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
         raise UsageError(str(err)) from None
     if workers < 1:
         raise UsageError("--workers must be at least 1")
-    profile = _explore_kernel(profile, inject)
+    profile = _explore_kernel(profile, inject, spec.kernel)
     if as_json:
         result = ex.explore(spec, strategy, budget, seconds, seed, arch, profile, inject, workers=workers)
     else:
@@ -299,9 +299,10 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
     sys.exit(1 if result.outcome is not None else 0)
 
 
-def _explore_kernel(profile: str | None, inject: tuple[str, ...]) -> str:
+def _explore_kernel(profile: str | None, inject: tuple[str, ...], home: str = DEFAULT_PROFILE) -> str:
     """--kernel, or else the kernel the injected bugs live in (emu.scenarios.BUG_KERNELS),
-    or else the default; a bug injected under another kernel than its own gets a note."""
+    or else the scenario's own (``home``: ScenarioSpec.kernel, the default for most); a bug
+    injected under another kernel than its own gets a note."""
     from emu.scenarios import BUG_KERNELS
     homes = {bug: BUG_KERNELS.get(bug, DEFAULT_PROFILE) for bug in inject}
     if profile is None:
@@ -309,10 +310,10 @@ def _explore_kernel(profile: str | None, inject: tuple[str, ...]) -> str:
         if len(kernels) > 1:
             raise UsageError("the injected bugs live in different kernels ("
                              + ", ".join(f"{b}: {v}" for b, v in homes.items()) + "); pick one with --kernel")
-        profile = kernels[0] if kernels else DEFAULT_PROFILE
+        profile = kernels[0] if kernels else home
         if profile != DEFAULT_PROFILE:
-            click.echo(f"note: kernel {profile}, the one {', '.join(inject)} lives in (--kernel to change)",
-                       err=True)
+            why = f"the one {', '.join(inject)} lives in" if inject else "the scenario's own"
+            click.echo(f"note: kernel {profile}, {why} (--kernel to change)", err=True)
         return profile
     for bug, home in homes.items():
         if home != profile:
@@ -324,13 +325,14 @@ def _explore_kernel(profile: str | None, inject: tuple[str, ...]) -> str:
 def _list_scenarios(as_json: bool) -> None:
     from emu.scenarios import BUGS, SCENARIOS
     if as_json:
-        click.echo(json.dumps({"scenarios": {n: {"description": s.description, "catches": list(s.catches)}
+        click.echo(json.dumps({"scenarios": {n: {"description": s.description, "catches": list(s.catches),
+                                                 "kernel": s.kernel}
                                              for n, s in SCENARIOS.items()}, "bugs": BUGS}, indent=2))
         return
     import textwrap
     click.echo("Scenarios (emu explore NAME):")
     for name, spec in SCENARIOS.items():
-        click.echo(f"  {name}")
+        click.echo(f"  {name}" + (f"  (kernel {spec.kernel})" if spec.kernel != DEFAULT_PROFILE else ""))
         click.echo(textwrap.indent(textwrap.fill(spec.description, 84), "      "))
         if spec.catches:
             click.echo(f"      catches: {', '.join(spec.catches)}")

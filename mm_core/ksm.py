@@ -56,7 +56,12 @@ async def break_ksm_pmd_entry(pmdp: int, addr: int, end: int, walk: pagewalk.MmW
     migration entry of one: KSM pages stay KSM pages until freed), else 0. A failed
     pte_offset_map_lock() returns 0 (SKIP: nothing to break)."""
     k, arch = walk.k, walk.k.arch
+    stale = "break_ksm_pmd_entry_ignores_map_failure" in k.bugs
+    pmdval = await pgtable.get_entry(k, pmdp, arch.pmd_level) if stale else None
     locked = await pgtable.pte_offset_map_lock(k, walk.mm, pmdp, addr)
+    if locked is None and stale:
+        # bug injection: reads the pte in the table its own pmd read named
+        return int(await pgtable.walk_stale_pte_table(k, pmdval, addr, addr + k.page_size) > 0)
     if locked is None:
         k.stats["break_ksm_map_failed"] += 1
         return 0

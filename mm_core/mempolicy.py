@@ -300,6 +300,9 @@ async def queue_folios_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.
         if pml is not None:
             return await queue_folios_pmd(k, cur, pml, addr, walk)
     locked = await pgtable.pte_offset_map_lock(k, vma.mm, pmdp, addr)
+    if locked is None and "queue_folios_pte_range_ignores_map_failure" in k.bugs:
+        await pgtable.walk_stale_pte_table(k, pmdval, addr, end)   # bug injection: walks on
+        return 0
     if locked is None:
         k.stats["queue_pages_again"] += 1
         walk.action = pagewalk.ACTION_AGAIN                # RETRY

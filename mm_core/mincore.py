@@ -60,6 +60,7 @@ async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWal
             return 0
     locked = await pgtable.pte_offset_map_lock(k, walk.mm, pmdp, addr)
     if locked is None:
+        k.stats["mincore_again"] += 1
         walk.action = pagewalk.ACTION_AGAIN
         return 0
     ptep, ptl = locked

@@ -1,5 +1,8 @@
 """The walker entry points raced against retract_page_tables() (emu/scenarios/walkers.py's
-mprotect-, mlock-, madv-cold-, numa-maps-, hwpoison- and perf-vs-retract): the race really reaches each
+mprotect-, mlock-, madv-cold-, madv-pageout-, mbind-, numa-maps-, hwpoison- and perf-vs-retract)
+or, for the anon-only walkers, against 6.14's MADV_DONTNEED + PT_RECLAIM (emu/scenarios/
+pt_reclaim.py: madv-free-, ksm-unmerge-vs-pt-reclaim, mincore-vs-dontneed-reclaim, under their
+own kernel, ScenarioSpec.kernel): the race really reaches each
 walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
 does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into
 the stale table" bug is a use-after-free of the retracted table, reported in that walker.
@@ -24,7 +27,16 @@ ENTRY = {
     "numa-maps-vs-retract": ("numa_maps_again", "gather_pte_stats_ignores_map_failure", "gather_pte_stats"),
     "hwpoison-vs-retract": ("hwpoison_pte_range_map_failed", "hwpoison_pte_range_ignores_map_failure",
                             "hwpoison_pte_range"),
+    "mbind-vs-retract": ("queue_pages_again", "queue_folios_pte_range_ignores_map_failure",
+                         "queue_folios_pte_range"),
+    # 6.14 (the scenarios' own kernel): MADV_DONTNEED's PT_RECLAIM frees the table
+    "madv-free-vs-pt-reclaim": ("madv_free_map_failed", "madvise_free_ignores_map_failure",
+                                "madvise_free_pte_range"),
+    "ksm-unmerge-vs-pt-reclaim": ("break_ksm_map_failed", "break_ksm_pmd_entry_ignores_map_failure",
+                                  "break_ksm_pmd_entry"),
 }
+# entry points without an injected bug: only that the failure path is reached, clean
+REACHED = {"madv-pageout-vs-retract": "madv_cold_map_failed", "mincore-vs-dontneed-reclaim": "mincore_again"}
 # the same for the THP migration scenario: change_huge_pmd()'s migration-entry branch
 MIGRATION = {"mprotect-vs-thp-migration": ("change_huge_pmd_migration",
                                            "change_huge_pmd_keeps_writable_migration_entry")}
@@ -37,15 +49,19 @@ def recording(spec: ex.ScenarioSpec, kernels: list) -> ex.ScenarioSpec:
     return dataclasses.replace(spec, build=build)
 
 
-@pytest.mark.parametrize("scenario", list(ENTRY) + list(MIGRATION))
+@pytest.mark.parametrize("scenario", list(ENTRY) + list(MIGRATION) + list(REACHED))
 def test_the_map_failure_path_is_reached_and_handled(scenario: str) -> None:
-    counter, bug = (ENTRY.get(scenario) or MIGRATION[scenario])[:2]
-    assert SCENARIOS[scenario].catches == (bug,)
+    if scenario in REACHED:
+        counter, bugs = REACHED[scenario], ()
+    else:
+        counter, bug = (ENTRY.get(scenario) or MIGRATION[scenario])[:2]
+        bugs = (bug,)
+    assert SCENARIOS[scenario].catches == bugs
     kernels: list = []
     spec = recording(SCENARIOS[scenario], kernels)
     failed = 0
     for seed in range(40):
-        outcome = ex.execute(spec, RandomWalk(seed=seed))
+        outcome = ex.execute(spec, RandomWalk(seed=seed), kernel=spec.kernel)
         assert outcome.finding is None, outcome.finding
         failed += kernels[-1].stats[counter] > 0
     assert failed, f"no schedule of {scenario} reached the walker's {counter} path"
@@ -54,7 +70,8 @@ def test_the_map_failure_path_is_reached_and_handled(scenario: str) -> None:
 @pytest.mark.parametrize("scenario", ENTRY)
 def test_the_injected_walker_reads_the_freed_table(scenario: str) -> None:
     _, bug, walker = ENTRY[scenario]
-    result = ex.explore(SCENARIOS[scenario], budget=200, seed=3, inject=(bug,))
+    spec = SCENARIOS[scenario]
+    result = ex.explore(spec, budget=200, seed=3, kernel=spec.kernel, inject=(bug,))
     assert result.outcome is not None
     assert result.outcome.finding.signature == f"UAF:pagetable:read:{walker}"
 

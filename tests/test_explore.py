@@ -45,7 +45,9 @@ KERNEL_SCENARIOS = [n for n, s in SCENARIOS.items() if not n.startswith("guest-"
 
 @pytest.mark.parametrize("scenario", KERNEL_SCENARIOS)
 def test_fixed_twin_runs_clean_under_the_portfolio(scenario: str) -> None:
-    result = ex.explore(SCENARIOS[scenario], budget=150, seed=7)
+    """Under the scenario's own kernel (6.6, or 6.14 for the PT_RECLAIM races)."""
+    spec = SCENARIOS[scenario]
+    result = ex.explore(spec, budget=150, seed=7, kernel=spec.kernel)
     assert result.outcome is None and result.schedules == 150
 
 
@@ -170,6 +172,10 @@ def test_explore_runs_an_injected_bug_under_its_own_kernel_unless_told_otherwise
     r = emu("explore", "retract-vs-reader", "--inject", "retract_without_mmap_lock",
             "--inject", "move_ptes_without_pmd_same")
     assert r.returncode == 2 and "live in different kernels" in r.stderr and "Traceback" not in r.stderr
+    r = emu("explore", "mincore-vs-dontneed-reclaim", "--budget", "5", "--json")     # a 6.14 race
+    assert SCENARIOS["mincore-vs-dontneed-reclaim"].kernel == "6.14"
+    assert r.returncode == 0 and json.loads(r.stdout)["kernel"] == "6.14"
+    assert "note: kernel 6.14, the scenario's own" in r.stderr
 
 
 def test_workers_do_not_change_the_result() -> None:

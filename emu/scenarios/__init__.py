@@ -11,11 +11,13 @@ a process whose PTE table for that range is still there but already empty.
 
     base.py     the registry (``scenario``, ``SCENARIOS``, ``World``) and the shared worlds
     bugs.py     ``BUGS`` (``--inject``), ``BUG_KERNELS``, ``PROFILE_BUGS``
-    retract.py, walkers.py, uffd.py, gup_hmm.py, swap.py, thp.py, guest.py: the scenarios by theme
+    retract.py, walkers.py, pt_reclaim.py, uffd.py, gup_hmm.py, swap.py, thp.py, guest.py: the
+    scenarios by theme
 """
 # importing each theme registers its scenarios, in this order (emu explore --list)
 import emu.scenarios.retract  # noqa: E402, F401, I001
 import emu.scenarios.walkers  # noqa: E402, F401, I001
+import emu.scenarios.pt_reclaim  # noqa: E402, F401, I001
 import emu.scenarios.uffd  # noqa: E402, F401, I001
 import emu.scenarios.gup_hmm  # noqa: E402, F401, I001
 import emu.scenarios.swap  # noqa: E402, F401, I001

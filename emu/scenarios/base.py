@@ -43,6 +43,8 @@ class ScenarioSpec:
     quantum: int = 20000
     max_steps: int = 20000
     prefault: bool = False          # guest programs want prefaulted RAM; kernel tasks don't
+    kernel: str = "6.6"             # the profile it runs under unless told otherwise (emu explore
+                                    # without --kernel; a 6.14 PT_RECLAIM race needs 6.14)
 
 
 SCENARIOS: dict[str, ScenarioSpec] = {}

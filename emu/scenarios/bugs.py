@@ -142,6 +142,18 @@ BUGS: dict[str, str] = {
         "memory-failure's hwpoison_pte_range() goes on into the table its pmd read named after "
         "a failed pte_offset_map_lock() (instead of SKIP, goto out) while kill_accessing_process() "
         "looks for the poisoned pfn",
+    "queue_folios_pte_range_ignores_map_failure":
+        "mbind's queue_folios_pte_range() goes on into the table its pmd read named after a "
+        "failed pte_offset_map_lock() (instead of ACTION_AGAIN) while retract_page_tables() "
+        "frees it",
+    "madvise_free_ignores_map_failure":
+        "MADV_FREE's madvise_free_pte_range() goes on into the table its pmd read named after a "
+        "failed pte_offset_map_lock() (instead of SKIP, return 0): under 6.14 a racing "
+        "MADV_DONTNEED's PT_RECLAIM freed it; run with --kernel 6.14",
+    "break_ksm_pmd_entry_ignores_map_failure":
+        "KSM's break_ksm_pmd_entry() reads the pte in the table its pmd read named after a failed "
+        "pte_offset_map_lock() (instead of SKIP, \"no KSM page here\"): under 6.14 a racing "
+        "MADV_DONTNEED's PT_RECLAIM freed it; run with --kernel 6.14",
     "perf_get_page_size_without_irqs_off":
         "perf_get_page_size() walks without local_irq_save(): pte_offset_map(&pmd)'s own "
         "rcu_read_lock() comes after pmdp_get_lockless(), so the stack copy can name a table "
@@ -152,7 +164,8 @@ BUGS: dict[str, str] = {
 # Bugs that only exist under another kernel profile than the default 6.6.
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
                "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13",
-               "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10"}
+               "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10",
+               "madvise_free_ignores_map_failure": "6.14", "break_ksm_pmd_entry_ignores_map_failure": "6.14"}
 
 
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True},

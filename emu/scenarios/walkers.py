@@ -18,7 +18,7 @@ from emu.scenarios.base import (
 )
 from emu.sched import traps
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, madvise, pgtable
+from mm_core import huge_memory, madvise, pgtable, shmem
 from mm_core.sanitizers import Finding
 
 
@@ -289,5 +289,117 @@ def perf_vs_retract(sc: Scenario) -> World:
         return "sampled"
 
     sc.task("perf", sample())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
+
+
+def page_marker(k, va: int) -> bytes:
+    """What the entry scenarios write at the start of an extra page: recognisable bytes."""
+    return b"entrypg!" + (va >> k.page_shift).to_bytes(8, "little")
+
+
+def written_entry_world(sc: Scenario) -> tuple[World, int, list[int]]:
+    """entry_world() with page_marker() written into each extra page (through its pte)."""
+    w, length, pteps = entry_world(sc)
+    k = sc.kernel
+    tail = w.addr + length - ENTRY_EXTRA_PAGES * k.page_size
+    for i, p in enumerate(pteps):
+        paddr = k.arch.decode(k.arch.pte_level, k.physmem.read_entry(p)).paddr
+        k.physmem.write(paddr, page_marker(k, tail + i * k.page_size))
+    return w, length, pteps
+
+
+@scenario("madv-pageout-vs-retract",
+          "MADV_PAGEOUT (madvise_cold_or_pageout_pte_range, a failed map is SKIP, then "
+          "reclaim_pages -> shrink_folio_list: folio_referenced, try_to_unmap of the file ptes, "
+          "pageout = shmem_writepage) over a shared shmem mapping with a swap area, racing "
+          "retract_page_tables(). Oracle: the written pages after the retracted range are paged "
+          "out (ptes cleared, their indexes hold swap entries whose slots hold the written "
+          "bytes); the PMD-order folio stays in the page cache, unmapped, with no swap entry")
+def madv_pageout_vs_retract(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    si = m.swapon(4, readahead=1)
+    w, length, pteps = written_entry_world(sc)
+    mm, mapping = w.mms[0], w.inode.mapping
+    size = huge_memory.hpage_pmd_size(k)
+    tail = w.addr + size
+    first_index = size >> k.page_shift
+
+    async def pageout():
+        ret = await madvise.do_madvise(k, mm, w.addr, length, madvise.MADV_PAGEOUT)
+        if ret:
+            raise _oracle("madvise_pageout failed", f"ret {ret}")
+        mapped = [hex(va) for va in range(tail, w.addr + length, k.page_size)
+                  if m.translate(mm, va) is not None]
+        if mapped or k.stats["pageout_reclaimed"] != ENTRY_EXTRA_PAGES:
+            raise _oracle("madvise_pageout kept written pages",
+                          f"still mapped {mapped}, reclaimed {k.stats['pageout_reclaimed']} of "
+                          f"{ENTRY_EXTRA_PAGES}, kept {k.stats['pageout_kept']}")
+        for i in range(ENTRY_EXTRA_PAGES):
+            off = mapping.swap_entries.get(first_index + i)
+            want = page_marker(k, tail + i * k.page_size)
+            got = None if off is None else bytes(si.slots[off][:len(want)])
+            if got != want:
+                raise _oracle("madvise_pageout lost a page's bytes",
+                              f"index {first_index + i}: slot {off} holds {got!r}, want {want!r}")
+        if any(index < first_index for index in mapping.swap_entries) or \
+                shmem.filemap_get_folio(mapping, 0) is not w.extra["folio"]:
+            raise _oracle("madvise_pageout touched the retracted range",
+                          f"swap entries {sorted(mapping.swap_entries)}, index 0 "
+                          f"{shmem.filemap_get_folio(mapping, 0)}")
+        return "paged out"
+
+    sc.task("pageout", pageout())
+    sc.task("retract", collapse_file_tail(k, w))
+    return w
+
+
+MBIND_NODE = 1          # mbind-vs-retract's target node; the file's pages are on node 0
+
+
+@scenario("mbind-vs-retract",
+          "mbind(MPOL_BIND, node 1, MPOL_MF_MOVE) of a shared shmem mapping on a two-node machine "
+          "(do_mbind under mmap_write_lock, which retract does not take: queue_pages_range -> "
+          "queue_folios_pte_range, a failed map is ACTION_AGAIN) racing retract_page_tables(). "
+          "Oracle: 0, the VMA's policy bind:1, and each written page (on node 0, mapped once) "
+          "seen by the walk exactly once: migrated to node 1 with its bytes, as 6.6 does for a "
+          "shmem folio, or, as the model does (it migrates no shmem folios, docs/walkers.md), "
+          "left in place as an isolation failure",
+          catches=("queue_folios_pte_range_ignores_map_failure",))
+def mbind_vs_retract(sc: Scenario) -> World:
+    from mm_core import mempolicy
+    m, k = sc.machine, sc.kernel
+    mempolicy.set_numa_nodes(k, 2)          # before the world's allocations: RAM in two nodes
+    w, length, pteps = written_entry_world(sc)
+    mm = w.mms[0]
+    frames = [k.arch.decode(k.arch.pte_level, k.physmem.read_entry(p)).paddr for p in pteps]
+    if any(mempolicy.page_to_nid(k, f) == MBIND_NODE for f in frames):
+        raise ValueError("mbind-vs-retract: a written page is already on the target node")
+    tail = w.addr + length - ENTRY_EXTRA_PAGES * k.page_size
+
+    async def bind():
+        ret = await mempolicy.do_mbind(k, mm, w.addr, length, mempolicy.MPOL_BIND, {MBIND_NODE},
+                                       mempolicy.MPOL_MF_MOVE)
+        if ret:
+            raise _oracle("mbind failed", f"ret {ret}")
+        seen = k.stats["mbind_isolate_failed"] + k.stats["numa_pages_migrated"]
+        wrong = []
+        for i, frame in enumerate(frames):
+            va = tail + i * k.page_size
+            now = m.translate(mm, va)
+            moved = now is not None and mempolicy.page_to_nid(k, now) == MBIND_NODE \
+                and k.physmem.read(now, 16) == page_marker(k, va)
+            if now != frame and not moved:
+                wrong.append(f"{va:#x}: {frame:#x} -> {now}")
+        if wrong or seen != ENTRY_EXTRA_PAGES:
+            raise _oracle("mbind mishandled the written pages",
+                          f"{wrong}; seen {seen} times (isolation failures + migrated), want "
+                          f"{ENTRY_EXTRA_PAGES}")
+        policies = {str(v.policy) for v in mm.overlapping(w.addr, w.addr + length)}
+        if policies != {f"bind:{MBIND_NODE}"}:
+            raise _oracle("mbind set the wrong policy", f"{policies}")
+        return "bound"
+
+    sc.task("mbind", bind())
     sc.task("retract", collapse_file_tail(k, w))
     return w
