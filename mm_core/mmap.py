@@ -143,8 +143,8 @@ async def _munmap_locked(k, mm: MMStruct, start: int, length: int) -> None:
         return
     for vma in victims:
         mm.remove_vma(vma)
-    for vma in victims:                          # unmap_region(): zap, then free tables
-        await memory.unmap_page_range(k, vma, vma.start, vma.end)
+    for vma in victims:                          # unmap_region(): zap (unmap_vmas), then free tables
+        await memory.unmap_page_range(k, vma, vma.start, vma.end, details=memory.ZAP_UNMAP_DETAILS)
     for vma in victims:
         await memory.unlink_file_vma(k, vma)
     for vma in victims:
