@@ -281,10 +281,12 @@ async def do_pte_missing(k, vmf: VmFault) -> int:
 
 async def do_swap_page_marker(k, vmf: VmFault, entry: Entry) -> int:
     """do_swap_page() of a pte marker: pte_unmap_same() (recheck under the ptl, unmap),
-    then handle_pte_marker(): a uffd-wp marker in a uffd-wp VMA is a missing pte whose
-    refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID: finish_fault()
-    compares against the marker); a leftover one (VMA no longer uffd-wp) is cleared
-    (pte_marker_clear(): FAULT-RETRY on a failed map or a changed pte); a poisoned or
+    then handle_pte_marker(): a uffd-wp marker in a uffd-wp VMA (file, or anon since 6.4's
+    WP_UNPOPULATED: pte_marker_handle_uffd_wp() no longer clears anon ones) is a missing
+    pte whose refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID:
+    finish_fault() / do_anonymous_page() compare against the marker); a leftover one (VMA
+    no longer uffd-wp) is cleared (pte_marker_clear(): FAULT-RETRY on a failed map or a
+    changed pte); a poisoned or
     unknown marker is VM_FAULT_SIGBUS."""
     await traps.lock(vmf.ptl)                                        # pte_unmap_same()
     same = await pgtable.get_raw(k, vmf.pte) == vmf.orig_pte
@@ -534,11 +536,21 @@ def should_try_to_free_swap(k, folio, vma, fault_flags: int) -> bool:
     return bool(fault_flags & FAULT_FLAG_WRITE) and folio.refcount == 2
 
 
+def vmf_orig_pte_uffd_wp(k, vmf: VmFault) -> bool:
+    """vmf_orig_pte_uffd_wp() (6.4+): the fault came through a uffd-wp marker
+    (FAULT_FLAG_ORIG_PTE_VALID and orig_pte a uffd-wp marker)."""
+    return vmf.orig_pte_valid and pte_marker_uffd_wp(k.arch.decode(k.arch.pte_level, vmf.orig_pte))
+
+
 async def do_anonymous_page(k, vmf: VmFault) -> int:
     """do_anonymous_page(): the zero page for a read, a fresh zeroed page for a write.
-    pte_alloc() is called separately so OOM is told apart from a map failure."""
+    pte_alloc() is called separately so OOM is told apart from a map failure. A fault
+    through a uffd-wp marker (WP_UNPOPULATED, 6.4+: vmf_orig_pte_uffd_wp()) maps either
+    write-protected with the uffd-wp bit, so a write faults again and goes to the
+    userfaultfd; the recheck under the ptl is vmf_pte_changed() (against the marker)."""
     vma, arch = vmf.vma, k.arch
     mm = vma.mm
+    uffd_wp = vmf_orig_pte_uffd_wp(k, vmf)
     if not await pgtable.pte_alloc(k, mm, vmf.pmd):
         return VM_FAULT_OOM
     prot = vm_get_page_prot(vma.flags)
@@ -577,6 +589,9 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
         k.stats["anon_pages_faulted"] += 1
     else:
         k.stats["zero_page_mapped"] += 1
+    if uffd_wp:                                     # setpte: pte_mkuffd_wp() (write-protects)
+        entry = entry.with_(prot=entry.prot & ~Access.W, uffd_wp=True)
+        k.stats["anon_uffd_wp_refault"] += 1
     await pgtable.set_entry(k, ptep, arch.pte_level, entry)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     return 0

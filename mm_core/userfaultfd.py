@@ -83,6 +83,7 @@ UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFD_FEATURE_SIGBUS = 1 << 7
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13   # 6.4+
 UFFD_FEATURE_MOVE = 1 << 16
 # struct uffd_msg
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -102,6 +103,13 @@ MFILL_ATOMIC_COPY, MFILL_ATOMIC_ZEROPAGE, MFILL_ATOMIC_CONTINUE = "copy", "zerop
 MOVE_PAGES_PTE_FRAME = 0xFFFFC90000A3FD00
 STACK_ORIG_SRC_PTE = MOVE_PAGES_PTE_FRAME + 0x48
 STACK_ORIG_DST_PTE = MOVE_PAGES_PTE_FRAME + 0x50
+
+
+def userfaultfd_wp_unpopulated(vma) -> bool:
+    """userfaultfd_wp_unpopulated() (fs/userfaultfd.c, 6.4+): the VMA's context asked for
+    UFFD_FEATURE_WP_UNPOPULATED (UFFDIO_API offers it only where uffd-wp exists, 6.4+)."""
+    ctx = vma.uffd_ctx
+    return ctx is not None and bool(ctx.features & UFFD_FEATURE_WP_UNPOPULATED)
 
 
 def have_arch_userfaultfd(k, what: str) -> bool:

@@ -70,6 +70,8 @@ def uffd_api_features(k) -> int:
     features = uffd.UFFD_FEATURE_MISSING_SHMEM | uffd.UFFD_FEATURE_SIGBUS | uffd.UFFD_FEATURE_EXACT_ADDRESS
     if uffd.have_arch_userfaultfd(k, "WP"):
         features |= uffd.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        if k.profile.version >= (6, 4):         # #ifndef CONFIG_PTE_MARKER_UFFD_WP clears it
+            features |= uffd.UFFD_FEATURE_WP_UNPOPULATED
     if uffd.have_arch_userfaultfd(k, "MINOR"):
         features |= uffd.UFFD_FEATURE_MINOR_SHMEM
     if k.profile.uffdio_move:
