@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from emu.arch import Access, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import memory, pgtable, rmap, shmem
+from mm_core import huge_memory, memory, pgtable, rmap, shmem
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -831,12 +831,17 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
     """move_pages() (UFFDIO_MOVE): move the anon pages of [src_start, +length) to dst_start
     one pte at a time, under mmap_read_lock (uffd_move_lock without per-VMA locks).
 
-    Returns the bytes moved, or -errno when nothing was. -EAGAIN from move_pages_pte()
-    means "look at this page again" (RETRY). Refused here, not modelled: a huge or
-    migration src pmd (the kernel splits it or moves it whole with move_pages_huge_pmd())
-    is -EBUSY. Per page: find or allocate both pmds, refuse a huge dst (-EEXIST), allocate
-    the PTE tables, move_pages_pte(). Before 6.8 there is no such ioctl: -EINVAL, as
-    userfaultfd_ioctl() answers an unknown command."""
+    Returns the bytes moved, or -errno when nothing was. -EAGAIN from move_pages_pte() or
+    move_pages_huge_pmd() means "look at this address again" (RETRY). Per step: find or
+    allocate both pmds, refuse a huge dst (-EEXIST), then pmd_trans_huge_lock() on the src
+    pmd (6.8): a THP or migration pmd is moved whole by move_pages_huge_pmd() when both
+    addresses are PMD-aligned, a whole PMD is left and the dst pmd is none; otherwise a THP
+    that is not exclusive anon is -EBUSY and an exclusive one is split (split_huge_pmd(),
+    `continue`: the PTE path then meets the PTE-mapped large folio, whose split_folio() is
+    not modelled: -EBUSY). A migration pmd that would be split is waited on instead
+    (splitting it into migration ptes is not modelled). Else allocate the PTE tables and
+    move_pages_pte(). Before 6.8 there is no such ioctl: -EINVAL, as userfaultfd_ioctl()
+    answers an unknown command."""
     if not k.profile.uffdio_move:
         return -EINVAL
     page = k.page_size
@@ -880,11 +885,43 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
             if arch.decode(arch.pmd_level, dst_pmdval).kind is Kind.LEAF:
                 err = -EEXIST                                  # a THP at dst: be strict
                 break
+            # pmd_trans_huge_lock(): a lockless look first, the pml only for a huge or swap pmd
             src_pmdval = await pgtable.get_entry(k, src_pmd, arch.pmd_level)
-            if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION):   # pmd_trans_huge_lock() succeeds
-                k.stats["uffdio_move_huge_refused"] += 1
-                err = -EBUSY                                   # not modelled: split / move_pages_huge_pmd
-                break
+            ptl = None
+            if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION, Kind.SWAP):
+                ptl, src_pmdval = await huge_memory.pmd_trans_huge_lock(k, mm, src_pmd)
+            if ptl is not None:
+                if move_splits_huge_pmd(k, dst_addr, src_addr, src_start + length) \
+                        or arch.decode(arch.pmd_level, dst_pmdval).kind is not Kind.NONE:
+                    if src_pmdval.kind is Kind.LEAF:              # "Can be a migration entry"
+                        folio = k.alloc.page_of(src_pmdval.paddr)
+                        if folio is None or not page_anon_exclusive(folio, k):
+                            await traps.unlock(ptl)
+                            err = -EBUSY
+                            break
+                    await traps.unlock(ptl)
+                    if src_pmdval.kind is Kind.MIGRATION:
+                        # split_huge_pmd() of a migration pmd (into migration ptes, on
+                        # which move_pages_pte() would wait) is not modelled: wait here
+                        await memory.pmd_migration_entry_wait(k, mm, src_pmd)
+                        continue
+                    if src_pmdval.kind is not Kind.LEAF:
+                        err = -EBUSY                    # a swap pmd: none in anon memory here
+                        break
+                    k.stats["uffdio_move_split_huge_pmd"] += 1
+                    await huge_memory.split_huge_pmd(k, src_vma, src_pmd, src_addr)
+                    continue                    # the folio will be split by move_pages_pte()
+                err = await huge_memory.move_pages_huge_pmd(k, mm, dst_pmd, src_pmd, dst_pmdval, dst_vma,
+                                                            src_vma, dst_addr, src_addr, ptl)
+                if err == -EAGAIN:
+                    k.stats["uffdio_move_eagain"] += 1
+                    await sched_point("retry", src_pmd)
+                    continue
+                if err:
+                    break
+                step = huge_memory.hpage_pmd_size(k)
+                src_addr, dst_addr, moved = src_addr + step, dst_addr + step, moved + step
+                continue
             if src_pmdval.kind is Kind.NONE:
                 if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
                     err = -ENOENT
@@ -908,14 +945,29 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
         await mmap_read_unlock(mm)
 
 
+def move_splits_huge_pmd(k, dst_addr: int, src_addr: int, src_end: int) -> bool:
+    """move_splits_huge_pmd(): moving from src_addr would split the THP: either address is
+    not PMD-aligned, or less than a PMD is left to move."""
+    size = huge_memory.hpage_pmd_size(k)
+    return bool(src_addr & (size - 1) or dst_addr & (size - 1)) or src_end - src_addr < size
+
+
 def vm_normal_folio(k, entry):
     """vm_normal_folio(): the folio a present pte maps (None for the zero page)."""
     return None if entry.special else k.alloc.page_of(entry.paddr)
 
 
-def page_anon_exclusive(folio) -> bool:
-    """PageAnonExclusive(): an anon page mapped once (there is no fork or GUP pin here)."""
-    return folio.use is PageUse.ANON and folio.mapcount == 1 and "anon_vma" in folio.extra
+def page_anon_exclusive(folio, k=None) -> bool:
+    """PageAnonExclusive(): an anon page mapped once (the model tracks a folio's mappings,
+    not each page's: a PMD-mapped THP has one; with ``k``, a THP whose pmd was split, never
+    shared with a child and with each page mapped at most once by a pte counts as
+    exclusive too)."""
+    if folio.use is not PageUse.ANON or "anon_vma" not in folio.extra:
+        return False
+    pages = 1 if k is None else max(1, 1 << (folio.order - k.page_order))
+    if pages == 1 or folio.mapcount == 1:
+        return folio.mapcount == 1
+    return not folio.extra.get("forked") and 1 <= folio.mapcount <= pages
 
 
 async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, dst_addr: int,
@@ -928,7 +980,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     -EEXIST if dst is not none, -ENOENT for a src hole (0 with ALLOW_SRC_HOLES), -EBUSY
     for a folio that is not exclusive anon. Contention on the folio lock or the anon_vma
     lock: unmap both ptes, sleep on the lock, retry from the maps. Refused, not modelled:
-    a large folio (the kernel splits it) and swap / migration entries are -EBUSY."""
+    a large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's
+    pmd) and swap / migration entries are -EBUSY."""
     arch = k.arch
     level = arch.pte_level
     # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
@@ -994,7 +1047,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 err = -EAGAIN
                 break
             folio = vm_normal_folio(k, src_ent)
-            if folio is None or not page_anon_exclusive(folio):
+            if folio is None or not page_anon_exclusive(folio, k):
                 await traps.unlock(src_ptl)
                 err = -EBUSY
                 break
@@ -1013,6 +1066,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 continue
         # at this point src_folio is locked
         if src_folio.order != k.page_order:
+            k.stats["uffdio_move_split_folio_unmodelled"] += 1
             err = -EBUSY                        # not modelled: split_folio() of a large folio
             break
         if src_anon_vma is None:
@@ -1095,7 +1149,7 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
     if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
         err = -EAGAIN
     elif src_folio.order != k.page_order or src_folio.extra.get("pinned") \
-            or not page_anon_exclusive(src_folio):                # folio_maybe_dma_pinned()
+            or not page_anon_exclusive(src_folio, k):                # folio_maybe_dma_pinned()
         err = -EBUSY
     else:
         await pgtable.clear_entry(k, src_pte, level)                     # ptep_clear_flush()
