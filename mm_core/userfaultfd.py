@@ -79,6 +79,10 @@ UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
 UFFDIO_CONTINUE_MODE_WP = 1 << 1
 # uffdio_api.features
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
 UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFD_FEATURE_SIGBUS = 1 << 7
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
@@ -87,6 +91,7 @@ UFFD_FEATURE_WP_UNPOPULATED = 1 << 13   # 6.4+
 UFFD_FEATURE_MOVE = 1 << 16
 # struct uffd_msg
 UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x13, 0x14, 0x15, 0x16
 UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1 << 0, 1 << 1, 1 << 2
 UFFD_MSG_SIZE = 32
 # userfaultfd(2) flags
@@ -152,13 +157,33 @@ class UffdFdWaitQueue:
     sleeps = True                       # schedule() in TASK_INTERRUPTIBLE
 
     def try_acquire(self, task: object, mode: str = "wait") -> bool:
-        return bool(self.ctx.fault_pending_wqh) or self.ctx.released
+        return bool(self.ctx.fault_pending_wqh) or bool(self.ctx.event_wqh) or self.ctx.released
 
     def post(self) -> None:
         pass
 
     def __repr__(self) -> str:
         return f"<uffd{self.ctx.id} fd_wqh>"
+
+
+@dataclass(eq=False)
+class UffdEventWaitQueue:
+    """The userfaultfd_wait_queue of a non-fault event (UFFD_EVENT_REMOVE / UNMAP) on
+    ctx->event_wqh: the msg (event, arg.remove.start / end); read() completes it
+    (userfaultfd_event_complete(): msg.event = 0), which ends the sender's wait; so does
+    the release of the context."""
+
+    ctx: UserfaultfdCtx
+    event: int
+    start: int
+    end: int
+    sleeps = True                       # schedule() in TASK_KILLABLE
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        return self.event == 0 or self.ctx.released
+
+    def __repr__(self) -> str:
+        return f"<uffd{self.ctx.id} event {self.event:#x} {self.start:#x}-{self.end:#x}>"
 
 
 @dataclass(eq=False)
@@ -177,9 +202,12 @@ class UserfaultfdCtx:
     fault_wqh: list = field(default_factory=list)
     api_done: bool = False
     flags: int = 0                      # userfaultfd(2) flags (UFFD_USER_MODE_ONLY, O_NONBLOCK)
+    event_wqh: list = field(default_factory=list)
+    mmap_changing: int = 0              # atomic_t: non-cooperative events in flight
 
     def __post_init__(self) -> None:
         self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
+        self.event_lock = SpinLock(f"uffd{self.id}.event_wqh.lock", "uffd_event_wqh_lock")
         self.fd_wqh = UffdFdWaitQueue(self)
 
 
@@ -402,16 +430,27 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
     await traps.unlock(ctx.wqh_lock)
 
 
-async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | int:
-    """userfaultfd_ctx_read() for a page fault (fs/userfaultfd.c): take the oldest fault on
-    fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to at its
-    head), refile it to fault_wqh (so it is reported once, and still woken by the resolving
-    ioctl) and return it for the uffd_msg. With none pending: -EAGAIN if ``no_wait``
-    (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh until
-    handle_userfault() queues one. Events other than page faults (fork, remap, remove,
-    unmap) are not modelled. Returns 0 (nothing read) to a reader sleeping when the
-    context is released (here only by exit_files(), when another thread exits the
-    process; Linux ends that read with the signal that killed the thread)."""
+@dataclass(frozen=True)
+class UffdEventMsg:
+    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it."""
+
+    event: int
+    start: int
+    end: int
+
+
+async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | UffdEventMsg | int:
+    """userfaultfd_ctx_read() (fs/userfaultfd.c, 6.6): page faults first: take the oldest
+    fault on fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to
+    at its head), refile it to fault_wqh (so it is reported once, and still woken by the
+    resolving ioctl) and return it for the uffd_msg. Then events (find_userfault_evt()):
+    copy the oldest REMOVE / UNMAP message and complete it (userfaultfd_event_complete():
+    msg.event = 0, off event_wqh, the sender wakes). With nothing pending: -EAGAIN if
+    ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh
+    until a fault or an event is queued. FORK / REMAP are not modelled. Returns 0 (nothing
+    read) to a reader sleeping when the context is released (here only by exit_files(),
+    when another thread exits the process; Linux ends that read with the signal that
+    killed the thread)."""
     while True:
         await traps.lock(ctx.wqh_lock)                               # spin_lock(&fault_pending_wqh.lock)
         uwq = ctx.fault_pending_wqh[0] if ctx.fault_pending_wqh else None
@@ -422,6 +461,16 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         if uwq is not None:
             k.stats["uffd_msgs_read"] += 1
             return uwq
+        await traps.lock(ctx.event_lock)                             # spin_lock(&ctx->event_wqh.lock)
+        ewq = ctx.event_wqh[0] if ctx.event_wqh else None
+        if ewq is not None:
+            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end)        # *msg = uwq->msg
+            ewq.event = 0                                            # userfaultfd_event_complete()
+            ctx.event_wqh.remove(ewq)
+        await traps.unlock(ctx.event_lock)
+        if ewq is not None:
+            k.stats["uffd_events_read"] += 1
+            return msg
         if no_wait:
             return -EAGAIN
         if ctx.released:
@@ -472,6 +521,7 @@ async def userfaultfd_release(k, ctx: UserfaultfdCtx) -> None:
             uwq.waken = True
         wqh.clear()
     await traps.unlock(ctx.wqh_lock)
+    # wake_up_all(&ctx->event_wqh): the event senders see released and unqueue themselves
 
 
 async def userfaultfd_wake(k, ctx: UserfaultfdCtx, start: int, length: int) -> int:
@@ -510,6 +560,11 @@ async def mfill_atomic(k, ctx: UserfaultfdCtx | None, mm, dst_start: int, length
         return -EINVAL
     await mmap_read_lock(mm)
     try:
+        if ctx is not None and ctx.mmap_changing:
+            # "If memory mappings are changing because of non-cooperative operation
+            # (e.g. mremap) running in parallel, bail out and request the user to retry"
+            k.stats["uffd_mmap_changing_eagain"] += 1
+            return -EAGAIN
         dst_vma = find_dst_vma(mm, dst_start, length, ctx)
         if dst_vma is None:
             return -ENOENT
@@ -761,6 +816,9 @@ async def mwriteprotect_range(k, ctx: UserfaultfdCtx, start: int, length: int, e
     mm, end = ctx.mm, start + length
     await mmap_read_lock(mm)
     try:
+        if ctx.mmap_changing:
+            k.stats["uffd_mmap_changing_eagain"] += 1
+            return -EAGAIN
         err = -ENOENT
         for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
             if not vma.uffd_wp or vma.uffd_ctx is not ctx:
@@ -1181,3 +1239,76 @@ async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: in
     await double_pt_unlock(k, dst_ptl, src_ptl)
     k.stats["uffdio_move_zeropage"] += 1
     return 0
+
+
+# -- non-cooperative events: UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP --------------------------------
+
+async def userfaultfd_event_wait_completion(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue) -> None:
+    """userfaultfd_event_wait_completion() (fs/userfaultfd.c, 6.6): queue the event on
+    event_wqh, wake read() (fd_wqh) and sleep (TASK_KILLABLE) until a read() completes it
+    (msg.event = 0) or the context is released (then unqueue it); finally drop
+    mmap_changing. Called with no mmap_lock held. Cannot fail: the sender waits."""
+    await traps.lock(ctx.event_lock)                                 # spin_lock_irq(&event_wqh.lock)
+    ctx.event_wqh.append(ewq)                                        # __add_wait_queue()
+    while True:
+        if ewq.event == 0:
+            break
+        if ctx.released:
+            if ewq in ctx.event_wqh:
+                ctx.event_wqh.remove(ewq)                            # __remove_wait_queue()
+            break
+        await traps.unlock(ctx.event_lock)
+        k.stats["uffd_event_waits"] += 1
+        await traps.wait(ewq)                                        # wake_up_poll(fd_wqh); schedule()
+        await traps.lock(ctx.event_lock)
+    await traps.unlock(ctx.event_lock)
+    ctx.mmap_changing -= 1                                           # atomic_dec(&ctx->mmap_changing)
+    assert ctx.mmap_changing >= 0
+
+
+async def userfaultfd_remove(k, vma, start: int, end: int) -> bool:
+    """userfaultfd_remove() (6.6, from madvise_dontneed_free() and madvise_remove()): with
+    UFFD_FEATURE_EVENT_REMOVE on the VMA's context, raise mmap_changing, DROP mmap_lock
+    (read), send UFFD_EVENT_REMOVE {start, end} and wait until the handler read it. Returns
+    True when nothing was sent (mmap_lock still held), False when mmap_lock was dropped:
+    the caller takes it again and looks the VMA up afresh (it may have changed)."""
+    ctx = vma.uffd_ctx
+    if ctx is None or not ctx.features & UFFD_FEATURE_EVENT_REMOVE:
+        return True
+    mm = vma.mm
+    ctx.mmap_changing += 1                                           # atomic_inc(&ctx->mmap_changing)
+    await mmap_read_unlock(mm)
+    k.stats["uffd_event_remove"] += 1
+    await userfaultfd_event_wait_completion(k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_REMOVE, start, end))
+    return False
+
+
+def userfaultfd_unmap_prep(k, vma, start: int, end: int, unmaps: list) -> int:
+    """userfaultfd_unmap_prep() (6.6, munmap under mmap_write_lock, per VMA of the range):
+    with UFFD_FEATURE_EVENT_UNMAP, note (ctx, start, end) once per context and range and
+    raise mmap_changing (UFFDIO_COPY & co. answer -EAGAIN from now until the handler has
+    read the event). 0 (-ENOMEM for the allocation cannot happen here)."""
+    ctx = vma.uffd_ctx
+    if ctx is None or not ctx.features & UFFD_FEATURE_EVENT_UNMAP \
+            or any(c is ctx and s == start and e == end for c, s, e in unmaps):   # has_unmap_ctx()
+        return 0
+    ctx.mmap_changing += 1
+    unmaps.append((ctx, start, end))
+    return 0
+
+
+async def userfaultfd_unmap_complete(k, mm, unmaps: list) -> None:
+    """userfaultfd_unmap_complete() (after mmap_write_unlock()): send UFFD_EVENT_UNMAP
+    {start, end} for each noted range and wait for each to be read."""
+    for ctx, start, end in unmaps:
+        k.stats["uffd_event_unmap"] += 1
+        await userfaultfd_event_wait_completion(k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_UNMAP, start, end))
+    unmaps.clear()
+
+
+def uffd_msg_event(msg: UffdEventMsg, big_endian: bool) -> bytes:
+    """The 32-byte struct uffd_msg of a REMOVE / UNMAP event: event, then arg.remove
+    {start, end} at offset 8, in the guest's byte order."""
+    order = "big" if big_endian else "little"
+    arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order)
+    return bytes([msg.event]) + bytes(7) + arg + bytes(8)
