@@ -957,6 +957,8 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
                             await traps.unlock(ptl)
                             err = -EBUSY
                             break
+                    elif "move_pages_reads_folio_of_non_present_pmd" in k.bugs:
+                        pmd_folio_of_non_present_pmd(k, src_pmd, src_pmdval)
                     await traps.unlock(ptl)
                     if src_pmdval.kind is Kind.MIGRATION:
                         # split_huge_pmd() of a migration pmd (into migration ptes, on
@@ -1001,6 +1003,23 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
         return moved if moved else err
     finally:
         await mmap_read_unlock(mm)
+
+
+def pmd_folio_of_non_present_pmd(k, pmdp: int, pmdval) -> None:
+    """Bug injection ``move_pages_reads_folio_of_non_present_pmd``: move_pages() before
+    "userfaultfd: fix a crash when UFFDIO_MOVE handles a THP hole" (Suren Baghdasaryan,
+    2025, Fixes: adef440691ba) took pmd_folio(*src_pmd) on its split path without testing
+    pmd_present(): for a migration entry pmd_pfn() decodes swap bits, and the
+    PageAnonExclusive() of that "page" faults (syzbot). Reported as the kernel's oops."""
+    from mm_core.sanitizers import Finding
+    cur = k.current_task()
+    raise Finding("BUG", "BUG: unable to handle page fault in move_pages: pmd_folio() of a "
+                  f"non-present ({pmdval.kind.value}) pmd", "BUG:pmd_folio:non-present:move_pages",
+                  [f"  pmd at {pmdp:#x} is {k.physmem.read_entry(pmdp):#x} ({pmdval.kind.value}), "
+                   f"read by {cur.name if cur is not None else 'the API caller'} under "
+                   "pmd_trans_huge_lock()",
+                   "  the fix tests pmd_present() first (a migration entry is split, or moved "
+                   "whole by move_pages_huge_pmd(), which waits for it)"])
 
 
 def move_splits_huge_pmd(k, dst_addr: int, src_addr: int, src_end: int) -> bool:

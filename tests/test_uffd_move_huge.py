@@ -255,3 +255,18 @@ def test_madvise_module_is_the_zap_path_used() -> None:
     assert k.stats["thp_split_pmd"] == 1
     m.exit_mm(mm)
     sc.close()
+
+
+def test_the_pre_fix_split_path_takes_the_folio_of_a_migration_pmd() -> None:
+    """Bug injection move_pages_reads_folio_of_non_present_pmd (the 6.8 code before the 2025
+    fix): the splitting move reads pmd_folio() of the migration pmd: the oops."""
+    from mm_core.sanitizers import Finding
+    sc, m, k, mm, a, size, folio = thp_world()
+    k.bugs["move_pages_reads_folio_of_non_present_pmd"] = True
+    pmdp, _ = pmd_of(k, mm, a)
+    sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
+    sc.task("move", userfaultfd.move_pages(k, mm, a + 2 * size, a, k.page_size))
+    sc.run("migrate:*", finish=False)
+    with pytest.raises(Finding) as found:
+        sc.run("move:*", finish=False)
+    assert found.value.signature == "BUG:pmd_folio:non-present:move_pages"
