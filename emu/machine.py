@@ -293,7 +293,12 @@ class Machine:
     # -- userfaultfd --------------------------------------------------------------------------
     def userfaultfd(self, mm: MMStruct, features: int = 0) -> userfaultfd.UserfaultfdCtx:
         """userfaultfd(2) + UFFDIO_API for ``mm``: the context the other uffdio_* calls take.
-        ``features`` takes UFFD_FEATURE_SIGBUS (faults get SIGBUS instead of waiting)."""
+        ``features`` takes UFFD_FEATURE_SIGBUS (faults get SIGBUS instead of waiting),
+        UFFD_FEATURE_WP_UNPOPULATED (6.4+, where uffd-wp exists: WRITEPROTECT puts markers
+        in none anon ptes), ...; one UFFDIO_API does not offer is EINVAL (OSError)."""
+        from emu.linux.uffd import uffd_api_features
+        if features & ~uffd_api_features(self.kernel):
+            _check(-userfaultfd.EINVAL)
         return userfaultfd.userfaultfd_ctx_new(self.kernel, mm, features)
 
     def uffdio_register(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int, mode: int) -> int:

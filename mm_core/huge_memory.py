@@ -96,6 +96,8 @@ async def create_huge_pmd(k, vmf) -> int:
         return await handle_userfault(k, vmf, VM_UFFD_MISSING)
     pgtable_trans_huge_deposit(k, mm, vmf.pmd, deposit)
     folio.mapcount = 1
+    from mm_core import rmap
+    rmap.folio_add_new_anon_rmap(k, folio, vma, vmf.address & ~(hpage_pmd_size(k) - 1))
     mm.rss[1] += hpage_pmd_nr(k)                        # MM_ANONPAGES
     await pgtable.set_entry(k, vmf.pmd, k.arch.pmd_level,
                             pgtable.pte_mkdirty(k, leaf_entry(folio.paddr, prot, young=True)))
@@ -423,3 +425,113 @@ async def remove_migration_pmd(k, vma, pmdp: int, leaf: Entry) -> None:
             await pgtable.set_entry(k, pmdp, k.arch.pmd_level, leaf.with_(uffd_wp=cur.uffd_wp))
     finally:
         await traps.unlock(pml)
+
+
+# -- UFFDIO_MOVE of a whole THP ----------------------------------------------------------------
+
+async def double_pmd_lock(k, ptl1, pmdp1: int, ptl2, pmdp2: int) -> None:
+    """double_pt_lock() of two pmd locks: in address order (the split pmd lock lives in
+    the PMD table's ptdesc: the table's address stands for the lock's), once if they are
+    the same lock (both pmds in one PMD table, or mm->page_table_lock)."""
+    lv = k.arch.levels[k.arch.pmd_level]
+    if lv.table_base(pmdp1) > lv.table_base(pmdp2):
+        ptl1, ptl2 = ptl2, ptl1
+    await traps.lock(ptl1)
+    if ptl2 is not ptl1:
+        await traps.lock(ptl2)                       # spin_lock_nested(SINGLE_DEPTH_NESTING)
+
+
+async def move_pages_huge_pmd(k, mm, dst_pmd: int, src_pmd: int, dst_pmdval: int, dst_vma, src_vma,
+                              dst_addr: int, src_addr: int, src_ptl) -> int:
+    """move_pages_huge_pmd() (mm/huge_memory.c, 6.8; called by move_pages() with the src
+    pml held from pmd_trans_huge_lock(), which it drops): move a whole PMD-mapped anon THP
+    from src_addr to dst_addr (both PMD-aligned, dst pmd none). The folio itself moves:
+    its rmap (anon_vma, index) follows, the deposited PTE table moves with the pmd.
+
+    Categories: a src migration pmd is waited on (pmd_migration_entry_wait()) and -EAGAIN
+    (the caller looks again: RETRY); so is a folio whose anon_vma is gone and a src or dst
+    pmd that changed (pmd_same) between dropping the src pml and taking both pmd locks (a
+    split, a zap, a THP fault at dst). -EBUSY: not exclusive anon, or pinned
+    (folio_maybe_dma_pinned(), checked before and after pmdp_huge_clear_flush(); a pin
+    that came in between puts the pmd back). -ENOENT: the src pmd is no THP now. -EINVAL
+    for the WARN_ON_ONCE sanity checks (dst not none, misaligned). The folio lock and the
+    anon_vma lock are taken sleeping (folio_lock(), anon_vma_lock_write(): "split_huge_page
+    walks the anon_vma chain without the page lock"), with a reference held and no pml.
+
+    Order of the rmap move: after the clear and the second pin check, as Lokesh Gidra's
+    2024 fix ("userfaultfd: change src_folio after ensuring it's unpinned in UFFDIO_MOVE",
+    Fixes: adef440691ba) has it. The huge zero page branch (moved as a fresh huge zero
+    pmd) does not exist here: the model has no huge zero page."""
+    from mm_core import memory, mmu_notifier, rmap, shmem
+    from mm_core.userfaultfd import EAGAIN, EBUSY, EINVAL, ENOENT, page_anon_exclusive
+    arch = k.arch
+    level = arch.pmd_level
+    size = hpage_pmd_size(k)
+    src_raw = await pgtable.get_raw(k, src_pmd)
+    src_pmdval = arch.decode(level, src_raw)
+    if arch.decode(level, dst_pmdval).kind is not Kind.NONE or src_addr & (size - 1) or dst_addr & (size - 1):
+        await traps.unlock(src_ptl)
+        return -EINVAL
+    if src_pmdval.kind is not Kind.LEAF:                              # !pmd_trans_huge()
+        await traps.unlock(src_ptl)
+        if src_pmdval.kind is Kind.MIGRATION:
+            await memory.pmd_migration_entry_wait(k, mm, src_pmd)
+            return -EAGAIN
+        return -ENOENT
+    folio = k.alloc.page_of(src_pmdval.paddr)
+    if folio is None or not page_anon_exclusive(folio, k):
+        await traps.unlock(src_ptl)
+        return -EBUSY
+    folio.refcount += 1                                               # folio_get()
+    await traps.unlock(src_ptl)
+    rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, mm, src_addr, src_addr + size)
+    err = 0
+    anon_vma = None
+    await shmem.folio_lock(k, folio)
+    dst_ptl = None
+    try:
+        anon_vma = rmap.folio_anon_vma(folio)                        # folio_get_anon_vma()
+        if anon_vma is None:                                         # unmapped meanwhile
+            k.stats["uffdio_move_huge_anon_vma_gone"] += 1
+            return -EAGAIN
+        await traps.lock(anon_vma.rwsem, "w")                        # anon_vma_lock_write()
+        dst_ptl = await pgtable.pmd_lockptr(k, mm, dst_pmd)
+        await double_pmd_lock(k, src_ptl, src_pmd, dst_ptl, dst_pmd)
+        if await pgtable.get_raw(k, src_pmd) != src_raw or await pgtable.get_raw(k, dst_pmd) != dst_pmdval:
+            k.stats["uffdio_move_huge_pmd_changed"] += 1
+            err = -EAGAIN
+        elif folio.extra.get("pinned") or not page_anon_exclusive(folio, k):
+            err = -EBUSY
+        else:
+            old = await pgtable.clear_entry(k, src_pmd, level)           # pmdp_huge_clear_flush()
+            await flush_tlb_range(k, mm, src_addr, src_addr + size)
+            if folio.extra.get("pinned"):            # pinned from under us: put it back
+                k.physmem.write_entry(src_pmd, old)
+                await traps.sched_point("pt_write", src_pmd)             # set_pmd_at()
+                err = -EBUSY
+            else:
+                rmap.folio_move_anon_rmap(k, folio, dst_vma)
+                folio.index = rmap.linear_page_index(k, dst_vma, dst_addr)
+                prot = memory_prot(dst_vma) | Access.W                   # pmd_mkwrite(pmd_mkdirty())
+                await pgtable.set_entry(k, dst_pmd, level,
+                                        pgtable.pte_mkdirty(k, leaf_entry(folio.paddr, prot, young=True)))
+                deposit = pgtable_trans_huge_withdraw(k, mm, src_pmd)
+                if deposit is not None:
+                    pgtable_trans_huge_deposit(k, mm, dst_pmd, deposit)
+                k.stats["uffdio_move_huge_pmd"] += 1
+        await traps.unlock(src_ptl)                                  # double_pt_unlock()
+        if dst_ptl is not src_ptl:
+            await traps.unlock(dst_ptl)
+        return err
+    finally:
+        if anon_vma is not None:
+            await traps.unlock(anon_vma.rwsem, "w")
+        shmem.folio_unlock(folio)                                    # unblock rmap walks
+        await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
+        memory.put_page(k, folio)                                    # folio_put()
+
+
+def memory_prot(vma) -> Access:
+    """vma->vm_page_prot of an anon VMA (vm_get_page_prot())."""
+    from mm_core.memory import vm_get_page_prot
+    return vm_get_page_prot(vma.flags)

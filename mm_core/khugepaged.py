@@ -681,6 +681,7 @@ async def collapse_huge_page(k, mm, haddr: int, unmapped: int = 0, referenced: i
         await traps.lock(pml)
         huge_memory.pgtable_trans_huge_deposit(k, mm, pmdp, table)
         new.mapcount = 1
+        rmap.folio_add_new_anon_rmap(k, new, vma, haddr)
         mm.rss[1] += nr
         await pgtable.set_entry(k, pmdp, arch.pmd_level,
                                 pgtable.pte_mkdirty(k, leaf_entry(new.paddr, prot, young=True)))

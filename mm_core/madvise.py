@@ -79,18 +79,39 @@ def _covered(mm, start: int, end: int) -> bool:
 
 
 async def madvise_dontneed(k, mm, start: int, end: int) -> int:
-    """madvise_dontneed_single_vma() -> zap_page_range_single(): drop the mappings (anon
-    memory reads back as zero, file memory from the page cache). mmap_read_lock only."""
+    """madvise_walk_vmas() -> madvise_dontneed_free() -> madvise_dontneed_single_vma() ->
+    zap_page_range_single(): drop the mappings (anon memory reads back as zero, file memory
+    from the page cache). mmap_read_lock only. A VMA whose userfaultfd context asked for
+    UFFD_FEATURE_EVENT_REMOVE first gets userfaultfd_remove(), which drops mmap_lock
+    until the handler has read UFFD_EVENT_REMOVE; then the lock is taken again, the VMA
+    looked up afresh (gone: -ENOMEM; VM_LOCKED now: -EINVAL) and the range clipped to it
+    (the rest is walked on: a split VMA gets a repeated REMOVE for its part)."""
+    from mm_core.userfaultfd import userfaultfd_remove
     await mmap_read_lock(mm)
     try:
         vmas = mm.overlapping(start, end)
         if any(v.flags & VM_LOCKED for v in vmas):
             return -EINVAL
-        for vma in vmas:
+        unmapped = 0 if _covered(mm, start, end) else -ENOMEM
+        addr = start
+        while addr < end:
+            vma = mm.find_vma(addr)
+            if vma is None or vma.start >= end:
+                break
+            lo, hi = max(addr, vma.start), min(end, vma.end)
+            if not await userfaultfd_remove(k, vma, lo, hi):
+                await mmap_read_lock(mm)            # mmap_lock was dropped: look again
+                vma = mm.vma_lookup(lo)
+                if vma is None:
+                    return -ENOMEM
+                if vma.flags & VM_LOCKED:
+                    return -EINVAL
+                hi = min(hi, vma.end)
             # zap_details.reclaim_pt: 6.14's PT_RECLAIM frees the tables this empties
-            await memory.unmap_page_range(k, vma, max(start, vma.start), min(end, vma.end), reclaim_pt=True)
+            await memory.unmap_page_range(k, vma, lo, hi, reclaim_pt=True)
+            addr = hi
         k.stats["madv_dontneed"] += 1
-        return 0 if _covered(mm, start, end) else -ENOMEM
+        return unmapped
     finally:
         await mmap_read_unlock(mm)
 

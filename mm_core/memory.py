@@ -281,10 +281,12 @@ async def do_pte_missing(k, vmf: VmFault) -> int:
 
 async def do_swap_page_marker(k, vmf: VmFault, entry: Entry) -> int:
     """do_swap_page() of a pte marker: pte_unmap_same() (recheck under the ptl, unmap),
-    then handle_pte_marker(): a uffd-wp marker in a uffd-wp VMA is a missing pte whose
-    refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID: finish_fault()
-    compares against the marker); a leftover one (VMA no longer uffd-wp) is cleared
-    (pte_marker_clear(): FAULT-RETRY on a failed map or a changed pte); a poisoned or
+    then handle_pte_marker(): a uffd-wp marker in a uffd-wp VMA (file, or anon since 6.4's
+    WP_UNPOPULATED: pte_marker_handle_uffd_wp() no longer clears anon ones) is a missing
+    pte whose refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID:
+    finish_fault() / do_anonymous_page() compare against the marker); a leftover one (VMA
+    no longer uffd-wp) is cleared (pte_marker_clear(): FAULT-RETRY on a failed map or a
+    changed pte); a poisoned or
     unknown marker is VM_FAULT_SIGBUS."""
     await traps.lock(vmf.ptl)                                        # pte_unmap_same()
     same = await pgtable.get_raw(k, vmf.pte) == vmf.orig_pte
@@ -561,11 +563,21 @@ def should_try_to_free_swap(k, folio, vma, fault_flags: int) -> bool:
     return bool(fault_flags & FAULT_FLAG_WRITE) and folio.refcount == 2
 
 
+def vmf_orig_pte_uffd_wp(k, vmf: VmFault) -> bool:
+    """vmf_orig_pte_uffd_wp() (6.4+): the fault came through a uffd-wp marker
+    (FAULT_FLAG_ORIG_PTE_VALID and orig_pte a uffd-wp marker)."""
+    return vmf.orig_pte_valid and pte_marker_uffd_wp(k.arch.decode(k.arch.pte_level, vmf.orig_pte))
+
+
 async def do_anonymous_page(k, vmf: VmFault) -> int:
     """do_anonymous_page(): the zero page for a read, a fresh zeroed page for a write.
-    pte_alloc() is called separately so OOM is told apart from a map failure."""
+    pte_alloc() is called separately so OOM is told apart from a map failure. A fault
+    through a uffd-wp marker (WP_UNPOPULATED, 6.4+: vmf_orig_pte_uffd_wp()) maps either
+    write-protected with the uffd-wp bit, so a write faults again and goes to the
+    userfaultfd; the recheck under the ptl is vmf_pte_changed() (against the marker)."""
     vma, arch = vmf.vma, k.arch
     mm = vma.mm
+    uffd_wp = vmf_orig_pte_uffd_wp(k, vmf)
     if not await pgtable.pte_alloc(k, mm, vmf.pmd):
         return VM_FAULT_OOM
     prot = vm_get_page_prot(vma.flags)
@@ -604,6 +616,9 @@ async def do_anonymous_page(k, vmf: VmFault) -> int:
         k.stats["anon_pages_faulted"] += 1
     else:
         k.stats["zero_page_mapped"] += 1
+    if uffd_wp:                                     # setpte: pte_mkuffd_wp() (write-protects)
+        entry = entry.with_(prot=entry.prot & ~Access.W, uffd_wp=True)
+        k.stats["anon_uffd_wp_refault"] += 1
     await pgtable.set_entry(k, ptep, arch.pte_level, entry)
     await pgtable.pte_unmap_unlock(k, ptep, ptl)
     return 0
@@ -750,14 +765,99 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
         yield item
 
 
+# zap_flags_t (include/linux/mm_types.h) and struct zap_details (mm/memory.c, 6.6)
+ZAP_FLAG_DROP_MARKER = 1 << 0       # drop uffd-wp markers of file VMAs too
+ZAP_FLAG_UNMAP = 1 << 1             # the VMA is going away (unmap_vmas: munmap, exit)
+
+
+@dataclass
+class ZapDetails:
+    """struct zap_details: ``even_cows`` (zap private COWed pages too), ``zap_flags``.
+    A NULL ``details`` (MADV_DONTNEED in 6.6: zap_page_range_single(..., NULL)) zaps COWs
+    and keeps file uffd-wp markers. 6.14's MADV_DONTNEED passes {reclaim_pt, even_cows},
+    which keeps them as well; ``reclaim_pt`` is the ``reclaim_pt`` argument here."""
+
+    even_cows: bool = False
+    zap_flags: int = 0
+
+
+# unmap_vmas() (6.6): munmap's unmap_region() and exit_mmap()
+ZAP_UNMAP_DETAILS = ZapDetails(even_cows=True, zap_flags=ZAP_FLAG_DROP_MARKER | ZAP_FLAG_UNMAP)
+
+
+def should_zap_cows(details: ZapDetails | None) -> bool:
+    """should_zap_cows(): by default (NULL details) zap all pages, COWed anon ones too."""
+    return details is None or details.even_cows
+
+
+def should_zap_folio(details: ZapDetails | None, page) -> bool:
+    """should_zap_folio(): with even_cows off only page-cache folios go (the zero page,
+    no folio, goes too)."""
+    if should_zap_cows(details) or page is None:
+        return True
+    return page.use is not PageUse.ANON
+
+
+def zap_drop_file_uffd_wp(details: ZapDetails | None) -> bool:
+    """zap_drop_file_uffd_wp() (6.6; zap_drop_markers() later): NULL details keep the
+    markers, only ZAP_FLAG_DROP_MARKER (unmap_vmas, unmap_mapping_folio) drops them."""
+    return details is not None and bool(details.zap_flags & ZAP_FLAG_DROP_MARKER)
+
+
+def pte_swp_uffd_wp_any(pte: Entry) -> bool:
+    """pte_swp_uffd_wp_any(): a swap pte with the uffd-wp bit, or a uffd-wp marker."""
+    return (pte.kind in (Kind.SWAP, Kind.MIGRATION) and pte.uffd_wp) or pte_marker_uffd_wp(pte)
+
+
+async def pte_install_uffd_wp_if_needed(k, vma: VMA, ptep: int, pteval: Entry) -> bool:
+    """pte_install_uffd_wp_if_needed() (include/linux/mm_inline.h; void in 6.6, bool "a
+    marker was installed" later, for PT_RECLAIM): after a pte of a uffd-wp file VMA was
+    cleared under its ptl, put PTE_MARKER_UFFD_WP in its place when the old value was
+    write-protected by uffd-wp (a present pte with the bit, a swap pte with it, or a
+    marker), so the next access faults and a write goes to the userfaultfd. Anonymous
+    VMAs never get one here (zapping anon memory drops the data; with WP_UNPOPULATED the
+    refault of a none pte traps anyway). The pte is already cleared, in a table the caller
+    has mapped: nothing to allocate, and no TLB flush (none -> marker). Cannot fail."""
+    from mm_core.swapops import PTE_MARKER_UFFD_WP, make_pte_marker
+    arch = k.arch
+    if vma.anonymous or not vma.uffd_wp:
+        return False
+    # WARN_ON_ONCE(!pte_none(ptep_get(pte))): read under the ptl the caller holds
+    assert arch.decode(arch.pte_level, k.physmem.read_entry(ptep)).kind is Kind.NONE
+    if not ((pteval.kind is Kind.LEAF and pteval.uffd_wp) or pte_swp_uffd_wp_any(pteval)):
+        return False
+    await pgtable.set_entry(k, ptep, arch.pte_level, make_pte_marker(PTE_MARKER_UFFD_WP))
+    k.stats["uffd_wp_markers_kept"] += 1
+    return True
+
+
+async def zap_install_uffd_wp_if_needed(k, vma: VMA, ptep: int, details: ZapDetails | None,
+                                        pteval: Entry) -> bool:
+    """zap_install_uffd_wp_if_needed() (mm/memory.c, 6.6): zapping a file-backed range may
+    need to leave a uffd-wp marker; zap on anonymous memory always drops everything, and
+    ZAP_FLAG_DROP_MARKER (the VMA or the page goes) drops it. Cannot fail."""
+    if vma.anonymous or zap_drop_file_uffd_wp(details):
+        return False
+    return await pte_install_uffd_wp_if_needed(k, vma, ptep, pteval)
+
+
 async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: list | None = None,
-                        reclaim_pt: bool = False) -> bool:
+                        reclaim_pt: bool = False, vma: VMA | None = None,
+                        details: ZapDetails | None = None) -> bool:
     """zap_pte_range(): clear every PTE in [start, end) under ptl and drop the pages.
     Returns False without progress when the PTE table could not be mapped; the caller
     (zap_pmd_range) then looks at the same pmd again (RETRY). With ``reclaim_pt``
     (6.14 PT_RECLAIM, reclaim_pt_is_enabled(): MADV_DONTNEED over a whole PMD extent) the
     emptied table goes too: the fast path try_get_and_clear_pmd() under the ptl, then
-    free_pte(); its pml trylock failing is the slow path try_to_free_pte()."""
+    free_pte(); its pml trylock failing is the slow path try_to_free_pte().
+
+    uffd-wp (6.6, ``vma`` and ``details``): in a uffd-wp file VMA a write-protected pte
+    (present, or swap, with the bit) is replaced by PTE_MARKER_UFFD_WP and an existing
+    uffd-wp marker stays, unless ``details`` has ZAP_FLAG_DROP_MARKER (unmap_vmas, the
+    VMA goes); anon VMAs drop their markers. A pte skipped or a marker left makes the table
+    not empty: 6.14 does not reclaim it (``any_skipped``). With even_cows off (not used by
+    the callers modelled) anon folios and swap ptes are skipped."""
+    from mm_core.swapfile import free_swap_and_cache, is_swap_pte
     arch = k.arch
     can_reclaim_pt = reclaim_pt and k.profile.pt_reclaim and end - start >= arch.levels[arch.pmd_level].span
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, start)
@@ -766,29 +866,51 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
     ptep, ptl = locked
     empty = arch.empty_value(arch.pte_level)
     raws = await pgtable.get_raws_locked(k, ptep, (end - start) >> k.page_shift)
+    any_skipped = False
     for i, raw in enumerate(raws):
         if raw == empty:
             continue
         entp = ptep + i * 8
         ent = arch.decode(arch.pte_level, raw)
         if ent.kind is Kind.LEAF:
-            await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
             page = None if ent.special else k.alloc.page_of(ent.paddr)
+            if not should_zap_folio(details, page):
+                any_skipped = True
+                continue
+            await pgtable.clear_entry(k, entp, arch.pte_level)      # ptep_get_and_clear_full()
+            if vma is not None and await zap_install_uffd_wp_if_needed(k, vma, entp, details, ent):
+                any_skipped = True
             if page is not None:
                 _put_mapped_page(k, mm, page, tlb=tlb)
                 if "swap" in page.extra and not page.mapcount:     # free_pages_and_swap_cache()
                     from mm_core.swap_state import free_swap_cache
                     await free_swap_cache(k, page, tlb)
             k.stats["ptes_zapped"] += 1
-        elif ent.kind is Kind.SWAP:
-            from mm_core.swapfile import free_swap_and_cache, is_swap_pte
+            continue
+        if ent.kind is Kind.NONE:
+            continue
+        if pte_marker_uffd_wp(ent):
+            # for anon: always drop the marker; for file: only if explicitly requested
+            if vma is not None and not vma.anonymous and not zap_drop_file_uffd_wp(details):
+                any_skipped = True
+                continue
+        elif is_pte_marker(ent) or (ent.kind is Kind.SWAP and ent.swp_type == SWP_HWPOISON):
+            if not should_zap_cows(details):
+                any_skipped = True
+                continue
+        elif ent.kind is Kind.SWAP:                                  # a genuine swap entry
+            if not should_zap_cows(details):
+                any_skipped = True
+                continue
             if is_swap_pte(ent):
                 mm.rss[MM_SWAPENTS] -= 1
                 await free_swap_and_cache(k, ent)
-            await pgtable.clear_entry(k, entp, arch.pte_level)      # pte_clear_not_present_full()
             k.stats["swap_ptes_zapped"] += 1
-        elif ent.kind is not Kind.NONE:
-            await pgtable.clear_entry(k, entp, arch.pte_level)
+        await pgtable.clear_entry(k, entp, arch.pte_level)          # pte_clear_not_present_full()
+        if vma is not None and await zap_install_uffd_wp_if_needed(k, vma, entp, details, ent):
+            any_skipped = True
+    if any_skipped:
+        can_reclaim_pt = False
     from mm_core import pt_reclaim
     pmdval = None
     if can_reclaim_pt:
@@ -803,7 +925,7 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
 
 
 async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list | None = None,
-                        reclaim_pt: bool = False) -> None:
+                        reclaim_pt: bool = False, details: ZapDetails | None = None) -> None:
     """zap_pmd_range() for one pmd: a PMD leaf is zapped whole (or split first when only
     part of it goes); a table goes to zap_pte_range, retried while its map fails and the
     pmd still holds something."""
@@ -830,19 +952,22 @@ async def zap_pmd_range(k, vma: VMA, pmdp: int, start: int, end: int, tlb: list 
             continue
         if pmdval.kind is Kind.MIGRATION:
             return
-        if await zap_pte_range(k, mm, pmdp, start, end, tlb, reclaim_pt):
+        if await zap_pte_range(k, mm, pmdp, start, end, tlb, reclaim_pt, vma=vma, details=details):
             return                        # (6.14 PT_RECLAIM freed the emptied table there)
         k.stats["zap_pmd_retry"] += 1
         await sched_point("retry", pmdp)
 
 
-async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool = False) -> None:
+async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool = False,
+                           details: ZapDetails | None = None) -> None:
     """unmap_page_range() under an mmu_gather: zap every pmd of [start, end), flush the
-    TLBs, and only then free the pages (tlb_finish_mmu)."""
+    TLBs, and only then free the pages (tlb_finish_mmu). ``details`` is the caller's
+    struct zap_details: None for MADV_DONTNEED (6.6 passes NULL), ZAP_UNMAP_DETAILS for
+    munmap and exit (unmap_vmas), even_cows for truncation (unmap_mapping_range)."""
     tlb: list = []
     rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, start, end)
     async for pmdp, lo, hi in for_each_pmd(k, vma.mm, start, end):
-        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb, reclaim_pt)
+        await zap_pmd_range(k, vma, pmdp, lo, hi, tlb, reclaim_pt, details)
     await flush_tlb_range(k, vma.mm, start, end)
     await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
     for page in tlb:
@@ -850,7 +975,9 @@ async def unmap_page_range(k, vma: VMA, start: int, end: int, reclaim_pt: bool =
 
 
 async def unmap_mapping_range(k, mapping, first: int, last: int) -> None:
-    """unmap_mapping_range(): zap file pages [first, last) from every VMA mapping them."""
+    """unmap_mapping_range(..., even_cows=1) (truncate_pagecache(), 6.6): zap file pages
+    [first, last) from every VMA mapping them. unmap_mapping_pages() passes no
+    ZAP_FLAG_DROP_MARKER: uffd-wp markers stay (a marker past EOF refaults to SIGBUS)."""
     from mm_core.locks import RwSemaphore  # noqa: F401 - the lock type, for readers of this code
     await traps.lock(mapping.i_mmap_rwsem, "r")
     try:
@@ -858,7 +985,7 @@ async def unmap_mapping_range(k, mapping, first: int, last: int) -> None:
             lo = max(vma.start, vma.start + ((first - vma.pgoff) << k.page_shift))
             hi = min(vma.end, vma.start + ((last - vma.pgoff) << k.page_shift))
             if lo < hi:
-                await unmap_page_range(k, vma, lo, hi)
+                await unmap_page_range(k, vma, lo, hi, details=ZapDetails(even_cows=True))
     finally:
         await traps.unlock(mapping.i_mmap_rwsem, "r")
 
@@ -956,7 +1083,7 @@ async def exit_mmap(k, mm: MMStruct) -> None:
     if locked:
         await mmap_write_lock(mm)                  # exit_mmap() frees tables under it
     for vma in list(mm.vmas):
-        await unmap_page_range(k, vma, vma.start, vma.end)
+        await unmap_page_range(k, vma, vma.start, vma.end, details=ZAP_UNMAP_DETAILS)   # unmap_vmas()
     vmas = list(mm.vmas)
     mm.vmas.clear()
     for vma in vmas:

@@ -125,26 +125,39 @@ async def populate(k, mm: MMStruct, start: int, end: int, write: bool) -> None:
 
 
 async def do_munmap(k, mm: MMStruct, start: int, length: int) -> int:
-    """do_munmap() / __vm_munmap(): 0 or -errno. Takes mmap_write_lock."""
+    """do_munmap() / __vm_munmap(): 0 or -errno. Takes mmap_write_lock. VMAs registered
+    with a userfaultfd asking for UFFD_FEATURE_EVENT_UNMAP: userfaultfd_unmap_prep() under
+    the lock, userfaultfd_unmap_complete() (UFFD_EVENT_UNMAP, waiting for the handler's
+    read()) after mmap_write_unlock()."""
+    from mm_core.userfaultfd import userfaultfd_unmap_complete
     if start % k.page_size or length <= 0 or start + length > k.arch.task_size:
         return -EINVAL
+    uf: list = []
     await mmap_write_lock(mm)
     try:
-        await _munmap_locked(k, mm, start, page_align(length, k.page_size))
+        await _munmap_locked(k, mm, start, page_align(length, k.page_size), uf)
     finally:
         await mmap_write_unlock(mm)
+    await userfaultfd_unmap_complete(k, mm, uf)
     return 0
 
 
-async def _munmap_locked(k, mm: MMStruct, start: int, length: int) -> None:
+async def _munmap_locked(k, mm: MMStruct, start: int, length: int, uf: list | None = None) -> None:
+    """do_vmi_align_munmap(): split, userfaultfd_unmap_prep() per VMA (when ``uf``, the
+    list userfaultfd_unmap_complete() is handed later; mmap(MAP_FIXED) and mremap pass
+    none here: no UNMAP event from them), detach, zap, free the tables."""
+    from mm_core.userfaultfd import userfaultfd_unmap_prep
     end = start + length
     victims = split_range(mm, start, end)
     if not victims:
         return
+    if uf is not None:
+        for vma in victims:
+            userfaultfd_unmap_prep(k, vma, start, end, uf)
     for vma in victims:
         mm.remove_vma(vma)
-    for vma in victims:                          # unmap_region(): zap, then free tables
-        await memory.unmap_page_range(k, vma, vma.start, vma.end)
+    for vma in victims:                          # unmap_region(): zap (unmap_vmas), then free tables
+        await memory.unmap_page_range(k, vma, vma.start, vma.end, details=memory.ZAP_UNMAP_DETAILS)
     for vma in victims:
         await memory.unlink_file_vma(k, vma)
     for vma in victims:

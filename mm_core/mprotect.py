@@ -69,21 +69,29 @@ MM_CP_UFFD_WP_ALL = MM_CP_UFFD_WP | MM_CP_UFFD_WP_RESOLVE
 
 
 def userfaultfd_wp_use_markers(vma: VMA) -> bool:
-    """userfaultfd_wp_use_markers() (6.6): a WP-registered file VMA protects none ptes with
-    PTE_MARKER_UFFD_WP (the page cache may hold the page); anonymous memory only with
-    UFFD_FEATURE_WP_UNPOPULATED, which is not modelled."""
-    return vma.uffd_wp and not vma.anonymous
+    """userfaultfd_wp_use_markers() (include/linux/userfaultfd_k.h, 6.4+): only WP mode
+    uses markers; a file VMA always protects none ptes with PTE_MARKER_UFFD_WP (the page
+    cache may hold the page); anonymous memory only with UFFD_FEATURE_WP_UNPOPULATED
+    ("to apply markers on zero pages")."""
+    from mm_core.userfaultfd import userfaultfd_wp_unpopulated
+    if not vma.uffd_wp:
+        return False
+    if not vma.anonymous:
+        return True
+    return userfaultfd_wp_unpopulated(vma)
 
 
 def pgtable_split_needed(vma: VMA, cp_flags: int) -> bool:
-    """pgtable_split_needed(): markers live at the PTE level, and a file THP cannot be
-    write-protected whole: split (for a file THP: drop the pmd) under MM_CP_UFFD_WP."""
+    """pgtable_split_needed() (6.4+; uffd_wp_protect_file() before): markers live at the
+    PTE level, and a file THP cannot be write-protected whole: split (for a file THP: drop
+    the pmd) under MM_CP_UFFD_WP. An anon THP is protected in place as a pmd, with or
+    without WP_UNPOPULATED."""
     return bool(cp_flags & MM_CP_UFFD_WP) and not vma.anonymous
 
 
 def pgtable_populate_needed(vma: VMA, cp_flags: int) -> bool:
-    """pgtable_populate_needed(): UFFDIO_WRITEPROTECT of a VMA that uses markers must
-    allocate the PTE tables to hold them."""
+    """pgtable_populate_needed() (6.4+): UFFDIO_WRITEPROTECT of a VMA that uses markers (a
+    file VMA, or anon with WP_UNPOPULATED) must allocate the PTE tables to hold them."""
     return bool(cp_flags & MM_CP_UFFD_WP) and userfaultfd_wp_use_markers(vma)
 
 
@@ -250,8 +258,9 @@ async def change_pte_range(k, vma: VMA, pmdp: int, start: int, end: int, cp_flag
 
     uffd-wp (UFFDIO_WRITEPROTECT): MM_CP_UFFD_WP sets the uffd-wp bit (pte_mkuffd_wp, which
     write-protects) on present ptes and swap ptes, and puts PTE_MARKER_UFFD_WP in none
-    ptes of marker-using (file) VMAs; MM_CP_UFFD_WP_RESOLVE clears the bit and drops
-    uffd-wp markers (the next access faults without trapping). Returns the ptes changed."""
+    ptes of marker-using VMAs (file, or anon with WP_UNPOPULATED); MM_CP_UFFD_WP_RESOLVE
+    clears the bit and drops uffd-wp markers (the next access faults without trapping).
+    Returns the ptes changed."""
     mm, arch = vma.mm, k.arch
     uffd_wp = bool(cp_flags & MM_CP_UFFD_WP)
     uffd_wp_resolve = bool(cp_flags & MM_CP_UFFD_WP_RESOLVE)

@@ -34,8 +34,9 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
     i_mmap, try_to_unmap_one() in each VMA: page_vma_mapped_walk() (collapse_file() passes
     no TTU_SYNC, so pte_offset_map_nolock(), a lockless look, then the ptl; a failed map
     rereads the pmd, and a retracted table means nothing to unmap there) and clear every
-    pte it finds. Returns how many were unmapped."""
-    from mm_core.memory import _put_mapped_page
+    pte it finds, leaving a uffd-wp marker where the pte was uffd-wp protected
+    (pte_install_uffd_wp_if_needed()). Returns how many were unmapped."""
+    from mm_core.memory import _put_mapped_page, pte_install_uffd_wp_if_needed
     from mm_core.page_vma_mapped import PageVmaMappedWalk, page_vma_mapped_walk
     mapping, arch = folio.mapping, k.arch
     paddr = folio.paddr + ((index - folio.index) << k.page_shift)
@@ -49,8 +50,11 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
             pvmw = PageVmaMappedWalk(paddr, 1, vma, addr)
             rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
             while await page_vma_mapped_walk(k, pvmw):
-                await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)      # ptep_clear_flush()
+                old = await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)    # ptep_clear_flush()
+                pteval = arch.decode(arch.pte_level, old)
                 await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
+                # a uffd-wp protected pte of a file VMA leaves a marker (still under the ptl)
+                await pte_install_uffd_wp_if_needed(k, vma, pvmw.pte, pteval)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
             await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from emu.arch import Access, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import memory, pgtable, rmap, shmem
+from mm_core import huge_memory, memory, pgtable, rmap, shmem
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -79,13 +79,19 @@ UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
 UFFDIO_CONTINUE_MODE_WP = 1 << 1
 # uffdio_api.features
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
 UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFD_FEATURE_SIGBUS = 1 << 7
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13   # 6.4+
 UFFD_FEATURE_MOVE = 1 << 16
 # struct uffd_msg
 UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x13, 0x14, 0x15, 0x16
 UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1 << 0, 1 << 1, 1 << 2
 UFFD_MSG_SIZE = 32
 # userfaultfd(2) flags
@@ -102,6 +108,13 @@ MFILL_ATOMIC_COPY, MFILL_ATOMIC_ZEROPAGE, MFILL_ATOMIC_CONTINUE = "copy", "zerop
 MOVE_PAGES_PTE_FRAME = 0xFFFFC90000A3FD00
 STACK_ORIG_SRC_PTE = MOVE_PAGES_PTE_FRAME + 0x48
 STACK_ORIG_DST_PTE = MOVE_PAGES_PTE_FRAME + 0x50
+
+
+def userfaultfd_wp_unpopulated(vma) -> bool:
+    """userfaultfd_wp_unpopulated() (fs/userfaultfd.c, 6.4+): the VMA's context asked for
+    UFFD_FEATURE_WP_UNPOPULATED (UFFDIO_API offers it only where uffd-wp exists, 6.4+)."""
+    ctx = vma.uffd_ctx
+    return ctx is not None and bool(ctx.features & UFFD_FEATURE_WP_UNPOPULATED)
 
 
 def have_arch_userfaultfd(k, what: str) -> bool:
@@ -144,13 +157,33 @@ class UffdFdWaitQueue:
     sleeps = True                       # schedule() in TASK_INTERRUPTIBLE
 
     def try_acquire(self, task: object, mode: str = "wait") -> bool:
-        return bool(self.ctx.fault_pending_wqh) or self.ctx.released
+        return bool(self.ctx.fault_pending_wqh) or bool(self.ctx.event_wqh) or self.ctx.released
 
     def post(self) -> None:
         pass
 
     def __repr__(self) -> str:
         return f"<uffd{self.ctx.id} fd_wqh>"
+
+
+@dataclass(eq=False)
+class UffdEventWaitQueue:
+    """The userfaultfd_wait_queue of a non-fault event (UFFD_EVENT_REMOVE / UNMAP) on
+    ctx->event_wqh: the msg (event, arg.remove.start / end); read() completes it
+    (userfaultfd_event_complete(): msg.event = 0), which ends the sender's wait; so does
+    the release of the context."""
+
+    ctx: UserfaultfdCtx
+    event: int
+    start: int
+    end: int
+    sleeps = True                       # schedule() in TASK_KILLABLE
+
+    def try_acquire(self, task: object, mode: str = "wait") -> bool:
+        return self.event == 0 or self.ctx.released
+
+    def __repr__(self) -> str:
+        return f"<uffd{self.ctx.id} event {self.event:#x} {self.start:#x}-{self.end:#x}>"
 
 
 @dataclass(eq=False)
@@ -169,9 +202,12 @@ class UserfaultfdCtx:
     fault_wqh: list = field(default_factory=list)
     api_done: bool = False
     flags: int = 0                      # userfaultfd(2) flags (UFFD_USER_MODE_ONLY, O_NONBLOCK)
+    event_wqh: list = field(default_factory=list)
+    mmap_changing: int = 0              # atomic_t: non-cooperative events in flight
 
     def __post_init__(self) -> None:
         self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
+        self.event_lock = SpinLock(f"uffd{self.id}.event_wqh.lock", "uffd_event_wqh_lock")
         self.fd_wqh = UffdFdWaitQueue(self)
 
 
@@ -394,16 +430,27 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
     await traps.unlock(ctx.wqh_lock)
 
 
-async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | int:
-    """userfaultfd_ctx_read() for a page fault (fs/userfaultfd.c): take the oldest fault on
-    fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to at its
-    head), refile it to fault_wqh (so it is reported once, and still woken by the resolving
-    ioctl) and return it for the uffd_msg. With none pending: -EAGAIN if ``no_wait``
-    (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh until
-    handle_userfault() queues one. Events other than page faults (fork, remap, remove,
-    unmap) are not modelled. Returns 0 (nothing read) to a reader sleeping when the
-    context is released (here only by exit_files(), when another thread exits the
-    process; Linux ends that read with the signal that killed the thread)."""
+@dataclass(frozen=True)
+class UffdEventMsg:
+    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it."""
+
+    event: int
+    start: int
+    end: int
+
+
+async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | UffdEventMsg | int:
+    """userfaultfd_ctx_read() (fs/userfaultfd.c, 6.6): page faults first: take the oldest
+    fault on fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to
+    at its head), refile it to fault_wqh (so it is reported once, and still woken by the
+    resolving ioctl) and return it for the uffd_msg. Then events (find_userfault_evt()):
+    copy the oldest REMOVE / UNMAP message and complete it (userfaultfd_event_complete():
+    msg.event = 0, off event_wqh, the sender wakes). With nothing pending: -EAGAIN if
+    ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh
+    until a fault or an event is queued. FORK / REMAP are not modelled. Returns 0 (nothing
+    read) to a reader sleeping when the context is released (here only by exit_files(),
+    when another thread exits the process; Linux ends that read with the signal that
+    killed the thread)."""
     while True:
         await traps.lock(ctx.wqh_lock)                               # spin_lock(&fault_pending_wqh.lock)
         uwq = ctx.fault_pending_wqh[0] if ctx.fault_pending_wqh else None
@@ -414,6 +461,16 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         if uwq is not None:
             k.stats["uffd_msgs_read"] += 1
             return uwq
+        await traps.lock(ctx.event_lock)                             # spin_lock(&ctx->event_wqh.lock)
+        ewq = ctx.event_wqh[0] if ctx.event_wqh else None
+        if ewq is not None:
+            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end)        # *msg = uwq->msg
+            ewq.event = 0                                            # userfaultfd_event_complete()
+            ctx.event_wqh.remove(ewq)
+        await traps.unlock(ctx.event_lock)
+        if ewq is not None:
+            k.stats["uffd_events_read"] += 1
+            return msg
         if no_wait:
             return -EAGAIN
         if ctx.released:
@@ -464,6 +521,7 @@ async def userfaultfd_release(k, ctx: UserfaultfdCtx) -> None:
             uwq.waken = True
         wqh.clear()
     await traps.unlock(ctx.wqh_lock)
+    # wake_up_all(&ctx->event_wqh): the event senders see released and unqueue themselves
 
 
 async def userfaultfd_wake(k, ctx: UserfaultfdCtx, start: int, length: int) -> int:
@@ -502,6 +560,11 @@ async def mfill_atomic(k, ctx: UserfaultfdCtx | None, mm, dst_start: int, length
         return -EINVAL
     await mmap_read_lock(mm)
     try:
+        if ctx is not None and ctx.mmap_changing:
+            # "If memory mappings are changing because of non-cooperative operation
+            # (e.g. mremap) running in parallel, bail out and request the user to retry"
+            k.stats["uffd_mmap_changing_eagain"] += 1
+            return -EAGAIN
         dst_vma = find_dst_vma(mm, dst_start, length, ctx)
         if dst_vma is None:
             return -ENOENT
@@ -753,6 +816,9 @@ async def mwriteprotect_range(k, ctx: UserfaultfdCtx, start: int, length: int, e
     mm, end = ctx.mm, start + length
     await mmap_read_lock(mm)
     try:
+        if ctx.mmap_changing:
+            k.stats["uffd_mmap_changing_eagain"] += 1
+            return -EAGAIN
         err = -ENOENT
         for vma in sorted(mm.overlapping(start, end), key=lambda v: v.start):
             if not vma.uffd_wp or vma.uffd_ctx is not ctx:
@@ -823,12 +889,17 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
     """move_pages() (UFFDIO_MOVE): move the anon pages of [src_start, +length) to dst_start
     one pte at a time, under mmap_read_lock (uffd_move_lock without per-VMA locks).
 
-    Returns the bytes moved, or -errno when nothing was. -EAGAIN from move_pages_pte()
-    means "look at this page again" (RETRY). Refused here, not modelled: a huge or
-    migration src pmd (the kernel splits it or moves it whole with move_pages_huge_pmd())
-    is -EBUSY. Per page: find or allocate both pmds, refuse a huge dst (-EEXIST), allocate
-    the PTE tables, move_pages_pte(). Before 6.8 there is no such ioctl: -EINVAL, as
-    userfaultfd_ioctl() answers an unknown command."""
+    Returns the bytes moved, or -errno when nothing was. -EAGAIN from move_pages_pte() or
+    move_pages_huge_pmd() means "look at this address again" (RETRY). Per step: find or
+    allocate both pmds, refuse a huge dst (-EEXIST), then pmd_trans_huge_lock() on the src
+    pmd (6.8): a THP or migration pmd is moved whole by move_pages_huge_pmd() when both
+    addresses are PMD-aligned, a whole PMD is left and the dst pmd is none; otherwise a THP
+    that is not exclusive anon is -EBUSY and an exclusive one is split (split_huge_pmd(),
+    `continue`: the PTE path then meets the PTE-mapped large folio, whose split_folio() is
+    not modelled: -EBUSY). A migration pmd that would be split is waited on instead
+    (splitting it into migration ptes is not modelled). Else allocate the PTE tables and
+    move_pages_pte(). Before 6.8 there is no such ioctl: -EINVAL, as userfaultfd_ioctl()
+    answers an unknown command."""
     if not k.profile.uffdio_move:
         return -EINVAL
     page = k.page_size
@@ -872,11 +943,45 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
             if arch.decode(arch.pmd_level, dst_pmdval).kind is Kind.LEAF:
                 err = -EEXIST                                  # a THP at dst: be strict
                 break
+            # pmd_trans_huge_lock(): a lockless look first, the pml only for a huge or swap pmd
             src_pmdval = await pgtable.get_entry(k, src_pmd, arch.pmd_level)
-            if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION):   # pmd_trans_huge_lock() succeeds
-                k.stats["uffdio_move_huge_refused"] += 1
-                err = -EBUSY                                   # not modelled: split / move_pages_huge_pmd
-                break
+            ptl = None
+            if src_pmdval.kind in (Kind.LEAF, Kind.MIGRATION, Kind.SWAP):
+                ptl, src_pmdval = await huge_memory.pmd_trans_huge_lock(k, mm, src_pmd)
+            if ptl is not None:
+                if move_splits_huge_pmd(k, dst_addr, src_addr, src_start + length) \
+                        or arch.decode(arch.pmd_level, dst_pmdval).kind is not Kind.NONE:
+                    if src_pmdval.kind is Kind.LEAF:              # "Can be a migration entry"
+                        folio = k.alloc.page_of(src_pmdval.paddr)
+                        if folio is None or not page_anon_exclusive(folio, k):
+                            await traps.unlock(ptl)
+                            err = -EBUSY
+                            break
+                    elif "move_pages_reads_folio_of_non_present_pmd" in k.bugs:
+                        pmd_folio_of_non_present_pmd(k, src_pmd, src_pmdval)
+                    await traps.unlock(ptl)
+                    if src_pmdval.kind is Kind.MIGRATION:
+                        # split_huge_pmd() of a migration pmd (into migration ptes, on
+                        # which move_pages_pte() would wait) is not modelled: wait here
+                        await memory.pmd_migration_entry_wait(k, mm, src_pmd)
+                        continue
+                    if src_pmdval.kind is not Kind.LEAF:
+                        err = -EBUSY                    # a swap pmd: none in anon memory here
+                        break
+                    k.stats["uffdio_move_split_huge_pmd"] += 1
+                    await huge_memory.split_huge_pmd(k, src_vma, src_pmd, src_addr)
+                    continue                    # the folio will be split by move_pages_pte()
+                err = await huge_memory.move_pages_huge_pmd(k, mm, dst_pmd, src_pmd, dst_pmdval, dst_vma,
+                                                            src_vma, dst_addr, src_addr, ptl)
+                if err == -EAGAIN:
+                    k.stats["uffdio_move_eagain"] += 1
+                    await sched_point("retry", src_pmd)
+                    continue
+                if err:
+                    break
+                step = huge_memory.hpage_pmd_size(k)
+                src_addr, dst_addr, moved = src_addr + step, dst_addr + step, moved + step
+                continue
             if src_pmdval.kind is Kind.NONE:
                 if not mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES:
                     err = -ENOENT
@@ -900,14 +1005,46 @@ async def move_pages(k, mm, dst_start: int, src_start: int, length: int, mode: i
         await mmap_read_unlock(mm)
 
 
+def pmd_folio_of_non_present_pmd(k, pmdp: int, pmdval) -> None:
+    """Bug injection ``move_pages_reads_folio_of_non_present_pmd``: move_pages() before
+    "userfaultfd: fix a crash when UFFDIO_MOVE handles a THP hole" (Suren Baghdasaryan,
+    2025, Fixes: adef440691ba) took pmd_folio(*src_pmd) on its split path without testing
+    pmd_present(): for a migration entry pmd_pfn() decodes swap bits, and the
+    PageAnonExclusive() of that "page" faults (syzbot). Reported as the kernel's oops."""
+    from mm_core.sanitizers import Finding
+    cur = k.current_task()
+    raise Finding("BUG", "BUG: unable to handle page fault in move_pages: pmd_folio() of a "
+                  f"non-present ({pmdval.kind.value}) pmd", "BUG:pmd_folio:non-present:move_pages",
+                  [f"  pmd at {pmdp:#x} is {k.physmem.read_entry(pmdp):#x} ({pmdval.kind.value}), "
+                   f"read by {cur.name if cur is not None else 'the API caller'} under "
+                   "pmd_trans_huge_lock()",
+                   "  the fix tests pmd_present() first (a migration entry is split, or moved "
+                   "whole by move_pages_huge_pmd(), which waits for it)"])
+
+
+def move_splits_huge_pmd(k, dst_addr: int, src_addr: int, src_end: int) -> bool:
+    """move_splits_huge_pmd(): moving from src_addr would split the THP: either address is
+    not PMD-aligned, or less than a PMD is left to move."""
+    size = huge_memory.hpage_pmd_size(k)
+    return bool(src_addr & (size - 1) or dst_addr & (size - 1)) or src_end - src_addr < size
+
+
 def vm_normal_folio(k, entry):
     """vm_normal_folio(): the folio a present pte maps (None for the zero page)."""
     return None if entry.special else k.alloc.page_of(entry.paddr)
 
 
-def page_anon_exclusive(folio) -> bool:
-    """PageAnonExclusive(): an anon page mapped once (there is no fork or GUP pin here)."""
-    return folio.use is PageUse.ANON and folio.mapcount == 1 and "anon_vma" in folio.extra
+def page_anon_exclusive(folio, k=None) -> bool:
+    """PageAnonExclusive(): an anon page mapped once (the model tracks a folio's mappings,
+    not each page's: a PMD-mapped THP has one; with ``k``, a THP whose pmd was split, never
+    shared with a child and with each page mapped at most once by a pte counts as
+    exclusive too)."""
+    if folio.use is not PageUse.ANON or "anon_vma" not in folio.extra:
+        return False
+    pages = 1 if k is None else max(1, 1 << (folio.order - k.page_order))
+    if pages == 1 or folio.mapcount == 1:
+        return folio.mapcount == 1
+    return not folio.extra.get("forked") and 1 <= folio.mapcount <= pages
 
 
 async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, dst_addr: int,
@@ -920,7 +1057,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     -EEXIST if dst is not none, -ENOENT for a src hole (0 with ALLOW_SRC_HOLES), -EBUSY
     for a folio that is not exclusive anon. Contention on the folio lock or the anon_vma
     lock: unmap both ptes, sleep on the lock, retry from the maps. Refused, not modelled:
-    a large folio (the kernel splits it) and swap / migration entries are -EBUSY."""
+    a large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's
+    pmd) and swap / migration entries are -EBUSY."""
     arch = k.arch
     level = arch.pte_level
     # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
@@ -986,7 +1124,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 err = -EAGAIN
                 break
             folio = vm_normal_folio(k, src_ent)
-            if folio is None or not page_anon_exclusive(folio):
+            if folio is None or not page_anon_exclusive(folio, k):
                 await traps.unlock(src_ptl)
                 err = -EBUSY
                 break
@@ -1005,6 +1143,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
                 continue
         # at this point src_folio is locked
         if src_folio.order != k.page_order:
+            k.stats["uffdio_move_split_folio_unmodelled"] += 1
             err = -EBUSY                        # not modelled: split_folio() of a large folio
             break
         if src_anon_vma is None:
@@ -1087,7 +1226,7 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
     if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
         err = -EAGAIN
     elif src_folio.order != k.page_order or src_folio.extra.get("pinned") \
-            or not page_anon_exclusive(src_folio):                # folio_maybe_dma_pinned()
+            or not page_anon_exclusive(src_folio, k):                # folio_maybe_dma_pinned()
         err = -EBUSY
     else:
         await pgtable.clear_entry(k, src_pte, level)                     # ptep_clear_flush()
@@ -1119,3 +1258,76 @@ async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: in
     await double_pt_unlock(k, dst_ptl, src_ptl)
     k.stats["uffdio_move_zeropage"] += 1
     return 0
+
+
+# -- non-cooperative events: UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP --------------------------------
+
+async def userfaultfd_event_wait_completion(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue) -> None:
+    """userfaultfd_event_wait_completion() (fs/userfaultfd.c, 6.6): queue the event on
+    event_wqh, wake read() (fd_wqh) and sleep (TASK_KILLABLE) until a read() completes it
+    (msg.event = 0) or the context is released (then unqueue it); finally drop
+    mmap_changing. Called with no mmap_lock held. Cannot fail: the sender waits."""
+    await traps.lock(ctx.event_lock)                                 # spin_lock_irq(&event_wqh.lock)
+    ctx.event_wqh.append(ewq)                                        # __add_wait_queue()
+    while True:
+        if ewq.event == 0:
+            break
+        if ctx.released:
+            if ewq in ctx.event_wqh:
+                ctx.event_wqh.remove(ewq)                            # __remove_wait_queue()
+            break
+        await traps.unlock(ctx.event_lock)
+        k.stats["uffd_event_waits"] += 1
+        await traps.wait(ewq)                                        # wake_up_poll(fd_wqh); schedule()
+        await traps.lock(ctx.event_lock)
+    await traps.unlock(ctx.event_lock)
+    ctx.mmap_changing -= 1                                           # atomic_dec(&ctx->mmap_changing)
+    assert ctx.mmap_changing >= 0
+
+
+async def userfaultfd_remove(k, vma, start: int, end: int) -> bool:
+    """userfaultfd_remove() (6.6, from madvise_dontneed_free() and madvise_remove()): with
+    UFFD_FEATURE_EVENT_REMOVE on the VMA's context, raise mmap_changing, DROP mmap_lock
+    (read), send UFFD_EVENT_REMOVE {start, end} and wait until the handler read it. Returns
+    True when nothing was sent (mmap_lock still held), False when mmap_lock was dropped:
+    the caller takes it again and looks the VMA up afresh (it may have changed)."""
+    ctx = vma.uffd_ctx
+    if ctx is None or not ctx.features & UFFD_FEATURE_EVENT_REMOVE:
+        return True
+    mm = vma.mm
+    ctx.mmap_changing += 1                                           # atomic_inc(&ctx->mmap_changing)
+    await mmap_read_unlock(mm)
+    k.stats["uffd_event_remove"] += 1
+    await userfaultfd_event_wait_completion(k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_REMOVE, start, end))
+    return False
+
+
+def userfaultfd_unmap_prep(k, vma, start: int, end: int, unmaps: list) -> int:
+    """userfaultfd_unmap_prep() (6.6, munmap under mmap_write_lock, per VMA of the range):
+    with UFFD_FEATURE_EVENT_UNMAP, note (ctx, start, end) once per context and range and
+    raise mmap_changing (UFFDIO_COPY & co. answer -EAGAIN from now until the handler has
+    read the event). 0 (-ENOMEM for the allocation cannot happen here)."""
+    ctx = vma.uffd_ctx
+    if ctx is None or not ctx.features & UFFD_FEATURE_EVENT_UNMAP \
+            or any(c is ctx and s == start and e == end for c, s, e in unmaps):   # has_unmap_ctx()
+        return 0
+    ctx.mmap_changing += 1
+    unmaps.append((ctx, start, end))
+    return 0
+
+
+async def userfaultfd_unmap_complete(k, mm, unmaps: list) -> None:
+    """userfaultfd_unmap_complete() (after mmap_write_unlock()): send UFFD_EVENT_UNMAP
+    {start, end} for each noted range and wait for each to be read."""
+    for ctx, start, end in unmaps:
+        k.stats["uffd_event_unmap"] += 1
+        await userfaultfd_event_wait_completion(k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_UNMAP, start, end))
+    unmaps.clear()
+
+
+def uffd_msg_event(msg: UffdEventMsg, big_endian: bool) -> bytes:
+    """The 32-byte struct uffd_msg of a REMOVE / UNMAP event: event, then arg.remove
+    {start, end} at offset 8, in the guest's byte order."""
+    order = "big" if big_endian else "little"
+    arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order)
+    return bytes([msg.event]) + bytes(7) + arg + bytes(8)

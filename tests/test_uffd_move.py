@@ -150,8 +150,9 @@ def test_zero_page_moves_as_a_fresh_zero_pte() -> None:
 @pytest.mark.parametrize("arch", ARCHES)
 def test_move_pages_pte_is_eagain_when_the_src_pmd_is_not_a_table(arch: str) -> None:
     """A src pmd that is huge or none by the time move_pages_pte() maps it fails the map:
-    -EAGAIN, nothing left mapped, nothing changed. move_pages() itself then refuses the
-    THP (-EBUSY: splitting is not modelled)."""
+    -EAGAIN, nothing left mapped, nothing changed. move_pages() itself splits the THP for
+    a one-page move (6.8: split_huge_pmd(), then the PTE path, where the large folio's
+    split_folio() is not modelled: -EBUSY; tests/test_uffd_move_huge.py has the rest)."""
     m, k, mm, a, size = world(arch)
     page = k.page_size
     m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
@@ -170,8 +171,10 @@ def test_move_pages_pte_is_eagain_when_the_src_pmd_is_not_a_table(arch: str) -> 
         assert not k.rcu.readers and not k.san.pte_maps and pte_of(m, k, mm, dst).kind is Kind.NONE
     with pytest.raises(OSError) as err:
         m.uffdio_move(mm, dst, a, page)
-    assert err.value.errno == userfaultfd.EBUSY and k.stats["uffdio_move_huge_refused"] == 1
-    assert pte_of(m, k, mm, a).kind is Kind.LEAF
+    assert err.value.errno == userfaultfd.EBUSY and k.stats["uffdio_move_split_huge_pmd"] == 1
+    assert k.stats["uffdio_move_split_folio_unmodelled"] == 1 and pte_of(m, k, mm, a).kind is Kind.LEAF
+    split_pmd = k.physmem.read_entry(run_sync(rmap.walk_to_pmd(k, mm, a)))
+    assert k.arch.decode(k.arch.pmd_level, split_pmd).kind is Kind.TABLE         # a pte now, not the pmd
     m.exit_mm(mm)
 
 

@@ -92,6 +92,7 @@ def test_uffdio_api_negotiates_and_every_other_ioctl_waits_for_it(arch: str) -> 
     assert ioctls == 1 << 0 | 1 << 1 | 1 << 0x3F and features == uffd.uffd_api_features(m.kernel)
     # no uffd-wp pte bit on s390x: no PAGEFAULT_FLAG_WP
     assert bool(features & kuffd.UFFD_FEATURE_PAGEFAULT_FLAG_WP) == (arch == "x86_64")
+    assert bool(features & kuffd.UFFD_FEATURE_WP_UNPOPULATED) == (arch == "x86_64")   # 6.4+, with uffd-wp
     assert p.files[fd].ctx.features == kuffd.UFFD_FEATURE_EXACT_ADDRESS
     _put(sc, buf, uffd.UFFD_API, 0, 0)
     assert _call(sc, "ioctl", fd, _nr(sc, "API"), buf) == -EINVAL        # only once

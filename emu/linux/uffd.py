@@ -5,16 +5,19 @@ the kernel side in mm_core/userfaultfd.py.
     ioctl UFFDIO_API                    api 0xAA, feature negotiation, the ioctls bitmask
     ioctl UFFDIO_REGISTER / UNREGISTER  uffdio_register {range, mode, ioctls (out)}
     ioctl UFFDIO_COPY / ZEROPAGE / CONTINUE / WAKE / WRITEPROTECT / MOVE (6.8+)
-    read(fd, msg, n)                    32-byte struct uffd_msg (UFFD_EVENT_PAGEFAULT)
+    read(fd, msg, n)                    32-byte struct uffd_msg (UFFD_EVENT_PAGEFAULT, and
+                                        UFFD_EVENT_REMOVE / UNMAP when asked for)
     close(fd)                           userfaultfd_release() on the last reference
 
 Structures are read and written in the guest's byte order; ioctl numbers are
 _IOWR/_IOR(0xAA, nr, sizeof) in the guest arch's encoding (powerpc has 3 direction bits).
 The guest has no capabilities and vm.unprivileged_userfaultfd is 0 (the default since
 5.11): userfaultfd() without UFFD_USER_MODE_ONLY is -EPERM, as for an unprivileged Linux
-process. Not modelled: the non-fault events (UFFD_FEATURE_EVENT_FORK / REMAP / REMOVE /
-UNMAP are refused by UFFDIO_API like an older kernel would), UFFD_FEATURE_THREAD_ID,
-UFFDIO_POISON (-EINVAL), poll/epoll, ctx->mmap_changing.
+process. UFFD_FEATURE_EVENT_REMOVE (MADV_DONTNEED) and EVENT_UNMAP (munmap) deliver
+their events through read() and raise ctx->mmap_changing (UFFDIO_COPY / ZEROPAGE /
+CONTINUE / WRITEPROTECT answer -EAGAIN meanwhile). Not modelled: EVENT_FORK / REMAP
+(refused by UFFDIO_API like an older kernel would), UFFD_FEATURE_THREAD_ID, UFFDIO_POISON
+(-EINVAL), poll/epoll, mmap_changing in UFFDIO_MOVE.
 """
 from __future__ import annotations
 
@@ -68,8 +71,11 @@ def uffd_api_features(k) -> int:
     """UFFD_API_FEATURES as far as this model honours them, with the arch's #ifndef
     CONFIG_HAVE_ARCH_USERFAULTFD_WP / _MINOR clearing done by userfaultfd_api()."""
     features = uffd.UFFD_FEATURE_MISSING_SHMEM | uffd.UFFD_FEATURE_SIGBUS | uffd.UFFD_FEATURE_EXACT_ADDRESS
+    features |= uffd.UFFD_FEATURE_EVENT_REMOVE | uffd.UFFD_FEATURE_EVENT_UNMAP
     if uffd.have_arch_userfaultfd(k, "WP"):
         features |= uffd.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        if k.profile.version >= (6, 4):         # #ifndef CONFIG_PTE_MARKER_UFFD_WP clears it
+            features |= uffd.UFFD_FEATURE_WP_UNPOPULATED
     if uffd.have_arch_userfaultfd(k, "MINOR"):
         features |= uffd.UFFD_FEATURE_MINOR_SHMEM
     if k.profile.uffdio_move:
@@ -214,7 +220,10 @@ async def userfaultfd_read(sc, f: UffdFile, buf: int, count: int) -> int:
         uwq = await uffd.userfaultfd_ctx_read(sc.k, ctx, no_wait)
         if isinstance(uwq, int):
             return ret if ret else uwq
-        msg = uffd.uffd_msg_pagefault(ctx, uwq, sc.k.page_size, sc.arch.big_endian)
+        if isinstance(uwq, uffd.UffdEventMsg):
+            msg = uffd.uffd_msg_event(uwq, sc.arch.big_endian)
+        else:
+            msg = uffd.uffd_msg_pagefault(ctx, uwq, sc.k.page_size, sc.arch.big_endian)
         await copy_to_user(sc.machine, sc.mm, buf, msg)
         ret += len(msg)
         buf += len(msg)

@@ -65,6 +65,11 @@ BUGS: dict[str, str] = {
         "move_pages_pte() unmaps dst_pte before src_pte at its exit although it mapped dst first "
         "(before \"mm/userfaultfd: fix kmap_local LIFO ordering for CONFIG_HIGHPTE\", 2025): "
         "kunmap_local() out of LIFO order; run with --kernel 6.13",
+    "move_pages_reads_folio_of_non_present_pmd":
+        "UFFDIO_MOVE's move_pages() takes pmd_folio() of the src pmd on its split path without "
+        "testing pmd_present() (before \"userfaultfd: fix a crash when UFFDIO_MOVE handles a "
+        "THP hole\", 2025): a THP under migration (a migration pmd) makes it dereference a "
+        "page from swap bits; run with --kernel 6.8",
     "move_pages_pte_without_dst_pmd_recheck":
         "move_pages_pte() under 6.14 (PT_RECLAIM) trusts pte_same() of its none dst pte and "
         "does not recheck pmd_same() of dst (before \"mm: userfaultfd: recheck dst_pmd entry in "
@@ -165,7 +170,8 @@ BUGS: dict[str, str] = {
 BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same": "6.13",
                "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13",
                "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10",
-               "madvise_free_ignores_map_failure": "6.14", "break_ksm_pmd_entry_ignores_map_failure": "6.14"}
+               "madvise_free_ignores_map_failure": "6.14", "break_ksm_pmd_entry_ignores_map_failure": "6.14",
+               "move_pages_reads_folio_of_non_present_pmd": "6.8"}
 
 
 PROFILE_BUGS = {"retract_without_mmap_lock": {"retract_without_mmap_lock": True},

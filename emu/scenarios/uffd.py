@@ -12,6 +12,7 @@ from emu.scenarios.base import (
     collapsed_shmem,
     completing,
     scenario,
+    thp_under_migration,
 )
 from emu.sched import traps
 from mm_core import huge_memory, madvise, userfaultfd
@@ -208,3 +209,38 @@ def uffd_move_vs_pt_reclaim(sc: Scenario) -> World:
     sc.task("uffd", move())
     sc.task("dontneed", madvise.madvise_dontneed(k, mm, a + size, a + 2 * size))
     return World([mm], [], src, 0, extra={"dst": dst})
+
+
+@scenario("uffd-move-vs-thp-migration",
+          "UFFDIO_MOVE of one page of an anon THP (the move must split it: not PMD-aligned) "
+          "while the THP is being migrated (a stalled migration holds a migration pmd): "
+          "move_pages() takes pmd_trans_huge_lock() and must test pmd_present() before "
+          "pmd_folio(). Oracle: the THP's bytes stay readable at src and nothing lands at dst "
+          "(after the split the PTE-mapped large folio's split_folio() is not modelled: the "
+          "move is -EBUSY). Needs --kernel 6.8 or later",
+          catches=("move_pages_reads_folio_of_non_present_pmd",))
+def uffd_move_vs_thp_migration(sc: Scenario) -> World:
+    m, k = sc.machine, sc.kernel
+    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    mm, a, pmdp = thp_under_migration(sc)                       # the "migrate" task
+    src = a + 3 * page
+    paddr = m.translate(mm, src, "r")
+    marker = b"thpmove!" + (src >> k.page_shift).to_bytes(8, "little")
+    k.physmem.write(paddr, marker)
+    dst = m.mmap(mm, BASE + 2 * size, size, emu.PROT_READ | emu.PROT_WRITE,
+                 emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+
+    async def move():
+        ret = await userfaultfd.move_pages(k, mm, dst, src, page)
+        if not k.profile.uffdio_move and ret == -userfaultfd.EINVAL:
+            return "no UFFDIO_MOVE"
+        kept = m.read_user(mm, src, len(marker))
+        if ret != -userfaultfd.EBUSY or kept != marker or m.translate(mm, dst) is not None:
+            raise Finding("ORACLE", "ORACLE: UFFDIO_MOVE of a page of a THP under migration went wrong",
+                          "ORACLE:uffdio_move_thp",
+                          [f"  returned {ret}, src reads {kept!r}, "
+                           f"dst mapped: {m.translate(mm, dst) is not None}"])
+        return "split, EBUSY"
+
+    sc.task("uffd", move())
+    return World([mm], [], src, pmdp, extra={"dst": dst})
