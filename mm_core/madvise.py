@@ -350,6 +350,16 @@ async def try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
     is cleared and flushed; if it was dirtied again (or the folio is), it is put back and
     the folio is swap-backed again; otherwise the page is discarded (MM_ANONPAGES drops,
     the page is freed)."""
+    from mm_core import mmu_notifier
+    rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
+    try:
+        return await _try_to_unmap_lazyfree(k, folio, vma, addr)
+    finally:
+        await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
+
+
+async def _try_to_unmap_lazyfree(k, folio, vma, addr: int) -> bool:
+    """try_to_unmap_lazyfree()'s walk, inside its mmu_notifier range."""
     from mm_core.page_vma_mapped import folio_vma_walk, page_vma_mapped_walk, page_vma_mapped_walk_done
     mm, arch = vma.mm, k.arch
     pvmw = folio_vma_walk(k, folio, vma, addr)

@@ -25,7 +25,9 @@ is still true.
 The invalidation calls are made from the places that change or drop ptes of a range:
 unmap_page_range() (zap, MMU_NOTIFY_CLEAR), retract_page_tables() (MMU_NOTIFY_CLEAR around
 pmdp_collapse_flush), change_protection() (MMU_NOTIFY_PROTECTION_VMA, started at the
-first populated pmd, as change_pmd_range() does). An mm without subscriptions pays
+first populated pmd, as change_pmd_range() does), mremap's move_page_tables()
+(MMU_NOTIFY_UNMAP over the old range), and every try_to_unmap_one() (file, anon to swap,
+lazyfree discard, hwpoison: MMU_NOTIFY_CLEAR over the page). An mm without subscriptions pays
 nothing (mm_has_notifiers() false). The deferred-insert list of an insert made while an
 invalidation runs is not modelled: the new subscription is in the list at once with the
 (odd) seq, so its read_begin waits for the end, as with the deferred add; it may also get
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from emu.sched import traps
 from mm_core.locks import SpinLock
 
+MMU_NOTIFY_UNMAP = "unmap"
 MMU_NOTIFY_CLEAR = "clear"
 MMU_NOTIFY_PROTECTION_VMA = "protection_vma"
 

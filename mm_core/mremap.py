@@ -12,7 +12,7 @@ from __future__ import annotations
 from emu.arch import Kind, table_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import huge_memory, memory, pgtable, rmap
+from mm_core import huge_memory, memory, mmu_notifier, pgtable, rmap
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
 from mm_core.mm import VM_UFFD_FLAGS, VMA
 from mm_core.mmap import EINVAL, ENOMEM, _munmap_locked, get_unmapped_area, page_align, split_range
@@ -80,10 +80,14 @@ async def move_vma(k, mm, vma: VMA, old_addr: int, old_len: int, new_len: int, n
 
 
 async def move_page_tables(k, vma: VMA, old_addr: int, new_vma: VMA, new_addr: int, length: int) -> int:
-    """move_page_tables(): returns how many bytes were moved."""
+    """move_page_tables(): returns how many bytes were moved. The whole move is one
+    MMU_NOTIFY_UNMAP invalidation of the old range (a mirror must drop what it had
+    there; the new range had nothing to invalidate)."""
     arch, mm = k.arch, vma.mm
     size = huge_memory.hpage_pmd_size(k)
     done = 0
+    rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, mm, old_addr, old_addr + length,
+                                                                 mmu_notifier.MMU_NOTIFY_UNMAP)
     while done < length:
         old, new = old_addr + done, new_addr + done
         extent = min(length - done, size - (old & (size - 1)), size - (new & (size - 1)))
@@ -116,6 +120,7 @@ async def move_page_tables(k, vma: VMA, old_addr: int, new_vma: VMA, new_addr: i
             continue                                 # again: look at this extent anew
         done += extent
     await flush_tlb_range(k, mm, old_addr, old_addr + length)
+    await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
     return done
 
 

@@ -204,7 +204,18 @@ async def try_to_unmap_anon(k, folio) -> None:
 
 
 async def try_to_unmap_one(k, folio, vma, addr: int) -> bool:
-    """try_to_unmap_one() for a swap-backed anon folio (page_vma_mapped_walk with
+    """try_to_unmap_one() for a swap-backed anon folio: the unmap below between
+    mmu_notifier_invalidate_range_start() and _end() over the page (a mirror drops it
+    first; the start may sleep, so no pte map is held across it)."""
+    rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
+    try:
+        return await _try_to_unmap_one(k, folio, vma, addr)
+    finally:
+        await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
+
+
+async def _try_to_unmap_one(k, folio, vma, addr: int) -> bool:
+    """try_to_unmap_one()'s body for a swap-backed anon folio (page_vma_mapped_walk with
     pte_offset_map_lock: a failed map means it is not mapped there, SKIP). Under the ptl:
     an mlocked VMA keeps it (false: the walk stops); else ptep_clear_flush() (the TLB
     flush waits for the other vCPUs), the dirty bit goes to the folio, swap_duplicate()

@@ -147,6 +147,36 @@ def test_seq_moves_only_for_invalidations_that_overlap() -> None:
     finish(m, mm)
 
 
+
+def test_mremap_and_reclaim_invalidate_a_mirror_of_what_they_unmap() -> None:
+    """mremap's move_page_tables() is one MMU_NOTIFY_UNMAP invalidation of the old range;
+    try_to_unmap_one() (MADV_PAGEOUT to swap, and a lazyfree MADV_FREE page discarded)
+    invalidates the page it unmaps: a mirror of those ranges must read again."""
+    sc, m, k, mm, addr, size = anon_world("arm64")
+    page = k.page_size
+    m.swapon(16)
+    for off in range(0, 6 * page, page):
+        m.touch(mm, addr + off, write=True)
+    old = run_sync(mmu_interval_notifier_insert(k, mm, addr, 2 * page))
+    swap = run_sync(mmu_interval_notifier_insert(k, mm, addr + 2 * page, page))
+    free = run_sync(mmu_interval_notifier_insert(k, mm, addr + 3 * page, page))
+    new = run_sync(mmu_interval_notifier_insert(k, mm, addr + 4 * size, 2 * page))   # no VMA there
+    seqs = [run_sync(mmu_interval_read_begin(k, s)) for s in (old, swap, free, new)]
+    m.madvise(mm, addr + 2 * page, page, emu.MADV_PAGEOUT)        # anon try_to_unmap_one
+    assert mmu_interval_read_retry(swap, seqs[1]) and swap.invalidations == 1
+    m.madvise(mm, addr + 3 * page, page, emu.MADV_FREE)
+    m.madvise(mm, addr + 3 * page, page, emu.MADV_PAGEOUT)        # the lazyfree discard
+    assert k.stats["lazyfree_discarded"] == 1 and mmu_interval_read_retry(free, seqs[2])
+    assert old.invalidations == 0
+    moved = m.mremap(mm, addr, 2 * page, 2 * page, 3, addr + 4 * size)   # MAYMOVE | FIXED
+    assert moved == addr + 4 * size and m.translate(mm, addr) is None and m.translate(mm, moved)
+    # move_page_tables(), then move_vma()'s munmap of the (now empty) old range
+    assert mmu_interval_read_retry(old, seqs[0]) and old.invalidations == 2
+    assert not mmu_interval_read_retry(new, seqs[3]) and new.invalidations == 0
+    assert not mm.notifier_subscriptions.is_invalidating()
+    finish(m, mm)
+
+
 def test_retract_moves_the_seq_of_a_notifier_on_its_pmd_only(arch: str) -> None:
     sc, m, k, mm, inode, addr, pmdp, table = collapsed_world(arch)
     size = huge_memory.hpage_pmd_size(k)
