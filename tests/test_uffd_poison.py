@@ -255,6 +255,34 @@ def test_dontwake_poison_leaves_the_fault_asleep_until_uffdio_wake() -> None:
     sc.close()
 
 
+def test_a_fault_queued_after_the_poisons_wake_sleeps_on_the_marker_until_uffdio_wake() -> None:
+    """The check-then-sleep window: the fault read a none pte and is in handle_userfault()
+    but not yet queued when UFFDIO_POISON installs the marker and wakes the range (nobody
+    there). It then queues and userfaultfd_must_wait() reads the marker: pte_none_mostly(),
+    so it waits (6.6; a marker counts as none there). Only the handler's UFFDIO_WAKE after
+    its own POISON's -EEXIST ends the wait; the retried fault meets the marker: SIGBUS."""
+    sc = Scenario(arch="x86_64", kernel="6.6", mem="16M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    mm = m.new_mm()
+    page = k.page_size
+    a = m.mmap(mm, BASE, 4 * page, RW, ANON)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, a, 4 * page, MISSING)
+    m.uffdio_poison(ctx, a + 3 * page, page)                          # the PTE table exists
+    sc.task("fault", do_user_addr_fault(k, mm, a, Access.R))
+    sc.run("fault:21", finish=False)                                   # pte read, not yet queued
+    assert sc.trace_of("fault")[-1] == "21: point rcu_read_unlock" and not ctx.fault_pending_wqh
+    assert m.uffdio_poison(ctx, a, page) == page and k.stats["uffd_woken"] == 0
+    sc.run("fault:*", finish=False)
+    assert sc.state("fault") is TaskState.BLOCKED and len(ctx.fault_pending_wqh) == 1
+    assert errno_of(lambda: m.uffdio_poison(ctx, a, page)) == EEXIST  # the handler's answer
+    m.uffdio_wake(ctx, a, page)
+    sc.run()
+    assert sc.results["fault"] is FaultResult.SIGBUS and k.stats["fault_poison_marker"] == 1
+    m.exit_mm(mm)
+    sc.close()
+
+
 def test_poison_gets_eagain_when_retract_takes_the_table_after_the_pmd_check() -> None:
     """mfill_atomic() saw a table in the pmd; retract_page_tables() (no mmap_lock) clears it
     and frees it by RCU; mfill_atomic_pte_poison()'s pte_offset_map_lock() fails: -EAGAIN
@@ -278,6 +306,31 @@ def test_poison_gets_eagain_when_retract_takes_the_table_after_the_pmd_check() -
     with pytest.raises(emu.GuestAccessError, match="SIGBUS"):
         m.touch(mm, va)
     assert m.read_user(mm, va - page, 8) == b""                         # unmapped, not poisoned
+    m.exit_mm(mm)
+    sc.close()
+
+
+def test_retract_after_poison_drops_the_marker_with_the_table() -> None:
+    """The other order, as 6.6 reads: retract_page_tables() rechecks only anon_vma and
+    userfaultfd_wp() under its locks, so a MINOR-registered shmem range (no anon_vma, no
+    WP, the page cache full: collapse_file() has no hole to roll back for) loses the
+    poisoned marker with its table; once unregistered, the access maps the THP's page
+    instead of SIGBUS. (A WP-registered range is skipped: the marker stays.)"""
+    sc = Scenario(arch="x86_64", kernel="6.6", mem="16M", prefault=False)
+    w = collapsed_shmem(sc)
+    m, k = sc.machine, sc.kernel
+    mm, page, size = w.mms[0], k.page_size, huge_memory.hpage_pmd_size(k)
+    ctx = m.userfaultfd(mm)
+    m.uffdio_register(ctx, w.addr, size, MINOR)
+    va = w.addr + 6 * page
+    sc.task("uffd", userfaultfd.userfaultfd_poison(k, ctx, va, page, 0))
+    sc.task("retract", collapse_file_tail(k, w))
+    sc.run("uffd:* retract:* rcu_gp:*")
+    assert sc.results == {"uffd": page, "retract": 1}
+    assert pte_of(k, mm, va) is None                                     # the pmd is none
+    m.uffdio_unregister(ctx, w.addr, size)
+    m.touch(mm, va)
+    assert m.read_user(mm, va, 8) == (7).to_bytes(8, "little")           # file_data(): page 6
     m.exit_mm(mm)
     sc.close()
 
