@@ -17,6 +17,11 @@ folio lock (for COPY into a private mapping). That is why collapse_pte_mapped_th
 keep the ptl from emptying a table until its pmd is gone. A failed pte_offset_map_lock()
 is -EAGAIN to the ioctl caller.
 
+UFFDIO_POISON (6.6): mfill_atomic(MFILL_ATOMIC_POISON) -> mfill_atomic_pte_poison() puts
+PTE_MARKER_POISONED in a none pte under the ptl (-EAGAIN on a failed map, -EEXIST on any
+other pte or marker); the fault on it is SIGBUS (handle_pte_marker()), with no userfault.
+UFFDIO_CONTINUE of a hwpoisoned page-cache page is -EIO.
+
 UFFDIO_WRITEPROTECT: mwriteprotect_range() -> uffd_wp_range() -> change_protection(
 MM_CP_UFFD_WP / MM_CP_UFFD_WP_RESOLVE) (mm_core/mprotect.py): the uffd-wp software bit on
 present ptes, PTE_MARKER_UFFD_WP on none ptes of file VMAs.
