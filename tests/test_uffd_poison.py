@@ -113,6 +113,7 @@ def test_poison_marks_none_ptes_and_an_access_gets_sigbus_without_a_userfault(ar
         assert ent.kind is Kind.SWAP and ent.swp_type == SWP_PTE_MARKER and is_poisoned(k, mm, va)
     assert pte_of(k, mm, a + 3 * page).kind is Kind.NONE
     assert mm.rss[MM_ANONPAGES] == 1 and mm.rss[MM_SWAPENTS] == 0        # a marker is no page
+    assert m.mincore(mm, a, 4 * page) == [1, 0, 0, 0]                 # pte_none_mostly(): anon hole
     for write in (False, True):
         with pytest.raises(emu.GuestAccessError, match="SIGBUS"):
             m.touch(mm, a + page, write=write)
