@@ -333,6 +333,15 @@ class Machine:
         return _check(run_sync(userfaultfd.userfaultfd_mfill(
             self.kernel, ctx, userfaultfd.MFILL_ATOMIC_CONTINUE, dst, length, mode)))
 
+    def uffdio_poison(self, ctx: userfaultfd.UserfaultfdCtx, dst: int, length: int, mode: int = 0) -> int:
+        """ioctl(UFFDIO_POISON) (kernel profiles 6.6 and later): PTE_MARKER_POISONED in the none
+        ptes of [dst, dst + length), so that an access gets SIGBUS (VM_FAULT_HWPOISON) and
+        no userfault; the faults waiting there are woken unless UFFDIO_POISON_MODE_DONTWAKE
+        (1). Returns the bytes poisoned (uffdio_poison.updated). OSError: EEXIST (a pte or
+        any marker already there), EAGAIN (the PTE table vanished, or mmap_changing: retry),
+        ENOENT (not registered), EFAULT (past EOF), EINVAL (before 6.6, bad range or mode)."""
+        return _check(run_sync(userfaultfd.userfaultfd_poison(self.kernel, ctx, dst, length, mode)))
+
     def uffdio_wake(self, ctx: userfaultfd.UserfaultfdCtx, start: int, length: int) -> None:
         """ioctl(UFFDIO_WAKE): wake the faults waiting in a range resolved with DONTWAKE."""
         _check(run_sync(userfaultfd.userfaultfd_wake(self.kernel, ctx, start, length)))

@@ -32,7 +32,7 @@ from mm_core.mm import (
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
 from mm_core.pgalloc import pte_frag_destroy
-from mm_core.swapops import is_pte_marker, pte_marker_uffd_wp
+from mm_core.swapops import PTE_MARKER_POISONED, is_pte_marker, pte_marker_get, pte_marker_uffd_wp
 from mm_core.tlbflush import flush_tlb_range
 
 # fault flags (include/linux/mm_types.h, enum fault_flag)
@@ -286,8 +286,10 @@ async def do_swap_page_marker(k, vmf: VmFault, entry: Entry) -> int:
     pte whose refault installs the page write-protected (FAULT_FLAG_ORIG_PTE_VALID:
     finish_fault() / do_anonymous_page() compare against the marker); a leftover one (VMA
     no longer uffd-wp) is cleared (pte_marker_clear(): FAULT-RETRY on a failed map or a
-    changed pte); a poisoned or
-    unknown marker is VM_FAULT_SIGBUS."""
+    changed pte); an unknown marker is VM_FAULT_SIGBUS. A PTE_MARKER_POISONED one (UFFDIO_POISON,
+    6.6; before that PTE_MARKER_SWAPIN_ERROR) comes first ("Higher priority than uffd-wp when
+    data corrupted"): VM_FAULT_HWPOISON, folded into VM_FAULT_SIGBUS here as for hwpoison
+    entries and __do_fault()'s PageHWPoison (the arch handler's SIGBUS, BUS_MCEERR_AR)."""
     await traps.lock(vmf.ptl)                                        # pte_unmap_same()
     same = await pgtable.get_raw(k, vmf.pte) == vmf.orig_pte
     await traps.unlock(vmf.ptl)
@@ -295,8 +297,14 @@ async def do_swap_page_marker(k, vmf: VmFault, entry: Entry) -> int:
     vmf.pte = None
     if not same:
         return 0
-    if not pte_marker_uffd_wp(entry):
+    marker = pte_marker_get(entry)
+    if not marker:                                                   # WARN_ON_ONCE(!marker)
         return VM_FAULT_SIGBUS
+    if marker & PTE_MARKER_POISONED:
+        k.stats["fault_poison_marker"] += 1
+        return VM_FAULT_SIGBUS                                       # VM_FAULT_HWPOISON
+    if not pte_marker_uffd_wp(entry):
+        return VM_FAULT_SIGBUS                                       # an unknown marker
     if not vmf.vma.uffd_wp:                                          # pte_marker_clear()
         locked = await pgtable.pte_offset_map_lock(k, vmf.vma.mm, vmf.pmd, vmf.address)
         if locked is None:

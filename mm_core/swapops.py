@@ -2,8 +2,11 @@
 per-pte hint instead of a swap location. A marker is a swap entry of type SWP_PTE_MARKER
 whose offset holds the marker bits, encoded by each arch's swap-pte format.
 
-Only PTE_MARKER_UFFD_WP is created here (UFFDIO_WRITEPROTECT of a none pte in a file VMA,
-CONFIG_PTE_MARKER_UFFD_WP, which needs HAVE_ARCH_USERFAULTFD_WP).
+PTE_MARKER_UFFD_WP is created by UFFDIO_WRITEPROTECT of a none pte in a file VMA (and an
+anon one with WP_UNPOPULATED), CONFIG_PTE_MARKER_UFFD_WP, which needs
+HAVE_ARCH_USERFAULTFD_WP; PTE_MARKER_POISONED by UFFDIO_POISON (6.6, every arch: the fault
+on it is VM_FAULT_HWPOISON). The same bit as a swap-in error marker (PTE_MARKER_SWAPIN_ERROR
+before 6.6, from unuse_pte()) is not made here.
 """
 from __future__ import annotations
 

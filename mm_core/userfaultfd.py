@@ -17,6 +17,11 @@ folio lock (for COPY into a private mapping). That is why collapse_pte_mapped_th
 keep the ptl from emptying a table until its pmd is gone. A failed pte_offset_map_lock()
 is -EAGAIN to the ioctl caller.
 
+UFFDIO_POISON (6.6): mfill_atomic(MFILL_ATOMIC_POISON) -> mfill_atomic_pte_poison() puts
+PTE_MARKER_POISONED in a none pte under the ptl (-EAGAIN on a failed map, -EEXIST on any
+other pte or marker); the fault on it is SIGBUS (handle_pte_marker()), with no userfault.
+UFFDIO_CONTINUE of a hwpoisoned page-cache page is -EIO.
+
 UFFDIO_WRITEPROTECT: mwriteprotect_range() -> uffd_wp_range() -> change_protection(
 MM_CP_UFFD_WP / MM_CP_UFFD_WP_RESOLVE) (mm_core/mprotect.py): the uffd-wp software bit on
 present ptes, PTE_MARKER_UFFD_WP on none ptes of file VMAs.
@@ -57,7 +62,7 @@ from mm_core.mm import (
     VM_WRITE,
 )
 from mm_core.page_alloc import OutOfMemory, PageUse
-from mm_core.swapops import pte_none_mostly
+from mm_core.swapops import PTE_MARKER_POISONED, make_pte_marker, pte_none_mostly
 from mm_core.tlbflush import flush_tlb_range
 
 EAGAIN, ENOENT, ENOMEM, EEXIST, EINVAL, EBUSY, EPERM, EFAULT = 11, 2, 12, 17, 22, 16, 1, 14
@@ -77,6 +82,7 @@ UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
 UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
 UFFDIO_CONTINUE_MODE_WP = 1 << 1
+UFFDIO_POISON_MODE_DONTWAKE = 1 << 0    # 6.6+
 # uffdio_api.features
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 UFFD_FEATURE_EVENT_FORK = 1 << 1
@@ -88,6 +94,7 @@ UFFD_FEATURE_SIGBUS = 1 << 7
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13   # 6.4+
+UFFD_FEATURE_POISON = 1 << 14           # 6.6+
 UFFD_FEATURE_MOVE = 1 << 16
 # struct uffd_msg
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -102,6 +109,14 @@ _UFFDIO_MOVE, _UFFDIO_WRITEPROTECT, _UFFDIO_CONTINUE, _UFFDIO_POISON = 5, 6, 7, 
 
 # mfill_atomic() modes (uffd_flags_t) and the WP flag
 MFILL_ATOMIC_COPY, MFILL_ATOMIC_ZEROPAGE, MFILL_ATOMIC_CONTINUE = "copy", "zeropage", "continue"
+MFILL_ATOMIC_POISON = "poison"                      # 6.6+
+EIO = 5
+
+
+def uffdio_poison_supported(k) -> bool:
+    """UFFDIO_POISON and UFFD_FEATURE_POISON exist (6.6, "mm: userfaultfd: add new
+    UFFDIO_POISON ioctl", Axel Rasmussen): nothing arch-specific, no #ifndef."""
+    return k.profile.version >= (6, 6)
 
 # Where move_pages_pte()'s locals live: kernel stack addresses, never a page table. The
 # pre-927e926d72d9 code passed &orig_src_pte / &orig_dst_pte to pte_unmap().
@@ -276,8 +291,8 @@ async def userfaultfd_register(k, ctx: UserfaultfdCtx, start: int, length: int, 
         k.stats["uffdio_register"] += 1
         ioctls = sum(1 << n for n in (_UFFDIO_WAKE, _UFFDIO_COPY, _UFFDIO_ZEROPAGE, _UFFDIO_WRITEPROTECT,
                                       _UFFDIO_CONTINUE))
-        # 6.6 also offers UFFDIO_POISON; it is not modelled (the ioctl is -EINVAL), so it is
-        # not advertised either
+        if uffdio_poison_supported(k):
+            ioctls |= 1 << _UFFDIO_POISON          # UFFD_API_RANGE_IOCTLS, every mode (6.6+)
         if k.profile.uffdio_move:
             ioctls |= 1 << _UFFDIO_MOVE
         if not mode & UFFDIO_REGISTER_MODE_WP:
@@ -549,7 +564,8 @@ def find_dst_vma(mm, dst_start: int, length: int, ctx: UserfaultfdCtx | None):
 
 async def mfill_atomic(k, ctx: UserfaultfdCtx | None, mm, dst_start: int, length: int, what: str,
                        data: bytes = b"", wp: bool = False) -> int:
-    """mfill_atomic() (6.6): fill [dst_start, +length) page by page under mmap_read_lock.
+    """mfill_atomic() (6.6; COPY / ZEROPAGE / CONTINUE / POISON): fill [dst_start, +length)
+    page by page under mmap_read_lock.
     Per page: mm_alloc_pmd(), allocate the PTE table if the pmd is none, read the pmd again
     and be strict (-EEXIST) if it is not a table now (a THP, or a pmd that went none after
     the allocation: retract_page_tables() may remove tables under us), then
@@ -608,11 +624,13 @@ async def mfill_atomic(k, ctx: UserfaultfdCtx | None, mm, dst_start: int, length
 
 
 async def mfill_atomic_pte(k, dst_pmd: int, dst_vma, dst_addr: int, what: str, data: bytes, wp: bool) -> int:
-    """mfill_atomic_pte(): CONTINUE maps the page cache's page; a private mapping gets an
-    anon page (COPY) or the zero page (ZEROPAGE); a shared shmem mapping fills the page
-    cache (shmem_mfill_atomic_pte)."""
+    """mfill_atomic_pte(): CONTINUE maps the page cache's page; POISON (6.6) installs a
+    poisoned marker in any VMA; a private mapping gets an anon page (COPY) or the zero page
+    (ZEROPAGE); a shared shmem mapping fills the page cache (shmem_mfill_atomic_pte)."""
     if what == MFILL_ATOMIC_CONTINUE:
         return await mfill_atomic_pte_continue(k, dst_pmd, dst_vma, dst_addr, wp)
+    if what == MFILL_ATOMIC_POISON:
+        return await mfill_atomic_pte_poison(k, dst_pmd, dst_vma, dst_addr)
     if not dst_vma.flags & VM_SHARED:
         if what == MFILL_ATOMIC_COPY:
             return await mfill_atomic_pte_copy(k, dst_pmd, dst_vma, dst_addr, data, wp)
@@ -666,11 +684,40 @@ def _beyond_eof(k, vma, addr: int) -> bool:
     return rmap.linear_page_index(k, vma, addr) >= -(-inode.size // k.page_size)
 
 
+async def mfill_atomic_pte_poison(k, dst_pmd: int, dst_vma, dst_addr: int) -> int:
+    """mfill_atomic_pte_poison() (UFFDIO_POISON, 6.6, mm/userfaultfd.c): under the ptl,
+    make_pte_marker(PTE_MARKER_POISONED) in a none pte. Failure categories: a failed
+    pte_offset_map_lock() is -EAGAIN to the ioctl caller (who retries: EAGAIN, as the
+    other mfill paths); mfill_file_over_size() (a shmem index past i_size, checked under
+    the ptl against truncation) is -EFAULT; any other pte is -EEXIST, a uffd-wp marker
+    included ("Refuse to overwrite any PTE, even a PTE marker (e.g. UFFD WP)": pte_none(),
+    not pte_none_mostly()). No page, no rmap, no rss counter: the marker is the whole
+    state. Nothing was present before, so nothing to flush."""
+    arch = k.arch
+    locked = await pgtable.pte_offset_map_lock(k, dst_vma.mm, dst_pmd, dst_addr)
+    if locked is None:
+        k.stats["mfill_eagain"] += 1
+        return -EAGAIN
+    ptep, ptl = locked
+    ret = 0
+    if dst_vma.file is not None and _beyond_eof(k, dst_vma, dst_addr):   # mfill_file_over_size()
+        ret = -EFAULT
+    elif (await pgtable.get_entry(k, ptep, arch.pte_level)).kind is not Kind.NONE:
+        ret = -EEXIST
+    else:
+        await pgtable.set_entry(k, ptep, arch.pte_level, make_pte_marker(PTE_MARKER_POISONED))
+        k.stats["uffdio_poison"] += 1
+    await pgtable.pte_unmap_unlock(k, ptep, ptl)
+    return ret
+
+
 async def mfill_atomic_pte_continue(k, dst_pmd: int, dst_vma, dst_addr: int, wp: bool) -> int:
     """mfill_atomic_pte_continue() (UFFDIO_CONTINUE, resolving a minor fault): look the page
     up in the page cache without allocating (shmem_get_folio(SGP_NOALLOC): a hole is
-    -EFAULT), lock it, map it with mfill_atomic_install_pte() (-EAGAIN / -EEXIST pass up),
-    unlock it."""
+    -EFAULT), lock it; a hwpoisoned page (memory_failure() keeps a small shmem page in the
+    page cache, poisoned) is -EIO (``if (PageHWPoison(page)) { ret = -EIO; goto
+    out_release; }``: GIVEUP, the caller gets the error); else map it with
+    mfill_atomic_install_pte() (-EAGAIN / -EEXIST pass up), unlock it."""
     inode = dst_vma.file
     index = rmap.linear_page_index(k, dst_vma, dst_addr)
     if index << k.page_shift >= inode.size:
@@ -686,6 +733,13 @@ async def mfill_atomic_pte_continue(k, dst_pmd: int, dst_vma, dst_addr: int, wp:
         shmem.folio_unlock(folio)
         memory.put_page(k, folio)
         return -EFAULT
+    # PageHWPoison(folio_file_page(folio, pgoff)): the model keeps the flag per folio and
+    # poisons only small ones (memory_failure() of a THP is -EBUSY before its split)
+    if folio.order == k.page_order and folio.extra.get("hwpoison"):
+        shmem.folio_unlock(folio)                                     # out_release:
+        memory.put_page(k, folio)
+        k.stats["uffdio_continue_hwpoison"] += 1
+        return -EIO
     ret = await mfill_atomic_install_pte(k, dst_vma, dst_addr, folio, pmdp=dst_pmd, wp=wp,
                                          paddr=shmem.folio_page_paddr(folio, index), newly_allocated=False)
     shmem.folio_unlock(folio)
@@ -865,6 +919,42 @@ async def userfaultfd_mfill(k, ctx: UserfaultfdCtx, what: str, dst: int, length:
     ret = await mfill_atomic(k, ctx, ctx.mm, dst, length, what, data, wp=bool(mode & wp_bit))
     if ret > 0 and not mode & dontwake:
         await wake_userfault(k, ctx, dst, ret)
+    return ret
+
+
+def validate_range(k, start: int, length: int) -> int:
+    """validate_range() (fs/userfaultfd.c): page-aligned, non-empty, inside TASK_SIZE;
+    -EINVAL otherwise (mmap_min_addr is not modelled)."""
+    page, task_size = k.page_size, k.arch.task_size
+    if start % page or length % page or length <= 0 or start >= task_size or length > task_size - start:
+        return -EINVAL
+    return 0
+
+
+async def userfaultfd_poison(k, ctx: UserfaultfdCtx, start: int, length: int, mode: int) -> int:
+    """userfaultfd_poison() (fs/userfaultfd.c, 6.6): -EAGAIN while mmap_changing (checked
+    here and again by mfill_atomic() under mmap_read_lock), validate_range() (-EINVAL),
+    only UFFDIO_POISON_MODE_DONTWAKE in ``mode`` (-EINVAL), then mfill_atomic_poison() ->
+    mfill_atomic(MFILL_ATOMIC_POISON), and wake the faults of the range done unless
+    DONTWAKE: a fault sleeping in handle_userfault() retries and meets the marker
+    (handle_pte_marker(): VM_FAULT_HWPOISON, SIGBUS). Returns uffdio_poison.updated: the
+    bytes poisoned, or -errno when none were (a short count: the caller sees -EAGAIN).
+    The ioctl does not look at ctx->features: UFFD_FEATURE_POISON only advertises it.
+    Before 6.6 there is no such ioctl: -EINVAL, userfaultfd_ioctl()'s answer to an unknown
+    command."""
+    if not uffdio_poison_supported(k):
+        return -EINVAL
+    if ctx.mmap_changing:
+        k.stats["uffd_mmap_changing_eagain"] += 1
+        return -EAGAIN
+    err = validate_range(k, start, length)
+    if err:
+        return err
+    if mode & ~UFFDIO_POISON_MODE_DONTWAKE:
+        return -EINVAL
+    ret = await mfill_atomic(k, ctx, ctx.mm, start, length, MFILL_ATOMIC_POISON)
+    if ret > 0 and not mode & UFFDIO_POISON_MODE_DONTWAKE:
+        await wake_userfault(k, ctx, start, ret)
     return ret
 
 

@@ -60,7 +60,7 @@ def test_ioctl_numbers_are_the_uapi_ones_with_powerpc_direction_bits() -> None:
     generic = {v: k for k, v in uffd.uffd_ioctls(Machine(arch="x86_64", mem="32M").arch.syscall_abi).items()}
     assert generic == {"API": 0xC018AA3F, "REGISTER": 0xC020AA00, "UNREGISTER": 0x8010AA01,
                        "WAKE": 0x8010AA02, "COPY": 0xC028AA03, "ZEROPAGE": 0xC020AA04, "MOVE": 0xC028AA05,
-                       "WRITEPROTECT": 0xC018AA06, "CONTINUE": 0xC020AA07}
+                       "WRITEPROTECT": 0xC018AA06, "CONTINUE": 0xC020AA07, "POISON": 0xC020AA08}
     ppc = {v: k for k, v in uffd.uffd_ioctls(Machine(arch="ppc64", mem="32M").arch.syscall_abi).items()}
     # _IOWR is the same bits (3 << 30 == 6 << 29); _IOR is 2 << 29 on powerpc
     assert ppc["COPY"] == generic["COPY"] and ppc["UNREGISTER"] == 0x4010AA01 and ppc["WAKE"] == 0x4010AA02
@@ -174,3 +174,43 @@ def test_a_kernel_uaccess_fault_on_a_user_mode_only_uffd_is_efault_not_a_wait() 
     assert _call(sc, "ioctl", fd2, _nr(sc, "API"), buf + 8192) == -kuffd.EFAULT
     assert m.kernel.stats["handle_userfault_missing"] == 1 and m.kernel.stats["uffd_fault_waits"] == 0
     assert not p.files[fd].ctx.fault_pending_wqh
+
+
+@pytest.mark.parametrize("arch, kernel", [("x86_64", "6.6"), ("s390x", "6.6"), ("ppc64", "6.5")])
+def test_uffdio_poison_ioctl_writes_updated_and_a_short_count_is_eagain(arch: str, kernel: str) -> None:
+    """struct uffdio_poison {range, mode, updated} in the guest's byte order (6.6+; before,
+    an unknown command: -EINVAL); UFFD_FEATURE_POISON offered from 6.6; -EEXIST on the
+    second page of a range makes updated one page and the ioctl -EAGAIN; a bad mode or
+    range is -EINVAL with nothing written back; the guest's own access is then SIGBUS."""
+    m = Machine(arch=arch, mem="32M", kernel=kernel)
+    p = m.spawn(workload(arch, "hello"), ["hello"])
+    sc = SyscallContext(m, p.threads[0])
+    buf = m.mmap(p.mm, 0, 8 * 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS)
+    fd = _uffd_with_api(sc, buf)
+    assert bool(_get(sc, buf, 2)[1] & kuffd.UFFD_FEATURE_POISON) == (kernel != "6.5")
+    dst = buf + 4 * 4096
+    _put(sc, buf + 64, dst, 4 * 4096, kuffd.UFFDIO_REGISTER_MODE_MISSING, 0)
+    assert _call(sc, "ioctl", fd, _nr(sc, "REGISTER"), buf + 64) == 0
+    assert bool(_get(sc, buf + 64, 4)[3] & 1 << kuffd._UFFDIO_POISON) == (kernel != "6.5")
+    _put(sc, buf + 128, dst, 4096, 0, 0x5A5A)
+    if kernel == "6.5":
+        assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == -EINVAL
+        assert _get(sc, buf + 128, 4)[3] == 0x5A5A
+        return
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == 0
+    assert _get(sc, buf + 128, 4)[3] == 4096                          # uffdio_poison.updated
+    _put(sc, buf + 128, dst + 4096, 4096, 1 << 1, 0x5A5A)            # unknown mode
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == -EINVAL
+    assert _get(sc, buf + 128, 4)[3] == 0x5A5A                        # `goto out`: not written
+    _put(sc, buf + 128, dst + 4096, 4096, kuffd.UFFDIO_POISON_MODE_DONTWAKE, 0)
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == 0
+    _put(sc, buf + 128, dst + 3 * 4096, 4096, 0, 0)                  # the range's last page first
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == 0
+    _put(sc, buf + 128, dst + 2 * 4096, 2 * 4096, 0, 0)              # page 2, then page 3 (-EEXIST)
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == -EAGAIN   # short: 1 page
+    assert _get(sc, buf + 128, 4)[3] == 4096
+    _put(sc, buf + 128, dst, 4096, 0, 0)
+    assert _call(sc, "ioctl", fd, _nr(sc, "POISON"), buf + 128) == -kuffd.EEXIST
+    assert _get(sc, buf + 128, 4)[3] == 2 ** 64 - kuffd.EEXIST
+    with pytest.raises(Exception, match="SIGBUS"):
+        m.touch(p.mm, dst + 4096)

@@ -84,7 +84,7 @@ def test_register_sets_the_vma_flags_splits_and_reports_the_ioctls() -> None:
     assert not ioctls & (1 << userfaultfd._UFFDIO_WRITEPROTECT)
     assert not ioctls & (1 << userfaultfd._UFFDIO_CONTINUE)
     assert not ioctls & (1 << userfaultfd._UFFDIO_MOVE)              # 6.8
-    assert not ioctls & (1 << userfaultfd._UFFDIO_POISON)            # not modelled: not offered
+    assert ioctls & (1 << userfaultfd._UFFDIO_POISON)                # 6.6: every mode offers it
     parts = [(v.start - a, v.end - a) for v in mm.vmas]
     assert parts == [(0, 2 * page), (2 * page, 6 * page), (6 * page, 8 * page)]
     mid = mm.vma_lookup(a + 2 * page)

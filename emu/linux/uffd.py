@@ -4,7 +4,7 @@ the kernel side in mm_core/userfaultfd.py.
     userfaultfd(flags)                  a context for the caller's mm (new_userfaultfd)
     ioctl UFFDIO_API                    api 0xAA, feature negotiation, the ioctls bitmask
     ioctl UFFDIO_REGISTER / UNREGISTER  uffdio_register {range, mode, ioctls (out)}
-    ioctl UFFDIO_COPY / ZEROPAGE / CONTINUE / WAKE / WRITEPROTECT / MOVE (6.8+)
+    ioctl UFFDIO_COPY / ZEROPAGE / CONTINUE / WAKE / WRITEPROTECT / POISON (6.6+) / MOVE (6.8+)
     read(fd, msg, n)                    32-byte struct uffd_msg (UFFD_EVENT_PAGEFAULT, and
                                         UFFD_EVENT_REMOVE / UNMAP when asked for)
     close(fd)                           userfaultfd_release() on the last reference
@@ -16,8 +16,9 @@ The guest has no capabilities and vm.unprivileged_userfaultfd is 0 (the default 
 process. UFFD_FEATURE_EVENT_REMOVE (MADV_DONTNEED) and EVENT_UNMAP (munmap) deliver
 their events through read() and raise ctx->mmap_changing (UFFDIO_COPY / ZEROPAGE /
 CONTINUE / WRITEPROTECT answer -EAGAIN meanwhile). Not modelled: EVENT_FORK / REMAP
-(refused by UFFDIO_API like an older kernel would), UFFD_FEATURE_THREAD_ID, UFFDIO_POISON
-(-EINVAL), poll/epoll, mmap_changing in UFFDIO_MOVE.
+(refused by UFFDIO_API like an older kernel would), UFFD_FEATURE_THREAD_ID, poll/epoll,
+mmap_changing in UFFDIO_MOVE. UFFDIO_POISON (6.6+; -EINVAL, an unknown command, before)
+takes struct uffdio_poison {range, mode (DONTWAKE), updated (out)}.
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def uffd_ioctls(abi) -> dict[int, str]:
         ioc(abi, "RW", uffd._UFFDIO_MOVE, 40): "MOVE",                        # uffdio_move
         ioc(abi, "RW", uffd._UFFDIO_WRITEPROTECT, 24): "WRITEPROTECT",        # uffdio_writeprotect
         ioc(abi, "RW", uffd._UFFDIO_CONTINUE, 32): "CONTINUE",                # uffdio_continue
+        ioc(abi, "RW", uffd._UFFDIO_POISON, 32): "POISON",                    # uffdio_poison (6.6)
     }
 
 
@@ -78,6 +80,8 @@ def uffd_api_features(k) -> int:
             features |= uffd.UFFD_FEATURE_WP_UNPOPULATED
     if uffd.have_arch_userfaultfd(k, "MINOR"):
         features |= uffd.UFFD_FEATURE_MINOR_SHMEM
+    if uffd.uffdio_poison_supported(k):
+        features |= uffd.UFFD_FEATURE_POISON      # 6.6, on every arch
     if k.profile.uffdio_move:
         features |= uffd.UFFD_FEATURE_MOVE
     return features
@@ -151,6 +155,8 @@ async def userfaultfd_ioctl(sc, f: UffdFile, cmd: int, arg: int) -> int:
     if name == "WRITEPROTECT":
         start, length, mode = await r.get(3)
         return await uffd.userfaultfd_writeprotect(k, ctx, start, length, mode)
+    if name == "POISON":
+        return await userfaultfd_poison(sc, ctx, r)
     # MOVE (userfaultfd_move(), 6.8+)
     if not k.profile.uffdio_move:
         return -EINVAL
@@ -200,6 +206,29 @@ async def userfaultfd_copy(sc, ctx: uffd.UserfaultfdCtx, r: _Regs) -> int:
     data = await copy_from_user(sc.machine, sc.mm, src, length)
     ret = await uffd.userfaultfd_mfill(k, ctx, uffd.MFILL_ATOMIC_COPY, dst, length, mode, data)
     await r.put(4, ret)                                  # put_user(ret, &user_uffdio_copy->copy)
+    if ret < 0:
+        return ret
+    return 0 if ret == length else -EAGAIN
+
+
+async def userfaultfd_poison(sc, ctx: uffd.UserfaultfdCtx, r: _Regs) -> int:
+    """userfaultfd_poison() (6.6): before 6.6 the command is unknown (-EINVAL). -EAGAIN
+    while mmap_changing (returned before the struct is read: 6.6 writes nothing back then),
+    else copy in {range, mode}, validate, mfill_atomic_poison(), put_user() of the bytes
+    poisoned (or the -errno) to uffdio_poison.updated; the range done is woken unless
+    DONTWAKE; a short count is -EAGAIN."""
+    k = sc.k
+    if not uffd.uffdio_poison_supported(k):
+        return -EINVAL
+    if ctx.mmap_changing:
+        k.stats["uffd_mmap_changing_eagain"] += 1
+        return -EAGAIN
+    start, length, mode = await r.get(3)                # the last 8 bytes (updated) are not read
+    err = uffd.validate_range(k, start, length)
+    if err or mode & ~uffd.UFFDIO_POISON_MODE_DONTWAKE:
+        return err or -EINVAL                            # `goto out`: nothing written back
+    ret = await uffd.userfaultfd_poison(k, ctx, start, length, mode)
+    await r.put(3, ret)                                  # put_user(ret, &user_uffdio_poison->updated)
     if ret < 0:
         return ret
     return 0 if ret == length else -EAGAIN
