@@ -12,6 +12,7 @@ from conftest import collapsed_world, finish
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import gup, huge_memory, khugepaged, pgtable, rmap
 from mm_core.sched_helpers import stalled_thp_migration
@@ -119,11 +120,8 @@ def test_a_write_gup_breaks_cow_after_fork(arch: str) -> None:
 def test_gup_of_an_anon_thp_takes_the_folio_once_per_page(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    page = k.page_size
+    mm, a, thp = anon_thp(m)
     folio = k.alloc.page_of(thp)
     slow = m.get_user_pages(mm, a + 3 * page, 5, write=True, pin=True)   # follow_trans_huge_pmd
     assert slow == [thp + (3 + i) * page for i in range(5)] == [m.translate(mm, a + (3 + i) * page, "w")
@@ -319,11 +317,8 @@ def test_gup_waits_for_a_thp_migration_and_retries(fast: bool) -> None:
     follows the THP once the migration put it back."""
     sc = Scenario(arch="x86_64", mem="64M", prefault=False)
     m, k = sc.machine, sc.kernel
-    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    page = k.page_size
+    mm, a, thp = anon_thp(m)
     pmdp, _ = pmd_of(k, mm, a)
     pages: list[int] = []
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
@@ -419,11 +414,8 @@ def test_gup_fast_mapping_the_live_pmd_reads_the_thp_as_a_table() -> None:
 def test_split_pmd_gup_of_an_anon_thp_splits_it_and_follows_the_pte(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    page = k.page_size
+    mm, a, thp = anon_thp(m)
     assert pmd_of(k, mm, a)[1].kind is Kind.LEAF
     got = m.get_user_pages(mm, a + 7 * page, 2, split_pmd=True)
     assert pmd_of(k, mm, a)[1].kind is Kind.TABLE and k.stats["gup_split_pmd"] == 1

@@ -14,7 +14,7 @@ from conftest import collapsed_world, finish
 import emu
 from emu.arch import PAGE_SIZE, Access, Kind, leaf_entry
 from emu.scenario import Scenario
-from emu.scenarios import collapse_file_tail, collapsed_shmem
+from emu.scenarios import anon_thp, collapse_file_tail, collapsed_shmem
 from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
 from mm_core import filemap, huge_memory, khugepaged, memory, pgtable, rmap
@@ -495,14 +495,8 @@ def test_mincore_counts_a_thp_under_migration_as_resident_at_once() -> None:
 def _anon_thp(arch: str):
     """One anon THP mapped by a PMD at BASE."""
     sc = Scenario(arch=arch, mem="16M", prefault=False)
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
-    return sc, m, k, mm, a, size
+    mm, a, _ = anon_thp(sc.machine)
+    return sc, sc.machine, sc.kernel, mm, a, huge_memory.hpage_pmd_size(sc.kernel)
 
 
 def _dry_run_writes(arch: str) -> list[int]:

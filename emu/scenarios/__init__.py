@@ -28,6 +28,7 @@ from emu.scenarios.base import (  # noqa: F401  (the package's API)
     SCENARIOS,
     ScenarioSpec,
     World,
+    anon_thp,
     collapse_file_tail,
     collapsed_shmem,
     completing,

@@ -165,17 +165,23 @@ def huge_refault(k, w: World):
     return read_fault(k, w, w.addr)
 
 
+def anon_thp(m, mm=None, addr: int = BASE):
+    """One anonymous THP mapped by a PMD at ``addr`` (MADV_HUGEPAGE, then a write fault)
+    in ``mm`` (a new mm by default). Returns (mm, addr, the THP's physical address)."""
+    size = huge_memory.hpage_pmd_size(m.kernel)
+    mm = mm or m.new_mm()
+    a = m.mmap(mm, addr, size, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
+    return mm, a, m.touch(mm, a, write=True)
+
+
 def thp_under_migration(sc: Scenario):
     """An anonymous THP at BASE and a "migrate" task that turns its pmd into a migration
     entry for a long while (migrate_pages() copying the folio). Returns (mm, addr, pmdp)."""
     from mm_core.sched_helpers import stalled_thp_migration
-    m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)                                   # one THP
+    k = sc.kernel
+    mm, a, _ = anon_thp(sc.machine)
     pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     return mm, a, pmdp

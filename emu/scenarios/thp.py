@@ -3,9 +3,8 @@
 """
 from __future__ import annotations
 
-import emu
 from emu.scenario import Scenario
-from emu.scenarios.base import BASE, World, scenario
+from emu.scenarios.base import World, anon_thp, scenario
 from mm_core import huge_memory, madvise
 from mm_core.sanitizers import Finding
 
@@ -19,11 +18,7 @@ from mm_core.sanitizers import Finding
 def dontneed_vs_thp_split(sc: Scenario) -> World:
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     k.physmem.write(thp, b"\xa5" * size)                    # written data to be thrown away
     part = 4 * k.page_size
     done: list[str] = []

@@ -8,8 +8,8 @@ import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
 from emu.scenarios.base import (
-    BASE,
     World,
+    anon_thp,
     collapse_file_tail,
     collapsed_shmem,
     completing,
@@ -239,11 +239,7 @@ def mprotect_vs_thp_migration(sc: Scenario) -> World:
     from mm_core.sched_helpers import stalled_thp_migration
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)                             # one THP
+    mm, a, thp = anon_thp(m)                                     # one THP
     pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
     migrated = Completion("migrated")
 
