@@ -131,14 +131,17 @@ class Level:
     shift: int         # lowest VA bit indexed at this level
     index_bits: int
     leaf: bool         # may hold a leaf (huge page / block / large frame)
+    # derived from index_bits once (table_base() runs on every entry access)
+    table_bytes: int = field(init=False, repr=False, compare=False)
+    _base_mask: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_bytes", 8 << self.index_bits)
+        object.__setattr__(self, "_base_mask", ~((8 << self.index_bits) - 1))
 
     @property
     def entries(self) -> int:
         return 1 << self.index_bits
-
-    @property
-    def table_bytes(self) -> int:
-        return 8 << self.index_bits
 
     @property
     def span(self) -> int:
@@ -150,7 +153,7 @@ class Level:
 
     def table_base(self, entp: int) -> int:
         """Physical address of the table of this level holding the entry at ``entp``."""
-        return entp & ~(self.table_bytes - 1)
+        return entp & self._base_mask
 
 
 # -- the hardware walk protocol --------------------------------------------------------

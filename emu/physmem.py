@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import mmap
 import struct
 import weakref
@@ -45,6 +46,14 @@ _ZERO_GAP = 32          # clean frames between two dirty ones zeroed anyway (one
 
 def _forget(size: int) -> None:
     _live[0] -= size
+
+
+def nonempty(raws: tuple[int, ...], empty: int) -> list[int]:
+    """The indices of the entries of ``raws`` (a read_entries() scan) that differ from
+    ``empty``, in order; for an empty value of 0 one C-level pass."""
+    if empty == 0:
+        return list(itertools.compress(range(len(raws)), raws))
+    return [i for i, raw in enumerate(raws) if raw != empty]
 
 
 class PhysicalAddressError(Exception):
@@ -103,6 +112,27 @@ class PhysMem:
         self._view[paddr:paddr + len(data)] = data
         self._mark(paddr, len(data))
 
+    def scatter(self, paddr: int, stride: int, items: bytes, size: int) -> None:
+        """Write the ``size``-byte items of ``items`` at ``paddr``, ``paddr + stride``, ...
+        (one strided copy per byte of an item), leaving the bytes between them alone: a
+        sparse pattern written into zeroed memory without copying its zeros."""
+        n = len(items) // size
+        if n == 0:
+            return
+        end = paddr + (n - 1) * stride + size
+        if size > stride or len(items) != n * size or not 0 <= paddr <= end <= self.size:
+            raise PhysicalAddressError(f"scatter of {n} x {size} bytes every {stride} at {paddr:#x}: "
+                                       "outside guest RAM or overlapping")
+        last = paddr + (n - 1) * stride + 1
+        for j in range(size):
+            self._view[paddr + j:last + j:stride] = items[j::size]
+        if stride % PAGE_SIZE == 0 and (paddr & (PAGE_SIZE - 1)) + size <= PAGE_SIZE:
+            first, step = paddr >> PAGE_SHIFT, stride >> PAGE_SHIFT
+            self.dirty[first:first + (n - 1) * step + 1:step] = b"\x01" * n
+        else:
+            for i in range(n):
+                self._mark(paddr + i * stride, size)
+
     def zero(self, paddr: int, n: int = PAGE_SIZE) -> None:
         self.fill(paddr, n, 0)
 
@@ -158,15 +188,11 @@ class PhysMem:
         if not recycle or self.exposed or len(pool) >= _POOL_MAX or self.size > _POOL_SIZE_MAX:
             self.buf.close()
             return
-        # one memset per cluster of dirty frames: a call costs as much as zeroing ~16 pages
-        dirty, start = self.dirty, self.dirty.find(1)
+        # one memset per cluster of dirty frames (a cluster ends at the first _ZERO_GAP clean
+        # frames in a row): a call costs as much as zeroing ~16 pages
+        dirty, start, gap = self.dirty, self.dirty.find(1), bytes(_ZERO_GAP)
         while start != -1:
-            end = dirty.find(0, start)
-            while end != -1:
-                nxt = dirty.find(1, end, end + _ZERO_GAP)
-                if nxt == -1:
-                    break
-                end = dirty.find(0, nxt)
+            end = dirty.find(gap, start)
             end = len(dirty) if end == -1 else end
             ctypes.memset(self.address + (start << PAGE_SHIFT), 0, (end - start) << PAGE_SHIFT)
             start = dirty.find(1, end)

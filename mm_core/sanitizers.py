@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from emu.physmem import nonempty
+
 _HELPERS = {"pgtable.py", "sanitizers.py", "pgalloc.py", "traps.py", "scenario.py", "loop.py",
             "script.py"}
 
@@ -92,6 +94,9 @@ class Sanitizers:
         self.rw_nolock: dict[object, dict[int, list]] = {}
         # every pte_offset_map*() still mapped, per task, oldest first (the kmap_local stack)
         self.pte_maps: dict[object, list[PteMap]] = {}
+        sizes = {lv.table_bytes for lv in k.arch.levels}
+        self._one_table_size = len(sizes) == 1
+        self._base_mask = ~(min(sizes) - 1)
 
     # -- lockdep-lite and RCU sleeping checks, from the scheduler's trap stream ----------------
     def on_trap(self, task, event: tuple) -> None:
@@ -316,8 +321,10 @@ class Sanitizers:
             return
         lv = k.arch.levels[pt.level]
         empty = k.arch.empty_value(pt.level)
-        for i, value in enumerate(k.physmem.read_entries(pt.paddr, lv.entries)):
-            if value != empty and k.arch.decode(pt.level, value).present:
+        raws = k.physmem.read_entries(pt.paddr, lv.entries)
+        for i in nonempty(raws, empty):
+            value = raws[i]
+            if k.arch.decode(pt.level, value).present:
                 site = call_site()
                 raise Finding(
                     "PTFREE", f"PTFREE: page table freed with a present pte in {site}",
@@ -349,14 +356,31 @@ class Sanitizers:
     # -- reports ------------------------------------------------------------------------
     def _table_of(self, entp: int):
         k = self.k
+        if self._one_table_size:
+            # every level's tables are the same size (4K): one base, and of a live and a
+            # quarantined table there, the one of the upper level (the loop's order)
+            base = entp & self._base_mask
+            live, dead = k.ptdescs.get(base), self.dead.get(base)
+            if live is not None and (dead is None or live.level <= dead.level):
+                return live
+            if dead is not None:
+                return dead
+        else:
+            pt = self._table_of_by_level(entp)
+            if pt is not None:
+                return pt
+        for pt in k.deferred:
+            if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
+                return pt
+        return None
+
+    def _table_of_by_level(self, entp: int):
+        k = self.k
         for level, lv in enumerate(k.arch.levels):
             base = lv.table_base(entp)
             for pt in (k.ptdescs.get(base), self.dead.get(base)):
                 if pt is not None and pt.level == level:
                     return pt
-        for pt in k.deferred:
-            if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
-                return pt
         return None
 
     def _check_table_pmd_clear(self, task, entp: int) -> None:

@@ -2,6 +2,9 @@
 (mm/filemap.c's address_space), the file rmap (i_mmap) and truncation."""
 from __future__ import annotations
 
+import collections
+import itertools
+import operator
 from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SHIFT
@@ -29,12 +32,9 @@ class AddressSpace:
         return len(self.i_pages)
 
     def folios(self) -> list[Page]:
-        seen, out = set(), []
-        for f in self.i_pages.values():
-            if id(f) not in seen:
-                seen.add(id(f))
-                out.append(f)
-        return out
+        """Each folio of the cache once, in the order its first page entered i_pages."""
+        pages = self.i_pages.values()
+        return list(dict(zip(map(id, pages), pages, strict=True)).values())     # one C loop
 
 
 @dataclass(eq=False)
@@ -75,8 +75,7 @@ def filemap_get_folio(mapping: AddressSpace, index: int) -> Page | None:
 def add_to_page_cache(mapping: AddressSpace, folio: Page, index: int) -> None:
     """filemap_add_folio(): the cache holds one reference on the folio."""
     folio.mapping, folio.index = mapping, index
-    for i in range(index, index + folio_nr_pages(folio, mapping)):
-        mapping.i_pages[i] = folio
+    mapping.i_pages.update(dict.fromkeys(range(index, index + folio_nr_pages(folio, mapping)), folio))
 
 
 def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
@@ -86,9 +85,13 @@ def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
 
 def delete_from_page_cache(k, folio: Page) -> None:
     mapping = folio.mapping
-    for i in range(folio.index, folio.index + folio_nr_pages(folio, mapping)):
-        if mapping.i_pages.get(i) is folio:
-            del mapping.i_pages[i]
+    pages, span = mapping.i_pages, range(folio.index, folio.index + folio_nr_pages(folio, mapping))
+    if all(map(operator.is_, map(pages.get, span), itertools.repeat(folio))):
+        collections.deque(map(pages.__delitem__, span), maxlen=0)     # the whole folio: one C loop
+    else:
+        for i in span:
+            if pages.get(i) is folio:
+                del pages[i]
     folio.mapping = None
     folio.refcount -= 1
     if folio.refcount == 0:
