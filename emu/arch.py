@@ -18,6 +18,7 @@ Conventions
 from __future__ import annotations
 
 import enum
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
@@ -297,11 +298,12 @@ class ArchSpec(ABC):
     def entry_format(self) -> str:
         return ">Q" if self.big_endian else "<Q"
 
-    @property
+    # cached on first use (after __init__ has settled ``levels``): hot in generic code
+    @functools.cached_property
     def pmd_level(self) -> int:
         return len(self.levels) - 2
 
-    @property
+    @functools.cached_property
     def pte_level(self) -> int:
         return len(self.levels) - 1
 

@@ -12,6 +12,7 @@ every finding comes with a schedule that reproduces it: ``emu replay emu1...``.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from emu.sched.loop import Deadlock, Livelock, run_sync
 from emu.sched.schedule import Digest, Schedule
 from emu.sched.strategy import PCT, RandomWalk, Replay, Strategy, make_strategy
 from emu.sched.task import TaskState
+from emu.snapshot import Snapshot
 from mm_core import memory, swapfile
 from mm_core.sanitizers import Finding
 
@@ -70,21 +72,64 @@ def check_bugs(inject: list[str]) -> None:
 
 # -- one schedule ----------------------------------------------------------------------------
 
-def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
-            inject: tuple[str, ...] = (), max_steps: int | None = None) -> Outcome:
-    """Build the world fresh, run its tasks under ``strategy``, tear down, audit."""
+# Worlds built once and restored for every later schedule (emu/snapshot.py): by (spec, arch,
+# kernel, inject); None for a world that cannot be copied exactly (built fresh every time).
+REUSE_WORLDS = True
+_WORLDS: OrderedDict[tuple, Snapshot | None] = OrderedDict()
+_WORLDS_MAX = 8
+
+
+def build_world(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+                inject: tuple[str, ...] = ()) -> tuple[Scenario, World]:
+    """A fresh Scenario with ``spec``'s world built in it, scheduled by ``strategy``."""
     changes: dict = {}
     for bug in inject:
         changes.update(PROFILE_BUGS.get(bug, {}))
     sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, cpus=spec.cpus,
                   quantum=spec.quantum, prefault=spec.prefault, **changes)
-    k = sc.kernel
     for bug in inject:
-        k.bugs[bug] = True
+        sc.kernel.bugs[bug] = True
+    try:
+        return sc, spec.build(sc)
+    except BaseException:
+        sc.close()
+        raise
+
+
+def world_for(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+              inject: tuple[str, ...] = ()) -> tuple[Scenario, World]:
+    """``build_world()``'s result: the first time built and snapshotted, then a restored copy
+    of that snapshot (every schedule, the first included, runs on a copy). Only for the
+    registered scenarios: a spec made elsewhere (a test's wrapper whose build records what
+    it built) is built fresh every time."""
+    if not REUSE_WORLDS or SCENARIOS.get(spec.name) is not spec:
+        return build_world(spec, strategy, arch, kernel, inject)
+    key = (spec, arch, kernel, inject)
+    if key in _WORLDS:
+        _WORLDS.move_to_end(key)
+        snap = _WORLDS[key]
+    else:
+        sc, world = build_world(spec, strategy, arch, kernel, inject)
+        snap = Snapshot.take(sc, world, strategy)
+        _WORLDS[key] = snap
+        if len(_WORLDS) > _WORLDS_MAX:
+            _WORLDS.popitem(last=False)
+        if snap is None:
+            return sc, world
+        sc.close()
+    if snap is None:
+        return build_world(spec, strategy, arch, kernel, inject)
+    return snap.restore(strategy)
+
+
+def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+            inject: tuple[str, ...] = (), max_steps: int | None = None) -> Outcome:
+    """Run the world's tasks under ``strategy`` (a world as built fresh: world_for()),
+    tear down, audit."""
+    sc, world = world_for(spec, strategy, arch, kernel, tuple(inject))
     digest = Digest()
     finding: Finding | None = None
     try:
-        world = spec.build(sc)
         sc.sched.observers.append(digest.observe)
         try:
             sc.sched.run(max_steps=max_steps or spec.max_steps)

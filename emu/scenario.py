@@ -14,12 +14,12 @@ step counts when writing a schedule.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from emu.machine import Machine
-from emu.sched import traps
-from emu.sched.loop import close_coroutine
+from emu.sched.loop import close_coroutine, close_coroutines
 from emu.sched.script import run_script
 from emu.sched.strategy import Strategy
 from emu.sched.task import Task, TaskState
@@ -47,8 +47,10 @@ class Scenario:
         task.kstate["coro"] = coro             # the traced body, for reports
         return task
 
-    async def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-        # forward every trap, recording it: the coroutine protocol by hand
+    @types.coroutine
+    def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Generator[tuple, Any, Any]:
+        # forward every trap, recording it: the coroutine protocol by hand (a generator-based
+        # coroutine, like the traps: the event goes to the scheduler from here)
         value: Any = None
         try:
             while True:
@@ -58,7 +60,7 @@ class Scenario:
                     self.results[name] = done.value
                     return done.value
                 self.trace.append((name, event))
-                value = await traps.forward(event)
+                value = yield event
         finally:
             close_coroutine(coro)
 
@@ -71,12 +73,14 @@ class Scenario:
 
     def close(self) -> None:
         """Drop every coroutine that did not finish (a run stopped by a finding)."""
+        coros = []
         for t in self.sched.tasks:
             if t.state is not TaskState.DONE:
-                close_coroutine(t.coro)
+                coros.append(t.coro)
                 inner = t.kstate.get("coro")
                 if inner is not None:       # a wrapper that never started leaves its body unstarted
-                    close_coroutine(inner)
+                    coros.append(inner)
+        close_coroutines(coros)
         self.machine.ram.close(recycle=True)    # the next scenario reuses the zeroed buffer
 
     def state(self, name: str) -> TaskState:

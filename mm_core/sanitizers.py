@@ -137,7 +137,8 @@ class Sanitizers:
                 outer = getattr(held, "cls", "?")
                 if outer == inner:
                     continue                       # nesting within a class (annotated in Linux)
-                self.lock_order.setdefault((outer, inner), f"{task.name} at step {self.k.current_step()}")
+                if (outer, inner) not in self.lock_order:
+                    self.lock_order[outer, inner] = f"{task.name} at step {self.k.current_step()}"
                 first = self.lock_order.get((inner, outer))
                 if first is not None:
                     raise Finding(

@@ -2,9 +2,6 @@
 (mm/filemap.c's address_space), the file rmap (i_mmap) and truncation."""
 from __future__ import annotations
 
-import collections
-import itertools
-import operator
 from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SHIFT
@@ -33,8 +30,7 @@ class AddressSpace:
 
     def folios(self) -> list[Page]:
         """Each folio of the cache once, in the order its first page entered i_pages."""
-        pages = self.i_pages.values()
-        return list(dict(zip(map(id, pages), pages, strict=True)).values())     # one C loop
+        return list(dict.fromkeys(self.i_pages.values()))   # a Page hashes by identity
 
 
 @dataclass(eq=False)
@@ -75,7 +71,8 @@ def filemap_get_folio(mapping: AddressSpace, index: int) -> Page | None:
 def add_to_page_cache(mapping: AddressSpace, folio: Page, index: int) -> None:
     """filemap_add_folio(): the cache holds one reference on the folio."""
     folio.mapping, folio.index = mapping, index
-    mapping.i_pages.update(dict.fromkeys(range(index, index + folio_nr_pages(folio, mapping)), folio))
+    for i in range(index, index + folio_nr_pages(folio, mapping)):
+        mapping.i_pages[i] = folio
 
 
 def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
@@ -86,8 +83,8 @@ def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
 def delete_from_page_cache(k, folio: Page) -> None:
     mapping = folio.mapping
     pages, span = mapping.i_pages, range(folio.index, folio.index + folio_nr_pages(folio, mapping))
-    if all(map(operator.is_, map(pages.get, span), itertools.repeat(folio))):
-        collections.deque(map(pages.__delitem__, span), maxlen=0)     # the whole folio: one C loop
+    if len(pages) == len(span) and list(map(pages.get, span)).count(folio) == len(span):
+        pages.clear()                  # the folio was the whole cache (a Page equals only itself)
     else:
         for i in span:
             if pages.get(i) is folio:

@@ -16,6 +16,8 @@ from emu.sched.strategy import Strategy, make_strategy
 from emu.sched.task import Task, TaskState
 
 POLICIES = ("round-robin", "timed")
+RUNNABLE, BLOCKED, SLEEPING, DONE = (TaskState.RUNNABLE, TaskState.BLOCKED, TaskState.SLEEPING,
+                                     TaskState.DONE)
 FAIR_QUANTA = 8              # user quanta in a row before another runnable thread must run
 
 
@@ -88,35 +90,38 @@ class Scheduler:
             if max_steps is not None and len(self.picks) > max_steps:
                 raise Livelock(f"no end after {max_steps} steps: " + ", ".join(
                     f"{t.name} ({t.steps} traps)" for t in self.tasks if t.state is not TaskState.DONE))
-            # one pass over the tasks: is a non-daemon left, does anyone sleep or wait
-            # on a wait queue (the polls below are no-ops otherwise, and this loop is hot)
+            # one pass over the tasks: the runnable ones, is a non-daemon left, does anyone
+            # sleep or wait on a wait queue (the polls below are no-ops otherwise, and this
+            # loop is hot)
             live = sleeping = waiting = False
+            runnable = []
             for t in self.tasks:
                 state = t.state
-                if state is TaskState.DONE:
+                if state is RUNNABLE:
+                    runnable.append(t)
+                elif state is DONE:
                     continue
+                elif state is SLEEPING:
+                    sleeping = True
+                elif state is BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
+                    waiting = True
                 if not t.daemon:
                     live = True
-                if state is TaskState.SLEEPING:
-                    sleeping = True
-                elif state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
-                    waiting = True
             if not live:
                 # only kernel threads are left: let them finish what they started, so
                 # no lock, folio lock or RCU section is left half-way
-                if waiting:
-                    self._poll_waiters()
-                busy = self._runnable()
-                if not busy:
+                if waiting and self._poll_waiters():
+                    runnable = self._runnable()
+                if not runnable:
                     return
-                self.current = busy[0]
-                self.step(busy[0])
+                self.current = runnable[0]
+                self.step(runnable[0])
                 continue
-            if waiting:
-                self._poll_waiters()
-            if sleeping:
-                self._wake_sleepers()
-            runnable = self._runnable()
+            woken = waiting and self._poll_waiters()
+            if sleeping and self._wake_sleepers():
+                woken = True
+            if woken:
+                runnable = self._runnable()
             if not runnable and self._advance_time():
                 continue
             if not runnable:
@@ -213,12 +218,16 @@ class Scheduler:
         """Simulated time: how far the busiest non-daemon task has got (cycles)."""
         return max([t.clock for t in self.tasks if not t.daemon] + [self._time_floor])
 
-    def _wake_sleepers(self) -> None:
+    def _wake_sleepers(self) -> bool:
+        """Sleepers whose time has come become runnable; True if any did."""
         now = self.now
+        woken = False
         for t in self.tasks:
             if t.state is TaskState.SLEEPING and t.wake_at <= now:
                 t.state = TaskState.RUNNABLE
                 t.clock = max(t.clock, t.wake_at)
+                woken = True
+        return woken
 
     def _advance_time(self) -> bool:
         """Nothing can run: jump the clock to the first sleeper's wake-up (if any)."""
@@ -237,12 +246,16 @@ class Scheduler:
         self.data_log.append((len(self.picks), label, value))
         return value
 
-    def _poll_waiters(self) -> None:
-        """Wait queues posted to without a wake trap (call_rcu never sleeps)."""
+    def _poll_waiters(self) -> bool:
+        """Wait queues posted to without a wake trap (call_rcu never sleeps); True if a
+        waiter became runnable."""
+        woken = False
         for t in self.tasks:
             if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
                 if t.blocked_on[0].try_acquire(t, "wait"):
                     t.state, t.blocked_on = TaskState.RUNNABLE, None
+                    woken = True
+        return woken
 
     def _wake(self, lock: object) -> None:
         """Waiters retry in tid order; the first whose acquire succeeds gets the lock."""
@@ -273,14 +286,28 @@ class SyncTask:
 def close_coroutine(coro: Coroutine[Any, Any, Any]) -> None:
     """Abandon a task that will never run again (a run stopped by a finding). Each await
     in a ``finally:`` (an unlock) stops one close(); keep closing until it is done."""
+    if getattr(coro, "cr_frame", getattr(coro, "gi_frame", False)) is None:
+        return                  # finished or closed already: nothing to do
     with warnings.catch_warnings():      # closing one that never started is fine here
         warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(64):
-            try:
-                coro.close()
-                return
-            except RuntimeError:
-                continue
+        _close(coro)
+
+
+def close_coroutines(coros: list[Coroutine[Any, Any, Any]]) -> None:
+    """close_coroutine() of each (one warnings context for all: it costs more than a close)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for coro in coros:
+            _close(coro)
+
+
+def _close(coro: Coroutine[Any, Any, Any]) -> None:
+    for _ in range(64):
+        try:
+            coro.close()
+            return
+        except RuntimeError:
+            continue
 
 
 API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over
