@@ -86,7 +86,7 @@ def build_world(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", ke
     for bug in inject:
         changes.update(PROFILE_BUGS.get(bug, {}))
     sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, cpus=spec.cpus,
-                  quantum=spec.quantum, prefault=spec.prefault, **changes)
+                  quantum=spec.quantum, prefault=spec.prefault, traced=False, **changes)
     for bug in inject:
         sc.kernel.bugs[bug] = True
     try:

@@ -6,6 +6,7 @@ first byte. Page-table entries are read in the arch's byte order.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import gc
 import itertools
@@ -60,18 +61,57 @@ class PhysicalAddressError(Exception):
     """An access beyond guest RAM: on hardware a machine check, here always a bug."""
 
 
-class PhysMem:
-    """``size`` bytes of guest RAM. Sizes are rounded up to 2 MiB so huge frames fit."""
+class RamTemplate:
+    """Contents for new guest RAM to start from (the race explorer's world snapshots): the
+    frames written, each without its trailing zeros; every other byte is zero. Buffers
+    closed with ``recycle`` go back to the template's own pool already holding it."""
 
-    def __init__(self, size: int, big_endian: bool, prefault: bool = True) -> None:
+    POOL_MAX = 2
+
+    def __init__(self, size: int, big_endian: bool, frames: dict[int, bytes]) -> None:
+        self.size, self.big_endian = size, big_endian
+        self.frames = frames                        # pfn -> contents (no trailing zeros)
+        self.where = [slice(pfn << PAGE_SHIFT, (pfn << PAGE_SHIFT) + len(data))
+                      for pfn, data in frames.items()]
+        self.what = list(frames.values())
+        self.mask = sum(1 << (8 * pfn) for pfn in frames)     # one byte a frame, as PhysMem.dirty
+        self.pool: list[mmap.mmap] = []
+
+    @classmethod
+    def of(cls, ram: PhysMem) -> RamTemplate:
+        """What ``ram`` holds now (it must not be exposed)."""
+        frames = {}
+        written = ram.written()
+        i = written.find(1)
+        while i != -1:
+            data = ram.read(i << PAGE_SHIFT, PAGE_SIZE).rstrip(b"\0")
+            if data:
+                frames[i] = data
+            i = written.find(1, i + 1)
+        return cls(ram.size, ram.big_endian, frames)
+
+
+class PhysMem:
+    """``size`` bytes of guest RAM. Sizes are rounded up to 2 MiB so huge frames fit.
+    With a ``template``, the RAM starts with its contents instead of zeros."""
+
+    def __init__(self, size: int, big_endian: bool, prefault: bool = True,
+                 template: RamTemplate | None = None) -> None:
         if size < 4 << 20:
             raise ValueError("guest memory must be at least 4M")
         size = (size + (2 << 20) - 1) & ~((2 << 20) - 1)
+        if template is not None and template.size != size:
+            raise ValueError(f"a RAM template of {template.size:#x} bytes for RAM of {size:#x}")
         self.size = size
+        self.template = template
         if _live[0] + size > _LIVE_MAX:
             gc.collect()
         pooled = _POOL.get(size)
-        if pooled:
+        fill = template is not None
+        if template is not None and template.pool:
+            self.buf = template.pool.pop()      # holds the template already: see close()
+            fill = False
+        elif pooled:
             self.buf = pooled.pop()             # all zero again: see close()
         else:
             populate = getattr(mmap, "MAP_POPULATE", 0) if prefault else 0
@@ -89,6 +129,15 @@ class PhysMem:
         # just those; writers it cannot see (Unicorn, users of ``view``) set ``exposed``
         self.dirty = bytearray(self.nr_pages)
         self.exposed = False
+        if fill:
+            collections.deque(map(self._view.__setitem__, template.where, template.what), maxlen=0)
+
+    def written(self) -> bytes:
+        """One byte a frame, 1 where the RAM may hold something else than zero: the frames
+        written, and the template's."""
+        if self.template is None or not self.template.mask:
+            return bytes(self.dirty)
+        return (int.from_bytes(self.dirty, "little") | self.template.mask).to_bytes(self.nr_pages, "little")
 
     @property
     def view(self) -> memoryview:
@@ -181,19 +230,45 @@ class PhysMem:
 
     def close(self, recycle: bool = False) -> None:
         """Unmap the RAM; with ``recycle`` (and nobody untracked ever wrote to it) zero
-        the frames written and keep the buffer for the next PhysMem of this size."""
+        the frames written and keep the buffer for the next PhysMem of this size. A second
+        close() does nothing (the buffer must not go back to the pool twice)."""
+        if not self._gone.alive:
+            return
         self._view.release()
         self._gone()
         pool = _POOL.setdefault(self.size, [])
-        if not recycle or self.exposed or len(pool) >= _POOL_MAX or self.size > _POOL_SIZE_MAX:
+        if not recycle or self.exposed or self.size > _POOL_SIZE_MAX:
             self.buf.close()
             return
-        # one memset per cluster of dirty frames (a cluster ends at the first _ZERO_GAP clean
-        # frames in a row): a call costs as much as zeroing ~16 pages
-        dirty, start, gap = self.dirty, self.dirty.find(1), bytes(_ZERO_GAP)
+        tpl = self.template
+        if tpl is not None and len(tpl.pool) < tpl.POOL_MAX:
+            # back to the template: zero what was written, then its frames among those zeroed
+            # (a cluster takes clean frames along) again
+            zeroed = self._zero(self.dirty)
+            both = (int.from_bytes(zeroed, "little") & tpl.mask).to_bytes(self.nr_pages, "little")
+            pfn = both.find(1)
+            while pfn != -1:
+                data = tpl.frames[pfn]
+                ctypes.memmove(self.address + (pfn << PAGE_SHIFT), data, len(data))
+                pfn = both.find(1, pfn + 1)
+            tpl.pool.append(self.buf)
+            return
+        if len(pool) >= _POOL_MAX:
+            self.buf.close()
+            return
+        self._zero(self.written())
+        pool.append(self.buf)
+
+    def _zero(self, dirty: bytes | bytearray) -> bytearray:
+        """Zero the frames marked in ``dirty``: one memset per cluster (a cluster ends at the
+        first _ZERO_GAP clean frames in a row; a call costs as much as zeroing ~16 pages).
+        Returns the frames zeroed, one byte a frame."""
+        zeroed = bytearray(len(dirty))
+        start, gap = dirty.find(1), bytes(_ZERO_GAP)
         while start != -1:
             end = dirty.find(gap, start)
             end = len(dirty) if end == -1 else end
             ctypes.memset(self.address + (start << PAGE_SHIFT), 0, (end - start) << PAGE_SHIFT)
+            zeroed[start:end] = b"\x01" * (end - start)
             start = dirty.find(1, end)
-        pool.append(self.buf)
+        return zeroed

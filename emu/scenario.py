@@ -29,7 +29,8 @@ from mm_core.config import Profile, get_profile
 class Scenario:
     def __init__(self, arch: str = "x86_64", kernel: str | Profile = "6.6", mem: str = "64M",
                  strategy: Strategy | str = "round-robin", cpus: int = 1, quantum: int = 20000,
-                 prefault: bool = True, numa_nodes: int = 1, **profile_changes: Any) -> None:
+                 prefault: bool = True, numa_nodes: int = 1, *, traced: bool = True,
+                 **profile_changes: Any) -> None:
         profile = kernel if isinstance(kernel, Profile) else get_profile(kernel)
         if profile_changes:
             profile = dataclasses.replace(profile, name=f"{profile.name}+custom", **profile_changes)
@@ -39,12 +40,15 @@ class Scenario:
         self.sched = self.machine.scheduler
         self.trace: list[tuple[str, tuple]] = []
         self.results: dict[str, Any] = {}
+        self.traced = traced
         self.machine._start_kthreads()          # rcu_gp and khugepaged, as in any run
 
     def task(self, name: str, coro: Coroutine[Any, Any, Any]) -> Task:
-        """A task running ``coro``; its return value lands in ``results[name]``."""
-        task = self.sched.spawn(self._traced(name, coro), name)
-        task.kstate["coro"] = coro             # the traced body, for reports
+        """A task running ``coro``; its return value lands in ``results[name]`` and its
+        traps in ``trace``. With ``traced=False`` (the explorer, which reads neither) the
+        task runs ``coro`` itself, one wrapper less on every step."""
+        task = self.sched.spawn(self._traced(name, coro) if self.traced else coro, name)
+        task.kstate["coro"] = coro             # the body, for reports
         return task
 
     @types.coroutine

@@ -8,7 +8,8 @@ A snapshot is a pickle of the Scenario (machine, kernel model, scheduler, tasks)
 World, taken before any task ran. What pickle cannot copy is handled here:
 
 - guest RAM (a host mapping): the frames written so far (PhysMem's dirty map) are saved
-  without their trailing zeros and written into a zeroed buffer from the pool;
+  without their trailing zeros (a ``RamTemplate``); a copy starts from a buffer holding
+  them (closed copies give theirs back put right again, see ``PhysMem.close``);
 - an unstarted coroutine or generator (every spawned task, a wrapper's inner body): made
   again by calling its code with the arguments bound in its frame;
 - a closure or lambda (the machine's ``current_task`` hooks, nested task bodies): a new
@@ -34,8 +35,8 @@ import sys
 import types
 from typing import Any
 
-from emu.arch import PAGE_SHIFT, PAGE_SIZE, ArchSpec
-from emu.physmem import PhysMem
+from emu.arch import ArchSpec
+from emu.physmem import PhysMem, RamTemplate
 from emu.sched.loop import API_TASK
 from mm_core.config import Profile
 
@@ -65,6 +66,14 @@ def _make_function(code: types.CodeType, module: str, name: str, defaults, kwdef
 def _make_coroutine(code: types.CodeType, module: str, closure, args: tuple, kwargs: dict):
     """The coroutine (or generator) a call of ``code`` with these arguments returns, unstarted."""
     return types.FunctionType(code, vars(sys.modules[module]), code.co_name, None, closure)(*args, **kwargs)
+
+
+def _make_counter(counts: dict) -> collections.Counter:
+    """A Counter with these counts (Counter's own unpickling goes through its Python
+    __init__ and update())."""
+    c = collections.Counter.__new__(collections.Counter)
+    dict.update(c, counts)
+    return c
 
 
 def _frame_call(frame: types.FrameType, code: types.CodeType) -> tuple[tuple, dict, tuple]:
@@ -131,6 +140,8 @@ class _Pickler(pickle.Pickler):
                 i = self.index[id(obj)] = len(self.table)
                 self.table.append(obj)
             return (operator.getitem, (_TABLE, i))
+        if t is collections.Counter:
+            return (_make_counter, (dict(obj),))
         if t is types.CellType:
             try:
                 state = (obj.cell_contents,)
@@ -152,7 +163,8 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-_BY_NAME = {id(f) for f in (operator.getitem, _make_cell, _set_cell, _make_function, _make_coroutine)}
+_BY_NAME = {id(f) for f in (operator.getitem, _make_cell, _set_cell, _make_function, _make_coroutine,
+                             _make_counter)}
 _loading: list = []         # the table of the snapshot being restored
 
 
@@ -172,10 +184,10 @@ class _Unpickler(pickle.Unpickler):
 class Snapshot:
     """A built world, to be restored any number of times."""
 
-    def __init__(self, data: bytes, table: list, ram: tuple) -> None:
+    def __init__(self, data: bytes, table: list, ram: RamTemplate) -> None:
         self.data = data
         self.table = table
-        self.ram = ram          # (size, big_endian, dirty map, ([slice], [bytes]))
+        self.ram = ram          # guest RAM as built
 
     @classmethod
     def take(cls, sc: Any, world: Any, strategy: Any) -> Snapshot | None:
@@ -192,23 +204,11 @@ class Snapshot:
             _Pickler(buf, outside, table).dump((sc, world))
         except (NotSnapshotable, pickle.PicklingError, TypeError, AttributeError):
             return None
-        where, what = [], []          # each written frame without its trailing zeros
-        dirty = ram.dirty
-        i = dirty.find(1)
-        while i != -1:
-            data = ram.read(i << PAGE_SHIFT, PAGE_SIZE).rstrip(b"\0")
-            if data:
-                where.append(slice(i << PAGE_SHIFT, (i << PAGE_SHIFT) + len(data)))
-                what.append(data)
-            i = dirty.find(1, i + 1)
-        return cls(buf.getvalue(), table, (ram.size, ram.big_endian, bytes(dirty), (where, what)))
+        return cls(buf.getvalue(), table, RamTemplate.of(ram))
 
     def restore(self, strategy: Any) -> tuple[Any, Any]:
         """A fresh copy of the world, scheduled by ``strategy``."""
-        size, big_endian, dirty, frames = self.ram
-        ram = PhysMem(size, big_endian, prefault=False)
-        collections.deque(map(ram._view.__setitem__, *frames), maxlen=0)     # one C loop
-        ram.dirty[:] = dirty
+        ram = PhysMem(self.ram.size, self.ram.big_endian, prefault=False, template=self.ram)
         outside = {"ram": ram, "strategy": strategy, "api": API_TASK, "table": _table_ref}
         _loading.append(self.table)
         try:

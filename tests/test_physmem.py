@@ -64,6 +64,46 @@ def test_file_data_written_sparsely_is_file_data() -> None:
         sc.close()
 
 
+def test_ram_from_a_template_starts_as_the_template_every_time() -> None:
+    physmem._POOL.pop(SIZE, None)
+    ram = PhysMem(SIZE, big_endian=False, prefault=False)
+    ram.write(0x3000, b"abc")
+    ram.fill(0x10000, 0x3000, 0x6B)
+    ram.write(0x20000, bytes(100))                          # written, but zeros
+    tpl = physmem.RamTemplate.of(ram)
+    expect = ram.read(0, ram.size)
+    ram.close(recycle=True)
+    assert sorted(tpl.frames) == [0x3, 0x10, 0x11, 0x12]
+    for _ in range(3):                                      # fresh buffer, then the template's own
+        copy = PhysMem(SIZE, big_endian=False, prefault=False, template=tpl)
+        assert copy.read(0, copy.size) == expect
+        assert not any(copy.dirty)
+        copy.write(0x3001, b"X")                            # a template frame changed
+        copy.fill(0x11000, 0x2000, 0)                       # two cleared
+        copy.write_entry(0x400000, 0x1234)                  # and one of its zero frames
+        assert copy.written()[0x3] and copy.written()[0x12] and copy.written()[0x400]
+        copy.close(recycle=True)
+        assert len(tpl.pool) == 1 and physmem._POOL[SIZE] == []
+    again = PhysMem(SIZE, big_endian=False, prefault=False, template=tpl)
+    other = PhysMem(SIZE, big_endian=False, prefault=False, template=tpl)   # pool empty: filled
+    try:
+        assert again.read(0, again.size) == expect == other.read(0, other.size)
+    finally:
+        other.close(recycle=True)
+        again.close(recycle=True)
+    assert len(tpl.pool) == 2 and physmem._POOL[SIZE] == []
+    copies = [PhysMem(SIZE, big_endian=False, prefault=False, template=tpl) for _ in range(3)]
+    for copy in copies:
+        copy.write(0x5000, b"more")
+        copy.close(recycle=True)                            # the third finds the template's pool full
+    assert len(tpl.pool) == 2 and len(physmem._POOL[SIZE]) == 1
+    plain = PhysMem(SIZE, big_endian=False, prefault=False)     # its buffer: zeroed, template and all
+    try:
+        assert _all_zero(plain)
+    finally:
+        plain.close()
+
+
 def test_buffer_written_behind_its_back_is_not_recycled() -> None:
     physmem._POOL.pop(SIZE, None)
     ram = PhysMem(SIZE, big_endian=False, prefault=False)
