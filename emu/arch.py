@@ -249,6 +249,34 @@ class TimingDefaults:
     flush: str = "ipi"            # remote invalidation: "ipi" or "broadcast"
 
 
+DECODED_MAX = 8192        # remembered decode() answers per arch instance before starting over
+
+
+def _remembered(decode: Callable[[Any, int, int], Entry]) -> Callable[[Any, int, int], Entry]:
+    """A subclass's decode(), remembering its answers: decode() is a function of (level,
+    value) alone for one arch instance (whose geometry and options __init__ fixed), and an
+    Entry is immutable. Generic code decodes the same few entries over and over."""
+    which = decode.__qualname__            # one cache per decode(): a subclass's may call super()'s
+
+    @functools.wraps(decode)
+    def remembered(self: Any, level: int, value: int) -> Entry:
+        try:
+            cache = self._decoded[which]
+        except (AttributeError, KeyError):
+            cache = self.__dict__.setdefault("_decoded", {}).setdefault(which, {})
+        if not 0 <= level < 16:
+            return decode(self, level, value)
+        key = value << 4 | level
+        entry = cache.get(key)
+        if entry is None:
+            entry = decode(self, level, value)
+            if len(cache) >= DECODED_MAX:
+                cache.clear()
+            cache[key] = entry
+        return entry
+    return remembered
+
+
 class ArchSpec(ABC):
     """An architecture: bits, primitives and the hardware walk, nothing else.
 
@@ -260,6 +288,12 @@ class ArchSpec(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     uc_arch: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        decode = cls.__dict__.get("decode")
+        if decode is not None and not getattr(decode, "__isabstractmethod__", False):
+            cls.decode = _remembered(decode)
     uc_mode: ClassVar[int]
     cs_arch: ClassVar[int]
     cs_mode: ClassVar[int]

@@ -11,6 +11,8 @@ every finding comes with a schedule that reproduces it: ``emu replay emu1...``.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -216,6 +218,22 @@ def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) ->
         sc.close()
 
 
+@contextlib.contextmanager
+def _frozen_heap():
+    """Many schedules in a row: what exists already (modules, code, the snapshots) goes to
+    the garbage collector's permanent generation, so the full collections the dead worlds
+    cause do not walk it again and again (gc.freeze; undone at the end, unless the caller
+    had frozen objects itself)."""
+    mine = gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 # -- search ----------------------------------------------------------------------------------
 
 BATCH = 32      # schedules per batch; PCT's k is learned between batches
@@ -243,6 +261,7 @@ def _job(args: tuple) -> Outcome:
     return execute(SCENARIOS[scenario], strat, arch, kernel, inject)
 
 
+@_frozen_heap()
 def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
             seconds: float | None = None, seed: int = 0, arch: str = "x86_64", kernel: str = "6.6",
             inject: tuple[str, ...] = (), progress: Callable[[int], None] | None = None,
@@ -291,6 +310,7 @@ def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
     return result
 
 
+@_frozen_heap()
 def explore_dfs(spec: ScenarioSpec, max_bound: int, budget: int, seconds: float | None, arch: str,
                 kernel: str, inject: tuple[str, ...],
                 progress: Callable[[int], None] | None = None) -> ExploreResult:
@@ -327,6 +347,7 @@ def _same(out: Outcome, signature: str) -> bool:
     return out.finding is not None and out.finding.signature == signature
 
 
+@_frozen_heap()
 def shrink(spec: ScenarioSpec, found: Outcome, max_runs: int = 400) -> Outcome:
     """Fewer task switches, same failure signature. Candidates are replayed leniently
     (where a pick is impossible, or the schedule ends, the current task keeps running):
@@ -402,6 +423,7 @@ class BoundedDFS(Strategy):
         return None
 
 
+@_frozen_heap()
 def certify(spec: ScenarioSpec, found: Outcome, cap: int = 2000) -> tuple[Outcome, bool | None, int]:
     """The fewest preemptions that reproduce ``found``'s signature, by bounded DFS with
     bounds 0, 1, ... below ``found.preemptions`` (iterative deepening: the first bound

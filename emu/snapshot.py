@@ -26,6 +26,7 @@ that already ran, a lock held by the run_sync caller.
 from __future__ import annotations
 
 import collections
+import copyreg
 import enum
 import inspect
 import io
@@ -39,6 +40,7 @@ from emu.arch import ArchSpec
 from emu.physmem import PhysMem, RamTemplate
 from emu.sched.loop import API_TASK
 from mm_core.config import Profile
+from mm_core.shmem import AddressSpace
 
 
 class NotSnapshotable(Exception):
@@ -74,6 +76,26 @@ def _make_counter(counts: dict) -> collections.Counter:
     c = collections.Counter.__new__(collections.Counter)
     dict.update(c, counts)
     return c
+
+
+def _runs(pages: dict) -> list[tuple[int, int, Any]]:
+    """A page cache as (first index, count, folio) runs, in its order (a PMD-order folio
+    sits at 512 indices: one run)."""
+    runs: list = []
+    for index, folio in pages.items():
+        if runs and runs[-1][2] is folio and runs[-1][0] + runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, 1, folio])
+    return [tuple(run) for run in runs]
+
+
+def _set_address_space(mapping: AddressSpace, state: dict) -> None:
+    pages: dict = {}
+    for first, count, folio in state["i_pages"]:
+        pages.update(dict.fromkeys(range(first, first + count), folio))
+    vars(mapping).update(state)
+    mapping.i_pages = pages
 
 
 def _frame_call(frame: types.FrameType, code: types.CodeType) -> tuple[tuple, dict, tuple]:
@@ -140,6 +162,10 @@ class _Pickler(pickle.Pickler):
                 i = self.index[id(obj)] = len(self.table)
                 self.table.append(obj)
             return (operator.getitem, (_TABLE, i))
+        if t is AddressSpace:
+            state = dict(vars(obj))
+            state["i_pages"] = _runs(obj.i_pages)
+            return (copyreg.__newobj__, (t,), state, None, None, _set_address_space)
         if t is collections.Counter:
             return (_make_counter, (dict(obj),))
         if t is types.CellType:
@@ -164,7 +190,7 @@ class _Pickler(pickle.Pickler):
 
 
 _BY_NAME = {id(f) for f in (operator.getitem, _make_cell, _set_cell, _make_function, _make_coroutine,
-                             _make_counter)}
+                             _make_counter, _set_address_space, copyreg.__newobj__)}
 _loading: list = []         # the table of the snapshot being restored
 
 

@@ -97,3 +97,19 @@ def test_worlds_that_cannot_be_copied_are_refused() -> None:
         assert Snapshot.take(sc, world, strategy) is None
     finally:
         sc.close()
+
+
+def test_every_kernel_task_scenario_has_a_snapshot() -> None:
+    """A world that cannot be copied is built fresh every time (correct, ~2x slower): a new
+    scenario should not fall back without anyone noticing."""
+    refused = []
+    for name, spec in SCENARIOS.items():
+        if spec.cpus != 1 or spec.prefault:              # guest programs: vCPUs, built fresh
+            continue
+        sc, world = _built(name, PCT(0, 2))
+        try:
+            if Snapshot.take(sc, world, sc.sched.strategy) is None:
+                refused.append(name)
+        finally:
+            sc.close()
+    assert not refused, f"worlds built fresh for every schedule: {refused}"

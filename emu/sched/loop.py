@@ -65,19 +65,23 @@ class Scheduler:
 
     def _pick(self, runnable: list[Task]) -> Task:
         task = self.strategy.pick(runnable, self.current, len(self.picks))
-        # Fairness for guest code: a thread that keeps running user quanta while others
-        # could run (a busy-wait on a flag another thread must set) is preempted after
-        # FAIR_QUANTA of them, in favour of the runnable task that ran least recently.
-        # Strategies stay adversarial inside that bound (CHESS's fair scheduling).
         if self.strategy.fair and task.pending is not None and task.pending[0] == "user" \
                 and len(runnable) > 1:
-            self._user_streak = self._user_streak + 1 if task is self._streak_task else 1
-            self._streak_task = task
-            if self._user_streak > FAIR_QUANTA:
-                others = [t for t in runnable if t is not task]
-                task = min(others, key=lambda t: (self._last_ran.get(t.tid, -1), t.tid))
-                self._user_streak, self._streak_task = 0, task
+            task = self._fair(task, runnable)
         self._last_ran[task.tid] = len(self.picks)
+        return task
+
+    def _fair(self, task: Task, runnable: list[Task]) -> Task:
+        """Fairness for guest code: a thread that keeps running user quanta while others
+        could run (a busy-wait on a flag another thread must set) is preempted after
+        FAIR_QUANTA of them, in favour of the runnable task that ran least recently.
+        Strategies stay adversarial inside that bound (CHESS's fair scheduling)."""
+        self._user_streak = self._user_streak + 1 if task is self._streak_task else 1
+        self._streak_task = task
+        if self._user_streak > FAIR_QUANTA:
+            others = [t for t in runnable if t is not task]
+            task = min(others, key=lambda t: (self._last_ran.get(t.tid, -1), t.tid))
+            self._user_streak, self._streak_task = 0, task
         return task
 
     # -- the loop --------------------------------------------------------------------------
@@ -93,8 +97,8 @@ class Scheduler:
             # one pass over the tasks: the runnable ones, is a non-daemon left, does anyone
             # sleep or wait on a wait queue (the polls below are no-ops otherwise, and this
             # loop is hot)
-            live = sleeping = waiting = False
-            runnable = []
+            live = sleeping = False
+            runnable, waiting = [], []
             for t in self.tasks:
                 state = t.state
                 if state is RUNNABLE:
@@ -104,20 +108,25 @@ class Scheduler:
                 elif state is SLEEPING:
                     sleeping = True
                 elif state is BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
-                    waiting = True
+                    waiting.append(t)
                 if not t.daemon:
                     live = True
+            # wait queues posted to without a wake trap (call_rcu never sleeps)
+            woken = False
+            for t in waiting:
+                if t.blocked_on[0].try_acquire(t, "wait"):
+                    t.state, t.blocked_on = RUNNABLE, None
+                    woken = True
             if not live:
                 # only kernel threads are left: let them finish what they started, so
                 # no lock, folio lock or RCU section is left half-way
-                if waiting and self._poll_waiters():
+                if woken:
                     runnable = self._runnable()
                 if not runnable:
                     return
                 self.current = runnable[0]
                 self.step(runnable[0])
                 continue
-            woken = waiting and self._poll_waiters()
             if sleeping and self._wake_sleepers():
                 woken = True
             if woken:
@@ -130,10 +139,16 @@ class Scheduler:
                     raise Deadlock("deadlock: " + ", ".join(
                         f"{t.name} waits for {t.blocked_on[0]!r}" for t in blocked if t.blocked_on))
                 return
-            task = self._pick(runnable)
-            if task is not self.current:
+            # _pick(), inline
+            current, strategy, n = self.current, self.strategy, len(self.picks)
+            task = strategy.pick(runnable, current, n)
+            if strategy.fair and task.pending is not None and task.pending[0] == "user" \
+                    and len(runnable) > 1:
+                task = self._fair(task, runnable)
+            self._last_ran[task.tid] = n
+            if task is not current:
                 self.switches += 1
-                if self.current is not None and self.current in runnable:
+                if current is not None and current in runnable:
                     self.preemptions += 1
             self.current = task
             self.step(task)
@@ -147,9 +162,12 @@ class Scheduler:
             event, task.pending = task.pending, None
             for observe in self.observers:
                 observe(task, event)
-            self.handle(task, event)
-            if task.state is not TaskState.RUNNABLE:
-                return
+            if event[0] == "point":          # handle()'s commonest case, inline
+                task.clock += event[3]
+            else:
+                self.handle(task, event)
+                if task.state is not RUNNABLE:
+                    return
         value, task.send_value = task.send_value, None
         try:
             if task.throw is not None:
@@ -248,7 +266,7 @@ class Scheduler:
 
     def _poll_waiters(self) -> bool:
         """Wait queues posted to without a wake trap (call_rcu never sleeps); True if a
-        waiter became runnable."""
+        waiter became runnable. (run() does the same for the waiters its scan found.)"""
         woken = False
         for t in self.tasks:
             if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":

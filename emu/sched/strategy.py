@@ -105,7 +105,11 @@ class PCT(Strategy):
                 if t.tid not in prio:
                     self._priority(t)
             # the highest priority; on a tie the lowest tid (runnable is in tid order)
-            best = max(runnable, key=lambda t: prio[t.tid])
+            best = runnable[0]
+            top = prio[best.tid]
+            for t in runnable:
+                if prio[t.tid] > top:
+                    best, top = t, prio[t.tid]
         else:
             best = runnable[0]
             self._priority(best)
