@@ -3,6 +3,7 @@
     python benchmarks/explore.py [--quick] [--json] [--seeds N] [--budget N]
                                  [--detect-budget N] [--strategies S,S] [--scenarios A,B]
     python benchmarks/explore.py --full-clean [--clean-budget N]     # only the clean check
+    python benchmarks/explore.py --throughput [--scenarios A,B]      # only section 1
     python benchmarks/explore.py --profile SCENARIO [--budget N]     # cProfile, top functions
 
 Sections (the default run does 1-3; --full-clean does only 4):
@@ -519,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure explore(workers=N): throughput and determinism (default: CPUs)")
     ap.add_argument("--det-seed", type=int, default=0, help="seed of the determinism check (default 0)")
     ap.add_argument("--full-clean", action="store_true", help="only section 4: every fixed twin, full budget")
+    ap.add_argument("--throughput", action="store_true", help="only section 1: schedules/s, time by phase")
     ap.add_argument("--profile", metavar="SCENARIO",
                     help="only cProfile --budget (200) schedules of one scenario")
     args = ap.parse_args(argv)
@@ -553,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         out["clean"] = full_clean(scenarios, args.clean_budget)
     else:
         out["throughput"] = throughput(scenarios, budget, split_budget, args.workers)
-        out["detection"] = detection(todo, strategies, seeds, detect_budget)
-        out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"], args.workers)
+        if not args.throughput:
+            out["detection"] = detection(todo, strategies, seeds, detect_budget)
+            out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"],
+                                             args.workers)
     out["targets"] = targets(out)
     out["config"]["wall_seconds"] = time.perf_counter() - t_start
 
@@ -573,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         print_clean(out["clean"], args.clean_budget)
     else:
         print_throughput(out["throughput"], budget)
-        print_detection(out["detection"], seeds, detect_budget)
-        print_determinism(out["determinism"])
+        if not args.throughput:
+            print_detection(out["detection"], seeds, detect_budget)
+            print_determinism(out["determinism"])
     print("TARGETS")
     for line in out["targets"]:
         print(f"  {line}")

@@ -49,11 +49,14 @@ def _forget(size: int) -> None:
     _live[0] -= size
 
 
+_INDICES = tuple(range(1 << 13))     # indices as ready-made ints (a table has at most 8192)
+
+
 def nonempty(raws: tuple[int, ...], empty: int) -> list[int]:
     """The indices of the entries of ``raws`` (a read_entries() scan) that differ from
     ``empty``, in order; for an empty value of 0 one C-level pass."""
-    if empty == 0:
-        return list(itertools.compress(range(len(raws)), raws))
+    if empty == 0 and len(raws) <= len(_INDICES):
+        return list(itertools.compress(_INDICES, raws)) if raws.count(0) != len(raws) else []
     return [i for i, raw in enumerate(raws) if raw != empty]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,17 +44,12 @@ class Schedule:
     # -- building ------------------------------------------------------------------------
     @classmethod
     def from_picks(cls, picks: list[str], **meta: Any) -> Schedule:
-        tasks: list[str] = []
+        index: dict[str, int] = {}          # task name -> its number, in order of first pick
         runs: list[tuple[int, int]] = []
-        for name in picks:
-            if name not in tasks:
-                tasks.append(name)
-            i = tasks.index(name)
-            if runs and runs[-1][0] == i:
-                runs[-1] = (i, runs[-1][1] + 1)
-            else:
-                runs.append((i, 1))
-        return cls(tasks=tasks, runs=runs, **meta)
+        for name, run in itertools.groupby(picks):
+            i = index.setdefault(name, len(index))
+            runs.append((i, len(list(run))))
+        return cls(tasks=list(index), runs=runs, **meta)
 
     def picks(self) -> list[str]:
         return [self.tasks[i] for i, n in self.runs for _ in range(n)]
