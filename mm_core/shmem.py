@@ -30,7 +30,10 @@ class AddressSpace:
 
     def folios(self) -> list[Page]:
         """Each folio of the cache once, in the order its first page entered i_pages."""
-        return list(dict.fromkeys(self.i_pages.values()))   # a Page hashes by identity
+        pages = list(self.i_pages.values())
+        if pages and pages.count(pages[0]) == len(pages):   # one folio (a Page equals only itself)
+            return pages[:1]
+        return list(dict.fromkeys(pages))                    # a Page hashes by identity
 
 
 @dataclass(eq=False)
