@@ -103,8 +103,12 @@ class Sanitizers:
         if not self.enabled:
             return
         kind = event[0]
-        if kind == "point" and event[1] == "pt_write":
-            self._check_table_pmd_clear(task, event[2])
+        if kind == "point":
+            what = event[1]
+            if what == "pt_write":
+                self._check_table_pmd_clear(task, event[2])
+            elif what != "retry":
+                return
         if kind == "point" and event[1] == "retry":
             n = task.kstate["retries"] = task.kstate.get("retries", 0) + 1
             if n > RETRY_LIMIT:
