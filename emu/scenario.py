@@ -19,6 +19,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 from emu.machine import Machine
+from emu.sched import traps
 from emu.sched.loop import close_coroutine, close_coroutines
 from emu.sched.script import run_script
 from emu.sched.strategy import Strategy
@@ -54,7 +55,7 @@ class Scenario:
     @types.coroutine
     def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Generator[tuple, Any, Any]:
         # forward every trap, recording it: the coroutine protocol by hand (a generator-based
-        # coroutine, like the traps: the event goes to the scheduler from here)
+        # coroutine, like the traps, delegating to traps.forward())
         value: Any = None
         try:
             while True:
@@ -64,7 +65,7 @@ class Scenario:
                     self.results[name] = done.value
                     return done.value
                 self.trace.append((name, event))
-                value = yield event
+                value = yield from traps.forward(event)
         finally:
             close_coroutine(coro)
 

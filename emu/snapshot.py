@@ -11,7 +11,8 @@ World, taken before any task ran. What pickle cannot copy is handled here:
   without their trailing zeros (a ``RamTemplate``); a copy starts from a buffer holding
   them (closed copies give theirs back put right again, see ``PhysMem.close``);
 - an unstarted coroutine or generator (every spawned task, a wrapper's inner body): made
-  again by calling its code with the arguments bound in its frame;
+  again by calling its code with the arguments bound in its frame (its free variables are
+  read from the frame too: a cell it shared with another closure becomes its own);
 - a closure or lambda (the machine's ``current_task`` hooks, nested task bodies): a new
   function over the same code and module globals, with its cells copied;
 - classes, module-level functions, code, modules, module globals, enum members, the arch
@@ -228,7 +229,7 @@ class Snapshot:
         buf = io.BytesIO()
         try:
             _Pickler(buf, outside, table).dump((sc, world))
-        except (NotSnapshotable, pickle.PicklingError, TypeError, AttributeError):
+        except Exception:           # NotSnapshotable, or something pickle cannot take
             return None
         return cls(buf.getvalue(), table, RamTemplate.of(ram))
 
