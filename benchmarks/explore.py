@@ -3,6 +3,7 @@
     python benchmarks/explore.py [--quick] [--json] [--seeds N] [--budget N]
                                  [--detect-budget N] [--strategies S,S] [--scenarios A,B]
     python benchmarks/explore.py --full-clean [--clean-budget N]     # only the clean check
+    python benchmarks/explore.py --throughput [--scenarios A,B]      # only section 1
     python benchmarks/explore.py --profile SCENARIO [--budget N]     # cProfile, top functions
 
 Sections (the default run does 1-3; --full-clean does only 4):
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import hashlib
 import io
 import json
@@ -67,7 +67,7 @@ STRATEGIES = ("portfolio", "pct:1", "pct:2", "pct:3", "random:0.5", "random:0.9"
 TARGET_RATE = 2000.0          # schedules/s
 TARGET_DETECT = 10.0          # seconds, portfolio median
 ARCH = "x86_64"
-PHASES = ("machine", "build", "run", "teardown", "close", "other")
+PHASES = ("world", "run", "teardown", "close", "other")
 
 
 # the small scenarios: kernel tasks only, one vCPU, no prefaulted RAM (a guest-program scenario
@@ -100,36 +100,37 @@ def fmt_s(x: float) -> str:
 # -- 1. throughput --------------------------------------------------------------------------
 
 def split_execute(spec, strategy, kernel: str, times: dict[str, float]):
-    """The real emu.explore.execute(), with its phases timed: Scenario (machine), spec.build,
-    the scheduler's run, _teardown and Scenario.close are wrapped for this one call; "other"
-    is the rest of execute() (digest, finding handling, the Schedule record)."""
+    """The real emu.explore.execute(), with its phases timed: world_for (the world: restored
+    from the scenario's snapshot, or built and snapshotted the first time), the scheduler's
+    run, _teardown and Scenario.close are wrapped for this one call; "other" is the rest of
+    execute() (digest, finding handling, the Schedule record)."""
     before = sum(times.values())
-    orig_scenario, orig_teardown = ex.Scenario, ex._teardown
+    orig_world_for, orig_teardown = ex.world_for, ex._teardown
 
     def add(phase: str, t0: float) -> None:
         times[phase] += time.perf_counter() - t0
 
-    class TimedScenario(orig_scenario):
-        def __init__(self, *a, **kw) -> None:
-            t0 = time.perf_counter()
-            super().__init__(*a, **kw)
-            add("machine", t0)
-            run = self.sched.run
+    def timed_world_for(*a, **kw):
+        t0 = time.perf_counter()
+        sc, world = orig_world_for(*a, **kw)
+        add("world", t0)
+        run, close = sc.sched.run, sc.close
 
-            def timed_run(*a, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return run(*a, **kw)
-                finally:
-                    add("run", t0)
-            self.sched.run = timed_run
-
-        def close(self) -> None:
+        def timed_run(*a, **kw):
             t0 = time.perf_counter()
             try:
-                super().close()
+                return run(*a, **kw)
+            finally:
+                add("run", t0)
+
+        def timed_close() -> None:
+            t0 = time.perf_counter()
+            try:
+                close()
             finally:
                 add("close", t0)
+        sc.sched.run, sc.close = timed_run, timed_close
+        return sc, world
 
     def timed_teardown(sc, world) -> None:
         t0 = time.perf_counter()
@@ -138,21 +139,13 @@ def split_execute(spec, strategy, kernel: str, times: dict[str, float]):
         finally:
             add("teardown", t0)
 
-    def timed_build(sc):
-        t0 = time.perf_counter()
-        try:
-            return spec.build(sc)
-        finally:
-            add("build", t0)
-
-    timed_spec = dataclasses.replace(spec, build=timed_build)
-    ex.Scenario, ex._teardown = TimedScenario, timed_teardown
+    ex.world_for, ex._teardown = timed_world_for, timed_teardown
     try:
         t0 = time.perf_counter()
-        out = ex.execute(timed_spec, strategy, ARCH, kernel)
+        out = ex.execute(spec, strategy, ARCH, kernel)
         total = time.perf_counter() - t0
     finally:
-        ex.Scenario, ex._teardown = orig_scenario, orig_teardown
+        ex.world_for, ex._teardown = orig_world_for, orig_teardown
     times["other"] += total - (sum(times.values()) - before)
     return out
 
@@ -248,12 +241,12 @@ def print_throughput(rows: list[dict[str, Any]], budget: int) -> None:
         print(f"{'':<23} " + " ".join(f"{s[p] / total:>8.0%}" for p in PHASES))
         if r["split_findings"]:
             print(f"    ({r['split_findings']} of these schedules ended in a finding)")
-    print("   machine = Scenario(): Machine, kernel, guest RAM, kthreads; build = spec.build (file,")
-    print("   folio, mm, mmap, tables, tasks); run = the scheduler; teardown = exit_mm, close files,")
-    print("   rcu_barrier, leak audit; close = dropping coroutines, unmapping the RAM; other = the")
-    print("   rest of execute() (digest, Schedule record). RAMnew / RAMcls = creating / closing a")
-    print("   PhysMem of the scenario's size alone (part of machine / close; MAP_POPULATE only if")
-    print("   the scenario prefaults)")
+    print("   world = explore.world_for(): the scenario's world restored from its snapshot (built")
+    print("   and snapshotted by the first schedule: Machine, kernel, RAM, kthreads, spec.build);")
+    print("   run = the scheduler; teardown = exit_mm, close files, rcu_barrier, leak audit; close =")
+    print("   dropping coroutines, giving the RAM back; other = the rest of execute() (digest,")
+    print("   Schedule record). RAMnew / RAMcls = creating / closing a PhysMem of the scenario's")
+    print("   size alone (part of world / close; MAP_POPULATE only if the scenario prefaults)")
     print()
 
 
@@ -527,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure explore(workers=N): throughput and determinism (default: CPUs)")
     ap.add_argument("--det-seed", type=int, default=0, help="seed of the determinism check (default 0)")
     ap.add_argument("--full-clean", action="store_true", help="only section 4: every fixed twin, full budget")
+    ap.add_argument("--throughput", action="store_true", help="only section 1: schedules/s, time by phase")
     ap.add_argument("--profile", metavar="SCENARIO",
                     help="only cProfile --budget (200) schedules of one scenario")
     args = ap.parse_args(argv)
@@ -561,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         out["clean"] = full_clean(scenarios, args.clean_budget)
     else:
         out["throughput"] = throughput(scenarios, budget, split_budget, args.workers)
-        out["detection"] = detection(todo, strategies, seeds, detect_budget)
-        out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"], args.workers)
+        if not args.throughput:
+            out["detection"] = detection(todo, strategies, seeds, detect_budget)
+            out["determinism"] = determinism(todo, detect_budget, args.det_seed, out["detection"],
+                                             args.workers)
     out["targets"] = targets(out)
     out["config"]["wall_seconds"] = time.perf_counter() - t_start
 
@@ -581,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         print_clean(out["clean"], args.clean_budget)
     else:
         print_throughput(out["throughput"], budget)
-        print_detection(out["detection"], seeds, detect_budget)
-        print_determinism(out["determinism"])
+        if not args.throughput:
+            print_detection(out["detection"], seeds, detect_budget)
+            print_determinism(out["determinism"])
     print("TARGETS")
     for line in out["targets"]:
         print(f"  {line}")

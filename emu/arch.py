@@ -18,6 +18,7 @@ Conventions
 from __future__ import annotations
 
 import enum
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
@@ -131,14 +132,17 @@ class Level:
     shift: int         # lowest VA bit indexed at this level
     index_bits: int
     leaf: bool         # may hold a leaf (huge page / block / large frame)
+    # derived from index_bits once (table_base() runs on every entry access)
+    table_bytes: int = field(init=False, repr=False, compare=False)
+    _base_mask: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_bytes", 8 << self.index_bits)
+        object.__setattr__(self, "_base_mask", ~((8 << self.index_bits) - 1))
 
     @property
     def entries(self) -> int:
         return 1 << self.index_bits
-
-    @property
-    def table_bytes(self) -> int:
-        return 8 << self.index_bits
 
     @property
     def span(self) -> int:
@@ -150,7 +154,7 @@ class Level:
 
     def table_base(self, entp: int) -> int:
         """Physical address of the table of this level holding the entry at ``entp``."""
-        return entp & ~(self.table_bytes - 1)
+        return entp & self._base_mask
 
 
 # -- the hardware walk protocol --------------------------------------------------------
@@ -245,6 +249,34 @@ class TimingDefaults:
     flush: str = "ipi"            # remote invalidation: "ipi" or "broadcast"
 
 
+DECODED_MAX = 8192        # remembered decode() answers per arch instance before starting over
+
+
+def _remembered(decode: Callable[[Any, int, int], Entry]) -> Callable[[Any, int, int], Entry]:
+    """A subclass's decode(), remembering its answers: decode() is a function of (level,
+    value) alone for one arch instance (whose geometry and options __init__ fixed), and an
+    Entry is immutable. Generic code decodes the same few entries over and over."""
+    which = decode.__qualname__            # one cache per decode(): a subclass's may call super()'s
+
+    @functools.wraps(decode)
+    def remembered(self: Any, level: int, value: int) -> Entry:
+        try:
+            cache = self._decoded[which]
+        except (AttributeError, KeyError):
+            cache = self.__dict__.setdefault("_decoded", {}).setdefault(which, {})
+        if not 0 <= level < 16:
+            return decode(self, level, value)
+        key = value << 4 | level
+        entry = cache.get(key)
+        if entry is None:
+            entry = decode(self, level, value)
+            if len(cache) >= DECODED_MAX:
+                cache.clear()
+            cache[key] = entry
+        return entry
+    return remembered
+
+
 class ArchSpec(ABC):
     """An architecture: bits, primitives and the hardware walk, nothing else.
 
@@ -256,6 +288,12 @@ class ArchSpec(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     uc_arch: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        decode = cls.__dict__.get("decode")
+        if decode is not None and not getattr(decode, "__isabstractmethod__", False):
+            cls.decode = _remembered(decode)
     uc_mode: ClassVar[int]
     cs_arch: ClassVar[int]
     cs_mode: ClassVar[int]
@@ -294,11 +332,12 @@ class ArchSpec(ABC):
     def entry_format(self) -> str:
         return ">Q" if self.big_endian else "<Q"
 
-    @property
+    # cached on first use (after __init__ has settled ``levels``): hot in generic code
+    @functools.cached_property
     def pmd_level(self) -> int:
         return len(self.levels) - 2
 
-    @property
+    @functools.cached_property
     def pte_level(self) -> int:
         return len(self.levels) - 1
 

@@ -11,7 +11,10 @@ every finding comes with a schedule that reproduces it: ``emu replay emu1...``.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +24,7 @@ from emu.sched.loop import Deadlock, Livelock, run_sync
 from emu.sched.schedule import Digest, Schedule
 from emu.sched.strategy import PCT, RandomWalk, Replay, Strategy, make_strategy
 from emu.sched.task import TaskState
+from emu.snapshot import Snapshot
 from mm_core import memory, swapfile
 from mm_core.sanitizers import Finding
 
@@ -70,21 +74,65 @@ def check_bugs(inject: list[str]) -> None:
 
 # -- one schedule ----------------------------------------------------------------------------
 
-def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
-            inject: tuple[str, ...] = (), max_steps: int | None = None) -> Outcome:
-    """Build the world fresh, run its tasks under ``strategy``, tear down, audit."""
+# Worlds built once and restored for every later schedule (emu/snapshot.py): by (spec, arch,
+# kernel, inject); None for a world that cannot be copied exactly (built fresh every time).
+REUSE_WORLDS = True
+_WORLDS: OrderedDict[tuple, Snapshot | None] = OrderedDict()
+_WORLDS_MAX = 8
+
+
+def build_world(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+                inject: tuple[str, ...] = ()) -> tuple[Scenario, World]:
+    """A fresh Scenario with ``spec``'s world built in it, scheduled by ``strategy``."""
     changes: dict = {}
     for bug in inject:
         changes.update(PROFILE_BUGS.get(bug, {}))
     sc = Scenario(arch=arch, kernel=kernel, mem=spec.mem, strategy=strategy, cpus=spec.cpus,
-                  quantum=spec.quantum, prefault=spec.prefault, **changes)
-    k = sc.kernel
+                  quantum=spec.quantum, prefault=spec.prefault, traced=False, **changes)
     for bug in inject:
-        k.bugs[bug] = True
+        sc.kernel.bugs[bug] = True
+    try:
+        return sc, spec.build(sc)
+    except BaseException:
+        sc.close()
+        raise
+
+
+def world_for(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+              inject: tuple[str, ...] = ()) -> tuple[Scenario, World]:
+    """``build_world()``'s result: the first time built and snapshotted, then a restored copy
+    of that snapshot (every schedule, the first included, runs on a copy). Only for the
+    registered scenarios: a spec made elsewhere (a test's wrapper whose build records what
+    it built) is built fresh every time."""
+    if not REUSE_WORLDS or SCENARIOS.get(spec.name) is not spec:
+        return build_world(spec, strategy, arch, kernel, inject)
+    key = (spec, arch, kernel, inject)
+    if key in _WORLDS:
+        _WORLDS.move_to_end(key)
+        snap = _WORLDS[key]
+    else:
+        sc, world = build_world(spec, strategy, arch, kernel, inject)
+        snap = Snapshot.take(sc, world, strategy)
+        _WORLDS[key] = snap
+        if len(_WORLDS) > _WORLDS_MAX:
+            _WORLDS.popitem(last=False)
+        if snap is None:
+            return sc, world
+        sc.close()
+    if snap is None:
+        return build_world(spec, strategy, arch, kernel, inject)
+    return snap.restore(strategy)
+
+
+def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel: str = "6.6",
+            inject: tuple[str, ...] = (), max_steps: int | None = None) -> Outcome:
+    """Run the world's tasks under ``strategy`` (a world as built fresh: world_for()),
+    tear down, audit."""
+    sc, world = world_for(spec, strategy, arch, kernel, tuple(inject))
+    private = SCENARIOS.get(spec.name) is spec      # a registered build keeps no reference to it
     digest = Digest()
     finding: Finding | None = None
     try:
-        world = spec.build(sc)
         sc.sched.observers.append(digest.observe)
         try:
             sc.sched.run(max_steps=max_steps or spec.max_steps)
@@ -109,6 +157,17 @@ def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel
         return Outcome(finding, schedule, sc.sched.preemptions, len(picks), digest.hexdigest())
     finally:
         sc.close()
+        if private:
+            _dismantle(sc, world)
+
+
+def _dismantle(sc: Scenario, world: World) -> None:
+    """Break the reference cycles of a world that is done with and that nobody else holds
+    (machine, kernel and scheduler refer to each other), so reference counting frees it now:
+    left to the cycle collector, dead worlds cost ~10% of a small schedule."""
+    k = sc.kernel
+    for obj in (*sc.sched.tasks, k.san, k.alloc, k.rcu, k, sc.sched, sc.machine, world, sc):
+        vars(obj).clear()
 
 
 def _teardown(sc: Scenario, world: World) -> None:
@@ -171,6 +230,22 @@ def _tids_of(spec: ScenarioSpec, schedule: Schedule, inject: tuple[str, ...]) ->
         sc.close()
 
 
+@contextlib.contextmanager
+def _frozen_heap():
+    """Many schedules in a row: what exists already (modules, code, the snapshots) goes to
+    the garbage collector's permanent generation, so the full collections the dead worlds
+    cause do not walk it again and again (gc.freeze; undone at the end, unless the caller
+    had frozen objects itself)."""
+    mine = gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 # -- search ----------------------------------------------------------------------------------
 
 BATCH = 32      # schedules per batch; PCT's k is learned between batches
@@ -198,6 +273,7 @@ def _job(args: tuple) -> Outcome:
     return execute(SCENARIOS[scenario], strat, arch, kernel, inject)
 
 
+@_frozen_heap()
 def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
             seconds: float | None = None, seed: int = 0, arch: str = "x86_64", kernel: str = "6.6",
             inject: tuple[str, ...] = (), progress: Callable[[int], None] | None = None,
@@ -246,6 +322,7 @@ def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
     return result
 
 
+@_frozen_heap()
 def explore_dfs(spec: ScenarioSpec, max_bound: int, budget: int, seconds: float | None, arch: str,
                 kernel: str, inject: tuple[str, ...],
                 progress: Callable[[int], None] | None = None) -> ExploreResult:
@@ -282,6 +359,7 @@ def _same(out: Outcome, signature: str) -> bool:
     return out.finding is not None and out.finding.signature == signature
 
 
+@_frozen_heap()
 def shrink(spec: ScenarioSpec, found: Outcome, max_runs: int = 400) -> Outcome:
     """Fewer task switches, same failure signature. Candidates are replayed leniently
     (where a pick is impossible, or the schedule ends, the current task keeps running):
@@ -357,6 +435,7 @@ class BoundedDFS(Strategy):
         return None
 
 
+@_frozen_heap()
 def certify(spec: ScenarioSpec, found: Outcome, cap: int = 2000) -> tuple[Outcome, bool | None, int]:
     """The fewest preemptions that reproduce ``found``'s signature, by bounded DFS with
     bounds 0, 1, ... below ``found.preemptions`` (iterative deepening: the first bound

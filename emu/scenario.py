@@ -14,12 +14,13 @@ step counts when writing a schedule.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from emu.machine import Machine
 from emu.sched import traps
-from emu.sched.loop import close_coroutine
+from emu.sched.loop import close_coroutine, close_coroutines
 from emu.sched.script import run_script
 from emu.sched.strategy import Strategy
 from emu.sched.task import Task, TaskState
@@ -29,7 +30,8 @@ from mm_core.config import Profile, get_profile
 class Scenario:
     def __init__(self, arch: str = "x86_64", kernel: str | Profile = "6.6", mem: str = "64M",
                  strategy: Strategy | str = "round-robin", cpus: int = 1, quantum: int = 20000,
-                 prefault: bool = True, numa_nodes: int = 1, **profile_changes: Any) -> None:
+                 prefault: bool = True, numa_nodes: int = 1, *, traced: bool = True,
+                 **profile_changes: Any) -> None:
         profile = kernel if isinstance(kernel, Profile) else get_profile(kernel)
         if profile_changes:
             profile = dataclasses.replace(profile, name=f"{profile.name}+custom", **profile_changes)
@@ -39,16 +41,21 @@ class Scenario:
         self.sched = self.machine.scheduler
         self.trace: list[tuple[str, tuple]] = []
         self.results: dict[str, Any] = {}
+        self.traced = traced
         self.machine._start_kthreads()          # rcu_gp and khugepaged, as in any run
 
     def task(self, name: str, coro: Coroutine[Any, Any, Any]) -> Task:
-        """A task running ``coro``; its return value lands in ``results[name]``."""
-        task = self.sched.spawn(self._traced(name, coro), name)
-        task.kstate["coro"] = coro             # the traced body, for reports
+        """A task running ``coro``; its return value lands in ``results[name]`` and its
+        traps in ``trace``. With ``traced=False`` (the explorer, which reads neither) the
+        task runs ``coro`` itself, one wrapper less on every step."""
+        task = self.sched.spawn(self._traced(name, coro) if self.traced else coro, name)
+        task.kstate["coro"] = coro             # the body, for reports
         return task
 
-    async def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Any:
-        # forward every trap, recording it: the coroutine protocol by hand
+    @types.coroutine
+    def _traced(self, name: str, coro: Coroutine[Any, Any, Any]) -> Generator[tuple, Any, Any]:
+        # forward every trap, recording it: the coroutine protocol by hand (a generator-based
+        # coroutine, like the traps, delegating to traps.forward())
         value: Any = None
         try:
             while True:
@@ -58,7 +65,7 @@ class Scenario:
                     self.results[name] = done.value
                     return done.value
                 self.trace.append((name, event))
-                value = await traps.forward(event)
+                value = yield from traps.forward(event)
         finally:
             close_coroutine(coro)
 
@@ -71,12 +78,14 @@ class Scenario:
 
     def close(self) -> None:
         """Drop every coroutine that did not finish (a run stopped by a finding)."""
+        coros = []
         for t in self.sched.tasks:
             if t.state is not TaskState.DONE:
-                close_coroutine(t.coro)
+                coros.append(t.coro)
                 inner = t.kstate.get("coro")
                 if inner is not None:       # a wrapper that never started leaves its body unstarted
-                    close_coroutine(inner)
+                    coros.append(inner)
+        close_coroutines(coros)
         self.machine.ram.close(recycle=True)    # the next scenario reuses the zeroed buffer
 
     def state(self, name: str) -> TaskState:

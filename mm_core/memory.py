@@ -875,9 +875,8 @@ async def zap_pte_range(k, mm: MMStruct, pmdp: int, start: int, end: int, tlb: l
     empty = arch.empty_value(arch.pte_level)
     raws = await pgtable.get_raws_locked(k, ptep, (end - start) >> k.page_shift)
     any_skipped = False
-    for i, raw in enumerate(raws):
-        if raw == empty:
-            continue
+    for i in pgtable.nonempty(raws, empty):
+        raw = raws[i]
         entp = ptep + i * 8
         ent = arch.decode(arch.pte_level, raw)
         if ent.kind is Kind.LEAF:
@@ -1038,8 +1037,8 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
         # table read with its scheduling point, as before)
         raws = k.physmem.read_entries(table + first * 8, last - first + 1)
         empty = arch.empty_value(level)
-        for i, raw in enumerate(raws):
-            if raw == empty or arch.decode(level, raw).kind is Kind.NONE:
+        for i in pgtable.nonempty(raws, empty):
+            if arch.decode(level, raws[i]).kind is Kind.NONE:
                 continue
             base = table_va + (first + i) * lv.span
             addr, nxt = max(lo, base), min(hi, base + lv.span)

@@ -54,14 +54,15 @@ class PageTable:
     frag: FragPage | None = None
     ptl: SpinLock | None = None
     state: str = "live"               # live / detached / deferred / freed
-    history: list = field(default_factory=list)   # (what, who) for reports
+    history: list = field(default_factory=list)   # (what, who, step) for reports
 
     def note(self, k, what: str) -> None:
         cur = k.current_task()
-        self.history.append((what, f"{cur.name if cur is not None else 'api'} at step {k.current_step()}"))
+        self.history.append((what, cur.name if cur is not None else "api", k.current_step()))
 
     def provenance(self) -> list[str]:
-        return [f"  page table {self.paddr:#x}: {what} by {who}" for what, who in self.history]
+        return [f"  page table {self.paddr:#x}: {what} by {who} at step {step}"
+                for what, who, step in self.history]
 
     def __repr__(self) -> str:
         return f"<pt L{self.level} {self.paddr:#x} {self.state}>"

@@ -9,6 +9,7 @@ write is a scheduling point.
 from __future__ import annotations
 
 from emu.arch import PAGE_SHIFT, Entry, Kind, table_entry
+from emu.physmem import nonempty
 from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core.locks import SpinLock
@@ -17,7 +18,7 @@ from mm_core.pgalloc import PageTable, alloc_table, pte_free
 from mm_core.rcu import rcu_read_lock, rcu_read_unlock
 from mm_core.sanitizers import call_site
 
-__all__ = ["PageTable", "alloc_table", "pte_free"]
+__all__ = ["PageTable", "alloc_table", "nonempty", "pte_free"]
 
 
 def pgd_alloc(k, mm) -> PageTable:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from emu.physmem import nonempty
+
 _HELPERS = {"pgtable.py", "sanitizers.py", "pgalloc.py", "traps.py", "scenario.py", "loop.py",
             "script.py"}
 
@@ -93,14 +95,21 @@ class Sanitizers:
         self.rw_nolock: dict[object, dict[int, list]] = {}
         # every pte_offset_map*() still mapped, per task, oldest first (the kmap_local stack)
         self.pte_maps: dict[object, list[PteMap]] = {}
+        sizes = {lv.table_bytes for lv in k.arch.levels}
+        self._one_table_size = len(sizes) == 1
+        self._base_mask = ~(min(sizes) - 1)
 
     # -- lockdep-lite and RCU sleeping checks, from the scheduler's trap stream ----------------
     def on_trap(self, task, event: tuple) -> None:
         if not self.enabled:
             return
         kind = event[0]
-        if kind == "point" and event[1] == "pt_write":
-            self._check_table_pmd_clear(task, event[2])
+        if kind == "point":
+            what = event[1]
+            if what == "pt_write":
+                self._check_table_pmd_clear(task, event[2])
+            elif what != "retry":
+                return
         if kind == "point" and event[1] == "retry":
             n = task.kstate["retries"] = task.kstate.get("retries", 0) + 1
             if n > RETRY_LIMIT:
@@ -143,7 +152,8 @@ class Sanitizers:
                 outer = getattr(held, "cls", "?")
                 if outer == inner:
                     continue                       # nesting within a class (annotated in Linux)
-                self.lock_order.setdefault((outer, inner), f"{task.name} at step {self.k.current_step()}")
+                if (outer, inner) not in self.lock_order:
+                    self.lock_order[outer, inner] = f"{task.name} at step {self.k.current_step()}"
                 first = self.lock_order.get((inner, outer))
                 if first is not None:
                     raise Finding(
@@ -327,8 +337,10 @@ class Sanitizers:
             return
         lv = k.arch.levels[pt.level]
         empty = k.arch.empty_value(pt.level)
-        for i, value in enumerate(k.physmem.read_entries(pt.paddr, lv.entries)):
-            if value != empty and k.arch.decode(pt.level, value).present:
+        raws = k.physmem.read_entries(pt.paddr, lv.entries)
+        for i in nonempty(raws, empty):
+            value = raws[i]
+            if k.arch.decode(pt.level, value).present:
                 site = call_site()
                 raise Finding(
                     "PTFREE", f"PTFREE: page table freed with a present pte in {site}",
@@ -360,14 +372,31 @@ class Sanitizers:
     # -- reports ------------------------------------------------------------------------
     def _table_of(self, entp: int):
         k = self.k
+        if self._one_table_size:
+            # every level's tables are the same size (4K): one base, and of a live and a
+            # quarantined table there, the one of the upper level (the loop's order)
+            base = entp & self._base_mask
+            live, dead = k.ptdescs.get(base), self.dead.get(base)
+            if live is not None and (dead is None or live.level <= dead.level):
+                return live
+            if dead is not None:
+                return dead
+        else:
+            pt = self._table_of_by_level(entp)
+            if pt is not None:
+                return pt
+        for pt in k.deferred:
+            if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
+                return pt
+        return None
+
+    def _table_of_by_level(self, entp: int):
+        k = self.k
         for level, lv in enumerate(k.arch.levels):
             base = lv.table_base(entp)
             for pt in (k.ptdescs.get(base), self.dead.get(base)):
                 if pt is not None and pt.level == level:
                     return pt
-        for pt in k.deferred:
-            if pt.paddr <= entp < pt.paddr + k.arch.levels[pt.level].table_bytes:
-                return pt
         return None
 
     def _check_table_pmd_clear(self, task, entp: int) -> None:

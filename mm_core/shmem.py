@@ -29,12 +29,11 @@ class AddressSpace:
         return len(self.i_pages)
 
     def folios(self) -> list[Page]:
-        seen, out = set(), []
-        for f in self.i_pages.values():
-            if id(f) not in seen:
-                seen.add(id(f))
-                out.append(f)
-        return out
+        """Each folio of the cache once, in the order its first page entered i_pages."""
+        pages = list(self.i_pages.values())
+        if pages and pages.count(pages[0]) == len(pages):   # one folio (a Page equals only itself)
+            return pages[:1]
+        return list(dict.fromkeys(pages))                    # a Page hashes by identity
 
 
 @dataclass(eq=False)
@@ -86,9 +85,13 @@ def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
 
 def delete_from_page_cache(k, folio: Page) -> None:
     mapping = folio.mapping
-    for i in range(folio.index, folio.index + folio_nr_pages(folio, mapping)):
-        if mapping.i_pages.get(i) is folio:
-            del mapping.i_pages[i]
+    pages, span = mapping.i_pages, range(folio.index, folio.index + folio_nr_pages(folio, mapping))
+    if len(pages) == len(span) and list(map(pages.get, span)).count(folio) == len(span):
+        pages.clear()                  # the folio was the whole cache (a Page equals only itself)
+    else:
+        for i in span:
+            if pages.get(i) is folio:
+                del pages[i]
     folio.mapping = None
     folio.refcount -= 1
     if folio.refcount == 0:

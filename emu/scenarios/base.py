@@ -70,7 +70,7 @@ def collapsed_shmem(sc: Scenario, private: bool = False, locked: bool = True, ex
     size = huge_memory.hpage_pmd_size(k)
     inode = m.memfd_create("race", size + extra_pages * k.page_size)
     folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
-    k.physmem.write(folio.paddr, file_data(size))
+    write_file_data(k, folio.paddr, size)
     shmem.add_to_page_cache(inode.mapping, folio, 0)
     folio.locked = locked
     mm = m.new_mm()
@@ -90,6 +90,18 @@ def file_data(size: int) -> bytes:
     for i in range(0, size, 8 << 10):
         data[i:i + 8] = (i // 4096 + 1).to_bytes(8, "little")
     return bytes(data)
+
+
+def write_file_data(k, paddr: int, size: int) -> None:
+    """file_data(size) at ``paddr``, into a block fresh from alloc_pages() (zeroed): only
+    its non-zero words are written (one strided copy instead of 2 MiB)."""
+    k.physmem.scatter(paddr, 8 << 10, _file_words(size), 8)
+
+
+@functools.cache
+def _file_words(size: int) -> bytes:
+    """The non-zero u64 words of file_data(size), one every 8K."""
+    return b"".join((i // 4096 + 1).to_bytes(8, "little") for i in range(0, size, 8 << 10))
 
 
 async def collapse_file_tail(k, w: World):

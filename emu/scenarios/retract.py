@@ -11,13 +11,13 @@ from emu.scenarios.base import (
     World,
     collapse_file_tail,
     collapsed_shmem,
-    file_data,
     huge_refault,
     locked_collapse,
     lockless_reader,
     madvise_collapse_tail,
     read_fault,
     scenario,
+    write_file_data,
 )
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, madvise, pgtable, shmem, userfaultfd
@@ -200,7 +200,7 @@ def lru_gen_vs_retract(sc: Scenario) -> World:
     folios = []
     for i in range(nr):                  # collapsed_shmem() times nr: an empty table per extent
         folio = k.alloc.alloc_pages(huge_memory.hpage_pmd_order(k), PageUse.SHMEM, owner=inode.mapping)
-        k.physmem.write(folio.paddr, file_data(size))
+        write_file_data(k, folio.paddr, size)
         shmem.add_to_page_cache(inode.mapping, folio, i * (size // k.page_size))
         folio.locked = True
         folios.append(folio)

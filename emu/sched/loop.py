@@ -16,6 +16,8 @@ from emu.sched.strategy import Strategy, make_strategy
 from emu.sched.task import Task, TaskState
 
 POLICIES = ("round-robin", "timed")
+RUNNABLE, BLOCKED, SLEEPING, DONE = (TaskState.RUNNABLE, TaskState.BLOCKED, TaskState.SLEEPING,
+                                     TaskState.DONE)
 FAIR_QUANTA = 8              # user quanta in a row before another runnable thread must run
 
 
@@ -63,19 +65,23 @@ class Scheduler:
 
     def _pick(self, runnable: list[Task]) -> Task:
         task = self.strategy.pick(runnable, self.current, len(self.picks))
-        # Fairness for guest code: a thread that keeps running user quanta while others
-        # could run (a busy-wait on a flag another thread must set) is preempted after
-        # FAIR_QUANTA of them, in favour of the runnable task that ran least recently.
-        # Strategies stay adversarial inside that bound (CHESS's fair scheduling).
         if self.strategy.fair and task.pending is not None and task.pending[0] == "user" \
                 and len(runnable) > 1:
-            self._user_streak = self._user_streak + 1 if task is self._streak_task else 1
-            self._streak_task = task
-            if self._user_streak > FAIR_QUANTA:
-                others = [t for t in runnable if t is not task]
-                task = min(others, key=lambda t: (self._last_ran.get(t.tid, -1), t.tid))
-                self._user_streak, self._streak_task = 0, task
+            task = self._fair(task, runnable)
         self._last_ran[task.tid] = len(self.picks)
+        return task
+
+    def _fair(self, task: Task, runnable: list[Task]) -> Task:
+        """Fairness for guest code: a thread that keeps running user quanta while others
+        could run (a busy-wait on a flag another thread must set) is preempted after
+        FAIR_QUANTA of them, in favour of the runnable task that ran least recently.
+        Strategies stay adversarial inside that bound (CHESS's fair scheduling)."""
+        self._user_streak = self._user_streak + 1 if task is self._streak_task else 1
+        self._streak_task = task
+        if self._user_streak > FAIR_QUANTA:
+            others = [t for t in runnable if t is not task]
+            task = min(others, key=lambda t: (self._last_ran.get(t.tid, -1), t.tid))
+            self._user_streak, self._streak_task = 0, task
         return task
 
     # -- the loop --------------------------------------------------------------------------
@@ -88,35 +94,43 @@ class Scheduler:
             if max_steps is not None and len(self.picks) > max_steps:
                 raise Livelock(f"no end after {max_steps} steps: " + ", ".join(
                     f"{t.name} ({t.steps} traps)" for t in self.tasks if t.state is not TaskState.DONE))
-            # one pass over the tasks: is a non-daemon left, does anyone sleep or wait
-            # on a wait queue (the polls below are no-ops otherwise, and this loop is hot)
-            live = sleeping = waiting = False
+            # one pass over the tasks: the runnable ones, is a non-daemon left, does anyone
+            # sleep or wait on a wait queue (the polls below are no-ops otherwise, and this
+            # loop is hot)
+            live = sleeping = False
+            runnable, waiting = [], []
             for t in self.tasks:
                 state = t.state
-                if state is TaskState.DONE:
+                if state is RUNNABLE:
+                    runnable.append(t)
+                elif state is DONE:
                     continue
+                elif state is SLEEPING:
+                    sleeping = True
+                elif state is BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
+                    waiting.append(t)
                 if not t.daemon:
                     live = True
-                if state is TaskState.SLEEPING:
-                    sleeping = True
-                elif state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
-                    waiting = True
+            # wait queues posted to without a wake trap (call_rcu never sleeps)
+            woken = False
+            for t in waiting:
+                if t.blocked_on[0].try_acquire(t, "wait"):
+                    t.state, t.blocked_on = RUNNABLE, None
+                    woken = True
             if not live:
                 # only kernel threads are left: let them finish what they started, so
                 # no lock, folio lock or RCU section is left half-way
-                if waiting:
-                    self._poll_waiters()
-                busy = self._runnable()
-                if not busy:
+                if woken:
+                    runnable = self._runnable()
+                if not runnable:
                     return
-                self.current = busy[0]
-                self.step(busy[0])
+                self.current = runnable[0]
+                self.step(runnable[0])
                 continue
-            if waiting:
-                self._poll_waiters()
-            if sleeping:
-                self._wake_sleepers()
-            runnable = self._runnable()
+            if sleeping and self._wake_sleepers():
+                woken = True
+            if woken:
+                runnable = self._runnable()
             if not runnable and self._advance_time():
                 continue
             if not runnable:
@@ -125,10 +139,16 @@ class Scheduler:
                     raise Deadlock("deadlock: " + ", ".join(
                         f"{t.name} waits for {t.blocked_on[0]!r}" for t in blocked if t.blocked_on))
                 return
-            task = self._pick(runnable)
-            if task is not self.current:
+            # _pick(), inline
+            current, strategy, n = self.current, self.strategy, len(self.picks)
+            task = strategy.pick(runnable, current, n)
+            if strategy.fair and task.pending is not None and task.pending[0] == "user" \
+                    and len(runnable) > 1:
+                task = self._fair(task, runnable)
+            self._last_ran[task.tid] = n
+            if task is not current:
                 self.switches += 1
-                if self.current is not None and self.current in runnable:
+                if current is not None and current in runnable:
                     self.preemptions += 1
             self.current = task
             self.step(task)
@@ -142,9 +162,12 @@ class Scheduler:
             event, task.pending = task.pending, None
             for observe in self.observers:
                 observe(task, event)
-            self.handle(task, event)
-            if task.state is not TaskState.RUNNABLE:
-                return
+            if event[0] == "point":          # handle()'s commonest case, inline
+                task.clock += event[3]
+            else:
+                self.handle(task, event)
+                if task.state is not RUNNABLE:
+                    return
         value, task.send_value = task.send_value, None
         try:
             if task.throw is not None:
@@ -213,12 +236,16 @@ class Scheduler:
         """Simulated time: how far the busiest non-daemon task has got (cycles)."""
         return max([t.clock for t in self.tasks if not t.daemon] + [self._time_floor])
 
-    def _wake_sleepers(self) -> None:
+    def _wake_sleepers(self) -> bool:
+        """Sleepers whose time has come become runnable; True if any did."""
         now = self.now
+        woken = False
         for t in self.tasks:
             if t.state is TaskState.SLEEPING and t.wake_at <= now:
                 t.state = TaskState.RUNNABLE
                 t.clock = max(t.clock, t.wake_at)
+                woken = True
+        return woken
 
     def _advance_time(self) -> bool:
         """Nothing can run: jump the clock to the first sleeper's wake-up (if any)."""
@@ -237,12 +264,16 @@ class Scheduler:
         self.data_log.append((len(self.picks), label, value))
         return value
 
-    def _poll_waiters(self) -> None:
-        """Wait queues posted to without a wake trap (call_rcu never sleeps)."""
+    def _poll_waiters(self) -> bool:
+        """Wait queues posted to without a wake trap (call_rcu never sleeps); True if a
+        waiter became runnable. (run() does the same for the waiters its scan found.)"""
+        woken = False
         for t in self.tasks:
             if t.state is TaskState.BLOCKED and t.blocked_on and t.blocked_on[1] == "wait":
                 if t.blocked_on[0].try_acquire(t, "wait"):
                     t.state, t.blocked_on = TaskState.RUNNABLE, None
+                    woken = True
+        return woken
 
     def _wake(self, lock: object) -> None:
         """Waiters retry in tid order; the first whose acquire succeeds gets the lock."""
@@ -273,14 +304,28 @@ class SyncTask:
 def close_coroutine(coro: Coroutine[Any, Any, Any]) -> None:
     """Abandon a task that will never run again (a run stopped by a finding). Each await
     in a ``finally:`` (an unlock) stops one close(); keep closing until it is done."""
+    if getattr(coro, "cr_frame", getattr(coro, "gi_frame", False)) is None:
+        return                  # finished or closed already: nothing to do
     with warnings.catch_warnings():      # closing one that never started is fine here
         warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(64):
-            try:
-                coro.close()
-                return
-            except RuntimeError:
-                continue
+        _close(coro)
+
+
+def close_coroutines(coros: list[Coroutine[Any, Any, Any]]) -> None:
+    """close_coroutine() of each (one warnings context for all: it costs more than a close)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for coro in coros:
+            _close(coro)
+
+
+def _close(coro: Coroutine[Any, Any, Any]) -> None:
+    for _ in range(64):
+        try:
+            coro.close()
+            return
+        except RuntimeError:
+            continue
 
 
 API_TASK = SyncTask()     # every API call is one caller: locks and RCU sections carry over

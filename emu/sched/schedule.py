@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,17 +44,12 @@ class Schedule:
     # -- building ------------------------------------------------------------------------
     @classmethod
     def from_picks(cls, picks: list[str], **meta: Any) -> Schedule:
-        tasks: list[str] = []
+        index: dict[str, int] = {}          # task name -> its number, in order of first pick
         runs: list[tuple[int, int]] = []
-        for name in picks:
-            if name not in tasks:
-                tasks.append(name)
-            i = tasks.index(name)
-            if runs and runs[-1][0] == i:
-                runs[-1] = (i, runs[-1][1] + 1)
-            else:
-                runs.append((i, 1))
-        return cls(tasks=tasks, runs=runs, **meta)
+        for name, run in itertools.groupby(picks):
+            i = index.setdefault(name, len(index))
+            runs.append((i, len(list(run))))
+        return cls(tasks=list(index), runs=runs, **meta)
 
     def picks(self) -> list[str]:
         return [self.tasks[i] for i, n in self.runs for _ in range(n)]
@@ -101,16 +97,25 @@ class Schedule:
 
 
 class Digest:
-    """Hash of the event sequence: (task name, trap kind, what it acted on)."""
+    """Hash of the event sequence: (task name, trap kind, what it acted on), one line per
+    event. The lines are hashed when the digest is asked for (blake2b of their
+    concatenation, the same as feeding them one by one)."""
 
     def __init__(self) -> None:
-        self.h = hashlib.blake2b(digest_size=8)
-        self.events = 0
+        self.lines: list[str] = []
+        self._done: tuple[int, str] = (-1, "")
+
+    @property
+    def events(self) -> int:
+        return len(self.lines)
 
     def observe(self, task: Any, event: tuple) -> None:
-        self.events += 1
-        what = event[1] if event[0] == "point" else getattr(event[1], "name", "") if len(event) > 1 else ""
-        self.h.update(f"{task.name}|{event[0]}|{what}\n".encode())
+        kind = event[0]
+        what = event[1] if kind == "point" else getattr(event[1], "name", "") if len(event) > 1 else ""
+        self.lines.append(f"{task.name}|{kind}|{what}\n")
 
     def hexdigest(self) -> str:
-        return self.h.hexdigest()
+        if self._done[0] != len(self.lines):
+            h = hashlib.blake2b("".join(self.lines).encode(), digest_size=8)
+            self._done = (len(self.lines), h.hexdigest())
+        return self._done[1]

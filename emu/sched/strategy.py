@@ -98,12 +98,24 @@ class PCT(Strategy):
         return self.prio[task.tid]
 
     def pick(self, runnable, current, step):
+        prio = self.prio
         if len(runnable) > 1:
             self.steps += 1
-        best = max(runnable, key=lambda t: (self._priority(t), -t.tid))
+            for t in runnable:                  # new tasks get theirs in runnable order
+                if t.tid not in prio:
+                    self._priority(t)
+            # the highest priority; on a tie the lowest tid (runnable is in tid order)
+            best = runnable[0]
+            top = prio[best.tid]
+            for t in runnable:
+                if prio[t.tid] > top:
+                    best, top = t, prio[t.tid]
+        else:
+            best = runnable[0]
+            self._priority(best)
         if self.change_points and self.steps == self.change_points[0]:
             self.change_points.pop(0)
-            self.prio[best.tid] = len(self.change_points) + self.rng.random() * 0.5
+            prio[best.tid] = len(self.change_points) + self.rng.random() * 0.5
             best = max(runnable, key=lambda t: (self._priority(t), -t.tid))
         return best
 

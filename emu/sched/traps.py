@@ -4,7 +4,9 @@ Kernel code (mm_core) and guest-thread tasks are ``async def`` coroutines. Every
 action awaits one of the functions below; each yields one event tuple
 ``(kind, *args)`` to the scheduler loop and returns what the loop sends back. Code
 between two awaits runs atomically, so every preemption point is visible as an
-``await`` in the source (the curio model).
+``await`` in the source (the curio model). The traps are generator-based coroutines
+(``types.coroutine``): the event goes straight from the awaited trap to the scheduler,
+with no coroutine frame of its own in between (they are on every step's path).
 
 Event kinds:
     ("point", what, resource, cost)    a scheduling point: table read/write, retry, ...
@@ -21,61 +23,70 @@ Event kinds:
 from __future__ import annotations
 
 import types
+from collections.abc import Generator
 from typing import Any
+
+Trap = Generator[tuple, Any, Any]
 
 
 @types.coroutine
-def _trap(*event: Any) -> Any:
+def sched_point(what: str, resource: object = None, cost: int = 0) -> Trap:
+    """A plain preemption point (e.g. a page-table entry read or write)."""
+    yield ("point", what, resource, cost)
+
+
+@types.coroutine
+def lock(lock: object, mode: str = "x") -> Trap:
+    yield ("lock", lock, mode)
+
+
+@types.coroutine
+def trylock(lock: object, mode: str = "x") -> Trap:
+    return (yield ("trylock", lock, mode))
+
+
+@types.coroutine
+def unlock(lock: object, mode: str = "x") -> Trap:
+    yield ("unlock", lock, mode)
+
+
+@types.coroutine
+def run_user(vcpu: object, quantum: int) -> Trap:
+    """Run guest user code on ``vcpu`` for at most ``quantum`` instructions."""
+    return (yield ("user", vcpu, quantum))
+
+
+@types.coroutine
+def sleep(cycles: int) -> Trap:
+    yield ("sleep", cycles)
+
+
+@types.coroutine
+def wait(waitq: object) -> Trap:
+    """wait_event(): block until ``waitq.try_acquire(task)`` succeeds."""
+    yield ("wait", waitq, "wait")
+
+
+@types.coroutine
+def wake(waitq: object) -> Trap:
+    """wake_up(): post an event and let the waiters retry."""
+    yield ("wake", waitq)
+
+
+@types.coroutine
+def forward(event: tuple) -> Trap:
+    """Pass an event from a wrapped coroutine on to the scheduler (tracing wrappers)."""
     return (yield event)
 
 
-async def sched_point(what: str, resource: object = None, cost: int = 0) -> None:
-    """A plain preemption point (e.g. a page-table entry read or write)."""
-    await _trap("point", what, resource, cost)
-
-
-async def lock(lock: object, mode: str = "x") -> None:
-    await _trap("lock", lock, mode)
-
-
-async def trylock(lock: object, mode: str = "x") -> bool:
-    return await _trap("trylock", lock, mode)
-
-
-async def unlock(lock: object, mode: str = "x") -> None:
-    await _trap("unlock", lock, mode)
-
-
-async def run_user(vcpu: object, quantum: int) -> Any:
-    """Run guest user code on ``vcpu`` for at most ``quantum`` instructions."""
-    return await _trap("user", vcpu, quantum)
-
-
-async def sleep(cycles: int) -> None:
-    await _trap("sleep", cycles)
-
-
-async def wait(waitq: object) -> None:
-    """wait_event(): block until ``waitq.try_acquire(task)`` succeeds."""
-    await _trap("wait", waitq, "wait")
-
-
-async def wake(waitq: object) -> None:
-    """wake_up(): post an event and let the waiters retry."""
-    await _trap("wake", waitq)
-
-
-async def forward(event: tuple) -> Any:
-    """Pass an event from a wrapped coroutine on to the scheduler (tracing wrappers)."""
-    return await _trap(*event)
-
-
-async def choose(n: int, label: str) -> int:
+@types.coroutine
+def choose(n: int, label: str) -> Trap:
     """A nondeterministic data choice among ``n`` options (0 is the ordinary one): the
     strategy decides, and the schedule records it."""
-    return await _trap("choose", n, label)
+    return (yield ("choose", n, label))
 
 
-async def current_task() -> object:
+@types.coroutine
+def current_task() -> Trap:
     """``current``: the task running this coroutine."""
-    return await _trap("self")
+    return (yield ("self",))
