@@ -183,15 +183,20 @@ class UffdFdWaitQueue:
 
 @dataclass(eq=False)
 class UffdEventWaitQueue:
-    """The userfaultfd_wait_queue of a non-fault event (UFFD_EVENT_REMOVE / UNMAP) on
-    ctx->event_wqh: the msg (event, arg.remove.start / end); read() completes it
-    (userfaultfd_event_complete(): msg.event = 0), which ends the sender's wait; so does
-    the release of the context."""
+    """The userfaultfd_wait_queue of a non-fault event on ctx->event_wqh: the msg (event;
+    REMOVE / UNMAP: arg.remove.start / end; REMAP: arg.remap.from / to / len as ``start``
+    / ``end`` / ``length``; FORK: arg.reserved.reserved1, the child's context, as
+    ``new_ctx``); read() completes it (userfaultfd_event_complete(): msg.event = 0),
+    which ends the sender's wait; so does the release of the context. ``fork_event``:
+    the reader's local list a FORK event sits on while read() installs the new fd."""
 
     ctx: UserfaultfdCtx
     event: int
     start: int
     end: int
+    length: int = 0
+    new_ctx: UserfaultfdCtx | None = None
+    fork_event: list | None = None
     sleeps = True                       # schedule() in TASK_KILLABLE
 
     def try_acquire(self, task: object, mode: str = "wait") -> bool:
@@ -219,6 +224,7 @@ class UserfaultfdCtx:
     flags: int = 0                      # userfaultfd(2) flags (UFFD_USER_MODE_ONLY, O_NONBLOCK)
     event_wqh: list = field(default_factory=list)
     mmap_changing: int = 0              # atomic_t: non-cooperative events in flight
+    file_flags: int = 0                 # the O_NONBLOCK / O_CLOEXEC part of ctx->flags
 
     def __post_init__(self) -> None:
         self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
@@ -447,25 +453,35 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
 
 @dataclass(frozen=True)
 class UffdEventMsg:
-    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it."""
+    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it.
+    REMAP: from / to / len in ``start`` / ``end`` / ``length``; FORK: ``new_ctx`` (the
+    child's context) and ``ufd``, the fd resolve_userfault_fork() installed for it."""
 
     event: int
     start: int
     end: int
+    length: int = 0
+    new_ctx: UserfaultfdCtx | None = None
+    ufd: int = 0
 
 
-async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | UffdEventMsg | int:
+async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool,
+                               resolve_fork=None) -> UffdWaitQueue | UffdEventMsg | int:
     """userfaultfd_ctx_read() (fs/userfaultfd.c, 6.6): page faults first: take the oldest
     fault on fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to
     at its head), refile it to fault_wqh (so it is reported once, and still woken by the
     resolving ioctl) and return it for the uffd_msg. Then events (find_userfault_evt()):
-    copy the oldest REMOVE / UNMAP message and complete it (userfaultfd_event_complete():
-    msg.event = 0, off event_wqh, the sender wakes). With nothing pending: -EAGAIN if
-    ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh
-    until a fault or an event is queued. FORK / REMAP are not modelled. Returns 0 (nothing
-    read) to a reader sleeping when the context is released (here only by exit_files(),
-    when another thread exits the process; Linux ends that read with the signal that
-    killed the thread)."""
+    copy the oldest message and complete it (userfaultfd_event_complete(): msg.event = 0,
+    off event_wqh, the sender wakes). A FORK event is instead moved to a local
+    ``fork_event`` list; with the locks dropped resolve_userfault_fork() installs an fd for
+    the child's context (``resolve_fork(new_ctx)`` -> fd or -errno; None: the Machine API,
+    where the context is the handle and the fd 0); then, if the forker did not abort (its
+    context released meanwhile), the event goes back on event_wqh and is completed, or left
+    there when the fd could not be made (the error is read()'s). With nothing pending:
+    -EAGAIN if ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep
+    on fd_wqh until a fault or an event is queued. Returns 0 (nothing read) to a reader
+    sleeping when the context is released (here only by exit_files(), when another thread
+    exits the process; Linux ends that read with the signal that killed the thread)."""
     while True:
         await traps.lock(ctx.wqh_lock)                               # spin_lock(&fault_pending_wqh.lock)
         uwq = ctx.fault_pending_wqh[0] if ctx.fault_pending_wqh else None
@@ -479,10 +495,15 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         await traps.lock(ctx.event_lock)                             # spin_lock(&ctx->event_wqh.lock)
         ewq = ctx.event_wqh[0] if ctx.event_wqh else None
         if ewq is not None:
-            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end)        # *msg = uwq->msg
-            ewq.event = 0                                            # userfaultfd_event_complete()
+            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end, ewq.length, ewq.new_ctx)   # *msg = uwq->msg
             ctx.event_wqh.remove(ewq)
+            if ewq.event == UFFD_EVENT_FORK:
+                ewq.fork_event = [ewq]                               # list_move(&uwq->wq.entry, &fork_event)
+            else:
+                ewq.event = 0                                        # userfaultfd_event_complete()
         await traps.unlock(ctx.event_lock)
+        if ewq is not None and msg.event == UFFD_EVENT_FORK:
+            return await _read_fork_event(k, ctx, ewq, msg, resolve_fork)
         if ewq is not None:
             k.stats["uffd_events_read"] += 1
             return msg
@@ -491,6 +512,29 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         if ctx.released:
             return 0
         await traps.wait(ctx.fd_wqh)                                 # schedule()
+
+
+async def _read_fork_event(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue, msg: UffdEventMsg,
+                           resolve_fork) -> UffdEventMsg | int:
+    """The tail of userfaultfd_ctx_read() for UFFD_EVENT_FORK: resolve_userfault_fork()
+    (anon_inode_getfd() of the child's context; may sleep), then under event_wqh.lock: if
+    the event is still on the local fork_event list (the forker did not abort), put it
+    back on event_wqh and complete it unless the fd failed (then it stays queued and the
+    error goes to read()); if the forker aborted, nothing is put back."""
+    await sched_point("uffd_resolve_fork", ctx)
+    ret = resolve_fork(msg.new_ctx) if resolve_fork is not None else 0
+    await traps.lock(ctx.event_lock)
+    if ewq.fork_event:                                               # !list_empty(&fork_event)
+        ewq.fork_event = None
+        ctx.event_wqh.append(ewq)               # __add_wait_queue(): at the head, so read last
+        if ret >= 0:
+            ewq.event = 0                                            # userfaultfd_event_complete()
+            ctx.event_wqh.remove(ewq)
+    await traps.unlock(ctx.event_lock)
+    if ret < 0:
+        return ret
+    k.stats["uffd_events_read"] += 1
+    return UffdEventMsg(msg.event, 0, 0, 0, msg.new_ctx, ret)         # arg.fork.ufd = fd
 
 
 def uffd_msg_pagefault(ctx: UserfaultfdCtx, uwq: UffdWaitQueue, page_size: int, big_endian: bool) -> bytes:
@@ -1355,22 +1399,43 @@ async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: in
 async def userfaultfd_event_wait_completion(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue) -> None:
     """userfaultfd_event_wait_completion() (fs/userfaultfd.c, 6.6): queue the event on
     event_wqh, wake read() (fd_wqh) and sleep (TASK_KILLABLE) until a read() completes it
-    (msg.event = 0) or the context is released (then unqueue it); finally drop
-    mmap_changing. Called with no mmap_lock held. Cannot fail: the sender waits."""
+    (msg.event = 0) or the context is released (then unqueue it, from event_wqh or a
+    reader's fork_event list; for a FORK event the child's context is dropped: under the
+    child's mmap_write_lock its VMAs lose the registration); finally drop mmap_changing.
+    Called with no mmap_lock held. Cannot fail: the sender waits."""
+    release_new_ctx = None
     await traps.lock(ctx.event_lock)                                 # spin_lock_irq(&event_wqh.lock)
     ctx.event_wqh.append(ewq)                                        # __add_wait_queue()
     while True:
         if ewq.event == 0:
             break
         if ctx.released:
+            # &ewq->wq may be queued in a reader's fork_event: __remove_wait_queue()
+            # ignores the head
             if ewq in ctx.event_wqh:
                 ctx.event_wqh.remove(ewq)                            # __remove_wait_queue()
+            if ewq.fork_event:
+                ewq.fork_event.remove(ewq)
+            if ewq.event == UFFD_EVENT_FORK:
+                release_new_ctx = ewq.new_ctx
             break
         await traps.unlock(ctx.event_lock)
         k.stats["uffd_event_waits"] += 1
         await traps.wait(ewq)                                        # wake_up_poll(fd_wqh); schedule()
         await traps.lock(ctx.event_lock)
     await traps.unlock(ctx.event_lock)
+    if release_new_ctx is not None:
+        # the child's VMAs still point to the context no one will get an fd for
+        new_mm = release_new_ctx.mm
+        await mmap_write_lock(new_mm)
+        for vma in list(new_mm.vmas):
+            if vma.uffd_ctx is release_new_ctx:
+                vma.flags &= ~VM_UFFD_FLAGS                          # userfaultfd_set_vm_flags()
+                vma.uffd_ctx = None
+                await sched_point("vma_write", vma)
+        await mmap_write_unlock(new_mm)
+        release_new_ctx.released = True                              # userfaultfd_ctx_put()
+        k.stats["uffd_fork_ctx_dropped"] += 1
     ctx.mmap_changing -= 1                                           # atomic_dec(&ctx->mmap_changing)
     assert ctx.mmap_changing >= 0
 
@@ -1416,8 +1481,122 @@ async def userfaultfd_unmap_complete(k, mm, unmaps: list) -> None:
 
 
 def uffd_msg_event(msg: UffdEventMsg, big_endian: bool) -> bytes:
-    """The 32-byte struct uffd_msg of a REMOVE / UNMAP event: event, then arg.remove
-    {start, end} at offset 8, in the guest's byte order."""
+    """The 32-byte struct uffd_msg of an event, in the guest's byte order: event (__u8),
+    then at offset 8 the arg union: REMOVE / UNMAP arg.remove {__u64 start, end}; REMAP
+    arg.remap {__u64 from, to, len}; FORK arg.fork {__u32 ufd} (msg_init() zeroed the
+    rest, and resolve_userfault_fork() cleared reserved1, the context pointer)."""
     order = "big" if big_endian else "little"
-    arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order)
-    return bytes([msg.event]) + bytes(7) + arg + bytes(8)
+    if msg.event == UFFD_EVENT_FORK:
+        arg = msg.ufd.to_bytes(4, order) + bytes(20)
+    elif msg.event == UFFD_EVENT_REMAP:
+        arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order) + msg.length.to_bytes(8, order)
+    else:
+        arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order) + bytes(8)
+    return bytes([msg.event]) + bytes(7) + arg
+
+
+# -- UFFD_EVENT_FORK: dup_userfaultfd() / dup_userfaultfd_complete() (from dup_mmap) ------------
+
+@dataclass(eq=False)
+class UffdForkCtx:
+    """struct userfaultfd_fork_ctx: the parent's context and the child's new one."""
+
+    orig: UserfaultfdCtx
+    new: UserfaultfdCtx
+
+
+async def dup_userfaultfd(k, vma, fcs: list) -> int:
+    """dup_userfaultfd() (fs/userfaultfd.c, 6.6; from dup_mmap() under both mmap write
+    locks, for the child's copy ``vma``): without a context, or one without
+    UFFD_FEATURE_EVENT_FORK, the copy loses the registration (vm_userfaultfd_ctx =
+    NULL_VM_UFFD_CTX, userfaultfd_set_vm_flags(vma, vm_flags & ~__VM_UFFD_FLAGS)). With
+    it, the child's VMAs of one parent context share one new context (UFFD_STATE_RUNNING,
+    the parent's flags and features, ctx->mm the child's), noted in ``fcs`` once with
+    the parent's mmap_changing raised: UFFDIO_COPY & co. on the parent's context are
+    -EAGAIN until the handler has read the FORK event. 0 (-ENOMEM for the allocations
+    cannot happen here)."""
+    octx = vma.uffd_ctx
+    if octx is None:
+        return 0
+    if not octx.features & UFFD_FEATURE_EVENT_FORK:
+        vma.uffd_ctx = None
+        vma.flags &= ~VM_UFFD_FLAGS
+        await sched_point("vma_write", vma)
+        return 0
+    fctx = next((f for f in fcs if f.orig is octx), None)
+    if fctx is None:
+        new = UserfaultfdCtx(vma.mm, octx.features, k.next_id("uffd"), flags=octx.flags, api_done=True)
+        new.file_flags = octx.file_flags
+        octx.mmap_changing += 1                                      # atomic_inc(&octx->mmap_changing)
+        fctx = UffdForkCtx(octx, new)
+        fcs.append(fctx)
+        k.stats["uffd_fork_ctx_created"] += 1
+    vma.uffd_ctx = fctx.new
+    await sched_point("vma_write", vma)
+    return 0
+
+
+async def dup_userfaultfd_complete(k, fcs: list) -> None:
+    """dup_userfaultfd_complete() -> dup_fctx() (after dup_mmap() dropped both mmap
+    locks): send UFFD_EVENT_FORK (the child's context in arg.reserved.reserved1) to each
+    parent context and wait until the handler's read() turned it into an fd."""
+    for fctx in fcs:
+        k.stats["uffd_event_fork"] += 1
+        await userfaultfd_event_wait_completion(
+            k, fctx.orig, UffdEventWaitQueue(fctx.orig, UFFD_EVENT_FORK, 0, 0, new_ctx=fctx.new))
+    fcs.clear()
+
+
+def dup_userfaultfd_fail(k, fcs: list) -> None:
+    """dup_userfaultfd_fail() (6.12, "fork: do not invoke uffd on fork if error occurs",
+    Lorenzo Stoakes): a fork that failed sends no FORK event: the parents' mmap_changing
+    drops back and the new contexts go (the child mm's teardown drops its VMAs)."""
+    for fctx in fcs:
+        fctx.orig.mmap_changing -= 1
+        assert fctx.orig.mmap_changing >= 0
+        fctx.new.released = True
+    fcs.clear()
+
+
+# -- UFFD_EVENT_REMAP: mremap_userfaultfd_prep() / mremap_userfaultfd_complete() ----------------
+
+@dataclass(eq=False)
+class VmUffdCtx:
+    """struct vm_userfaultfd_ctx: mremap's ``uf``, the context to send REMAP to (or None)."""
+
+    ctx: UserfaultfdCtx | None = None
+
+
+async def mremap_userfaultfd_prep(k, vma, vm_ctx: VmUffdCtx) -> None:
+    """mremap_userfaultfd_prep() (6.6; from move_vma() under mmap_write_lock, after the
+    page tables moved, for the new VMA, which copy_vma() gave the old one's context and
+    flags): with UFFD_FEATURE_EVENT_REMAP note the context and raise its mmap_changing
+    (UFFDIO_COPY & co. are -EAGAIN from now until the handler read the event); without,
+    drop the registration from the new VMA ("Drop uffd context if remap feature not
+    enabled")."""
+    ctx = vma.uffd_ctx
+    if ctx is None:
+        return
+    if ctx.features & UFFD_FEATURE_EVENT_REMAP:
+        vm_ctx.ctx = ctx
+        ctx.mmap_changing += 1                                       # atomic_inc(&ctx->mmap_changing)
+    else:
+        vma.uffd_ctx = None
+        vma.flags &= ~VM_UFFD_FLAGS                                  # userfaultfd_set_vm_flags()
+        await sched_point("vma_write", vma)
+
+
+async def mremap_userfaultfd_complete(k, vm_ctx: VmUffdCtx, start: int, to: int, length: int) -> None:
+    """mremap_userfaultfd_complete() (6.6; after mmap_write_unlock()): send UFFD_EVENT_REMAP
+    {from, to, len} and wait until the handler read it. ``to`` is mremap's return value:
+    an error (not page-aligned) sends nothing (and, as in 6.6, leaves mmap_changing
+    raised: prep only runs once the move has succeeded, so mremap cannot fail after it)."""
+    ctx = vm_ctx.ctx
+    if ctx is None:
+        return
+    vm_ctx.ctx = None
+    if to % k.page_size:
+        return                                                       # userfaultfd_ctx_put()
+    k.stats["uffd_event_remap"] += 1
+    await userfaultfd_event_wait_completion(
+        k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_REMAP, start, to, length))
