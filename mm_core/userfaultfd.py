@@ -35,6 +35,13 @@ the folio lock or the anon_vma lock it unmaps both, sleeps on the lock and retri
 Under 6.14 it also rechecks the dst pmd (pmd_same) under the ptls, since PT_RECLAIM may free
 the dst table meanwhile and a none dst pte reads the same in a freed table.
 
+Non-cooperative events (6.6): REMOVE (MADV_DONTNEED), UNMAP (munmap, mmap(MAP_FIXED),
+mremap), REMAP (mremap_userfaultfd_prep() / _complete() around a moving mremap) and FORK
+(dup_userfaultfd() / dup_userfaultfd_complete() from dup_mmap(): the child's VMAs on a new
+context, an fd for it made by the handler's read()). Each is sent with no mmap_lock held
+and the sender waits for the read; ctx->mmap_changing is raised from the prep under the
+lock until then, so UFFDIO_COPY / ZEROPAGE / CONTINUE / WRITEPROTECT / POISON are -EAGAIN.
+
 Kernel text relied on: the v6.6 fs/userfaultfd.c and mm/userfaultfd.c as quoted in
 spec/kernel_mm.md §2 (rows 14, 15) and the stored mm/userfaultfd.c (a 6.4-era copy: the
 6.5 -EAGAIN on a failed map and the 6.6 pmd checks in mfill_atomic() are from the 6.6
@@ -1458,7 +1465,8 @@ async def userfaultfd_remove(k, vma, start: int, end: int) -> bool:
 
 
 def userfaultfd_unmap_prep(k, vma, start: int, end: int, unmaps: list) -> int:
-    """userfaultfd_unmap_prep() (6.6, munmap under mmap_write_lock, per VMA of the range):
+    """userfaultfd_unmap_prep() (6.6, under mmap_write_lock, per VMA of a range munmap,
+    mmap(MAP_FIXED) or mremap (shrink, move, MREMAP_FIXED target) unmaps):
     with UFFD_FEATURE_EVENT_UNMAP, note (ctx, start, end) once per context and range and
     raise mmap_changing (UFFDIO_COPY & co. answer -EAGAIN from now until the handler has
     read the event). 0 (-ENOMEM for the allocation cannot happen here)."""
