@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from emu.arch import Access, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import huge_memory, memory, pgtable, rmap, shmem
+from mm_core import huge_memory, memory, pgtable, rmap, shmem, swap_state, swapfile
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -1213,6 +1213,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     src_folio_pte = 0
     src_anon_vma = None
     src_pte = dst_pte = None
+    si = None
     err = 0
     while True:                                                    # retry:
         mapped = await map_nolock(k, mm, dst_pmd, dst_addr)
@@ -1249,9 +1250,44 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
         if src_folio is not None and src_folio_pte != orig_src_pte:
             err = -EAGAIN                       # the pte changed while we slept on the folio lock
             break
-        if src_ent.kind is not Kind.LEAF:
-            k.stats["uffdio_move_swap_refused"] += 1
-            err = -EBUSY                        # not modelled: move_swap_pte(), migration_entry_wait()
+        if src_ent.kind is Kind.MIGRATION:
+            k.stats["uffdio_move_migration_refused"] += 1
+            err = -EBUSY                        # not modelled: migration_entry_wait(), -EAGAIN
+            break
+        if src_ent.kind is not Kind.LEAF:       # !pte_present()
+            if not swapfile.is_swap_pte(src_ent):
+                err = -EFAULT                   # a marker or hwpoison entry: !is_swap_entry
+                break
+            if not src_ent.exclusive:
+                err = -EBUSY                    # !pte_swp_exclusive(): fork shared the entry
+                break
+            if si is None:
+                si = swapfile.get_swap_device(k, src_ent)
+                if si is None:
+                    err = -EAGAIN               # swapoff got past try_to_unuse()
+                    break
+            if src_folio is None:
+                # the folio may still sit in the swap cache (readahead, a swap-in that lost
+                # its pte_same(), reclaim that kept it): its rmap must follow the entry
+                folio = await swap_state.swap_cache_get_folio(k, src_ent.swp_offset)
+                if folio is not None:
+                    if folio.order != k.page_order:
+                        memory.put_page(k, folio)
+                        err = -EBUSY            # split_folio() of a cached large folio fails too
+                        break
+                    src_folio, src_folio_pte = folio, orig_src_pte
+                    if not await shmem.folio_trylock(k, src_folio):
+                        k.stats["uffdio_move_swap_folio_lock_retry"] += 1
+                        await pgtable.pte_unmap(k, src_pte)
+                        await pgtable.pte_unmap(k, dst_pte)
+                        src_pte = dst_pte = None
+                        swapfile.put_swap_device(si)
+                        si = None
+                        await shmem.folio_lock(k, src_folio)  # now we can block and wait
+                        await sched_point("retry", src_pmd)
+                        continue
+            err = await move_swap_pte(k, mm, dst_vma, dst_addr, src_addr, dst_pte, src_pte, orig_dst_pte,
+                                      orig_src_pte, dst_pmd, dst_pmdval, dst_ptl, src_ptl, src_folio, src_ent)
             break
         if src_ent.paddr == k.zero_page.paddr:
             err = await move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr, src_addr, dst_pte, src_pte,
@@ -1323,6 +1359,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
             await pgtable.pte_unmap(k, src_pte)
         if dst_pte is not None:
             await pgtable.pte_unmap(k, dst_pte)
+    if si is not None:
+        swapfile.put_swap_device(si)
     return err
 
 
@@ -1380,6 +1418,43 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
         k.stats["uffdio_move"] += 1
     await double_pt_unlock(k, dst_ptl, src_ptl)
     return err
+
+
+async def move_swap_pte(k, mm, dst_vma, dst_addr: int, src_addr: int, dst_pte: int, src_pte: int,
+                        orig_dst_pte: int, orig_src_pte: int, dst_pmd: int, dst_pmdval,
+                        dst_ptl: SpinLock, src_ptl: SpinLock, src_folio, entry) -> int:
+    """move_swap_pte() (6.8 with the 2025 swap-cache fixes: Barry Song's "mm: userfaultfd:
+    fix race of userfaultfd_move and swap cache" series, Kairui Song's recheck): the swap
+    entry itself moves, with its swap count (one reference, one mm: MM_SWAPENTS does not
+    change), marked soft-dirty. A locked swap-cache ``src_folio`` that is no longer the
+    cache's folio for the entry is -EAGAIN; under both ptls is_pte_pages_stable() (-EAGAIN),
+    then the cached folio's rmap moves to dst (folio_move_anon_rmap(), the index: a swap-in
+    at dst hits the cache with dst's anon_vma and index; no anon_vma lock: the entry is
+    exclusive and the folio unmapped, so no rmap walk finds it); with no folio, one that
+    appeared in the cache meanwhile (a swap-in, swapped out again to the same entry) is
+    -EAGAIN."""
+    arch = k.arch
+    level = arch.pte_level
+    off = entry.swp_offset
+    if src_folio is not None and src_folio.extra.get("swap") != off:
+        return -EAGAIN                          # !folio_test_swapcache() || entry != folio->swap
+    await double_pt_lock(k, dst_ptl, dst_pte, src_ptl, src_pte)
+    if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
+        await double_pt_unlock(k, dst_ptl, src_ptl)
+        return -EAGAIN
+    if src_folio is not None:
+        rmap.folio_move_anon_rmap(k, src_folio, dst_vma)
+        src_folio.index = rmap.linear_page_index(k, dst_vma, dst_addr)
+    elif k.swap_info is not None and off in k.swap_info.cache:     # swap_cache_has_folio()
+        await double_pt_unlock(k, dst_ptl, src_ptl)
+        k.stats["uffdio_move_swap_cache_appeared"] += 1
+        return -EAGAIN
+    ent = arch.decode(level, await pgtable.get_raw(k, src_pte))
+    await pgtable.clear_entry(k, src_pte, level)                         # ptep_get_and_clear()
+    await pgtable.set_entry(k, dst_pte, level, ent.with_(soft_dirty=True))   # pte_swp_mksoft_dirty()
+    await double_pt_unlock(k, dst_ptl, src_ptl)
+    k.stats["uffdio_move_swap"] += 1
+    return 0
 
 
 async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int, dst_pte: int,
