@@ -33,7 +33,8 @@ the move itself, both ptls (double_pt_lock) after pte_same() rechecks of both pt
 ptes pin an RCU read section (and a kmap_local slot under HIGHPTE), so on contention for
 the folio lock or the anon_vma lock it unmaps both, sleeps on the lock and retries.
 Under 6.14 it also rechecks the dst pmd (pmd_same) under the ptls, since PT_RECLAIM may free
-the dst table meanwhile and a none dst pte reads the same in a freed table.
+the dst table meanwhile and a none dst pte reads the same in a freed table. A swap pte
+moves as it is (move_swap_pte(), with a swap-cache folio's rmap moved under its lock).
 
 Non-cooperative events (6.6): REMOVE (MADV_DONTNEED), UNMAP (munmap, mmap(MAP_FIXED),
 mremap), REMAP (mremap_userfaultfd_prep() / _complete() around a moving mremap) and FORK
@@ -1197,9 +1198,13 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     pmd_same) and a folio whose anon_vma is gone.
     -EEXIST if dst is not none, -ENOENT for a src hole (0 with ALLOW_SRC_HOLES), -EBUSY
     for a folio that is not exclusive anon. Contention on the folio lock or the anon_vma
-    lock: unmap both ptes, sleep on the lock, retry from the maps. Refused, not modelled:
-    a large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's
-    pmd) and swap / migration entries are -EBUSY."""
+    lock: unmap both ptes, sleep on the lock, retry from the maps. A swap pte (the 2025
+    code): -EBUSY unless pte_swp_exclusive(), -EAGAIN without the swap device
+    (get_swap_device(), held to the end), a folio for it in the swap cache is locked (on
+    contention: unmap both, put the device, folio_lock(), retry; a large one is -EBUSY),
+    then move_swap_pte(); a marker or hwpoison entry is -EFAULT. Refused, not modelled: a
+    large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's pmd)
+    and migration entries (migration_entry_wait(), -EAGAIN) are -EBUSY."""
     arch = k.arch
     level = arch.pte_level
     # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
