@@ -212,7 +212,10 @@ class Machine:
         """fork()'s dup_mm(): a new mm with a copy of every VMA of ``mm``; page tables are
         copied where the kernel copies them (anon memory: both sides write-protected,
         copy-on-write on the next write), file mappings without anon pages refault.
-        Raises OSError(ENOMEM) (after tearing the half-built child down) on failure."""
+        Raises OSError(ENOMEM) (after tearing the half-built child down) on failure. A
+        range registered with a userfaultfd asking for UFFD_FEATURE_EVENT_FORK makes
+        fork wait for the handler's read() of UFFD_EVENT_FORK: run fork.dup_mmap() as a
+        task (emu.scenario) for that, as nothing here reads it."""
         child = self.new_mm()
         ret = run_sync(fork.dup_mmap(self.kernel, child, mm))
         if ret < 0:

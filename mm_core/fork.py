@@ -25,8 +25,10 @@ before any is written, which is the pte_same-style recheck the walker contract a
 Not modelled: the -EAGAIN path for possibly pinned anon pages (copy_present_page with a
 preallocated folio: nothing pins pages here), need_resched()/spin_needbreak() breaks of
 the loop (the scheduler preempts only at traps), VM_DONTCOPY / VM_WIPEONFORK (no madvise
-sets them), the huge zero page, and uffd contexts (the child's VMAs lose uffd-wp as
-dup_userfaultfd() does without UFFD_FEATURE_EVENT_FORK).
+sets them), the huge zero page. uffd contexts: dup_userfaultfd() (mm_core/userfaultfd.py)
+keeps the child's VMAs registered, to a new context, with UFFD_FEATURE_EVENT_FORK (then
+uffd-wp bits and markers are copied too: vma_needs_copy()), and drops the registration
+without it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from emu.arch import SWP_MIGRATION_READ, SWP_MIGRATION_WRITE, Access, Kind, swap
 from emu.sched import traps
 from mm_core import huge_memory, memory, pgtable, swapfile
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
-from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VM_UFFD_FLAGS, VMA, MMStruct
+from mm_core.mm import MM_SWAPENTS, VM_LOCKED, VM_MAYWRITE, VM_SHARED, VMA, MMStruct
 from mm_core.page_alloc import OutOfMemory
 from mm_core.swapops import (
     PTE_MARKER_POISONED,
@@ -67,16 +69,22 @@ def vma_needs_copy(k, dst_vma: VMA, src_vma: VMA) -> bool:
 
 
 def vm_area_dup(mm: MMStruct, vma: VMA) -> VMA:
-    """vm_area_dup() + anon_vma_fork() + dup_userfaultfd(): the child's copy of ``vma``;
-    VM_LOCKED is not inherited, nor is uffd-wp without UFFD_FEATURE_EVENT_FORK."""
-    return VMA(mm, vma.start, vma.end, vma.flags & ~(VM_LOCKED | VM_UFFD_FLAGS), vma.name, vma.file,
-               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=None, policy=vma.policy)   # vma_dup_policy()
+    """vm_area_dup() + anon_vma_fork() + vm_flags_clear(VM_LOCKED_MASK): the child's copy
+    of ``vma``, still with the parent's uffd context and flags (dup_userfaultfd() decides
+    about them next); VM_LOCKED is not inherited."""
+    return VMA(mm, vma.start, vma.end, vma.flags & ~VM_LOCKED, vma.name, vma.file,
+               vma.pgoff, anon_vma=vma.anon_vma, uffd_ctx=vma.uffd_ctx, policy=vma.policy)  # vma_dup_policy()
 
 
 async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
     """dup_mmap(): copy every VMA of ``oldmm`` into the new, empty ``mm`` and copy the page
     tables where vma_needs_copy() says so. 0 or -ENOMEM (the caller then tears ``mm``
-    down with exit_mmap, as mmput() does)."""
+    down with exit_mmap, as mmput() does). dup_userfaultfd() per VMA under the locks;
+    after both are dropped dup_userfaultfd_complete() sends UFFD_EVENT_FORK to each
+    parent context with the feature and waits for the handler's read() (6.6 sends it
+    even when the fork failed; 6.12's dup_userfaultfd_fail() sends nothing then)."""
+    from mm_core.userfaultfd import dup_userfaultfd, dup_userfaultfd_complete, dup_userfaultfd_fail
+    uf: list = []
     await mmap_write_lock(oldmm)
     await mmap_write_lock(mm)              # mmap_write_lock_nested(): same class, no lockdep report
     retval = 0
@@ -86,6 +94,7 @@ async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
         mm.mmap_base = oldmm.mmap_base
         for mpnt in list(oldmm.vmas):
             tmp = vm_area_dup(mm, mpnt)
+            await dup_userfaultfd(k, tmp, uf)                  # cannot fail here (no -ENOMEM)
             if tmp.file is not None:
                 mapping = tmp.file.mapping
                 tmp.file.refs += 1                             # get_file()
@@ -106,6 +115,10 @@ async def dup_mmap(k, mm: MMStruct, oldmm: MMStruct) -> int:
             if is_cow_mapping(mpnt.flags):
                 await flush_tlb_range(k, oldmm, mpnt.start, mpnt.end)
         await mmap_write_unlock(oldmm)
+    if retval and k.profile.version >= (6, 12):
+        dup_userfaultfd_fail(k, uf)
+    else:
+        await dup_userfaultfd_complete(k, uf)
     return retval
 
 

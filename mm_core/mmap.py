@@ -62,21 +62,28 @@ def get_unmapped_area(mm: MMStruct, addr: int, length: int, task_size: int,
 
 async def do_mmap(k, mm: MMStruct, addr: int, length: int, prot: int, flags: int,
                   file: object = None, pgoff: int = 0, name: str = "") -> int:
-    """do_mmap() + mmap_region(): returns the address or -errno. Takes mmap_write_lock."""
+    """vm_mmap_pgoff() -> do_mmap() + mmap_region(): returns the address or -errno. Takes
+    mmap_write_lock. A MAP_FIXED mapping over VMAs registered with a userfaultfd asking for
+    UFFD_FEATURE_EVENT_UNMAP unmaps them with userfaultfd_unmap_prep() (mmap_region()'s
+    do_vmi_munmap(..., uf, false)); the UNMAP events go after mmap_write_unlock()
+    (userfaultfd_unmap_complete(), 6.6 vm_mmap_pgoff()), before any populate."""
+    from mm_core.userfaultfd import userfaultfd_unmap_complete
+    uf: list = []
     await mmap_write_lock(mm)
     try:
-        ret = await _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name)
+        ret = await _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name, uf)
         vma = mm.vma_lookup(ret) if ret >= 0 else None
         populate = vma is not None and vma.flags & (VM_LOCKED | VM_LOCKONFAULT) == VM_LOCKED
     finally:
         await mmap_write_unlock(mm)
+    await userfaultfd_unmap_complete(k, mm, uf)
     if populate:                       # vm_mmap_pgoff(): mm_populate() of a VM_LOCKED mapping
         from mm_core.mlock import mm_populate
         await mm_populate(k, mm, ret, ret + page_align(length, k.page_size))
     return ret
 
 
-async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -> int:
+async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name, uf: list | None = None) -> int:
     task_size = k.arch.task_size
     if length <= 0 or length > task_size:
         return -EINVAL
@@ -91,7 +98,7 @@ async def _do_mmap_locked(k, mm, addr, length, prot, flags, file, pgoff, name) -
             return -EINVAL
         if flags & MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
             return -EEXIST
-        await _munmap_locked(k, mm, addr, length)
+        await _munmap_locked(k, mm, addr, length, uf)
     else:
         addr = get_unmapped_area(mm, addr & ~(k.page_size - 1), length, task_size, k.page_size)
         if addr is None:
@@ -144,8 +151,8 @@ async def do_munmap(k, mm: MMStruct, start: int, length: int) -> int:
 
 async def _munmap_locked(k, mm: MMStruct, start: int, length: int, uf: list | None = None) -> None:
     """do_vmi_align_munmap(): split, userfaultfd_unmap_prep() per VMA (when ``uf``, the
-    list userfaultfd_unmap_complete() is handed later; mmap(MAP_FIXED) and mremap pass
-    none here: no UNMAP event from them), detach, zap, free the tables."""
+    list userfaultfd_unmap_complete() is handed after the unlock: munmap, mmap(MAP_FIXED),
+    mremap's shrink, move and MREMAP_FIXED target), detach, zap, free the tables."""
     from mm_core.userfaultfd import userfaultfd_unmap_prep
     end = start + length
     victims = split_range(mm, start, end)

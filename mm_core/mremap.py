@@ -14,7 +14,7 @@ from emu.sched import traps
 from emu.sched.traps import sched_point
 from mm_core import huge_memory, memory, mmu_notifier, pgtable, rmap
 from mm_core.locks import mmap_write_lock, mmap_write_unlock
-from mm_core.mm import VM_UFFD_FLAGS, VMA
+from mm_core.mm import VMA
 from mm_core.mmap import EINVAL, ENOMEM, _munmap_locked, get_unmapped_area, page_align, split_range
 from mm_core.tlbflush import flush_tlb_range
 
@@ -24,7 +24,12 @@ EAGAIN, EFAULT = 11, 14
 
 async def do_mremap(k, mm, addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0) -> int:
     """mremap(2): shrink in place, grow in place when the space is free, else (with
-    MREMAP_MAYMOVE) move. Returns the new address or -errno."""
+    MREMAP_MAYMOVE) move. Returns the new address or -errno. userfaultfd events (6.6
+    SYSCALL_DEFINE5(mremap)), sent after mmap_write_unlock() in this order: UFFD_EVENT_UNMAP
+    of a MREMAP_FIXED target that was mapped (uf_unmap_early), UFFD_EVENT_REMAP {addr, ret,
+    old_len} of a move, UFFD_EVENT_UNMAP of the range a shrink or a move unmapped (uf_unmap;
+    the old VMA of a move keeps its registration until it is unmapped)."""
+    from mm_core.userfaultfd import VmUffdCtx, mremap_userfaultfd_complete, userfaultfd_unmap_complete
     page = k.page_size
     if addr % page or flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED) or (flags & MREMAP_FIXED
                                                                    and not flags & MREMAP_MAYMOVE):
@@ -32,48 +37,64 @@ async def do_mremap(k, mm, addr: int, old_len: int, new_len: int, flags: int, ne
     old_len, new_len = page_align(old_len, page), page_align(new_len, page)
     if not new_len or not old_len:
         return -EINVAL
+    uf = VmUffdCtx()
+    uf_unmap_early: list = []
+    uf_unmap: list = []
     await mmap_write_lock(mm)
     try:
-        vma = mm.vma_lookup(addr)
-        if vma is None or addr + old_len > vma.end:
-            return -EFAULT
-        if flags & MREMAP_FIXED:
-            if new_addr % page or new_addr < addr + old_len and addr < new_addr + new_len:
-                return -EINVAL
-            await _munmap_locked(k, mm, new_addr, new_len)
-            return await move_vma(k, mm, vma, addr, old_len, new_len, new_addr)
-        if new_len <= old_len:
-            if new_len < old_len:
-                await _munmap_locked(k, mm, addr + new_len, old_len - new_len)
-            return addr
-        if addr + old_len == vma.end and not mm.overlapping(vma.end, addr + new_len):
-            vma.end = addr + new_len                    # vma_expand()
-            return addr
-        if not flags & MREMAP_MAYMOVE:
-            return -ENOMEM
-        target = get_unmapped_area(mm, 0, new_len, k.arch.task_size, page)
-        if target is None:
-            return -ENOMEM
-        return await move_vma(k, mm, vma, addr, old_len, new_len, target)
+        ret = await _do_mremap_locked(k, mm, addr, old_len, new_len, flags, new_addr, uf, uf_unmap_early,
+                                      uf_unmap)
     finally:
         await mmap_write_unlock(mm)
+    await userfaultfd_unmap_complete(k, mm, uf_unmap_early)
+    await mremap_userfaultfd_complete(k, uf, addr, ret, old_len)
+    await userfaultfd_unmap_complete(k, mm, uf_unmap)
+    return ret
 
 
-async def move_vma(k, mm, vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int) -> int:
-    """move_vma(): a new VMA at new_addr (copy_vma), the page tables moved under it, the
-    old range unmapped."""
+async def _do_mremap_locked(k, mm, addr: int, old_len: int, new_len: int, flags: int, new_addr: int,
+                            uf, uf_unmap_early: list, uf_unmap: list) -> int:
+    page = k.page_size
+    vma = mm.vma_lookup(addr)
+    if vma is None or addr + old_len > vma.end:
+        return -EFAULT
+    if flags & MREMAP_FIXED:                        # mremap_to()
+        if new_addr % page or new_addr < addr + old_len and addr < new_addr + new_len:
+            return -EINVAL
+        await _munmap_locked(k, mm, new_addr, new_len, uf_unmap_early)
+        return await move_vma(k, mm, vma, addr, old_len, new_len, new_addr, uf, uf_unmap)
+    if new_len <= old_len:
+        if new_len < old_len:
+            await _munmap_locked(k, mm, addr + new_len, old_len - new_len, uf_unmap)
+        return addr
+    if addr + old_len == vma.end and not mm.overlapping(vma.end, addr + new_len):
+        vma.end = addr + new_len                    # vma_expand()
+        return addr
+    if not flags & MREMAP_MAYMOVE:
+        return -ENOMEM
+    target = get_unmapped_area(mm, 0, new_len, k.arch.task_size, page)
+    if target is None:
+        return -ENOMEM
+    return await move_vma(k, mm, vma, addr, old_len, new_len, target, uf, uf_unmap)
+
+
+async def move_vma(k, mm, vma: VMA, old_addr: int, old_len: int, new_len: int, new_addr: int,
+                   uf=None, uf_unmap: list | None = None) -> int:
+    """move_vma(): a new VMA at new_addr (copy_vma(): the old one's flags and uffd context),
+    the page tables moved under it, mremap_userfaultfd_prep() for it, the old range
+    unmapped (do_vmi_munmap() with ``uf_unmap``: an UNMAP event for the old range)."""
+    from mm_core.userfaultfd import VmUffdCtx, mremap_userfaultfd_prep
     split_range(mm, old_addr, old_addr + old_len)
     vma = mm.vma_lookup(old_addr)
-    # mremap_userfaultfd_prep() without UFFD_FEATURE_EVENT_REMAP: the uffd registration is
-    # dropped (no uffd context here has that feature)
-    new = VMA(mm, new_addr, new_addr + new_len, vma.flags & ~VM_UFFD_FLAGS, vma.name, vma.file,
-              vma.pgoff, vma.anon_vma, None, vma.policy)        # copy_vma(): vma_dup_policy()
+    new = VMA(mm, new_addr, new_addr + new_len, vma.flags, vma.name, vma.file,
+              vma.pgoff, vma.anon_vma, vma.uffd_ctx, vma.policy)  # copy_vma(): vma_dup_policy()
     mm.insert_vma(new)
     memory.vma_link_file(k, new)
     moved = await move_page_tables(k, vma, old_addr, new, new_addr, min(old_len, new_len))
     if moved < min(old_len, new_len):
         return -ENOMEM
-    await _munmap_locked(k, mm, old_addr, old_len)
+    await mremap_userfaultfd_prep(k, new, uf if uf is not None else VmUffdCtx())
+    await _munmap_locked(k, mm, old_addr, old_len, uf_unmap)
     mm.merge_adjacent()
     k.stats["mremap_moves"] += 1
     return new_addr

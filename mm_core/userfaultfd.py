@@ -33,7 +33,15 @@ the move itself, both ptls (double_pt_lock) after pte_same() rechecks of both pt
 ptes pin an RCU read section (and a kmap_local slot under HIGHPTE), so on contention for
 the folio lock or the anon_vma lock it unmaps both, sleeps on the lock and retries.
 Under 6.14 it also rechecks the dst pmd (pmd_same) under the ptls, since PT_RECLAIM may free
-the dst table meanwhile and a none dst pte reads the same in a freed table.
+the dst table meanwhile and a none dst pte reads the same in a freed table. A swap pte
+moves as it is (move_swap_pte(), with a swap-cache folio's rmap moved under its lock).
+
+Non-cooperative events (6.6): REMOVE (MADV_DONTNEED), UNMAP (munmap, mmap(MAP_FIXED),
+mremap), REMAP (mremap_userfaultfd_prep() / _complete() around a moving mremap) and FORK
+(dup_userfaultfd() / dup_userfaultfd_complete() from dup_mmap(): the child's VMAs on a new
+context, an fd for it made by the handler's read()). Each is sent with no mmap_lock held
+and the sender waits for the read; ctx->mmap_changing is raised from the prep under the
+lock until then, so UFFDIO_COPY / ZEROPAGE / CONTINUE / WRITEPROTECT / POISON are -EAGAIN.
 
 Kernel text relied on: the v6.6 fs/userfaultfd.c and mm/userfaultfd.c as quoted in
 spec/kernel_mm.md §2 (rows 14, 15) and the stored mm/userfaultfd.c (a 6.4-era copy: the
@@ -47,7 +55,7 @@ from dataclasses import dataclass, field
 from emu.arch import Access, Kind, leaf_entry
 from emu.sched import traps
 from emu.sched.traps import sched_point
-from mm_core import huge_memory, memory, pgtable, rmap, shmem
+from mm_core import huge_memory, memory, pgtable, rmap, shmem, swap_state, swapfile
 from mm_core.locks import SpinLock, mmap_read_lock, mmap_read_unlock, mmap_write_lock, mmap_write_unlock
 from mm_core.mm import (
     MM_ANONPAGES,
@@ -183,15 +191,20 @@ class UffdFdWaitQueue:
 
 @dataclass(eq=False)
 class UffdEventWaitQueue:
-    """The userfaultfd_wait_queue of a non-fault event (UFFD_EVENT_REMOVE / UNMAP) on
-    ctx->event_wqh: the msg (event, arg.remove.start / end); read() completes it
-    (userfaultfd_event_complete(): msg.event = 0), which ends the sender's wait; so does
-    the release of the context."""
+    """The userfaultfd_wait_queue of a non-fault event on ctx->event_wqh: the msg (event;
+    REMOVE / UNMAP: arg.remove.start / end; REMAP: arg.remap.from / to / len as ``start``
+    / ``end`` / ``length``; FORK: arg.reserved.reserved1, the child's context, as
+    ``new_ctx``); read() completes it (userfaultfd_event_complete(): msg.event = 0),
+    which ends the sender's wait; so does the release of the context. ``fork_event``:
+    the reader's local list a FORK event sits on while read() installs the new fd."""
 
     ctx: UserfaultfdCtx
     event: int
     start: int
     end: int
+    length: int = 0
+    new_ctx: UserfaultfdCtx | None = None
+    fork_event: list | None = None
     sleeps = True                       # schedule() in TASK_KILLABLE
 
     def try_acquire(self, task: object, mode: str = "wait") -> bool:
@@ -219,6 +232,7 @@ class UserfaultfdCtx:
     flags: int = 0                      # userfaultfd(2) flags (UFFD_USER_MODE_ONLY, O_NONBLOCK)
     event_wqh: list = field(default_factory=list)
     mmap_changing: int = 0              # atomic_t: non-cooperative events in flight
+    file_flags: int = 0                 # the O_NONBLOCK / O_CLOEXEC part of ctx->flags
 
     def __post_init__(self) -> None:
         self.wqh_lock = SpinLock(f"uffd{self.id}.fault_pending_wqh.lock", "uffd_wqh_lock")
@@ -447,25 +461,35 @@ async def wake_userfault(k, ctx: UserfaultfdCtx, start: int, length: int) -> Non
 
 @dataclass(frozen=True)
 class UffdEventMsg:
-    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it."""
+    """A non-fault uffd_msg as read() copied it (*msg = uwq->msg) before completing it.
+    REMAP: from / to / len in ``start`` / ``end`` / ``length``; FORK: ``new_ctx`` (the
+    child's context) and ``ufd``, the fd resolve_userfault_fork() installed for it."""
 
     event: int
     start: int
     end: int
+    length: int = 0
+    new_ctx: UserfaultfdCtx | None = None
+    ufd: int = 0
 
 
-async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWaitQueue | UffdEventMsg | int:
+async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool,
+                               resolve_fork=None) -> UffdWaitQueue | UffdEventMsg | int:
     """userfaultfd_ctx_read() (fs/userfaultfd.c, 6.6): page faults first: take the oldest
     fault on fault_pending_wqh (find_userfault(): list_last_entry, the queue is added to
     at its head), refile it to fault_wqh (so it is reported once, and still woken by the
     resolving ioctl) and return it for the uffd_msg. Then events (find_userfault_evt()):
-    copy the oldest REMOVE / UNMAP message and complete it (userfaultfd_event_complete():
-    msg.event = 0, off event_wqh, the sender wakes). With nothing pending: -EAGAIN if
-    ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep on fd_wqh
-    until a fault or an event is queued. FORK / REMAP are not modelled. Returns 0 (nothing
-    read) to a reader sleeping when the context is released (here only by exit_files(),
-    when another thread exits the process; Linux ends that read with the signal that
-    killed the thread)."""
+    copy the oldest message and complete it (userfaultfd_event_complete(): msg.event = 0,
+    off event_wqh, the sender wakes). A FORK event is instead moved to a local
+    ``fork_event`` list; with the locks dropped resolve_userfault_fork() installs an fd for
+    the child's context (``resolve_fork(new_ctx)`` -> fd or -errno; None: the Machine API,
+    where the context is the handle and the fd 0); then, if the forker did not abort (its
+    context released meanwhile), the event goes back on event_wqh and is completed, or left
+    there when the fd could not be made (the error is read()'s). With nothing pending:
+    -EAGAIN if ``no_wait`` (O_NONBLOCK, or a later message of the same read()), else sleep
+    on fd_wqh until a fault or an event is queued. Returns 0 (nothing read) to a reader
+    sleeping when the context is released (here only by exit_files(), when another thread
+    exits the process; Linux ends that read with the signal that killed the thread)."""
     while True:
         await traps.lock(ctx.wqh_lock)                               # spin_lock(&fault_pending_wqh.lock)
         uwq = ctx.fault_pending_wqh[0] if ctx.fault_pending_wqh else None
@@ -479,10 +503,15 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         await traps.lock(ctx.event_lock)                             # spin_lock(&ctx->event_wqh.lock)
         ewq = ctx.event_wqh[0] if ctx.event_wqh else None
         if ewq is not None:
-            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end)        # *msg = uwq->msg
-            ewq.event = 0                                            # userfaultfd_event_complete()
+            msg = UffdEventMsg(ewq.event, ewq.start, ewq.end, ewq.length, ewq.new_ctx)   # *msg = uwq->msg
             ctx.event_wqh.remove(ewq)
+            if ewq.event == UFFD_EVENT_FORK:
+                ewq.fork_event = [ewq]                               # list_move(&uwq->wq.entry, &fork_event)
+            else:
+                ewq.event = 0                                        # userfaultfd_event_complete()
         await traps.unlock(ctx.event_lock)
+        if ewq is not None and msg.event == UFFD_EVENT_FORK:
+            return await _read_fork_event(k, ctx, ewq, msg, resolve_fork)
         if ewq is not None:
             k.stats["uffd_events_read"] += 1
             return msg
@@ -491,6 +520,29 @@ async def userfaultfd_ctx_read(k, ctx: UserfaultfdCtx, no_wait: bool) -> UffdWai
         if ctx.released:
             return 0
         await traps.wait(ctx.fd_wqh)                                 # schedule()
+
+
+async def _read_fork_event(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue, msg: UffdEventMsg,
+                           resolve_fork) -> UffdEventMsg | int:
+    """The tail of userfaultfd_ctx_read() for UFFD_EVENT_FORK: resolve_userfault_fork()
+    (anon_inode_getfd() of the child's context; may sleep), then under event_wqh.lock: if
+    the event is still on the local fork_event list (the forker did not abort), put it
+    back on event_wqh and complete it unless the fd failed (then it stays queued and the
+    error goes to read()); if the forker aborted, nothing is put back."""
+    await sched_point("uffd_resolve_fork", ctx)
+    ret = resolve_fork(msg.new_ctx) if resolve_fork is not None else 0
+    await traps.lock(ctx.event_lock)
+    if ewq.fork_event:                                               # !list_empty(&fork_event)
+        ewq.fork_event = None
+        ctx.event_wqh.append(ewq)               # __add_wait_queue(): at the head, so read last
+        if ret >= 0:
+            ewq.event = 0                                            # userfaultfd_event_complete()
+            ctx.event_wqh.remove(ewq)
+    await traps.unlock(ctx.event_lock)
+    if ret < 0:
+        return ret
+    k.stats["uffd_events_read"] += 1
+    return UffdEventMsg(msg.event, 0, 0, 0, msg.new_ctx, ret)         # arg.fork.ufd = fd
 
 
 def uffd_msg_pagefault(ctx: UserfaultfdCtx, uwq: UffdWaitQueue, page_size: int, big_endian: bool) -> bytes:
@@ -1146,9 +1198,13 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     pmd_same) and a folio whose anon_vma is gone.
     -EEXIST if dst is not none, -ENOENT for a src hole (0 with ALLOW_SRC_HOLES), -EBUSY
     for a folio that is not exclusive anon. Contention on the folio lock or the anon_vma
-    lock: unmap both ptes, sleep on the lock, retry from the maps. Refused, not modelled:
-    a large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's
-    pmd) and swap / migration entries are -EBUSY."""
+    lock: unmap both ptes, sleep on the lock, retry from the maps. A swap pte (the 2025
+    code): -EBUSY unless pte_swp_exclusive(), -EAGAIN without the swap device
+    (get_swap_device(), held to the end), a folio for it in the swap cache is locked (on
+    contention: unmap both, put the device, folio_lock(), retry; a large one is -EBUSY),
+    then move_swap_pte(); a marker or hwpoison entry is -EFAULT. Refused, not modelled: a
+    large folio (the kernel split_folio()s it, e.g. after move_pages() split a THP's pmd)
+    and migration entries (migration_entry_wait(), -EAGAIN) are -EBUSY."""
     arch = k.arch
     level = arch.pte_level
     # pte_offset_map_rw_nolock(mm, pmd, addr, &dummy_pmdval, &ptl) in 6.13 (the pte_same()
@@ -1162,6 +1218,7 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
     src_folio_pte = 0
     src_anon_vma = None
     src_pte = dst_pte = None
+    si = None
     err = 0
     while True:                                                    # retry:
         mapped = await map_nolock(k, mm, dst_pmd, dst_addr)
@@ -1198,9 +1255,44 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
         if src_folio is not None and src_folio_pte != orig_src_pte:
             err = -EAGAIN                       # the pte changed while we slept on the folio lock
             break
-        if src_ent.kind is not Kind.LEAF:
-            k.stats["uffdio_move_swap_refused"] += 1
-            err = -EBUSY                        # not modelled: move_swap_pte(), migration_entry_wait()
+        if src_ent.kind is Kind.MIGRATION:
+            k.stats["uffdio_move_migration_refused"] += 1
+            err = -EBUSY                        # not modelled: migration_entry_wait(), -EAGAIN
+            break
+        if src_ent.kind is not Kind.LEAF:       # !pte_present()
+            if not swapfile.is_swap_pte(src_ent):
+                err = -EFAULT                   # a marker or hwpoison entry: !is_swap_entry
+                break
+            if not src_ent.exclusive:
+                err = -EBUSY                    # !pte_swp_exclusive(): fork shared the entry
+                break
+            if si is None:
+                si = swapfile.get_swap_device(k, src_ent)
+                if si is None:
+                    err = -EAGAIN               # swapoff got past try_to_unuse()
+                    break
+            if src_folio is None:
+                # the folio may still sit in the swap cache (readahead, a swap-in that lost
+                # its pte_same(), reclaim that kept it): its rmap must follow the entry
+                folio = await swap_state.swap_cache_get_folio(k, src_ent.swp_offset)
+                if folio is not None:
+                    if folio.order != k.page_order:
+                        memory.put_page(k, folio)
+                        err = -EBUSY            # split_folio() of a cached large folio fails too
+                        break
+                    src_folio, src_folio_pte = folio, orig_src_pte
+                    if not await shmem.folio_trylock(k, src_folio):
+                        k.stats["uffdio_move_swap_folio_lock_retry"] += 1
+                        await pgtable.pte_unmap(k, src_pte)
+                        await pgtable.pte_unmap(k, dst_pte)
+                        src_pte = dst_pte = None
+                        swapfile.put_swap_device(si)
+                        si = None
+                        await shmem.folio_lock(k, src_folio)  # now we can block and wait
+                        await sched_point("retry", src_pmd)
+                        continue
+            err = await move_swap_pte(k, mm, dst_vma, dst_addr, src_addr, dst_pte, src_pte, orig_dst_pte,
+                                      orig_src_pte, dst_pmd, dst_pmdval, dst_ptl, src_ptl, src_folio, src_ent)
             break
         if src_ent.paddr == k.zero_page.paddr:
             err = await move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr, src_addr, dst_pte, src_pte,
@@ -1272,6 +1364,8 @@ async def move_pages_pte(k, mm, dst_pmd: int, src_pmd: int, dst_vma, src_vma, ds
             await pgtable.pte_unmap(k, src_pte)
         if dst_pte is not None:
             await pgtable.pte_unmap(k, dst_pte)
+    if si is not None:
+        swapfile.put_swap_device(si)
     return err
 
 
@@ -1331,6 +1425,43 @@ async def move_present_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int
     return err
 
 
+async def move_swap_pte(k, mm, dst_vma, dst_addr: int, src_addr: int, dst_pte: int, src_pte: int,
+                        orig_dst_pte: int, orig_src_pte: int, dst_pmd: int, dst_pmdval,
+                        dst_ptl: SpinLock, src_ptl: SpinLock, src_folio, entry) -> int:
+    """move_swap_pte() (6.8 with the 2025 swap-cache fixes: Barry Song's "mm: userfaultfd:
+    fix race of userfaultfd_move and swap cache" series, Kairui Song's recheck): the swap
+    entry itself moves, with its swap count (one reference, one mm: MM_SWAPENTS does not
+    change), marked soft-dirty. A locked swap-cache ``src_folio`` that is no longer the
+    cache's folio for the entry is -EAGAIN; under both ptls is_pte_pages_stable() (-EAGAIN),
+    then the cached folio's rmap moves to dst (folio_move_anon_rmap(), the index: a swap-in
+    at dst hits the cache with dst's anon_vma and index; no anon_vma lock: the entry is
+    exclusive and the folio unmapped, so no rmap walk finds it); with no folio, one that
+    appeared in the cache meanwhile (a swap-in, swapped out again to the same entry) is
+    -EAGAIN."""
+    arch = k.arch
+    level = arch.pte_level
+    off = entry.swp_offset
+    if src_folio is not None and src_folio.extra.get("swap") != off:
+        return -EAGAIN                          # !folio_test_swapcache() || entry != folio->swap
+    await double_pt_lock(k, dst_ptl, dst_pte, src_ptl, src_pte)
+    if not await is_pte_pages_stable(k, dst_pte, src_pte, orig_dst_pte, orig_src_pte, dst_pmd, dst_pmdval):
+        await double_pt_unlock(k, dst_ptl, src_ptl)
+        return -EAGAIN
+    if src_folio is not None:
+        rmap.folio_move_anon_rmap(k, src_folio, dst_vma)
+        src_folio.index = rmap.linear_page_index(k, dst_vma, dst_addr)
+    elif k.swap_info is not None and off in k.swap_info.cache:     # swap_cache_has_folio()
+        await double_pt_unlock(k, dst_ptl, src_ptl)
+        k.stats["uffdio_move_swap_cache_appeared"] += 1
+        return -EAGAIN
+    ent = arch.decode(level, await pgtable.get_raw(k, src_pte))
+    await pgtable.clear_entry(k, src_pte, level)                         # ptep_get_and_clear()
+    await pgtable.set_entry(k, dst_pte, level, ent.with_(soft_dirty=True))   # pte_swp_mksoft_dirty()
+    await double_pt_unlock(k, dst_ptl, src_ptl)
+    k.stats["uffdio_move_swap"] += 1
+    return 0
+
+
 async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: int, dst_pte: int,
                             src_pte: int, orig_dst_pte: int, orig_src_pte: int, dst_pmd: int, dst_pmdval,
                             dst_ptl: SpinLock, src_ptl: SpinLock) -> int:
@@ -1355,22 +1486,43 @@ async def move_zeropage_pte(k, mm, dst_vma, src_vma, dst_addr: int, src_addr: in
 async def userfaultfd_event_wait_completion(k, ctx: UserfaultfdCtx, ewq: UffdEventWaitQueue) -> None:
     """userfaultfd_event_wait_completion() (fs/userfaultfd.c, 6.6): queue the event on
     event_wqh, wake read() (fd_wqh) and sleep (TASK_KILLABLE) until a read() completes it
-    (msg.event = 0) or the context is released (then unqueue it); finally drop
-    mmap_changing. Called with no mmap_lock held. Cannot fail: the sender waits."""
+    (msg.event = 0) or the context is released (then unqueue it, from event_wqh or a
+    reader's fork_event list; for a FORK event the child's context is dropped: under the
+    child's mmap_write_lock its VMAs lose the registration); finally drop mmap_changing.
+    Called with no mmap_lock held. Cannot fail: the sender waits."""
+    release_new_ctx = None
     await traps.lock(ctx.event_lock)                                 # spin_lock_irq(&event_wqh.lock)
     ctx.event_wqh.append(ewq)                                        # __add_wait_queue()
     while True:
         if ewq.event == 0:
             break
         if ctx.released:
+            # &ewq->wq may be queued in a reader's fork_event: __remove_wait_queue()
+            # ignores the head
             if ewq in ctx.event_wqh:
                 ctx.event_wqh.remove(ewq)                            # __remove_wait_queue()
+            if ewq.fork_event:
+                ewq.fork_event.remove(ewq)
+            if ewq.event == UFFD_EVENT_FORK:
+                release_new_ctx = ewq.new_ctx
             break
         await traps.unlock(ctx.event_lock)
         k.stats["uffd_event_waits"] += 1
         await traps.wait(ewq)                                        # wake_up_poll(fd_wqh); schedule()
         await traps.lock(ctx.event_lock)
     await traps.unlock(ctx.event_lock)
+    if release_new_ctx is not None:
+        # the child's VMAs still point to the context no one will get an fd for
+        new_mm = release_new_ctx.mm
+        await mmap_write_lock(new_mm)
+        for vma in list(new_mm.vmas):
+            if vma.uffd_ctx is release_new_ctx:
+                vma.flags &= ~VM_UFFD_FLAGS                          # userfaultfd_set_vm_flags()
+                vma.uffd_ctx = None
+                await sched_point("vma_write", vma)
+        await mmap_write_unlock(new_mm)
+        release_new_ctx.released = True                              # userfaultfd_ctx_put()
+        k.stats["uffd_fork_ctx_dropped"] += 1
     ctx.mmap_changing -= 1                                           # atomic_dec(&ctx->mmap_changing)
     assert ctx.mmap_changing >= 0
 
@@ -1393,7 +1545,8 @@ async def userfaultfd_remove(k, vma, start: int, end: int) -> bool:
 
 
 def userfaultfd_unmap_prep(k, vma, start: int, end: int, unmaps: list) -> int:
-    """userfaultfd_unmap_prep() (6.6, munmap under mmap_write_lock, per VMA of the range):
+    """userfaultfd_unmap_prep() (6.6, under mmap_write_lock, per VMA of a range munmap,
+    mmap(MAP_FIXED) or mremap (shrink, move, MREMAP_FIXED target) unmaps):
     with UFFD_FEATURE_EVENT_UNMAP, note (ctx, start, end) once per context and range and
     raise mmap_changing (UFFDIO_COPY & co. answer -EAGAIN from now until the handler has
     read the event). 0 (-ENOMEM for the allocation cannot happen here)."""
@@ -1416,8 +1569,122 @@ async def userfaultfd_unmap_complete(k, mm, unmaps: list) -> None:
 
 
 def uffd_msg_event(msg: UffdEventMsg, big_endian: bool) -> bytes:
-    """The 32-byte struct uffd_msg of a REMOVE / UNMAP event: event, then arg.remove
-    {start, end} at offset 8, in the guest's byte order."""
+    """The 32-byte struct uffd_msg of an event, in the guest's byte order: event (__u8),
+    then at offset 8 the arg union: REMOVE / UNMAP arg.remove {__u64 start, end}; REMAP
+    arg.remap {__u64 from, to, len}; FORK arg.fork {__u32 ufd} (msg_init() zeroed the
+    rest, and resolve_userfault_fork() cleared reserved1, the context pointer)."""
     order = "big" if big_endian else "little"
-    arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order)
-    return bytes([msg.event]) + bytes(7) + arg + bytes(8)
+    if msg.event == UFFD_EVENT_FORK:
+        arg = msg.ufd.to_bytes(4, order) + bytes(20)
+    elif msg.event == UFFD_EVENT_REMAP:
+        arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order) + msg.length.to_bytes(8, order)
+    else:
+        arg = msg.start.to_bytes(8, order) + msg.end.to_bytes(8, order) + bytes(8)
+    return bytes([msg.event]) + bytes(7) + arg
+
+
+# -- UFFD_EVENT_FORK: dup_userfaultfd() / dup_userfaultfd_complete() (from dup_mmap) ------------
+
+@dataclass(eq=False)
+class UffdForkCtx:
+    """struct userfaultfd_fork_ctx: the parent's context and the child's new one."""
+
+    orig: UserfaultfdCtx
+    new: UserfaultfdCtx
+
+
+async def dup_userfaultfd(k, vma, fcs: list) -> int:
+    """dup_userfaultfd() (fs/userfaultfd.c, 6.6; from dup_mmap() under both mmap write
+    locks, for the child's copy ``vma``): without a context, or one without
+    UFFD_FEATURE_EVENT_FORK, the copy loses the registration (vm_userfaultfd_ctx =
+    NULL_VM_UFFD_CTX, userfaultfd_set_vm_flags(vma, vm_flags & ~__VM_UFFD_FLAGS)). With
+    it, the child's VMAs of one parent context share one new context (UFFD_STATE_RUNNING,
+    the parent's flags and features, ctx->mm the child's), noted in ``fcs`` once with
+    the parent's mmap_changing raised: UFFDIO_COPY & co. on the parent's context are
+    -EAGAIN until the handler has read the FORK event. 0 (-ENOMEM for the allocations
+    cannot happen here)."""
+    octx = vma.uffd_ctx
+    if octx is None:
+        return 0
+    if not octx.features & UFFD_FEATURE_EVENT_FORK:
+        vma.uffd_ctx = None
+        vma.flags &= ~VM_UFFD_FLAGS
+        await sched_point("vma_write", vma)
+        return 0
+    fctx = next((f for f in fcs if f.orig is octx), None)
+    if fctx is None:
+        new = UserfaultfdCtx(vma.mm, octx.features, k.next_id("uffd"), flags=octx.flags, api_done=True)
+        new.file_flags = octx.file_flags
+        octx.mmap_changing += 1                                      # atomic_inc(&octx->mmap_changing)
+        fctx = UffdForkCtx(octx, new)
+        fcs.append(fctx)
+        k.stats["uffd_fork_ctx_created"] += 1
+    vma.uffd_ctx = fctx.new
+    await sched_point("vma_write", vma)
+    return 0
+
+
+async def dup_userfaultfd_complete(k, fcs: list) -> None:
+    """dup_userfaultfd_complete() -> dup_fctx() (after dup_mmap() dropped both mmap
+    locks): send UFFD_EVENT_FORK (the child's context in arg.reserved.reserved1) to each
+    parent context and wait until the handler's read() turned it into an fd."""
+    for fctx in fcs:
+        k.stats["uffd_event_fork"] += 1
+        await userfaultfd_event_wait_completion(
+            k, fctx.orig, UffdEventWaitQueue(fctx.orig, UFFD_EVENT_FORK, 0, 0, new_ctx=fctx.new))
+    fcs.clear()
+
+
+def dup_userfaultfd_fail(k, fcs: list) -> None:
+    """dup_userfaultfd_fail() (6.12, "fork: do not invoke uffd on fork if error occurs",
+    Lorenzo Stoakes): a fork that failed sends no FORK event: the parents' mmap_changing
+    drops back and the new contexts go (the child mm's teardown drops its VMAs)."""
+    for fctx in fcs:
+        fctx.orig.mmap_changing -= 1
+        assert fctx.orig.mmap_changing >= 0
+        fctx.new.released = True
+    fcs.clear()
+
+
+# -- UFFD_EVENT_REMAP: mremap_userfaultfd_prep() / mremap_userfaultfd_complete() ----------------
+
+@dataclass(eq=False)
+class VmUffdCtx:
+    """struct vm_userfaultfd_ctx: mremap's ``uf``, the context to send REMAP to (or None)."""
+
+    ctx: UserfaultfdCtx | None = None
+
+
+async def mremap_userfaultfd_prep(k, vma, vm_ctx: VmUffdCtx) -> None:
+    """mremap_userfaultfd_prep() (6.6; from move_vma() under mmap_write_lock, after the
+    page tables moved, for the new VMA, which copy_vma() gave the old one's context and
+    flags): with UFFD_FEATURE_EVENT_REMAP note the context and raise its mmap_changing
+    (UFFDIO_COPY & co. are -EAGAIN from now until the handler read the event); without,
+    drop the registration from the new VMA ("Drop uffd context if remap feature not
+    enabled")."""
+    ctx = vma.uffd_ctx
+    if ctx is None:
+        return
+    if ctx.features & UFFD_FEATURE_EVENT_REMAP:
+        vm_ctx.ctx = ctx
+        ctx.mmap_changing += 1                                       # atomic_inc(&ctx->mmap_changing)
+    else:
+        vma.uffd_ctx = None
+        vma.flags &= ~VM_UFFD_FLAGS                                  # userfaultfd_set_vm_flags()
+        await sched_point("vma_write", vma)
+
+
+async def mremap_userfaultfd_complete(k, vm_ctx: VmUffdCtx, start: int, to: int, length: int) -> None:
+    """mremap_userfaultfd_complete() (6.6; after mmap_write_unlock()): send UFFD_EVENT_REMAP
+    {from, to, len} and wait until the handler read it. ``to`` is mremap's return value:
+    an error (not page-aligned) sends nothing (and, as in 6.6, leaves mmap_changing
+    raised: prep only runs once the move has succeeded, so mremap cannot fail after it)."""
+    ctx = vm_ctx.ctx
+    if ctx is None:
+        return
+    vm_ctx.ctx = None
+    if to % k.page_size:
+        return                                                       # userfaultfd_ctx_put()
+    k.stats["uffd_event_remap"] += 1
+    await userfaultfd_event_wait_completion(
+        k, ctx, UffdEventWaitQueue(ctx, UFFD_EVENT_REMAP, start, to, length))

@@ -23,6 +23,7 @@ from mm_core.mm import MM_ANONPAGES
 from tests.test_userfaultfd import ANON, BASE, MISSING, RW, pte_of
 
 REMOVE, UNMAP = userfaultfd.UFFD_FEATURE_EVENT_REMOVE, userfaultfd.UFFD_FEATURE_EVENT_UNMAP
+FORK, REMAP = userfaultfd.UFFD_FEATURE_EVENT_FORK, userfaultfd.UFFD_FEATURE_EVENT_REMAP
 
 
 def world(features: int, arch: str = "x86_64", pages: int = 8):
@@ -152,9 +153,9 @@ def test_release_ends_an_event_wait() -> None:
 
 
 def test_guest_read_gets_the_event_message_and_completes_it() -> None:
-    """emu/linux/uffd.py: UFFDIO_API offers EVENT_REMOVE and EVENT_UNMAP (not FORK /
-    REMAP); read() after the page faults takes an event and completes it (the sender's
-    wait ends), the message in the guest's byte order."""
+    """emu/linux/uffd.py: UFFDIO_API offers EVENT_REMOVE, UNMAP, FORK and REMAP (not
+    THREAD_ID); read() after the page faults takes an event and completes it (the
+    sender's wait ends), the message in the guest's byte order."""
     for arch in ("x86_64", "ppc64"):
         m, p, sc, buf = _sc(arch)
         fd = _call(sc, "userfaultfd", userfaultfd.UFFD_USER_MODE_ONLY | guest_uffd.O_NONBLOCK)
@@ -174,5 +175,8 @@ def test_guest_read_gets_the_event_message_and_completes_it() -> None:
     m2, p2, sc2, buf2 = _sc()
     _uffd_with_api(sc2, buf2)
     fd = _call(sc2, "userfaultfd", userfaultfd.UFFD_USER_MODE_ONLY)
-    _put(sc2, buf2, guest_uffd.UFFD_API, userfaultfd.UFFD_FEATURE_EVENT_FORK, 0)
+    _put(sc2, buf2, guest_uffd.UFFD_API, 1 << 8, 0)                   # UFFD_FEATURE_THREAD_ID
     assert _call(sc2, "ioctl", fd, _nr(sc2, "API"), buf2) == -22
+    fd = _call(sc2, "userfaultfd", userfaultfd.UFFD_USER_MODE_ONLY)
+    _put(sc2, buf2, guest_uffd.UFFD_API, FORK | REMAP, 0)
+    assert _call(sc2, "ioctl", fd, _nr(sc2, "API"), buf2) == 0 and p2.files[fd].ctx.features == FORK | REMAP

@@ -83,7 +83,7 @@ def test_uffdio_api_negotiates_and_every_other_ioctl_waits_for_it(arch: str) -> 
     assert _call(sc, "read", fd, buf + 256, 32) == -EINVAL
     _put(sc, buf, 0xAB, 0, 0)                                          # bad api: zeroed back
     assert _call(sc, "ioctl", fd, _nr(sc, "API"), buf) == -EINVAL and _get(sc, buf, 3) == [0, 0, 0]
-    _put(sc, buf, uffd.UFFD_API, 1 << 1, 0)                            # EVENT_FORK: not offered
+    _put(sc, buf, uffd.UFFD_API, 1 << 8, 0)                            # THREAD_ID: not offered
     assert _call(sc, "ioctl", fd, _nr(sc, "API"), buf) == -EINVAL
     _put(sc, buf, uffd.UFFD_API, kuffd.UFFD_FEATURE_EXACT_ADDRESS, 0)
     assert _call(sc, "ioctl", fd, _nr(sc, "API"), buf) == 0

@@ -6,18 +6,21 @@ the kernel side in mm_core/userfaultfd.py.
     ioctl UFFDIO_REGISTER / UNREGISTER  uffdio_register {range, mode, ioctls (out)}
     ioctl UFFDIO_COPY / ZEROPAGE / CONTINUE / WAKE / WRITEPROTECT / POISON (6.6+) / MOVE (6.8+)
     read(fd, msg, n)                    32-byte struct uffd_msg (UFFD_EVENT_PAGEFAULT, and
-                                        UFFD_EVENT_REMOVE / UNMAP when asked for)
+                                        UFFD_EVENT_REMOVE / UNMAP / REMAP / FORK when asked for)
     close(fd)                           userfaultfd_release() on the last reference
 
 Structures are read and written in the guest's byte order; ioctl numbers are
 _IOWR/_IOR(0xAA, nr, sizeof) in the guest arch's encoding (powerpc has 3 direction bits).
 The guest has no capabilities and vm.unprivileged_userfaultfd is 0 (the default since
 5.11): userfaultfd() without UFFD_USER_MODE_ONLY is -EPERM, as for an unprivileged Linux
-process. UFFD_FEATURE_EVENT_REMOVE (MADV_DONTNEED) and EVENT_UNMAP (munmap) deliver
+process. UFFD_FEATURE_EVENT_REMOVE (MADV_DONTNEED), EVENT_UNMAP (munmap, mmap(MAP_FIXED),
+mremap), EVENT_REMAP (mremap moving a registered range: uffd_msg.arg.remap {from, to,
+len}) and EVENT_FORK (fork of a process with a registered range: read() installs an fd
+for the child's new context in the reader's file table, uffd_msg.arg.fork.ufd) deliver
 their events through read() and raise ctx->mmap_changing (UFFDIO_COPY / ZEROPAGE /
-CONTINUE / WRITEPROTECT answer -EAGAIN meanwhile). Not modelled: EVENT_FORK / REMAP
-(refused by UFFDIO_API like an older kernel would), UFFD_FEATURE_THREAD_ID, poll/epoll,
-mmap_changing in UFFDIO_MOVE. UFFDIO_POISON (6.6+; -EINVAL, an unknown command, before)
+CONTINUE / WRITEPROTECT / POISON answer -EAGAIN meanwhile). Not modelled:
+UFFD_FEATURE_THREAD_ID, poll/epoll, mmap_changing in UFFDIO_MOVE. UFFDIO_POISON (6.6+; -EINVAL,
+an unknown command, before)
 takes struct uffdio_poison {range, mode (DONTWAKE), updated (out)}.
 """
 from __future__ import annotations
@@ -74,6 +77,7 @@ def uffd_api_features(k) -> int:
     CONFIG_HAVE_ARCH_USERFAULTFD_WP / _MINOR clearing done by userfaultfd_api()."""
     features = uffd.UFFD_FEATURE_MISSING_SHMEM | uffd.UFFD_FEATURE_SIGBUS | uffd.UFFD_FEATURE_EXACT_ADDRESS
     features |= uffd.UFFD_FEATURE_EVENT_REMOVE | uffd.UFFD_FEATURE_EVENT_UNMAP
+    features |= uffd.UFFD_FEATURE_EVENT_FORK | uffd.UFFD_FEATURE_EVENT_REMAP
     if uffd.have_arch_userfaultfd(k, "WP"):
         features |= uffd.UFFD_FEATURE_PAGEFAULT_FLAG_WP
         if k.profile.version >= (6, 4):         # #ifndef CONFIG_PTE_MARKER_UFFD_WP clears it
@@ -96,6 +100,7 @@ def new_userfaultfd(k, mm, flags: int) -> UffdFile | int:
         return -EINVAL
     ctx = uffd.userfaultfd_ctx_new(k, mm)
     ctx.flags = flags & uffd.UFFD_USER_MODE_ONLY
+    ctx.file_flags = flags & (O_NONBLOCK | O_CLOEXEC)     # UFFD_SHARED_FCNTL_FLAGS of ctx->flags
     k.stats["uffd_ctx_created"] += 1
     return UffdFile(ctx, flags & (O_NONBLOCK | O_CLOEXEC))
 
@@ -243,10 +248,17 @@ async def userfaultfd_read(sc, f: UffdFile, buf: int, count: int) -> int:
         return -EINVAL
     no_wait = bool(f.flags & O_NONBLOCK)
     ret = 0
+
+    def resolve_userfault_fork(new: uffd.UserfaultfdCtx) -> int:
+        # anon_inode_getfd("[userfaultfd]", ..., O_RDWR | (new->flags & UFFD_SHARED_FCNTL_FLAGS))
+        # in the reader's file table
+        sc.k.stats["uffd_fork_fds"] += 1
+        return sc.proc.install_fd(UffdFile(new, new.file_flags))
+
     while True:
         if count < uffd.UFFD_MSG_SIZE:
             return ret if ret else -EINVAL
-        uwq = await uffd.userfaultfd_ctx_read(sc.k, ctx, no_wait)
+        uwq = await uffd.userfaultfd_ctx_read(sc.k, ctx, no_wait, resolve_userfault_fork)
         if isinstance(uwq, int):
             return ret if ret else uwq
         if isinstance(uwq, uffd.UffdEventMsg):
