@@ -307,6 +307,23 @@ async def follow_page_mask(k, vma, address: int, flags: int, ctx: FollowPageCont
     return await follow_pmd_mask(k, vma, address, pmdp, flags, ctx)
 
 
+async def follow_page(k, vma, address: int, foll_flags: int) -> int | None:
+    """follow_page() (mm/gup.c, 6.6; KSM's scan and get_mergeable_page()): one lookup
+    with follow_page_mask(), no fault. NULL (None) wherever follow_page_mask() has
+    nothing to give -- no table, follow_page_pte()'s pte_offset_map_lock() failing, a
+    none or non-present pte -- and the caller does without the page (SKIP). FOLL_PIN is
+    refused (WARN_ON_ONCE: None). Returns the (sub)page's physical address with the
+    FOLL_GET reference taken, None, or -errno (IS_ERR: also "no page" to the callers).
+
+    Not modelled: vma_is_secretmem(), ctx.pgmap, and 6.6's following of PROT_NONE
+    (NUMA hinting) ptes: follow_page() does not set FOLL_HONOR_NUMA_FAULT, but the model's
+    follow_page_pte() answers NULL for every PROT_NONE pte (UNVERIFIED detail: 6.6 from
+    memory)."""
+    if foll_flags & FOLL_PIN:
+        return None
+    return await follow_page_mask(k, vma, address, foll_flags, FollowPageContext())
+
+
 async def faultin_page(k, vma, address: int, flags: int) -> int:
     """faultin_page(): handle_mm_fault() for what follow_page_mask() could not give (a
     write fault for FOLL_WRITE: do_wp_page breaks COW). 0: look again; -ENOMEM / -EFAULT."""
