@@ -178,6 +178,7 @@ class FollowPageContext:
 
     def __init__(self) -> None:
         self.page_mask = 0
+        self.pmdval = None          # follow_pmd_mask()'s lockless pmd read (bug injection only)
 
 
 async def follow_page_pte(k, vma, address: int, pmdp: int, flags: int, ctx: FollowPageContext) -> int | None:
@@ -192,6 +193,9 @@ async def follow_page_pte(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
     if flags & FOLL_PIN and flags & FOLL_GET:
         return -EINVAL
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, address)
+    if locked is None and "follow_page_pte_ignores_map_failure" in k.bugs and ctx.pmdval is not None:
+        # bug injection: reads the pte in the table follow_pmd_mask()'s pmd read named
+        await pgtable.walk_stale_pte_table(k, ctx.pmdval, address, address + k.page_size)
     if locked is None:
         k.stats["gup_no_page_table"] += 1
         return no_page_table(vma, flags)
@@ -260,6 +264,7 @@ async def follow_pmd_mask(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
     (a failed map there is no_page_table(): RETRY through the fault path)."""
     arch = k.arch
     pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, pmdp))
+    ctx.pmdval = pmdval
     if pmdval.kind in (Kind.NONE, Kind.MIGRATION, Kind.SWAP):
         k.stats["gup_pmd_not_present"] += pmdval.kind is not Kind.NONE
         return no_page_table(vma, flags)
