@@ -9,6 +9,7 @@ import pytest
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
+from emu.sched import traps
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, ksm, madvise, memory, pgtable, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
@@ -385,3 +386,34 @@ def test_a_write_fault_between_write_protect_page_and_replace_page_fails_the_mer
     state = ksm.ksm_state(k)
     assert state.pages_shared == state.pages_sharing == 0 and state.stable_tree == {}
     finish(m, mm)
+
+
+def test_the_ksmd_daemon_scans_batches_once_run_is_set() -> None:
+    """ksm_scan_thread(): asleep on ksm_thread_wait while run is KSM_RUN_STOP (the boot
+    value); with KSM_RUN_MERGE it scans pages_to_scan pages a wakeup and sleeps between
+    batches, so the pair merges after two rounds of several batches."""
+    sc = Scenario(arch="arm64", mem="32M", prefault=False)
+    m, k = sc.machine, sc.kernel
+    a, b = mergeable_pair(m, [0x3C, 0x3D])
+    state = ksm.ksm_state(k)
+    state.pages_to_scan = 2
+    sc.sched.spawn(ksm.ksm_scan_thread(k), "ksmd", daemon=True)
+
+    async def user(rounds: int):
+        for _ in range(400):
+            if state.seqnr >= rounds:
+                return state.seqnr
+            await traps.sleep(10)
+        return state.seqnr
+
+    sc.task("idle", user(1))
+    sc.run()
+    assert sc.results["idle"] == 0 and state.rmap_items == 0     # KSM_RUN_STOP: nothing scanned
+    state.run = ksm.KSM_RUN_MERGE
+    state.wq.post()                                              # (the sysfs store wakes ksmd)
+    sc.task("user", user(2))
+    sc.run()
+    assert sc.results["user"] == 2 and k.stats["ksm_merged_unstable"] == 2
+    assert merged(k, a, BASE) is merged(k, b, BASE) is not None
+    assert merged(k, a, BASE + k.page_size) is not None
+    finish(m, a, b)
