@@ -370,6 +370,15 @@ class Machine:
         Raises OSError(EFAULT) when the merge fails (see mm_core.ksm)."""
         _check(run_sync(ksm.ksm_merge_pages(self.kernel, mm, addr, other_mm, other_addr)))
 
+    def ksm_scan(self, pages: int = 100) -> int:
+        """One ksmd wakeup (mm/ksm.c ksm_do_scan(ksm_thread_pages_to_scan)): scan up to
+        ``pages`` anon pages of the MADV_MERGEABLE mms from where the last wakeup stopped,
+        merging through the stable and unstable trees (a page is only compared in the
+        unstable tree once its checksum held for a whole round, so identical pages merge
+        in the second round). Returns the pages scanned: fewer than ``pages`` when the
+        round ended (the next call starts a new one). State: ``machine.kernel.ksm``."""
+        return run_sync(ksm.ksm_do_scan(self.kernel, pages))
+
     def memory_failure(self, pfn: int, mm: MMStruct | None = None,
                        action_required: bool = True) -> int | None:
         """memory_failure(pfn, MF_ACTION_REQUIRED) as the machine-check handler of a task

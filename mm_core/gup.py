@@ -178,6 +178,7 @@ class FollowPageContext:
 
     def __init__(self) -> None:
         self.page_mask = 0
+        self.pmdval = None          # follow_pmd_mask()'s lockless pmd read (bug injection only)
 
 
 async def follow_page_pte(k, vma, address: int, pmdp: int, flags: int, ctx: FollowPageContext) -> int | None:
@@ -192,6 +193,9 @@ async def follow_page_pte(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
     if flags & FOLL_PIN and flags & FOLL_GET:
         return -EINVAL
     locked = await pgtable.pte_offset_map_lock(k, mm, pmdp, address)
+    if locked is None and "follow_page_pte_ignores_map_failure" in k.bugs and ctx.pmdval is not None:
+        # bug injection: reads the pte in the table follow_pmd_mask()'s pmd read named
+        await pgtable.walk_stale_pte_table(k, ctx.pmdval, address, address + k.page_size)
     if locked is None:
         k.stats["gup_no_page_table"] += 1
         return no_page_table(vma, flags)
@@ -260,6 +264,7 @@ async def follow_pmd_mask(k, vma, address: int, pmdp: int, flags: int, ctx: Foll
     (a failed map there is no_page_table(): RETRY through the fault path)."""
     arch = k.arch
     pmdval = arch.decode(arch.pmd_level, await pgtable.pmdp_get_lockless(k, pmdp))
+    ctx.pmdval = pmdval
     if pmdval.kind in (Kind.NONE, Kind.MIGRATION, Kind.SWAP):
         k.stats["gup_pmd_not_present"] += pmdval.kind is not Kind.NONE
         return no_page_table(vma, flags)
@@ -305,6 +310,23 @@ async def follow_page_mask(k, vma, address: int, flags: int, ctx: FollowPageCont
         table = ent.paddr
     pmdp = pgtable.entry_addr(k, table, k.arch.pmd_level, address)
     return await follow_pmd_mask(k, vma, address, pmdp, flags, ctx)
+
+
+async def follow_page(k, vma, address: int, foll_flags: int) -> int | None:
+    """follow_page() (mm/gup.c, 6.6; KSM's scan and get_mergeable_page()): one lookup
+    with follow_page_mask(), no fault. NULL (None) wherever follow_page_mask() has
+    nothing to give -- no table, follow_page_pte()'s pte_offset_map_lock() failing, a
+    none or non-present pte -- and the caller does without the page (SKIP). FOLL_PIN is
+    refused (WARN_ON_ONCE: None). Returns the (sub)page's physical address with the
+    FOLL_GET reference taken, None, or -errno (IS_ERR: also "no page" to the callers).
+
+    Not modelled: vma_is_secretmem(), ctx.pgmap, and 6.6's following of PROT_NONE
+    (NUMA hinting) ptes: follow_page() does not set FOLL_HONOR_NUMA_FAULT, but the model's
+    follow_page_pte() answers NULL for every PROT_NONE pte (UNVERIFIED detail: 6.6 from
+    memory)."""
+    if foll_flags & FOLL_PIN:
+        return None
+    return await follow_page_mask(k, vma, address, foll_flags, FollowPageContext())
 
 
 async def faultin_page(k, vma, address: int, flags: int) -> int:

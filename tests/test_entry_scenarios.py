@@ -1,7 +1,7 @@
 """The walker entry points raced against retract_page_tables() (emu/scenarios/walkers.py's
 mprotect-, mlock-, madv-cold-, madv-pageout-, mbind-, numa-maps-, hwpoison- and perf-vs-retract)
 or, for the anon-only walkers, against 6.14's MADV_DONTNEED + PT_RECLAIM (emu/scenarios/
-pt_reclaim.py: madv-free-, ksm-unmerge-vs-pt-reclaim, mincore-vs-dontneed-reclaim, under their
+pt_reclaim.py: madv-free-, ksm-unmerge-, ksm-scan-vs-pt-reclaim, mincore-vs-dontneed-reclaim, under their
 own kernel, ScenarioSpec.kernel): the race really reaches each
 walker's map-failure path under the explorer, the fixed kernel answers it as the kernel
 does (RETRY / SKIP) with the user-visible result right, and each injected "goes on into
@@ -34,6 +34,8 @@ ENTRY = {
                                 "madvise_free_pte_range"),
     "ksm-unmerge-vs-pt-reclaim": ("break_ksm_map_failed", "break_ksm_pmd_entry_ignores_map_failure",
                                   "break_ksm_pmd_entry"),
+    # ksmd's scan: follow_page() -> follow_page_pte()'s failed map is NULL, the page skipped
+    "ksm-scan-vs-pt-reclaim": ("gup_no_page_table", "follow_page_pte_ignores_map_failure", "follow_page_pte"),
     # ptdump's no-VMA walk_pte_range(): pte_offset_map() fails, ACTION_AGAIN
     "ptdump-vs-retract": ("pte_map_failed", "novma_walk_maps_user_table_as_kernel", "ptdump_pte_entry"),
 }

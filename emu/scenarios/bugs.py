@@ -159,6 +159,11 @@ BUGS: dict[str, str] = {
         "KSM's break_ksm_pmd_entry() reads the pte in the table its pmd read named after a failed "
         "pte_offset_map_lock() (instead of SKIP, \"no KSM page here\"): under 6.14 a racing "
         "MADV_DONTNEED's PT_RECLAIM freed it; run with --kernel 6.14",
+    "follow_page_pte_ignores_map_failure":
+        "follow_page_pte() reads the pte in the table its pmd read named after a failed "
+        "pte_offset_map_lock() (instead of no_page_table(): NULL): under 6.14 a racing "
+        "MADV_DONTNEED's PT_RECLAIM freed it while ksmd's scan (follow_page) looked; run with "
+        "--kernel 6.14",
     "perf_get_page_size_without_irqs_off":
         "perf_get_page_size() walks without local_irq_save(): pte_offset_map(&pmd)'s own "
         "rcu_read_lock() comes after pmdp_get_lockless(), so the stack copy can name a table "
@@ -171,6 +176,7 @@ BUG_KERNELS = {"retract_without_mmap_lock": "6.4", "move_ptes_without_pmd_same":
                "move_pages_pte_unmaps_stack_copy": "6.13", "move_pages_pte_unmaps_in_map_order": "6.13",
                "move_pages_pte_without_dst_pmd_recheck": "6.14", "retract_without_exit_test": "5.10",
                "madvise_free_ignores_map_failure": "6.14", "break_ksm_pmd_entry_ignores_map_failure": "6.14",
+               "follow_page_pte_ignores_map_failure": "6.14",
                "move_pages_reads_folio_of_non_present_pmd": "6.8"}
 
 
