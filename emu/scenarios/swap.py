@@ -16,19 +16,30 @@ from mm_core.sanitizers import Finding
 
 # -- swap ------------------------------------------------------------------------------------
 
+def paged_out(sc: Scenario, written: int, out: int, length: int, shmem: str | None = None):
+    """A 4-slot swap area without readahead and a mapping of ``length`` bytes at BASE
+    (private anon, or with ``shmem`` a shared memfd of that name and size) whose first
+    ``written`` pages hold swap_marker() and whose first ``out`` pages MADV_PAGEOUT sent
+    to swap. Returns (mm, address, the memfd or None)."""
+    m, k = sc.machine, sc.kernel
+    page = k.page_size
+    m.swapon(4, readahead=1)
+    inode = m.memfd_create(shmem, length) if shmem else None
+    mm = m.new_mm()
+    flags = (emu.MAP_SHARED if shmem else emu.MAP_PRIVATE | emu.MAP_ANONYMOUS) | emu.MAP_FIXED
+    a = m.mmap(mm, BASE, length, emu.PROT_READ | emu.PROT_WRITE, flags, file=inode)
+    for i in range(written):
+        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
+    m.madvise(mm, a, out * page, madvise.MADV_PAGEOUT)
+    return mm, a, inode
+
+
 def swapped_page(sc: Scenario, cached: bool, pages: int = 1) -> tuple:
     """An mm with ``pages`` anon pages written, swapped out by MADV_PAGEOUT (and, ``cached``,
     the first read back into the swap cache by MADV_WILLNEED): (mm, address, the first
     page's bytes); page i holds swap_marker(k, address + i pages)."""
     m, k = sc.machine, sc.kernel
-    m.swapon(4, readahead=1)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, 2 * k.page_size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    for i in range(pages):
-        va = a + i * k.page_size
-        k.physmem.write(m.touch(mm, va, write=True), swap_marker(k, va))
-    m.madvise(mm, a, pages * k.page_size, madvise.MADV_PAGEOUT)
+    mm, a, _ = paged_out(sc, pages, pages, 2 * k.page_size)
     if cached:
         m.madvise(mm, a, k.page_size, madvise.MADV_WILLNEED)
     return mm, a, swap_marker(k, a)
@@ -162,13 +173,7 @@ def pageout_vs_swapin(sc: Scenario) -> World:
 def khugepaged_swapin_vs_zap(sc: Scenario) -> World:
     m, k = sc.machine, sc.kernel
     page, size = k.page_size, huge_memory.hpage_pmd_size(k)
-    m.swapon(4, readahead=1)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, emu.PROT_READ | emu.PROT_WRITE,
-               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    for i in range(3):                                   # the third stays: a writable pte
-        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
-    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    mm, a, _ = paged_out(sc, 3, 2, size)                 # the third stays: a writable pte
     m.madvise(mm, a, page, madvise.MADV_WILLNEED)
 
     async def collapse():
@@ -201,14 +206,7 @@ def shmem_swapoff_vs_fault(sc: Scenario) -> World:
     from mm_core import swapfile
     m, k = sc.machine, sc.kernel
     page = k.page_size
-    m.swapon(4, readahead=1)
-    inode = m.memfd_create("shmem-swap", 2 * page)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, 2 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
-               file=inode)
-    for i in range(2):
-        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
-    m.madvise(mm, a, 2 * page, madvise.MADV_PAGEOUT)
+    mm, a, inode = paged_out(sc, 2, 2, 2 * page, shmem="shmem-swap")
     off = inode.mapping.swap_entries[0]
     run_sync(swap_state.read_swap_cache_async(k, swapfile.swp_entry_to_pte(off), None, 0))
     k.swap_info.cache[off].refcount -= 1                # only the swap cache holds it
@@ -296,14 +294,7 @@ def shmem_willneed_race(sc: Scenario) -> World:
     from mm_core import shmem, swapfile
     m, k = sc.machine, sc.kernel
     page = k.page_size
-    m.swapon(4, readahead=1)
-    inode = m.memfd_create("shmem-willneed", 3 * page)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, 3 * page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED,
-               file=inode)
-    for i in range(3):
-        k.physmem.write(m.touch(mm, a + i * page, write=True), swap_marker(k, a + i * page))
-    m.madvise(mm, a, 3 * page, madvise.MADV_PAGEOUT)
+    mm, a, inode = paged_out(sc, 3, 3, 3 * page, shmem="shmem-willneed")
 
     async def willneed():
         ret = await madvise.do_madvise(k, mm, a, 3 * page, madvise.MADV_WILLNEED)
@@ -340,12 +331,7 @@ def shmem_willneed_race(sc: Scenario) -> World:
 def shmem_willneed_vs_fault(sc: Scenario) -> World:
     m, k = sc.machine, sc.kernel
     page = k.page_size
-    m.swapon(4, readahead=1)
-    inode = m.memfd_create("shmem-willneed", page)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, page, emu.PROT_READ | emu.PROT_WRITE, emu.MAP_SHARED | emu.MAP_FIXED, file=inode)
-    k.physmem.write(m.touch(mm, a, write=True), swap_marker(k, a))
-    m.madvise(mm, a, page, madvise.MADV_PAGEOUT)
+    mm, a, inode = paged_out(sc, 1, 1, page, shmem="shmem-willneed")
 
     async def willneed():
         ret = await madvise.do_madvise(k, mm, a, page, madvise.MADV_WILLNEED)
