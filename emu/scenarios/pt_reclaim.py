@@ -61,6 +61,16 @@ def zapped_range_gone(m, k, mm, a: int, size: int) -> list[str]:
     return left
 
 
+async def zap_and_check(m, k, w: World, size: int) -> str:
+    """The racing MADV_DONTNEED of the second extent; afterwards its written pages must be
+    gone (ORACLE otherwise)."""
+    ret = await dontneed(k, w, size)
+    left = zapped_range_gone(m, k, w.mms[0], w.addr, size)
+    if ret or left:
+        raise _oracle("madvise_dontneed left pages", f"ret {ret}, still mapped {left}")
+    return "zapped"
+
+
 def dontneed(k, w: World, size: int):
     """MADV_DONTNEED of the whole second extent: zap_pte_range() with PT_RECLAIM."""
     return madvise.do_madvise(k, w.mms[0], w.addr + size, size, madvise.MADV_DONTNEED)
@@ -89,15 +99,8 @@ def madv_free_vs_pt_reclaim(sc: Scenario) -> World:
                               f"{folio is not None and folio.extra.get('lazyfree')}")
         return "freed"
 
-    async def zap():
-        ret = await dontneed(k, w, size)
-        left = zapped_range_gone(m, k, mm, w.addr, size)
-        if ret or left:
-            raise _oracle("madvise_dontneed left pages", f"ret {ret}, still mapped {left}")
-        return "zapped"
-
     sc.task("free", free())
-    sc.task("dontneed", zap())
+    sc.task("dontneed", zap_and_check(m, k, w, size))
     return w
 
 
@@ -132,15 +135,8 @@ def mincore_vs_dontneed_reclaim(sc: Scenario) -> World:
             raise _oracle("mincore misreported residency", f"{wrong[:6]}")
         return "all zapped" if second == {0} else "none zapped"
 
-    async def zap():
-        ret = await dontneed(k, w, size)
-        left = zapped_range_gone(m, k, mm, w.addr, size)
-        if ret or left:
-            raise _oracle("madvise_dontneed left pages", f"ret {ret}, still mapped {left}")
-        return "zapped"
-
     sc.task("mincore", residency())
-    sc.task("dontneed", zap())
+    sc.task("dontneed", zap_and_check(m, k, w, size))
     return w
 
 
