@@ -7,9 +7,10 @@ import os
 import pytest
 
 import emu
+from emu.arch import Kind
 from emu.scenario import Scenario
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, khugepaged, rmap
+from mm_core import huge_memory, khugepaged, pgtable, rmap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
@@ -35,6 +36,22 @@ def expected(name: str) -> tuple[bytes, int]:
 @pytest.fixture(params=ARCHES)
 def arch(request) -> str:
     return request.param
+
+
+def pte_of(mk, mm, va: int, raw: bool = False, pmd: bool = False):
+    """The pte mapping ``va`` in ``mm``, read from the bytes in guest RAM (not through
+    mm_core's accessors) and decoded by the arch (``raw``: the 8-byte value). ``mk`` is a
+    Machine or its Kernel. Where no PTE table covers ``va``: None, or with ``pmd`` the
+    decoded pmd (a huge leaf, a migration entry, none)."""
+    k = getattr(mk, "kernel", mk)
+    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
+    if pmdp is None:
+        return None
+    pmdval = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
+    if pmdval.kind is not Kind.TABLE:
+        return pmdval if pmd else None
+    value = k.physmem.read_entry(pgtable.entry_addr(k, pmdval.paddr, k.arch.pte_level, va))
+    return value if raw else k.arch.decode(k.arch.pte_level, value)
 
 
 def collapsed_world(arch: str, kernel: str = "6.6", mem: str = "64M", prefault: bool = True, **changes):

@@ -4,7 +4,7 @@ RETRY forever under the damon_endless_again injection."""
 from __future__ import annotations
 
 import pytest
-from conftest import ARCHES, collapsed_world, finish
+from conftest import ARCHES, collapsed_world, finish, pte_of
 
 import emu
 from emu.arch import Kind
@@ -18,11 +18,6 @@ BASE = 0x40000000
 RW = emu.PROT_READ | emu.PROT_WRITE
 
 
-def _pte(k, mm, va: int):
-    pmdp = run_sync(pgtable.walk_alloc(k, mm, va, k.arch.pmd_level))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    return pmd if pmd.kind is not Kind.TABLE else k.arch.decode(
-        k.arch.pte_level, k.physmem.read_entry(pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)))
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -32,13 +27,14 @@ def test_mkold_then_young_through_the_real_entries(arch: str) -> None:
     mm = m.new_mm()
     a = m.mmap(mm, BASE, 4 * k.page_size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
     m.touch(mm, a, write=True)
-    assert _pte(k, mm, a).young
+    assert pte_of(k, mm, a, pmd=True).young
     assert run_sync(damon.damon_va_young(k, mm, a)) == (True, k.page_size)
     run_sync(damon.damon_va_mkold(k, mm, a, a + 1))
-    assert not _pte(k, mm, a).young                           # cleared in guest RAM
+    assert not pte_of(k, mm, a, pmd=True).young                           # cleared in guest RAM
     assert run_sync(damon.damon_va_young(k, mm, a)) == (False, k.page_size)
     m.touch(mm, a)                                # an access: the MMU (or the fault) marks it young
-    assert _pte(k, mm, a).young and run_sync(damon.damon_va_young(k, mm, a)) == (True, k.page_size)
+    assert pte_of(k, mm, a, pmd=True).young
+    assert run_sync(damon.damon_va_young(k, mm, a)) == (True, k.page_size)
     finish(m, mm)
 
 
@@ -50,7 +46,7 @@ def test_young_of_a_thp_answers_for_the_whole_pmd() -> None:
     a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
     m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
     m.touch(mm, a, write=True)
-    assert _pte(k, mm, a).kind is Kind.LEAF                    # the pmd is a leaf
+    assert pte_of(k, mm, a, pmd=True).kind is Kind.LEAF                    # the pmd is a leaf
     assert run_sync(damon.damon_va_young(k, mm, a + 5 * k.page_size)) == (True, size)
     run_sync(damon.damon_va_mkold(k, mm, a, a + 1))
     assert run_sync(damon.damon_va_young(k, mm, a)) == (False, size)

@@ -5,7 +5,7 @@ child's cannot) forced with hand-written schedules."""
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world, finish
+from conftest import collapsed_world, finish, pte_of
 
 import emu
 from emu.arch import Access, Kind
@@ -19,16 +19,6 @@ BASE = 0x40000000
 RW = emu.PROT_READ | emu.PROT_WRITE
 
 
-def pte_of(k, mm, va: int):
-    """The pte for ``va`` decoded from guest RAM (None: no table)."""
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    if pmdp is None:
-        return None
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    if pmd.kind is not Kind.TABLE:
-        return pmd
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 
@@ -48,13 +38,13 @@ def test_fork_shares_anon_pages_copy_on_write(arch: str) -> None:
     child = m.fork_mm(mm)
     assert [v.start for v in child.vmas] == [v.start for v in mm.vmas] and child.vmas[0].anon_vma
     for i in range(4):                                         # shared, write-protected on both sides
-        p, c = pte_of(k, mm, a + i * page), pte_of(k, child, a + i * page)
+        p, c = pte_of(k, mm, a + i * page, pmd=True), pte_of(k, child, a + i * page, pmd=True)
         assert p.kind is c.kind is Kind.LEAF and p.paddr == c.paddr == frames[i]
         assert not p.prot & Access.W and not c.prot & Access.W and not c.young
         assert m.translate(mm, a + i * page, "w") is None and m.translate(child, a + i * page, "w") is None
         pg = k.alloc.page_of(frames[i])
         assert (pg.mapcount, pg.refcount) == (2, 2)
-    zp = pte_of(k, child, a + 5 * page)
+    zp = pte_of(k, child, a + 5 * page, pmd=True)
     assert zp.kind is Kind.LEAF and zp.paddr == k.zero_page.paddr and zp.special
     assert child.rss[MM_ANONPAGES] == mm.rss[MM_ANONPAGES] == 4
     assert k.stats["copy_pte_range"] == 1 and k.stats["forks"] == 1
@@ -80,7 +70,7 @@ def test_fork_under_other_map_rules(kernel: str) -> None:
     a = m.mmap(mm, BASE, 4 * k.page_size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
     pa = m.touch(mm, a, write=True)
     child = m.fork_mm(mm)
-    assert pte_of(k, child, a).paddr == pa and m.touch(mm, a, write=True) != pa
+    assert pte_of(k, child, a, pmd=True).paddr == pa and m.touch(mm, a, write=True) != pa
     finish(m, mm, child)
 
 
@@ -115,7 +105,7 @@ def test_fork_copies_a_private_file_mapping_with_anon_pages() -> None:
     anon_pa = m.touch(mm, a + page, write=True)               # do_cow_fault: anon_vma
     assert mm.vma_lookup(a).anon_vma
     child = m.fork_mm(mm)
-    f, c = pte_of(k, child, a), pte_of(k, child, a + page)
+    f, c = pte_of(k, child, a, pmd=True), pte_of(k, child, a + page, pmd=True)
     assert f.paddr == file_pa and c.paddr == anon_pa and not c.prot & Access.W
     assert k.alloc.page_of(file_pa).mapcount == 2 and child.rss[MM_SHMEMPAGES] == 1
     assert child.rss[MM_ANONPAGES] == 1
@@ -134,7 +124,8 @@ def test_fork_shares_an_anon_thp_and_cow_splits_it(arch: str) -> None:
     thp = m.touch(mm, a, write=True)
     m.physmem[thp + 3 * page:thp + 3 * page + 4] = b"thp3"
     child = m.fork_mm(mm)
-    p, c = pte_of(k, mm, a), pte_of(k, child, a)               # both pmd leaves of the same folio
+    # both pmd leaves of the same folio
+    p, c = pte_of(k, mm, a, pmd=True), pte_of(k, child, a, pmd=True)
     assert p.kind is c.kind is Kind.LEAF and p.paddr == c.paddr == thp
     assert not p.prot & Access.W and not c.prot & Access.W and k.stats["copy_huge_pmd"] == 1
     child_pmdp = run_sync(rmap.walk_to_pmd(k, child, a))
@@ -143,7 +134,7 @@ def test_fork_shares_an_anon_thp_and_cow_splits_it(arch: str) -> None:
     new = m.touch(mm, a + 3 * page, write=True)
     assert new != thp + 3 * page and bytes(m.physmem[new:new + 4]) == b"thp3"
     m.physmem[new:new + 4] = b"new!"
-    assert pte_of(k, child, a).kind is Kind.LEAF
+    assert pte_of(k, child, a, pmd=True).kind is Kind.LEAF
     assert bytes(m.physmem[m.touch(child, a + 3 * page):][:4]) == b"thp3"
     finish(m, child, mm)
 
@@ -164,11 +155,12 @@ def test_fork_skips_a_file_huge_pmd() -> None:
     mm = m.new_mm()
     a = m.mmap(mm, BASE, 2 * size, RW, emu.MAP_PRIVATE | emu.MAP_FIXED, file=inode)
     m.touch(mm, a)                                             # do_set_pmd: a file PMD leaf
-    assert pte_of(k, mm, a).kind is Kind.LEAF
+    assert pte_of(k, mm, a, pmd=True).kind is Kind.LEAF
     m.touch(mm, a + size, write=True)                          # an anon page: anon_vma
     child = m.fork_mm(mm)
     assert k.stats["copy_huge_pmd_file_skipped"] == 1
-    assert pte_of(k, child, a).kind is Kind.NONE and pte_of(k, child, a + size).kind is Kind.LEAF
+    assert pte_of(k, child, a, pmd=True).kind is Kind.NONE
+    assert pte_of(k, child, a + size, pmd=True).kind is Kind.LEAF
     assert m.touch(child, a) == inode.mapping.i_pages[0].paddr     # refaulted by PMD
     finish(m, mm, child, files=[inode])
 
@@ -250,7 +242,7 @@ def test_copy_huge_pmd_eagain_falls_through_to_the_ptes(arch: str) -> None:
     assert sc.results["copy"] == 0
     assert k.stats["copy_huge_pmd_eagain"] == 1 and k.stats["copy_pte_range"] == 1
     for i in (0, 3):
-        p, c = pte_of(k, mm, a + i * page), pte_of(k, child, a + i * page)
+        p, c = pte_of(k, mm, a + i * page, pmd=True), pte_of(k, child, a + i * page, pmd=True)
         assert p.kind is c.kind is Kind.LEAF and p.paddr == c.paddr == thp + i * page
         assert not p.prot & Access.W and not c.prot & Access.W
     nr = huge_memory.hpage_pmd_nr(k)
@@ -284,7 +276,7 @@ def test_copy_pte_range_stops_for_need_resched_and_goes_again() -> None:
     assert k.stats["copy_pte_range_resched"] >= 2              # 22 ptes * 8 progress / 32
     assert sc.sched.data_log and all(label == "need_resched" for _, label, _ in sc.sched.data_log)
     for i in range(64):
-        p, c = pte_of(k, mm, a + i * page), pte_of(k, child_mm, a + i * page)
+        p, c = pte_of(k, mm, a + i * page, pmd=True), pte_of(k, child_mm, a + i * page, pmd=True)
         if i % 3:
             assert c.kind is Kind.NONE
         else:

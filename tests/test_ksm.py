@@ -5,13 +5,14 @@ fault), and break_ksm_pmd_entry()'s failure category (a failed pte_offset_map_lo
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
 from emu.sched import traps
 from emu.sched.loop import run_sync
-from mm_core import huge_memory, ksm, madvise, memory, pgtable, rmap
+from mm_core import huge_memory, ksm, madvise, memory, rmap
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.sanitizers import Finding
 from mm_core.sched_helpers import stalled_thp_migration
@@ -38,12 +39,6 @@ def fill(m, mm, va: int, byte: int) -> int:
     return pa & ~(page - 1)
 
 
-def pte_of(m, mm, va: int):
-    k = m.kernel
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -194,22 +189,13 @@ def test_break_cow_vs_pt_reclaim_finds_no_table_and_skips(arch: str) -> None:
 
 def merged(k, mm, va: int):
     """The KSM folio mapped at ``va`` (read-only), or None."""
-    pte = pte_of_or_none(k, mm, va)
+    pte = pte_of(k, mm, va)
     if pte is None or pte.kind is not Kind.LEAF:
         return None
     folio = k.alloc.page_of(pte.paddr)
     return folio if ksm.folio_test_ksm(folio) else None
 
 
-def pte_of_or_none(k, mm, va: int):
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    if pmdp is None:
-        return None
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    if pmd.kind is not Kind.TABLE:
-        return None
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 def poke(m, mm, va: int, data: bytes) -> None:

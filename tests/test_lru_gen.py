@@ -7,7 +7,7 @@ the 6.13 profile."""
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world, finish
+from conftest import collapsed_world, finish, pte_of
 
 import emu
 from emu.arch import Kind
@@ -25,13 +25,6 @@ ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 
 
 
-def pte_of(m, mm, va: int):
-    """The pte for ``va`` decoded from the raw bytes in guest RAM (not through mm_core)."""
-    k = m.kernel
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 @pytest.mark.parametrize("arch", ARCHES)

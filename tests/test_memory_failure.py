@@ -6,12 +6,13 @@ pmd), a migration pmd under pmd_trans_huge_lock() is not present (0, no retry)."
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import SWP_HWPOISON, Kind
 from emu.scenario import Scenario
 from emu.sched.loop import run_sync
-from mm_core import gup, huge_memory, khugepaged, memory_failure, pgtable, rmap
+from mm_core import gup, huge_memory, khugepaged, memory_failure, rmap
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES
 from mm_core.sched_helpers import stalled_thp_migration
 
@@ -22,12 +23,6 @@ ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 AR = memory_failure.MF_ACTION_REQUIRED
 
 
-def pte_of(m, mm, va: int):
-    k = m.kernel
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 def finish(m, *mms, files=(), poisoned=()) -> None:

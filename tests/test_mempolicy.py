@@ -7,7 +7,7 @@ by schedules: a retracted table is ACTION_AGAIN (RETRY) then a hole; a migration
 from __future__ import annotations
 
 import pytest
-from conftest import collapsed_world, finish
+from conftest import collapsed_world, finish, pte_of
 
 import emu
 from emu.arch import Access, Kind
@@ -30,12 +30,6 @@ def _nodes(m, mm, a: int, n: int) -> list[int | None]:
     return out
 
 
-def _pte(m, mm, va: int):
-    k = m.kernel
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    idx = (va >> k.page_shift) & (k.arch.levels[k.arch.pte_level].entries - 1)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(pmd.paddr + 8 * idx))
 
 
 def test_nodes_split_ram_in_equal_ranges() -> None:
@@ -59,7 +53,7 @@ def test_mbind_move_migrates_misplaced_pages_and_new_faults_follow_the_policy(ar
     for i in range(6):                                          # pages 6, 7 stay unfaulted
         old[i] = m.touch(mm, a + i * page, write=True)
         k.physmem.write(old[i] + 8, f"page {i}".encode())
-    before = {i: _pte(m, mm, a + i * page) for i in range(6)}
+    before = {i: pte_of(m, mm, a + i * page) for i in range(6)}
     assert _nodes(m, mm, a, 8) == [0, 0, 0, 0, 0, 0, None, None]
     m.mbind(mm, a + 2 * page, 6 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
     assert [(v.start - a) // page for v in mm.vmas] == [0, 2]  # split once: the range reaches the end
@@ -68,7 +62,7 @@ def test_mbind_move_migrates_misplaced_pages_and_new_faults_follow_the_policy(ar
     assert k.stats["numa_pages_migrated"] == 4
     for i in range(6):
         assert m.read_user(mm, a + i * page + 8, 6) == f"page {i}".encode()
-        after = _pte(m, mm, a + i * page)                      # the pte bytes: same bits, new frame
+        after = pte_of(m, mm, a + i * page)                      # the pte bytes: same bits, new frame
         assert after.kind is Kind.LEAF and after.with_(paddr=0) == before[i].with_(paddr=0)
         assert (after.paddr == old[i]) == (i < 2)
     for i in range(2, 6):                                       # the old frames are free again
@@ -160,7 +154,7 @@ def test_shared_folios_stay_and_pinned_ones_fail_the_migration() -> None:
     m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)  # no STRICT: nothing reported
     assert m.translate(mm, a) == shared and m.translate(mm, a + page) == pinned
     assert k.stats["migrate_failed_eagain"] == mp.NR_MAX_MIGRATE_PAGES_RETRY   # pinned: retried, restored
-    assert _pte(m, mm, a + page).kind is Kind.LEAF
+    assert pte_of(m, mm, a + page).kind is Kind.LEAF
     with pytest.raises(OSError) as err:                           # STRICT: the failure is -EIO
         m.mbind(mm, a, 2 * page, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
     assert err.value.errno == 5 and str(mm.vmas[0].policy) == "bind:1"
@@ -432,10 +426,10 @@ def test_a_hinting_fault_on_a_pte_migrates_the_page_to_the_cpu_node(arch: str) -
     k.physmem.write(far, b"far away")
     assert _nodes(m, mm, a, 2) == [0, 1] and len(mm.vmas) == 1
     assert m.numa_scan(mm) == 1                                # single-threaded: the node-0 page is skipped
-    assert _pte(m, mm, a + page).prot == Access.NONE and m.translate(mm, a + page) is None
+    assert pte_of(m, mm, a + page).prot == Access.NONE and m.translate(mm, a + page) is None
     m.touch(mm, a + page)                                      # do_numa_page -> migrate_misplaced_folio
     assert _nodes(m, mm, a, 2) == [0, 0] and m.read_user(mm, a + page, 8) == b"far away"
-    pte = _pte(m, mm, a + page)
+    pte = pte_of(m, mm, a + page)
     assert pte.prot != Access.NONE and pte.paddr != far and k.alloc.page_of(far) is None
     assert k.stats["numa_migrate_ok"] == 1
     finish(m, mm)

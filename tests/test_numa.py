@@ -7,12 +7,12 @@ schedules."""
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
-from emu.sched.loop import run_sync
-from mm_core import madvise, memory, pgtable, rmap
+from mm_core import madvise, memory
 
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 BASE = 0x40000000
@@ -20,12 +20,6 @@ RW = emu.PROT_READ | emu.PROT_WRITE
 ANON = emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED
 
 
-def pte_of(m, mm, va: int):
-    k = m.kernel
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    ptep = pgtable.entry_addr(k, pmd.paddr, k.arch.pte_level, va)
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(ptep))
 
 
 def finish(m, *mms, files=()) -> None:

@@ -4,6 +4,7 @@ retry categories; the folio-lock retry path that unmaps both ptes before sleepin
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import Kind
@@ -35,12 +36,6 @@ def fill(m, mm, va: int, tag: int) -> int:
     return pa
 
 
-def pte_of(m, k, mm, va: int):
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    if pmd.kind is not Kind.TABLE:
-        return pmd
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(pgtable.pte_offset_kernel(k, pmd, va)))
 
 
 @pytest.mark.parametrize("kernel", ["6.8", "6.13"])
@@ -62,9 +57,9 @@ def test_move_moves_the_page_itself_and_keeps_the_counters(arch: str, kernel: st
     # the guest sees the old src bytes at dst, from the very same frame; src is none
     assert m.read_user(mm, dst, 8) == (0x5EED).to_bytes(8, "little")
     assert m.translate(mm, dst, "w") == pa
-    assert m.translate(mm, src) is None and pte_of(m, k, mm, src).kind is Kind.NONE
+    assert m.translate(mm, src) is None and pte_of(k, mm, src, pmd=True).kind is Kind.NONE
     assert m.read_user(mm, src + page, 8) == (0x0B0E).to_bytes(8, "little")
-    dst_pte = pte_of(m, k, mm, dst)
+    dst_pte = pte_of(k, mm, dst, pmd=True)
     assert dst_pte.dirty and dst_pte.paddr == pa
     # one mm: rss unchanged, the folio mapped once, its rmap moved to dst
     assert mm.rss == rss and mm.rss[MM_ANONPAGES] == 2
@@ -141,7 +136,7 @@ def test_zero_page_moves_as_a_fresh_zero_pte() -> None:
     m, k, mm, a, size = world("x86_64")
     m.touch(mm, a)                                               # read fault: the zero page
     assert m.uffdio_move(mm, a + size, a, k.page_size) == k.page_size
-    dst = pte_of(m, k, mm, a + size)
+    dst = pte_of(k, mm, a + size, pmd=True)
     assert dst.paddr == k.zero_page.paddr and dst.special and m.translate(mm, a) is None
     assert k.stats["uffdio_move_zeropage"] == 1
     m.exit_mm(mm)
@@ -157,7 +152,7 @@ def test_move_pages_pte_is_eagain_when_the_src_pmd_is_not_a_table(arch: str) -> 
     page = k.page_size
     m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
     m.touch(mm, a, write=True)                                   # a THP: the src pmd is a leaf
-    assert pte_of(m, k, mm, a).kind is Kind.LEAF
+    assert pte_of(k, mm, a, pmd=True).kind is Kind.LEAF
     fill(m, mm, a + size, 7)
     dst = a + size + page
     dst_pmd = run_sync(rmap.walk_to_pmd(k, mm, dst))
@@ -168,11 +163,11 @@ def test_move_pages_pte_is_eagain_when_the_src_pmd_is_not_a_table(arch: str) -> 
         ret = run_sync(userfaultfd.move_pages_pte(k, mm, dst_pmd, src_pmd, mm.vma_lookup(dst),
                                                   mm.vma_lookup(src), dst, src, 0))
         assert ret == -userfaultfd.EAGAIN
-        assert not k.rcu.readers and not k.san.pte_maps and pte_of(m, k, mm, dst).kind is Kind.NONE
+        assert not k.rcu.readers and not k.san.pte_maps and pte_of(k, mm, dst, pmd=True).kind is Kind.NONE
     with pytest.raises(OSError) as err:
         m.uffdio_move(mm, dst, a, page)
     assert err.value.errno == userfaultfd.EBUSY and k.stats["uffdio_move_split_huge_pmd"] == 1
-    assert k.stats["uffdio_move_split_folio_unmodelled"] == 1 and pte_of(m, k, mm, a).kind is Kind.LEAF
+    assert k.stats["uffdio_move_split_folio_unmodelled"] == 1 and pte_of(k, mm, a, pmd=True).kind is Kind.LEAF
     split_pmd = k.physmem.read_entry(run_sync(rmap.walk_to_pmd(k, mm, a)))
     assert k.arch.decode(k.arch.pmd_level, split_pmd).kind is Kind.TABLE         # a pte now, not the pmd
     m.exit_mm(mm)
@@ -254,7 +249,7 @@ def test_src_pte_changed_before_the_pin_is_eagain_and_retried() -> None:
     # unlocks of uffd: dst_ptl after reading orig_dst_pte, src_ptl after orig_src_pte
     sc.run("uffd:unlock#2 reclaim:*", finish=False)
     [res] = sc.results["reclaim"]
-    assert res.referenced == 1 and not pte_of(m, k, mm, src).young
+    assert res.referenced == 1 and not pte_of(k, mm, src, pmd=True).young
     sc.run()
     assert sc.results["uffd"] == k.page_size and k.stats["uffdio_move_eagain"] == 1
     assert k.stats["uffdio_move_folio_lock_retry"] == 0
@@ -285,7 +280,7 @@ def test_pt_reclaim_frees_a_table_dontneed_emptied_only_under_614(arch: str) -> 
         pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
         assert (pmd.kind is Kind.NONE) == freed and k.stats["pt_reclaimed"] == int(freed)
         part = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(run_sync(rmap.walk_to_pmd(k, mm, a))))
-        assert part.kind is Kind.TABLE and pte_of(m, k, mm, a).kind is Kind.NONE
+        assert part.kind is Kind.TABLE and pte_of(k, mm, a, pmd=True).kind is Kind.NONE
         assert (mm.pgtables_bytes < tables) == freed
         m.rcu_barrier()
         assert m.read_user(mm, a + size + 3 * k.page_size, 8) == b""

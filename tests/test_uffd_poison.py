@@ -8,6 +8,7 @@ Every check reads the page-table bytes in guest RAM."""
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import SWP_PTE_MARKER, Access, Kind
@@ -15,7 +16,7 @@ from emu.scenario import Scenario
 from emu.scenarios import collapse_file_tail, collapsed_shmem
 from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
-from mm_core import huge_memory, pgtable, rmap, task_mmu, userfaultfd
+from mm_core import huge_memory, task_mmu, userfaultfd
 from mm_core.memory import FaultResult, do_user_addr_fault
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES, MM_SWAPENTS
 from mm_core.swapops import PTE_MARKER_POISONED, PTE_MARKER_UFFD_WP, is_pte_marker, pte_marker_get
@@ -30,15 +31,6 @@ ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 EEXIST, EAGAIN, EINVAL, EFAULT, EIO = 17, 11, 22, 14, 5
 
 
-def pte_of(k, mm, va: int):
-    """The decoded pte for ``va`` from guest RAM (None when its pmd holds no table)."""
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    if pmdp is None:
-        return None
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    if pmd.kind is not Kind.TABLE:
-        return None
-    return k.arch.decode(k.arch.pte_level, k.physmem.read_entry(pgtable.pte_offset_kernel(k, pmd, va)))
 
 
 def is_poisoned(k, mm, va: int) -> bool:

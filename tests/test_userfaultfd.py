@@ -7,6 +7,7 @@ forced by hand-written schedules. Every check reads the page-table bytes in gues
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import SWP_PTE_MARKER, Access, Kind, swap_entry
@@ -14,7 +15,7 @@ from emu.scenario import Scenario
 from emu.scenarios import collapse_file_tail, collapsed_shmem, huge_refault
 from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
-from mm_core import huge_memory, khugepaged, madvise, pgtable, rmap, userfaultfd
+from mm_core import huge_memory, khugepaged, madvise, rmap, userfaultfd
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.memory import FaultResult, do_user_addr_fault
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES, VM_UFFD_MINOR, VM_UFFD_MISSING, VM_UFFD_WP
@@ -31,20 +32,8 @@ WP_WORLDS = [("x86_64", "6.6"), ("arm64", "6.13")]
 ARCHES = ["x86_64", "arm64", "s390x", "ppc64"]
 
 
-def pte_raw(k, mm, va: int) -> int | None:
-    """The raw pte for ``va`` in guest RAM (None when its pmd holds no table)."""
-    pmdp = run_sync(rmap.walk_to_pmd(k, mm, va))
-    if pmdp is None:
-        return None
-    pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
-    if pmd.kind is not Kind.TABLE:
-        return None
-    return k.physmem.read_entry(pgtable.pte_offset_kernel(k, pmd, va))
 
 
-def pte_of(k, mm, va: int):
-    raw = pte_raw(k, mm, va)
-    return None if raw is None else k.arch.decode(k.arch.pte_level, raw)
 
 
 def write(m, mm, va: int, data: bytes) -> int:
@@ -200,7 +189,7 @@ def test_missing_fault_waits_until_uffdio_copy_wakes_it(arch: str) -> None:
     assert mm.mmap_lock.readers == []                  # handle_userfault() dropped mmap_lock
     assert pte_of(k, mm, va).kind is Kind.NONE
     assert m.uffdio_copy(ctx, va, b"uffdcopy" * 4) == page
-    raw = pte_raw(k, mm, va)
+    raw = pte_of(k, mm, va, raw=True)
     ent = k.arch.decode(k.arch.pte_level, raw)
     assert ent.kind is Kind.LEAF and ent.prot & Access.W and raw == k.arch.encode(k.arch.pte_level, ent)
     assert not ctx.fault_pending_wqh and k.stats["uffd_woken"] == 1
@@ -320,7 +309,7 @@ def test_writeprotect_sets_the_arch_uffd_wp_bit_and_markers_in_shmem(arch: str, 
     pa = m.touch(mm, a, write=True)                                  # present and dirty
     assert m.translate(mm, a, "w") is not None                       # wp_page_shared() upgraded it
     m.uffdio_writeprotect(ctx, a, 4 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
-    raw = pte_raw(k, mm, a)
+    raw = pte_of(k, mm, a, raw=True)
     ent = k.arch.decode(level, raw)
     assert ent.kind is Kind.LEAF and ent.uffd_wp and not ent.prot & Access.W and ent.paddr == pa & ~(page - 1)
     assert raw == k.arch.encode(level, ent)
@@ -329,14 +318,14 @@ def test_writeprotect_sets_the_arch_uffd_wp_bit_and_markers_in_shmem(arch: str, 
     assert m.translate(mm, a, "w") is None and m.translate(mm, a, "r") is not None
     marker = k.arch.encode(level, swap_entry(SWP_PTE_MARKER, PTE_MARKER_UFFD_WP))
     for i in (1, 2, 3):                                             # none ptes of shmem: markers
-        assert pte_raw(k, mm, a + i * page) == marker
+        assert pte_of(k, mm, a + i * page, raw=True) == marker
         assert not m.translate(mm, a + i * page, "r")
-    assert pte_raw(k, mm, a + 4 * page) == k.arch.empty_value(level)     # outside the range
+    assert pte_of(k, mm, a + 4 * page, raw=True) == k.arch.empty_value(level)     # outside the range
     m.uffdio_writeprotect(ctx, a, 4 * page, 0)                      # un-protect
     ent = pte_of(k, mm, a)
     assert not ent.uffd_wp and ent.prot & Access.W                  # dirty shared: write back
     for i in (1, 2, 3):
-        assert pte_raw(k, mm, a + i * page) == k.arch.empty_value(level)
+        assert pte_of(k, mm, a + i * page, raw=True) == k.arch.empty_value(level)
     m.exit_mm(mm)
     m.close_file(inode)
 
@@ -346,7 +335,7 @@ def test_writeprotect_populates_a_table_for_markers_where_there_is_none(arch: st
     m, k, mm, a, inode = shmem_world(arch, kernel, pages=8)
     ctx = m.userfaultfd(mm)
     m.uffdio_register(ctx, a, 8 * k.page_size, WP)
-    assert pte_raw(k, mm, a) is None
+    assert pte_of(k, mm, a, raw=True) is None
     m.uffdio_writeprotect(ctx, a + k.page_size, k.page_size, emu.UFFDIO_WRITEPROTECT_MODE_WP)
     assert userfaultfd.pte_none_mostly(pte_of(k, mm, a + k.page_size))
     assert pte_of(k, mm, a + k.page_size).kind is Kind.SWAP
@@ -366,7 +355,8 @@ def test_anon_wp_has_no_markers_and_the_wp_fault_waits_for_unprotect(arch: str, 
     ctx = m.userfaultfd(mm)
     m.uffdio_register(ctx, a, 4 * page, WP)
     m.uffdio_writeprotect(ctx, a, 4 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
-    assert pte_of(k, mm, a).uffd_wp and pte_raw(k, mm, a + page) == k.arch.empty_value(k.arch.pte_level)
+    assert pte_of(k, mm, a).uffd_wp
+    assert pte_of(k, mm, a + page, raw=True) == k.arch.empty_value(k.arch.pte_level)
     sc.task("writer", do_user_addr_fault(k, mm, a, Access.W))
     sc.run("writer:*", finish=False)
     assert sc.state("writer") is TaskState.BLOCKED
@@ -500,7 +490,7 @@ def test_continue_gets_eagain_when_retract_takes_the_table_after_the_pmd_check()
     # mmap_read_lock, the upper levels, then the pmd twice (the second read is the strict check)
     sc.run(f"uffd:pt_read#{k.arch.pmd_level + 2} retract:* rcu_gp:* uffd:*")
     assert sc.results["uffd"] == -userfaultfd.EAGAIN and k.stats["mfill_eagain"] == 1
-    assert pte_raw(k, mm, va) is None
+    assert pte_of(k, mm, va, raw=True) is None
     assert m.uffdio_continue(ctx, va, page) == page                 # the caller's retry
     assert m.read_user(mm, va, 8) == (7).to_bytes(8, "little")         # file_data(): page 6 of the file
     assert pte_of(k, mm, va).paddr == w.extra["folio"].paddr + 6 * page
@@ -546,7 +536,7 @@ def test_walkers_take_a_marker_for_a_none_pte(arch: str, kernel: str) -> None:
     mm.vma_lookup(private).anon_vma = rmap.anon_vma_prepare(k, mm.vma_lookup(private))   # copied at fork
     child = m.fork_mm(mm)
     assert pte_of(k, mm, private + 2 * page).kind is Kind.SWAP     # the parent keeps its markers
-    assert pte_raw(k, child, private + 2 * page) == k.arch.empty_value(k.arch.pte_level)
+    assert pte_of(k, child, private + 2 * page, raw=True) == k.arch.empty_value(k.arch.pte_level)
     assert not pte_of(k, child, private + page).uffd_wp           # pte_clear_uffd_wp() for the child
     m.exit_mm(child)
     m.exit_mm(mm)
@@ -565,7 +555,7 @@ def test_writeprotect_retries_a_pmd_whose_table_pt_reclaim_freed() -> None:
     sc.task("dontneed", madvise.madvise_dontneed(k, mm, a, a + size))
     sc.run(f"wp:pt_read#{k.arch.pmd_level + 1} dontneed:* rcu_gp:* wp:*")
     assert sc.results["wp"] == 0 and k.stats["pt_reclaimed"] == 1 and k.stats["change_pmd_retry"] == 1
-    assert pte_raw(k, mm, a + 3 * k.page_size) is None
+    assert pte_of(k, mm, a + 3 * k.page_size, raw=True) is None
     m.exit_mm(mm)
     sc.close()
 
@@ -634,11 +624,11 @@ def test_case_9_wp_registered_between_retracts_precheck_and_its_locks(bug: bool)
     sc.run(f"retract:pt_read#{k.arch.pmd_level + 1} uffd:*", finish=False)
     assert sc.state("uffd") is TaskState.BLOCKED                    # waits for the retract to end
     marker = k.arch.encode(k.arch.pte_level, swap_entry(SWP_PTE_MARKER, PTE_MARKER_UFFD_WP))
-    assert [pte_raw(k, mm, w.addr + i * k.page_size) for i in range(4, 8)] == [marker] * 4
+    assert [pte_of(k, mm, w.addr + i * k.page_size, raw=True) for i in range(4, 8)] == [marker] * 4
     if not bug:
         sc.run("retract:* uffd:*")
         assert sc.results == {"retract": 0, "uffd": "protected"}
-        assert pte_raw(k, mm, w.addr + 6 * k.page_size) == marker
+        assert pte_of(k, mm, w.addr + 6 * k.page_size, raw=True) == marker
         assert pte_of(k, mm, w.addr + 5 * k.page_size).uffd_wp      # refaulted read-only, uffd-wp
     else:
         with pytest.raises(Finding) as found:
