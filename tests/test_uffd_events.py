@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import pte_of
 from test_uffd_syscalls import _call, _nr, _put, _sc, _uffd_with_api
 
 import emu
@@ -20,7 +21,7 @@ from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
 from mm_core import madvise, mmap, userfaultfd
 from mm_core.mm import MM_ANONPAGES
-from tests.test_userfaultfd import ANON, BASE, MISSING, RW, pte_of
+from tests.test_userfaultfd import ANON, BASE, MISSING, RW
 
 REMOVE, UNMAP = userfaultfd.UFFD_FEATURE_EVENT_REMOVE, userfaultfd.UFFD_FEATURE_EVENT_UNMAP
 FORK, REMAP = userfaultfd.UFFD_FEATURE_EVENT_FORK, userfaultfd.UFFD_FEATURE_EVENT_REMAP

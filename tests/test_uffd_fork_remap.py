@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import pte_of
 from test_uffd_events import world
 from test_uffd_syscalls import _call, _nr, _put, _sc
 
@@ -22,7 +23,7 @@ from emu.sched.task import TaskState
 from mm_core import fork, madvise, mmap, mremap, userfaultfd
 from mm_core.memory import FaultResult, do_user_addr_fault
 from mm_core.mm import VM_UFFD_MISSING, VM_UFFD_WP
-from tests.test_userfaultfd import ANON, MISSING, RW, pte_of
+from tests.test_userfaultfd import ANON, MISSING, RW
 
 FORK, REMAP = userfaultfd.UFFD_FEATURE_EVENT_FORK, userfaultfd.UFFD_FEATURE_EVENT_REMAP
 UNMAP = userfaultfd.UFFD_FEATURE_EVENT_UNMAP

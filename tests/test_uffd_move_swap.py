@@ -6,7 +6,8 @@ and the changed pte then -EAGAIN (move_pages() tries again and moves the present
 from __future__ import annotations
 
 import pytest
-from test_uffd_move import ANON, BASE, RW, fill, pte_of, world
+from conftest import pte_of
+from test_uffd_move import ANON, BASE, RW, fill, world
 
 import emu
 from emu.arch import Access, Kind
@@ -32,14 +33,14 @@ def test_a_swap_pte_moves_with_its_swap_count_and_reads_back_at_dst(arch: str) -
     src, dst = a + 3 * page, a + size + 7 * page
     fill(m, mm, src, 0x5A5A)
     m.madvise(mm, src, page, emu.MADV_PAGEOUT)
-    e = pte_of(m, k, mm, src)
+    e = pte_of(k, mm, src, pmd=True)
     assert e.kind is Kind.SWAP and e.exclusive and si.cache == {}
     off, rss = e.swp_offset, list(mm.rss)
     assert m.uffdio_move(mm, dst, src, page) == page
-    d = pte_of(m, k, mm, dst)
+    d = pte_of(k, mm, dst, pmd=True)
     assert d.kind is Kind.SWAP and d.swp_offset == off and d.exclusive
     assert d.soft_dirty == ("soft_dirty" in k.arch.sw_bits)         # pgtable_supports_soft_dirty()
-    assert pte_of(m, k, mm, src).kind is Kind.NONE
+    assert pte_of(k, mm, src, pmd=True).kind is Kind.NONE
     assert si.swap_map[off] == 1 and mm.rss == rss and mm.rss[MM_SWAPENTS] == 1   # one mm, one count
     assert k.stats["uffdio_move_swap"] == 1 and not k.rcu.readers and not k.san.pte_maps
     assert word(m, mm, dst) == 0x5A5A and k.stats["swap_major_fault"] == 1
@@ -60,7 +61,7 @@ def test_a_folio_still_in_the_swap_cache_has_its_rmap_moved_to_dst() -> None:
     m.madvise(mm, a, 4 * page, emu.MADV_PAGEOUT)
     assert word(m, mm, a + page) == 0x101                            # readahead of the window
     src, dst = a + 2 * page, a + size + 9 * page
-    e = pte_of(m, k, mm, src)
+    e = pte_of(k, mm, src, pmd=True)
     assert e.kind is Kind.SWAP and e.swp_offset in si.cache
     folio = si.cache[e.swp_offset]
     assert "anon_vma" not in folio.extra and folio.index == 0       # read ahead: not anon yet
@@ -81,10 +82,10 @@ def test_a_shared_swap_entry_is_ebusy_and_a_marker_efault() -> None:
     fill(m, mm, a, 7)
     m.madvise(mm, a, page, emu.MADV_PAGEOUT)
     child = m.fork_mm(mm)                                            # the entry is shared now
-    assert not pte_of(m, k, mm, a).exclusive
+    assert not pte_of(k, mm, a, pmd=True).exclusive
     with pytest.raises(OSError) as err:
         m.uffdio_move(mm, a + size, a, page)
-    assert err.value.errno == userfaultfd.EBUSY and pte_of(m, k, mm, a).kind is Kind.SWAP
+    assert err.value.errno == userfaultfd.EBUSY and pte_of(k, mm, a, pmd=True).kind is Kind.SWAP
     ctx = m.userfaultfd(mm)
     m.uffdio_register(ctx, a, 2 * size, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
     m.uffdio_poison(ctx, a + page, page)
@@ -108,7 +109,7 @@ def swapin_vs_move():
     fill(m, mm, src, 0xC0FFEE)
     fill(m, mm, dst + page, 1)                                       # the dst table exists
     m.madvise(mm, src, page, emu.MADV_PAGEOUT)
-    off = pte_of(m, k, mm, src).swp_offset
+    off = pte_of(k, mm, src, pmd=True).swp_offset
     sc.task("swapin", do_user_addr_fault(k, mm, src, Access.R))
     sc.task("uffd", userfaultfd.move_pages(k, mm, dst, src, page))
     return sc, m, k, mm, si, src, dst, off
@@ -137,7 +138,7 @@ def test_the_move_sleeping_on_the_swapin_folio_lock_then_moves_the_entry_and_the
     sc.run()
     assert sc.results["swapin"] is FaultResult.OK and sc.results["uffd"] == k.page_size
     assert k.stats["uffdio_move_swap"] == 1 and k.stats["folio_lock_or_retry_failed"] == 1
-    d = pte_of(m, k, mm, dst)
+    d = pte_of(k, mm, dst, pmd=True)
     assert d.kind is Kind.SWAP and d.swp_offset == off and si.cache[off] is folio
     assert folio.index == rmap.linear_page_index(k, mm.vma_lookup(dst), dst) and not folio.locked
     assert m.translate(mm, src) == k.zero_page.paddr
@@ -161,7 +162,7 @@ def test_a_swapin_that_maps_first_makes_the_move_eagain_and_the_present_page_mov
     assert k.stats["uffdio_move_eagain"] >= 1
     assert sc.results["uffd"] == k.page_size
     assert k.stats["uffdio_move_swap"] == 0 and k.stats["uffdio_move"] == 1
-    assert m.translate(mm, dst) == folio.paddr and pte_of(m, k, mm, src).kind is Kind.NONE
+    assert m.translate(mm, dst) == folio.paddr and pte_of(k, mm, src, pmd=True).kind is Kind.NONE
     assert word(m, mm, dst) == 0xC0FFEE and not folio.locked and si.users == 0
     m.exit_mm(mm)
     sc.close()

@@ -8,6 +8,7 @@ are checked each time."""
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import Access, Kind
@@ -19,7 +20,7 @@ from mm_core import userfaultfd
 from mm_core.memory import FaultResult, do_user_addr_fault
 from mm_core.mm import MM_ANONPAGES, VM_UFFD_WP
 from tests.test_uffd_wp_zap import marker_raw
-from tests.test_userfaultfd import ANON, BASE, RW, WP, WP_WORLDS, pte_of, pte_raw
+from tests.test_userfaultfd import ANON, BASE, RW, WP, WP_WORLDS
 
 UNPOP = userfaultfd.UFFD_FEATURE_WP_UNPOPULATED
 
@@ -47,11 +48,12 @@ def test_writeprotect_puts_markers_in_none_anon_ptes_only_with_the_feature(arch:
         m.uffdio_writeprotect(ctx, a, 4 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
         assert pte_of(k, mm, a).uffd_wp                               # the present one: the bit
         for i in (1, 2, 3):
-            assert (pte_raw(k, mm, a + i * page) == marker) is want, (features, i)
-        assert pte_raw(k, mm, a + 4 * page) == k.arch.empty_value(k.arch.pte_level)
+            assert (pte_of(k, mm, a + i * page, raw=True) == marker) is want, (features, i)
+        assert pte_of(k, mm, a + 4 * page, raw=True) == k.arch.empty_value(k.arch.pte_level)
         assert k.stats["uffd_wp_markers"] == (3 if want else 0)
         m.uffdio_writeprotect(ctx, a, 4 * page, 0)                    # un-protect drops them
-        assert all(pte_raw(k, mm, a + i * page) == k.arch.empty_value(k.arch.pte_level) for i in (1, 2, 3))
+        empty = k.arch.empty_value(k.arch.pte_level)
+        assert all(pte_of(k, mm, a + i * page, raw=True) == empty for i in (1, 2, 3))
         assert not pte_of(k, mm, a).uffd_wp
         m.exit_mm(mm)
         sc.close()
@@ -63,10 +65,10 @@ def test_writeprotect_allocates_the_table_for_anon_markers(arch: str, kernel: st
     allocated to hold the markers (-ENOMEM otherwise)."""
     sc, m, k, mm, a, ctx = anon_wp(arch, kernel, touched=())
     page = k.page_size
-    assert pte_raw(k, mm, a) is None
+    assert pte_of(k, mm, a, raw=True) is None
     m.uffdio_writeprotect(ctx, a + page, 2 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
-    assert pte_raw(k, mm, a + page) == pte_raw(k, mm, a + 2 * page) == marker_raw(k)
-    assert pte_raw(k, mm, a) == k.arch.empty_value(k.arch.pte_level)
+    assert pte_of(k, mm, a + page, raw=True) == pte_of(k, mm, a + 2 * page, raw=True) == marker_raw(k)
+    assert pte_of(k, mm, a, raw=True) == k.arch.empty_value(k.arch.pte_level)
     m.exit_mm(mm)
     sc.close()
 
@@ -81,7 +83,7 @@ def test_a_write_through_an_anon_marker_goes_to_the_uffd(arch: str, kernel: str)
     page = k.page_size
     va = a + 3 * page
     m.uffdio_writeprotect(ctx, a, 8 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
-    assert pte_raw(k, mm, va) == marker_raw(k)
+    assert pte_of(k, mm, va, raw=True) == marker_raw(k)
     assert run_sync(do_user_addr_fault(k, mm, va, Access.W)) is FaultResult.OK
     ent = pte_of(k, mm, va)
     assert ent.kind is Kind.LEAF and ent.uffd_wp and not ent.prot & Access.W and not ent.special
@@ -129,7 +131,8 @@ def test_dontneed_drops_anon_markers(arch: str, kernel: str) -> None:
     page = k.page_size
     m.uffdio_writeprotect(ctx, a, 4 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
     m.madvise(mm, a, 4 * page, emu.MADV_DONTNEED)
-    assert all(pte_raw(k, mm, a + i * page) == k.arch.empty_value(k.arch.pte_level) for i in range(4))
+    empty = k.arch.empty_value(k.arch.pte_level)
+    assert all(pte_of(k, mm, a + i * page, raw=True) == empty for i in range(4))
     assert run_sync(do_user_addr_fault(k, mm, a + page, Access.W)) is FaultResult.OK
     assert k.stats["handle_userfault_wp"] == 0 and m.translate(mm, a + page, "w") is not None
     m.exit_mm(mm)
@@ -156,7 +159,8 @@ def test_an_anon_thp_range_gets_a_table_of_markers_instead_of_a_thp() -> None:
     m.uffdio_writeprotect(ctx, a, 2 * span, emu.UFFDIO_WRITEPROTECT_MODE_WP)
     pmd = k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp))
     assert pmd.kind is Kind.LEAF and pmd.uffd_wp and not pmd.prot & Access.W
-    assert all(pte_raw(k, mm, a + span + i * page) == marker_raw(k) for i in range(0, span // page, 97))
+    assert all(pte_of(k, mm, a + span + i * page, raw=True) == marker_raw(k)
+               for i in range(0, span // page, 97))
     assert run_sync(do_user_addr_fault(k, mm, a + span, Access.W)) is FaultResult.OK
     ent = pte_of(k, mm, a + span)
     assert ent.kind is Kind.LEAF and ent.uffd_wp and k.stats["thp_fault_alloc"] == 1

@@ -7,6 +7,7 @@ check reads the pte bytes in guest RAM."""
 from __future__ import annotations
 
 import pytest
+from conftest import pte_of
 
 import emu
 from emu.arch import SWP_PTE_MARKER, Access, Kind, swap_entry
@@ -17,7 +18,7 @@ from mm_core import memory, userfaultfd
 from mm_core.memory import FaultResult, do_user_addr_fault
 from mm_core.mm import MM_SHMEMPAGES, VM_UFFD_WP
 from mm_core.swapops import PTE_MARKER_UFFD_WP
-from tests.test_userfaultfd import ANON, BASE, RW, SHARED, WP, WP_WORLDS, pte_of, pte_raw, write
+from tests.test_userfaultfd import ANON, BASE, RW, SHARED, WP, WP_WORLDS, write
 
 
 def marker_raw(k) -> int:
@@ -81,10 +82,10 @@ def test_dontneed_over_protected_shmem_leaves_markers_and_a_write_still_traps(ar
     assert all(pte_of(k, mm, a + i * page).uffd_wp for i in range(4))
     m.madvise(mm, a, 6 * page, emu.MADV_DONTNEED)
     for i in range(4):
-        assert pte_raw(k, mm, a + i * page) == marker, i
+        assert pte_of(k, mm, a + i * page, raw=True) == marker, i
         assert m.translate(mm, a + i * page, "r") is None
     for i in (4, 5):
-        assert pte_raw(k, mm, a + i * page) == k.arch.empty_value(k.arch.pte_level)
+        assert pte_of(k, mm, a + i * page, raw=True) == k.arch.empty_value(k.arch.pte_level)
     assert mm.rss[MM_SHMEMPAGES] == 0 and k.stats["uffd_wp_markers_kept"] == 4
     assert len(inode.mapping.i_pages) == 6                       # the page cache is untouched
     write_goes_to_the_uffd(sc, m, k, mm, ctx, a + 2 * page + 16)
@@ -104,9 +105,9 @@ def test_dontneed_keeps_an_existing_marker(arch: str, kernel: str) -> None:
     continue;`)."""
     sc, m, k, mm, a, inode, ctx = wp_shmem(arch, kernel, pages=8, fill=2, protect=6)
     page, marker = k.page_size, marker_raw(k)
-    assert [pte_raw(k, mm, a + i * page) == marker for i in range(6)] == [False, False] + [True] * 4
+    assert [pte_of(k, mm, a + i * page, raw=True) == marker for i in range(6)] == [False, False] + [True] * 4
     m.madvise(mm, a, 8 * page, emu.MADV_DONTNEED)
-    assert all(pte_raw(k, mm, a + i * page) == marker for i in range(6))
+    assert all(pte_of(k, mm, a + i * page, raw=True) == marker for i in range(6))
     write_goes_to_the_uffd(sc, m, k, mm, ctx, a + 4 * page)
     m.exit_mm(mm)
     m.close_file(inode)
@@ -122,11 +123,11 @@ def test_munmap_drops_the_markers_and_exit_leaves_nothing(arch: str, kernel: str
     sc, m, k, mm, a, inode, ctx = wp_shmem(arch, kernel, pages=8, fill=4, protect=8)
     page, marker = k.page_size, marker_raw(k)
     m.madvise(mm, a, 8 * page, emu.MADV_DONTNEED)
-    assert all(pte_raw(k, mm, a + i * page) == marker for i in range(8))
+    assert all(pte_of(k, mm, a + i * page, raw=True) == marker for i in range(8))
     m.munmap(mm, a + 4 * page, 4 * page)
     empty = k.arch.empty_value(k.arch.pte_level)
-    assert all(pte_raw(k, mm, a + i * page) == empty for i in range(4, 8))
-    assert all(pte_raw(k, mm, a + i * page) == marker for i in range(4))
+    assert all(pte_of(k, mm, a + i * page, raw=True) == empty for i in range(4, 8))
+    assert all(pte_of(k, mm, a + i * page, raw=True) == marker for i in range(4))
     # a fresh anonymous mapping at the hole faults normally (no stale marker to meet)
     b = m.mmap(mm, a + 4 * page, 4 * page, RW, ANON)
     assert run_sync(do_user_addr_fault(k, mm, b, Access.W)) is FaultResult.OK
@@ -153,7 +154,8 @@ def test_anonymous_memory_keeps_no_marker(arch: str, kernel: str) -> None:
     m.uffdio_writeprotect(ctx, a, 4 * page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
     assert pte_of(k, mm, a).uffd_wp
     m.madvise(mm, a, 4 * page, emu.MADV_DONTNEED)
-    assert all(pte_raw(k, mm, a + i * page) == k.arch.empty_value(k.arch.pte_level) for i in range(4))
+    empty = k.arch.empty_value(k.arch.pte_level)
+    assert all(pte_of(k, mm, a + i * page, raw=True) == empty for i in range(4))
     assert k.stats["uffd_wp_markers_kept"] == 0
     m.exit_mm(mm)
     sc.close()
@@ -168,7 +170,7 @@ def test_truncation_keeps_the_markers_of_the_truncated_tail(arch: str, kernel: s
     page, marker = k.page_size, marker_raw(k)
     run_sync(memory_shrink(k, inode, 4 * page))
     assert all(pte_of(k, mm, a + i * page).kind is Kind.LEAF for i in range(4))
-    assert all(pte_raw(k, mm, a + i * page) == marker for i in range(4, 8))
+    assert all(pte_of(k, mm, a + i * page, raw=True) == marker for i in range(4, 8))
     assert run_sync(do_user_addr_fault(k, mm, a + 6 * page, Access.W)) is FaultResult.SIGBUS
     assert k.stats["handle_userfault_wp"] == 0
     m.exit_mm(mm)
@@ -191,7 +193,7 @@ def test_shmem_reclaim_of_a_protected_page_leaves_a_marker(arch: str, kernel: st
     m.swapon(16, readahead=1)
     m.madvise(mm, a, 4 * page, emu.MADV_PAGEOUT)
     assert k.stats["shmem_writepage"] == 4 and sorted(inode.mapping.swap_entries) == [0, 1, 2, 3]
-    assert [pte_raw(k, mm, a + i * page) == marker for i in range(4)] == [True, True, False, False]
+    assert [pte_of(k, mm, a + i * page, raw=True) == marker for i in range(4)] == [True, True, False, False]
     write_goes_to_the_uffd(sc, m, k, mm, ctx, a + page)
     assert m.read_user(mm, a + page, 8) == b"file0001"
     m.exit_mm(mm)
@@ -217,9 +219,9 @@ def test_pt_reclaim_leaves_a_table_that_holds_markers() -> None:
     m.uffdio_register(ctx, a, 2 * span, WP)
     m.uffdio_writeprotect(ctx, a, page, emu.UFFDIO_WRITEPROTECT_MODE_WP)
     m.madvise(mm, a, 2 * span, emu.MADV_DONTNEED)
-    assert pte_raw(k, mm, a) == marker_raw(k)
-    assert pte_raw(k, mm, a + page) == k.arch.empty_value(k.arch.pte_level)
-    assert pte_raw(k, mm, a + span) is None                         # that table was reclaimed
+    assert pte_of(k, mm, a, raw=True) == marker_raw(k)
+    assert pte_of(k, mm, a + page, raw=True) == k.arch.empty_value(k.arch.pte_level)
+    assert pte_of(k, mm, a + span, raw=True) is None                         # that table was reclaimed
     assert k.stats["pt_reclaimed"] == 1
     write_goes_to_the_uffd(sc, m, k, mm, ctx, a)
     m.exit_mm(mm)
