@@ -34,6 +34,17 @@ def paged_out(sc: Scenario, written: int, out: int, length: int, shmem: str | No
     return mm, a, inode
 
 
+async def shmem_swapoff_and_check(k, inode) -> str:
+    """swapoff() (shmem_unuse first); afterwards no page of ``inode`` may still be swapped
+    (ORACLE otherwise)."""
+    from mm_core import swapfile
+    ret = await swapfile.swapoff(k)
+    if ret or inode.swapped or inode.mapping.swap_entries:
+        raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
+                      "still swapped", "ORACLE:shmem-swapoff")
+    return "off"
+
+
 def swapped_page(sc: Scenario, cached: bool, pages: int = 1) -> tuple:
     """An mm with ``pages`` anon pages written, swapped out by MADV_PAGEOUT (and, ``cached``,
     the first read back into the swap cache by MADV_WILLNEED): (mm, address, the first
@@ -211,14 +222,7 @@ def shmem_swapoff_vs_fault(sc: Scenario) -> World:
     run_sync(swap_state.read_swap_cache_async(k, swapfile.swp_entry_to_pte(off), None, 0))
     k.swap_info.cache[off].refcount -= 1                # only the swap cache holds it
 
-    async def swapoff():
-        ret = await swapfile.swapoff(k)
-        if ret or inode.swapped or inode.mapping.swap_entries:
-            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
-                          "still swapped", "ORACLE:shmem-swapoff")
-        return "off"
-
-    sc.task("swapoff", swapoff())
+    sc.task("swapoff", shmem_swapoff_and_check(k, inode))
     sc.task("t1", swapin_and_check(k, m, mm, a, False, "t1"))
     sc.task("t2", swapin_and_check(k, m, mm, a + page, True, "t2"))
     return World([mm], [inode], a, 0)
@@ -291,7 +295,7 @@ def swapin_skip_swapcache(sc: Scenario) -> World:
           "slot), the faults read the bytes written before MADV_PAGEOUT, and no slot, swap-cache "
           "folio or folio reference is left")
 def shmem_willneed_race(sc: Scenario) -> World:
-    from mm_core import shmem, swapfile
+    from mm_core import shmem
     m, k = sc.machine, sc.kernel
     page = k.page_size
     mm, a, inode = paged_out(sc, 3, 3, 3 * page, shmem="shmem-willneed")
@@ -306,18 +310,11 @@ def shmem_willneed_race(sc: Scenario) -> World:
         await shmem.shmem_setattr_size(k, inode, 2 * page)
         return "truncated"
 
-    async def swapoff():
-        ret = await swapfile.swapoff(k)
-        if ret or inode.swapped or inode.mapping.swap_entries:
-            raise Finding("ORACLE", f"ORACLE: swapoff returned {ret} with {inode.swapped} shmem pages "
-                          "still swapped", "ORACLE:shmem-swapoff")
-        return "off"
-
     sc.task("willneed", willneed())
     sc.task("reader", swapin_and_check(k, m, mm, a, False, "reader"))
     sc.task("writer", swapin_and_check(k, m, mm, a + page, True, "writer"))
     sc.task("truncate", truncate())
-    sc.task("swapoff", swapoff())
+    sc.task("swapoff", shmem_swapoff_and_check(k, inode))
     return World([mm], [inode], a, 0)
 
 
