@@ -106,6 +106,7 @@ async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access, user: b
     False for the kernel's own uaccess faults (copy_{from,to}_user), which then carry no
     FAULT_FLAG_USER (a UFFD_USER_MODE_ONLY userfaultfd answers those with SIGBUS)."""
     k.stats["faults"] += 1
+    failures = k.alloc.failures
     flags = FAULT_FLAG_DEFAULT | (FAULT_FLAG_USER if user else 0)
     if access & Access.W:
         flags |= FAULT_FLAG_WRITE
@@ -136,11 +137,26 @@ async def do_user_addr_fault(k, mm: MMStruct, addr: int, access: Access, user: b
                 await mmap_read_unlock(mm)
         break
     if ret & VM_FAULT_OOM:
-        return FaultResult.OOM
+        return pagefault_out_of_memory(k, k.alloc.failures > failures)
     if ret & VM_FAULT_SIGBUS:
         return FaultResult.SIGBUS
     if ret & VM_FAULT_SIGSEGV:
         return FaultResult.SEGV_ACCERR
+    return FaultResult.OK
+
+
+def pagefault_out_of_memory(k, oom_killed: bool) -> FaultResult:
+    """pagefault_out_of_memory() (6.6; since 60e2793d440a, 5.16, the #PF handler no longer
+    starts the OOM killer). When an allocation of this fault really failed, the allocator's
+    out_of_memory() has chosen a victim, here the faulting task: OOM (SIGKILL). A
+    VM_FAULT_OOM with no allocation failure behind it (do_swap_page()'s back-out finding
+    the same swap pte after swapin_readahead() gave no folio: the slot was freed by
+    another faulter and reused by a swap-out, an ABA pte_same() cannot see) only warns
+    and the access is retried (OK: the instruction faults again)."""
+    if oom_killed:
+        return FaultResult.OOM
+    k.stats["pagefault_oom_retry"] += 1
+    k.printk("Huh VM_FAULT_OOM leaked out to the #PF handler. Retrying PF")
     return FaultResult.OK
 
 

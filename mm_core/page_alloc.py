@@ -68,6 +68,7 @@ class PageAllocator:
         self.nr_free = 0
         self.allocated = {use: 0 for use in PageUse}   # pages (not blocks) handed out, by use
         self.freed = {use: 0 for use in PageUse}
+        self.failures = 0                       # allocations that found no memory (the OOM path)
         # freed page-table blocks stay poisoned and unused for a while, so a stale access
         # finds poison (and the sanitizer finds it freed) rather than a reused page
         self.quarantine: list[tuple[int, int]] = []
@@ -102,6 +103,7 @@ class PageAllocator:
                 while self.quarantine:
                     self._merge_free(*self.quarantine.pop(0))
                 return self.alloc_pages(order, use, owner, zero, pfn_range)
+            self.failures += 1
             raise OutOfMemory(f"out of guest memory allocating an order-{order} block")
         while o > order:                          # split, returning the upper halves
             o -= 1

@@ -151,3 +151,53 @@ def test_the_explorers_scenario_reaches_the_pin_and_runs_clean_only_with_it() ->
     assert pinned
     stale = ex.explore(SCENARIOS["swapin-skip-swapcache"], budget=400, seed=1, kernel="6.5")
     assert stale.outcome is not None and stale.outcome.finding.signature == "ORACLE:swapin-stale"
+
+
+# the schedule benchmarks/explore.py's full-clean run found (swapin-skip-swapcache, 6.6):
+# the writer faults the page in and frees the slot, the reader (orig_pte read before)
+# finds no swap-cache folio and a swap count of 0, so swapin_readahead() gives no folio;
+# the writer's MADV_PAGEOUT reuses the slot, and the reader's back-out sees the same swap
+# pte again: VM_FAULT_OOM with no allocation failure behind it
+SPURIOUS_OOM = ("emu1.mwG1c3dhcGluLXNraXAtc3dhcGNhY2hlozYuNqZ4ODZfNjSgk6praHVnZXBhZ2VkpnJlYWRlcqZ3cml0ZXLc"
+                "ABgAAgEBAgUBBAIBAQECCQEGAgcBAgI4AQmwYjEwNzU4NmE0ZGU2ODU0M7ZyYW5kb20oc3RpY2tpbmVzcz0wLjUpAJA")
+
+
+def test_a_spurious_vm_fault_oom_is_retried_not_fatal() -> None:
+    """pagefault_out_of_memory() (5.16+): a VM_FAULT_OOM that no failed allocation caused
+    warns "Huh VM_FAULT_OOM leaked out to the #PF handler. Retrying PF" and the access
+    faults again; the reader then reads the bytes the writer swapped out last."""
+    import dataclasses
+
+    from emu import explore as ex
+    from emu.scenarios import SCENARIOS
+    from emu.sched.schedule import Schedule
+    from emu.sched.strategy import Replay
+    schedule = Schedule.decode(SPURIOUS_OOM)
+    spec = SCENARIOS[schedule.scenario]
+    kernels: list = []
+
+    def build(sc):
+        kernels.append(sc.kernel)
+        return spec.build(sc)
+
+    recorded = dataclasses.replace(spec, build=build)        # built fresh: its kernel stays readable
+    tids = ex._tids_of(spec, schedule, ())
+    strategy = Replay([tids[n] for n in schedule.picks()], lenient=True, data=schedule.data)
+    outcome = ex.execute(recorded, strategy, schedule.arch, schedule.kernel)
+    k = kernels[-1]
+    assert outcome.finding is None, outcome.finding
+    assert k.stats["pagefault_oom_retry"] == 1 and k.alloc.failures == 0
+    assert "Huh VM_FAULT_OOM leaked out to the #PF handler. Retrying PF" in k.log
+
+
+def test_a_real_out_of_memory_fault_is_still_fatal() -> None:
+    """The other side of pagefault_out_of_memory(): when the fault's own allocation failed
+    (the OOM killer's victim is the faulting task here) the access ends in OOM."""
+    m = emu.Machine(arch="x86_64", mem="4M", prefault=False)
+    mm = m.new_mm()
+    a = m.mmap(mm, 0x40000000, 8 << 20, emu.PROT_READ | emu.PROT_WRITE,
+               emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
+    with pytest.raises(emu.GuestAccessError, match="OOM"):
+        for off in range(0, 8 << 20, 4096):
+            m.touch(mm, a + off, write=True)
+    assert m.kernel.alloc.failures >= 1 and m.kernel.stats["pagefault_oom_retry"] == 0
