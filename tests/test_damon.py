@@ -9,6 +9,7 @@ from conftest import ARCHES, collapsed_world, finish, pte_of
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import damon, huge_memory, khugepaged, pgtable
 from mm_core.sanitizers import Finding
@@ -42,10 +43,7 @@ def test_young_of_a_thp_answers_for_the_whole_pmd() -> None:
     m = emu.Machine(arch="x86_64", mem="32M", prefault=False)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     assert pte_of(k, mm, a, pmd=True).kind is Kind.LEAF                    # the pmd is a leaf
     assert run_sync(damon.damon_va_young(k, mm, a + 5 * k.page_size)) == (True, size)
     run_sync(damon.damon_va_mkold(k, mm, a, a + 1))
@@ -72,11 +70,7 @@ def test_young_walk_over_a_migration_pmd_ends_unless_the_old_retry_is_injected(b
     m, k = sc.machine, sc.kernel
     if bug:
         k.bugs["damon_endless_again"] = True
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(pgtable.walk_alloc(k, mm, a, k.arch.pmd_level))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("young", damon.damon_va_young(k, mm, a))

@@ -10,6 +10,7 @@ from conftest import collapsed_world, finish, pte_of
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import fork, huge_memory, khugepaged, pgtable, rmap
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES
@@ -117,11 +118,8 @@ def test_fork_copies_a_private_file_mapping_with_anon_pages() -> None:
 def test_fork_shares_an_anon_thp_and_cow_splits_it(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    size, page = huge_memory.hpage_pmd_size(k), k.page_size
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    page = k.page_size
+    mm, a, thp = anon_thp(m)
     m.physmem[thp + 3 * page:thp + 3 * page + 4] = b"thp3"
     child = m.fork_mm(mm)
     # both pmd leaves of the same folio
@@ -227,10 +225,7 @@ def test_copy_huge_pmd_eagain_falls_through_to_the_ptes(arch: str) -> None:
     sc = Scenario(arch=arch, mem="64M", prefault=False)
     m, k = sc.machine, sc.kernel
     size, page = huge_memory.hpage_pmd_size(k), k.page_size
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, emu.MAP_PRIVATE | emu.MAP_ANONYMOUS | emu.MAP_FIXED)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     child = m.new_mm()
     src_vma = mm.vma_lookup(a)
     dst_vma = fork.vm_area_dup(child, src_vma)

@@ -12,6 +12,7 @@ from conftest import collapsed_world, finish, pte_of
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from emu.sched.traps import sched_point
 from mm_core import huge_memory, khugepaged, pgtable, rmap, vmscan
@@ -90,11 +91,7 @@ def test_vmas_the_walk_must_skip() -> None:
 def test_a_young_thp_is_aged_through_its_pmd(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).young
     walk = m.lru_gen_age(mm)

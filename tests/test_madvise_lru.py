@@ -9,6 +9,7 @@ from conftest import collapsed_world, finish
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, madvise, pgtable, rmap
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES
@@ -125,10 +126,7 @@ def test_madv_free_and_cold_on_an_anon_thp() -> None:
     m = emu.Machine(arch="x86_64", mem="64M", prefault=False)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     m.madvise(mm, a, size // 2, emu.MADV_FREE)             # partial: split_folio() wanted, not modelled
     e = entry(k, mm, a)
     assert e.kind is Kind.LEAF and e.dirty and "lazyfree" not in k.alloc.page_of(thp).extra
@@ -156,10 +154,7 @@ def test_a_migration_pmd_is_skipped_and_the_walk_ends(arch: str, advice: int) ->
     sc = Scenario(arch=arch, mem="32M", prefault=False)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("advise", madvise.do_madvise(k, mm, a, size, advice))

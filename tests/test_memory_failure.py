@@ -11,6 +11,7 @@ from conftest import pte_of
 import emu
 from emu.arch import SWP_HWPOISON, Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import gup, huge_memory, khugepaged, memory_failure, rmap
 from mm_core.mm import MM_ANONPAGES, MM_SHMEMPAGES
@@ -178,11 +179,7 @@ def test_a_second_report_during_the_unmap_finds_a_mapping_still_present() -> Non
 def test_a_poisoned_thp_subpage_is_found_through_the_pmd(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
     pfn = (thp >> k.page_shift) + 5
@@ -236,11 +233,7 @@ def test_a_migration_pmd_is_not_present_and_the_walk_ends(arch: str) -> None:
     without an address (-EFAULT). Once the migration is done the same walk finds it."""
     sc = Scenario(arch=arch, mem="64M", prefault=False)
     m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     pfn = (thp >> k.page_shift) + 7
     assert run_sync(memory_failure.memory_failure(k, pfn, AR, mm))[0] == -memory_failure.EBUSY
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))

@@ -12,6 +12,7 @@ from conftest import collapsed_world, finish, pte_of
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, madvise, memory, rmap, task_mmu
 from mm_core import mempolicy as mp
@@ -168,10 +169,7 @@ def test_mbind_moves_a_thp_through_its_pmd() -> None:
     m = emu.Machine(arch="arm64", mem="64M", prefault=False, numa_nodes=2)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     k.physmem.write(thp + size - 16, b"thp tail")
     m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE | mp.MPOL_MF_STRICT)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
@@ -236,10 +234,7 @@ def test_queue_pages_walk_over_a_migration_pmd_ends_with_eio(arch: str) -> None:
     sc = Scenario(arch=arch, mem="32M", prefault=False, numa_nodes=2)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("mbind", mp.do_mbind(k, mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE))
@@ -296,10 +291,7 @@ def test_numa_maps_counts_a_thp_through_its_pmd() -> None:
     m = emu.Machine(arch="x86_64", mem="64M", prefault=False, numa_nodes=2)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     nr = size // k.page_size
     assert m.numa_maps(mm) == f"{a:08x} default anon={nr} dirty={nr} active=0 N0={nr} kernelpagesize_kB=4\n"
     m.mbind(mm, a, size, mp.MPOL_PREFERRED, [1], mp.MPOL_MF_MOVE)
@@ -322,11 +314,7 @@ def test_numa_maps_walk_retries_a_retracted_table(arch: str) -> None:
 def test_numa_maps_over_a_migration_pmd_ends() -> None:
     sc = Scenario(arch="arm64", mem="32M", prefault=False, numa_nodes=2)
     m, k = sc.machine, sc.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("numa_maps", task_mmu.show_numa_maps(k, mm))
@@ -344,10 +332,7 @@ def _thp_on_node1(arch: str, **kw):
     sc = Scenario(arch=arch, mem="64M", prefault=False, numa_nodes=2, **kw)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     m.mbind(mm, a, size, mp.MPOL_BIND, [1], mp.MPOL_MF_MOVE)
     m.mbind(mm, a, size, mp.MPOL_DEFAULT)
     thp = m.translate(mm, a)

@@ -9,6 +9,7 @@ from conftest import collapsed_world, finish
 import emu
 from emu.arch import Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, mlock, rmap
 from mm_core.mm import VM_LOCKED
@@ -66,10 +67,7 @@ def test_mlock_of_an_anon_thp_marks_it_through_the_pmd() -> None:
     m = emu.Machine(arch="arm64", mem="64M", prefault=False)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     m.mlock(mm, a, size)
     assert k.alloc.page_of(thp).extra["mlock_count"] == 1
     m.munlock(mm, a, size)
@@ -104,10 +102,7 @@ def test_mlock_walk_over_a_migration_pmd_ends(arch: str) -> None:
     sc = Scenario(arch=arch, mem="32M", prefault=False)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     m.mlock(mm, a, size)
     assert k.alloc.page_of(thp).extra["mlock_count"] == 1
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))

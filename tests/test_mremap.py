@@ -6,6 +6,7 @@ import pytest
 
 import emu
 from emu.arch import PAGE_SIZE, Kind
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, rmap
 
@@ -69,10 +70,7 @@ def test_thp_moves_as_one_pmd() -> None:
     m = emu.Machine(arch="arm64", mem="32M")
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    pa = m.touch(mm, a, write=True)
+    mm, a, pa = anon_thp(m)
     m.physmem[pa] = 42
     b = m.mremap(mm, a, size, size, MAYMOVE | FIXED, BASE + 8 * size)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, b))

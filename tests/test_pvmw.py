@@ -10,6 +10,7 @@ from conftest import collapsed_world
 
 import emu
 from emu.arch import Kind
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, pgtable, rmap
 from mm_core.page_vma_mapped import (
@@ -83,12 +84,9 @@ def test_pvmw_finds_a_small_page_under_its_ptl(arch: str, kernel: str) -> None:
 def test_pvmw_walks_a_pte_mapped_thp_and_skips_its_holes(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    page, size = k.page_size, huge_memory.hpage_pmd_size(k)
+    page = k.page_size
     nr = huge_memory.hpage_pmd_nr(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     vma = mm.vma_lookup(a)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     run_sync(huge_memory.split_huge_pmd(k, vma, pmdp, a))
@@ -109,11 +107,7 @@ def test_pvmw_walks_a_pte_mapped_thp_and_skips_its_holes(arch: str) -> None:
 def test_pvmw_reports_a_pmd_mapping_and_a_migration_pmd(arch: str) -> None:
     m = emu.Machine(arch=arch, mem="64M", prefault=False)
     k = m.kernel
-    size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     vma, folio = mm.vma_lookup(a), k.alloc.page_of(thp)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     hits = run_sync(walk_all(k, folio_vma_walk(k, folio, vma, a)))

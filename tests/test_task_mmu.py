@@ -14,6 +14,7 @@ from conftest import finish
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, rmap, task_mmu
 from mm_core.sched_helpers import stalled_thp_migration
@@ -116,10 +117,7 @@ def test_smaps_thp_lazyfree_and_locked() -> None:
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
     page = k.page_size
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     [rec] = m.smaps(mm)
     assert rec.mss.anonymous_thp == rec.mss.resident == rec.mss.private_dirty == size
     assert rec.mss.pss == size << PSS_SHIFT and rec["THPeligible"] == 1
@@ -294,10 +292,7 @@ def test_clear_refs_clears_the_young_bit_of_a_huge_pmd() -> None:
     m = emu.Machine(arch="arm64", mem="64M", prefault=False)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     assert k.physmem.read_entry(pmdp) & YOUNG_BIT["arm64"]
     assert m.smaps(mm)[0].mss.referenced == size
@@ -399,10 +394,7 @@ def test_walker_over_a_migration_pmd_ends(walker: str, arch: str) -> None:
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
     page = k.page_size
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    thp = m.touch(mm, a, write=True)
+    mm, a, thp = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     make, again = WALKERS[walker]
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
@@ -512,10 +504,7 @@ def test_pagemap_scan_over_a_persistent_migration_pmd_ends(arch: str) -> None:
     sc = Scenario(arch=arch, mem="32M", prefault=False)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
     sc.task("scan", _scan(k, mm, a, size))

@@ -12,7 +12,7 @@ from conftest import pte_of
 import emu
 from emu.arch import SWP_PTE_MARKER, Access, Kind, swap_entry
 from emu.scenario import Scenario
-from emu.scenarios import collapse_file_tail, collapsed_shmem, huge_refault
+from emu.scenarios import anon_thp, collapse_file_tail, collapsed_shmem, huge_refault
 from emu.sched.loop import run_sync
 from emu.sched.task import TaskState
 from mm_core import huge_memory, khugepaged, madvise, rmap, userfaultfd
@@ -576,10 +576,7 @@ def test_writeprotect_of_an_anon_thp_and_its_write_fault(arch: str, kernel: str)
     m = emu.Machine(arch=arch, mem="32M", kernel=kernel, prefault=False)
     k = m.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     assert k.arch.decode(k.arch.pmd_level, k.physmem.read_entry(pmdp)).kind is Kind.LEAF
     ctx = m.userfaultfd(mm)

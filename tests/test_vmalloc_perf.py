@@ -10,6 +10,7 @@ from conftest import collapsed_world
 import emu
 from emu.arch import Access, Kind
 from emu.scenario import Scenario
+from emu.scenarios import anon_thp
 from emu.sched.loop import run_sync
 from mm_core import huge_memory, khugepaged, rmap, vmalloc
 from mm_core.sanitizers import Finding
@@ -130,10 +131,7 @@ def test_a_persistent_migration_pmd_returns_0_before_any_map(arch: str) -> None:
     sc = Scenario(arch=arch, mem="64M", prefault=False)
     m, k = sc.machine, sc.kernel
     size = huge_memory.hpage_pmd_size(k)
-    mm = m.new_mm()
-    a = m.mmap(mm, BASE, size, RW, ANON)
-    m.madvise(mm, a, size, emu.MADV_HUGEPAGE)
-    m.touch(mm, a, write=True)
+    mm, a, _ = anon_thp(m)
     pmdp = run_sync(rmap.walk_to_pmd(k, mm, a))
     from mm_core import events_core
     sc.task("migrate", stalled_thp_migration(k, mm.vma_lookup(a), pmdp))
