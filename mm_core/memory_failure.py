@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from emu.arch import SWP_HWPOISON, Kind, swap_entry
 from emu.sched import traps
-from mm_core import huge_memory, memory, mmu_notifier, pagewalk, pgtable, rmap, shmem
+from mm_core import huge_memory, memory, pagewalk, pgtable, rmap, shmem
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.page_alloc import PageUse
 from mm_core.tlbflush import flush_tlb_range
@@ -214,34 +214,6 @@ async def memory_failure(k, pfn: int, flags: int, current_mm=None) -> tuple[int,
 MF_FAILED, MF_RECOVERED = "Failed", "Recovered"
 
 
-async def try_to_unmap_hwpoison_file(k, folio) -> None:
-    """try_to_unmap(folio, TTU_HWPOISON) of a small page-cache (shmem) folio:
-    rmap_walk_file() under i_mmap_rwsem (read), page_vma_mapped_walk() in each VMA that
-    maps the index (a failed map reads the pmd again; a retracted or zapped table maps
-    nothing there: SKIP), and try_to_unmap_one()'s PageHWPoison branch: the pte becomes a
-    hwpoison entry, dec_mm_counter(MM_SHMEMPAGES), the mapping and its reference go."""
-    from mm_core.page_vma_mapped import PageVmaMappedWalk, page_vma_mapped_walk
-    mapping, arch = folio.mapping, k.arch
-    await traps.lock(mapping.i_mmap_rwsem, "r")
-    try:
-        for vma in list(mapping.i_mmap):
-            addr = rmap.vma_address(vma, folio.index)
-            if addr is None:
-                continue
-            pvmw = PageVmaMappedWalk(folio.paddr, 1, vma, addr)
-            rng = await mmu_notifier.mmu_notifier_invalidate_range_start(k, vma.mm, addr, addr + k.page_size)
-            while await page_vma_mapped_walk(k, pvmw):
-                await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)      # ptep_clear_flush()
-                await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
-                await pgtable.set_entry(k, pvmw.pte, arch.pte_level,
-                                        swap_entry(SWP_HWPOISON, folio.paddr >> 12))
-                memory._put_mapped_page(k, vma.mm, folio)                  # dec_mm_counter + rmap
-                k.stats["hwpoison_unmapped"] += 1
-            await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
-    finally:
-        await traps.unlock(mapping.i_mmap_rwsem, "r")
-
-
 def has_extra_refcount(k, page, extra_pins: bool) -> bool:
     """has_extra_refcount(): references beyond memory_failure()'s own (and, for shmem,
     the page cache's, which the page keeps)."""
@@ -272,7 +244,9 @@ async def memory_failure_shmem(k, page) -> int:
     await shmem.folio_lock(k, page)
     try:
         if page.mapping is not None:
-            await try_to_unmap_hwpoison_file(k, page)
+            # hwpoison_user_mappings() -> try_to_unmap(TTU_HWPOISON): every mapping of the
+            # index becomes a hwpoison entry (SKIP where page_vma_mapped_walk finds no table)
+            await rmap.try_to_unmap_file_page(k, page, page.index, rmap.TTU_HWPOISON)
         if page.mapcount:                                    # hwpoison_user_mappings() failed
             k.printk(f"Memory failure: {page.paddr >> k.page_shift:#x}: failed to unmap page "
                      f"(mapcount={page.mapcount})")

@@ -5,7 +5,7 @@ folio->index, UFFDIO_MOVE's folio_move_anon_rmap) and the folio_referenced() wal
 does under the folio lock."""
 from __future__ import annotations
 
-from emu.arch import Kind
+from emu.arch import SWP_HWPOISON, Kind, swap_entry
 from emu.sched import traps
 from mm_core import mmu_notifier, pgtable
 from mm_core.locks import RwSemaphore
@@ -29,13 +29,17 @@ async def walk_to_pmd(k, mm, addr: int) -> int | None:
     return pgtable.entry_addr(k, table, k.arch.pmd_level, addr)
 
 
-async def try_to_unmap_file_page(k, folio, index: int) -> int:
+TTU_HWPOISON = 1 << 5      # enum ttu_flags (include/linux/rmap.h): a poisoned page leaves hwpoison entries
+
+
+async def try_to_unmap_file_page(k, folio, index: int, flags: int = 0) -> int:
     """try_to_unmap() of page ``index`` of a small page-cache folio: rmap_walk_file() over
     i_mmap, try_to_unmap_one() in each VMA: page_vma_mapped_walk() (collapse_file() passes
     no TTU_SYNC, so pte_offset_map_nolock(), a lockless look, then the ptl; a failed map
     rereads the pmd, and a retracted table means nothing to unmap there) and clear every
-    pte it finds, leaving a uffd-wp marker where the pte was uffd-wp protected
-    (pte_install_uffd_wp_if_needed()). Returns how many were unmapped."""
+    pte it finds. With TTU_HWPOISON and a poisoned page (memory failure) the pte becomes
+    a hwpoison entry; otherwise a uffd-wp marker is left where the pte was uffd-wp
+    protected (pte_install_uffd_wp_if_needed()). Returns how many were unmapped."""
     from mm_core.memory import _put_mapped_page, pte_install_uffd_wp_if_needed
     from mm_core.page_vma_mapped import PageVmaMappedWalk, page_vma_mapped_walk
     mapping, arch = folio.mapping, k.arch
@@ -53,8 +57,13 @@ async def try_to_unmap_file_page(k, folio, index: int) -> int:
                 old = await pgtable.clear_entry(k, pvmw.pte, arch.pte_level)    # ptep_clear_flush()
                 pteval = arch.decode(arch.pte_level, old)
                 await flush_tlb_range(k, vma.mm, pvmw.address, pvmw.address + k.page_size)
-                # a uffd-wp protected pte of a file VMA leaves a marker (still under the ptl)
-                await pte_install_uffd_wp_if_needed(k, vma, pvmw.pte, pteval)
+                if flags & TTU_HWPOISON and folio.extra.get("hwpoison"):
+                    poisoned = swap_entry(SWP_HWPOISON, paddr >> 12)        # make_hwpoison_entry()
+                    await pgtable.set_entry(k, pvmw.pte, arch.pte_level, poisoned)
+                    k.stats["hwpoison_unmapped"] += 1
+                else:
+                    # a uffd-wp protected pte of a file VMA leaves a marker (still under the ptl)
+                    await pte_install_uffd_wp_if_needed(k, vma, pvmw.pte, pteval)
                 _put_mapped_page(k, vma.mm, folio)
                 unmapped += 1
             await mmu_notifier.mmu_notifier_invalidate_range_end(k, rng)
