@@ -238,7 +238,8 @@ def plugins_list(as_json: bool) -> None:
 @click.argument("scenario", required=False)
 @click.option("--list", "list_", is_flag=True, help="list scenarios and injectable bugs")
 @click.option("--strategy", default="portfolio", show_default=True,
-              help="portfolio, pct[:DEPTH], random[:STICKINESS], round-robin, dfs[:MAX_PREEMPTIONS]")
+              help="portfolio, pct[:DEPTH], random[:STICKINESS], round-robin, dfs[:MAX_PREEMPTIONS], "
+                   "dpor (every interleaving, partial-order reduced)")
 @click.option("--budget", default=1000, show_default=True, help="schedules to try")
 @click.option("--seconds", type=float, default=None, help="stop after this many seconds")
 @click.option("--seed", default=0, show_default=True)
@@ -265,7 +266,7 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
         spec = ex.get_spec(scenario)
         ex.check_bugs(list(inject))
         from emu.sched.strategy import make_strategy
-        if strategy != "portfolio" and not strategy.startswith("dfs"):
+        if strategy not in ("portfolio", "dpor") and not strategy.startswith("dfs"):
             make_strategy(strategy)
         if arch not in plugins.arches():
             raise ex.ExploreError(f"unknown arch {arch!r}")
@@ -293,7 +294,8 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
         click.echo(json.dumps(out, indent=2))
     elif result.outcome is None:
         click.echo(f"{scenario}: {result.schedules} schedules in {result.seconds:.1f} s, no finding "
-                   f"(kernel {profile}{', injected ' + ', '.join(inject) if inject else ''})")
+                   f"(kernel {profile}{', injected ' + ', '.join(inject) if inject else ''})"
+                   + ("; DPOR explored every interleaving" if result.exhausted else ""))
     else:
         click.echo(_explore_text(result))
     sys.exit(1 if result.outcome is not None else 0)
@@ -357,7 +359,7 @@ def _explore_json(result: Any, profile: str, arch: str, inject: tuple[str, ...],
             "replay": f"emu replay {o.schedule.encode()}"})
     return {"scenario": result.scenario, "kernel": profile, "arch": arch, "inject": list(inject),
             "seed": seed, "strategy": strategy, "schedules": result.schedules,
-            "seconds": round(result.seconds, 3), "findings": findings}
+            "seconds": round(result.seconds, 3), "exhausted": result.exhausted, "findings": findings}
 
 
 def _explore_text(result: Any) -> str:

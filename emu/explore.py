@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 from emu.scenario import Scenario
 from emu.scenarios import BUGS, PROFILE_BUGS, SCENARIOS, ScenarioSpec, World
+from emu.sched import footprint
+from emu.sched.dpor import Dpor, FootprintRecorder, SleepSetBlocked
 from emu.sched.loop import Deadlock, Livelock, run_sync
 from emu.sched.schedule import Digest, Schedule
-from emu.sched.strategy import PCT, RandomWalk, Replay, Strategy, make_strategy
+from emu.sched.strategy import PCT, Divergence, RandomWalk, Replay, Strategy, make_strategy
 from emu.sched.task import TaskState
 from emu.snapshot import Snapshot
 from mm_core import memory, swapfile
@@ -55,6 +57,7 @@ class ExploreResult:
     found_by: str = ""
     found_after: int = 0
     certified: bool | None = None           # minimal preemption count proven by DFS
+    exhausted: bool = False                 # DPOR ran every trace class: nothing is left
     certify_runs: int = 0
     findings: list[dict] = field(default_factory=list)
 
@@ -134,6 +137,7 @@ def execute(spec: ScenarioSpec, strategy: Strategy, arch: str = "x86_64", kernel
     finding: Finding | None = None
     try:
         sc.sched.observers.append(digest.observe)
+        strategy.attach(sc)
         try:
             sc.sched.run(max_steps=max_steps or spec.max_steps)
             _teardown(sc, world)
@@ -283,6 +287,8 @@ def explore(spec: ScenarioSpec, strategy: str = "portfolio", budget: int = 1000,
     Schedules go in batches; within a batch the finding with the lowest index wins, and
     PCT learns run lengths only between batches, so the result depends on the seed and
     not on ``workers`` or timing."""
+    if strategy == "dpor":
+        return explore_dpor(spec, budget, seconds, arch, kernel, inject, progress)
     if strategy.startswith("dfs"):
         return explore_dfs(spec, int(strategy.partition(":")[2] or 2), budget, seconds, arch, kernel,
                            inject, progress)
@@ -351,6 +357,120 @@ def explore_dfs(spec: ScenarioSpec, max_bound: int, budget: int, seconds: float 
             prefix = dfs.next_prefix()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@_frozen_heap()
+def explore_dpor(spec: ScenarioSpec, budget: int, seconds: float | None, arch: str, kernel: str,
+                 inject: tuple[str, ...], progress: Callable[[int], None] | None = None,
+                 search: Dpor | None = None) -> ExploreResult:
+    """Systematic search with dynamic partial-order reduction (emu/sched/dpor.py): one
+    execution per Mazurkiewicz trace at most, with no preemption bound. A clean result
+    with ``exhausted`` set means every interleaving of the scenario (every data choice
+    too) was covered. Pays on the small kernel-task scenarios; a guest quantum depends on
+    everything, so guest scenarios gain little over plain DFS."""
+    result = ExploreResult(spec.name)
+    search = search or Dpor()
+    t0 = time.perf_counter()
+    with footprint.tracking(_tracked_classes()):
+        _dpor_loop(spec, budget, seconds, arch, kernel, inject, progress, search, result, t0)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _tracked_classes() -> list[type]:
+    """The model objects whose attributes DPOR's footprints follow (footprint.tracking)."""
+    from mm_core import ksm, mm, page_alloc, pgalloc, rmap, shmem, swapfile, userfaultfd, vmscan
+    return [page_alloc.Page, mm.VMA, mm.MMStruct, pgalloc.PageTable, pgalloc.FragPage, shmem.AddressSpace,
+            shmem.ShmemInode, swapfile.SwapInfo, rmap.AnonVma, userfaultfd.UserfaultfdCtx,
+            userfaultfd.UffdWaitQueue, userfaultfd.UffdFdWaitQueue, userfaultfd.UffdEventWaitQueue,
+            ksm.RmapItem, ksm.StableNode, ksm.KsmMmSlot, ksm.Ksm, vmscan.LruGenFolio]
+
+
+def _dpor_loop(spec, budget, seconds, arch, kernel, inject, progress, search, result, t0) -> None:
+    while True:
+        if result.schedules >= budget or (seconds is not None and time.perf_counter() - t0 > seconds):
+            break
+        run = search.execution()
+        if run is None:
+            result.exhausted = True
+            break
+        try:
+            out = execute(spec, run, arch, kernel, inject)
+        except SleepSetBlocked:
+            out = None                  # a sibling already ran every trace this one could
+            search.blocked += 1
+        search.finish(run)
+        result.schedules += 1
+        if progress is not None:
+            progress(result.schedules)
+        if out is not None and out.finding is not None:
+            out.schedule.strategy = "dpor"
+            result.outcome = result.original = out
+            result.found_by, result.found_after = "dpor", result.schedules
+            break
+
+
+@dataclass
+class AuditResult:
+    runs: int = 0
+    pairs: int = 0                           # adjacent independent pairs swapped and re-run
+    problems: list[str] = field(default_factory=list)
+
+
+@_frozen_heap()
+def audit_commutation(spec: ScenarioSpec, runs: int = 10, seed: int = 0, arch: str = "x86_64",
+                      kernel: str = "6.6", inject: tuple[str, ...] = (),
+                      strategy: str = "random:0.5") -> AuditResult:
+    """Check DPOR's dependency relation on real runs. For each of ``runs`` schedules, every
+    two adjacent steps of different tasks that the footprints call independent (where the
+    second task could have run first) are swapped and the run is replayed: each task must
+    see the same events, and the run must end the same way (finding signature, guest
+    RAM, data choices). A difference means some state the two steps share is missing from
+    their footprints, and DPOR would miss the traces it leads to."""
+    result = AuditResult()
+    with footprint.tracking(_tracked_classes()):
+        for i in range(runs):
+            base = FootprintRecorder(make_strategy(strategy, seed * 1_000_003 + i))
+            out = execute(spec, base, arch, kernel, inject)
+            result.runs += 1
+            picks = [tid for tid, _ in base.steps]
+            data = list(out.schedule.data)
+            for j in range(len(picks) - 1):
+                a, b = base.steps[j], base.steps[j + 1]
+                if a[0] == b[0] or j not in base.runnable or j + 1 not in base.runnable \
+                        or b[0] not in base.runnable[j] or footprint.dependent(a[1], b[1]):
+                    continue
+                swapped = picks[:j] + [b[0], a[0]] + picks[j + 2:]
+                again = FootprintRecorder(Replay(swapped, data=data))
+                result.pairs += 1
+                try:
+                    out2 = execute(spec, again, arch, kernel, inject)
+                except Divergence as err:
+                    result.problems.append(f"run {i} steps {j},{j + 1}: swapped schedule diverged: {err}")
+                    continue
+                why = _differs(base, out, again, out2)
+                if why:
+                    result.problems.append(f"run {i} steps {j},{j + 1} (#{a[0]} then #{b[0]}): {why}")
+    return result
+
+
+def _differs(base, out: Outcome, again, out2: Outcome) -> str:
+    sig = out.finding.signature if out.finding else None
+    sig2 = out2.finding.signature if out2.finding else None
+    if sig != sig2:
+        return f"outcome {sig} became {sig2}"
+    for tid in sorted(set(base.events) | set(again.events)):
+        e1, e2 = base.events.get(tid, []), again.events.get(tid, [])
+        if e1 != e2:
+            k = next((n for n, (x, y) in enumerate(zip(e1, e2, strict=False)) if x != y),
+                     min(len(e1), len(e2)))
+            return (f"task #{tid}'s event {k} was {e1[k] if k < len(e1) else 'none'}, "
+                    f"now {e2[k] if k < len(e2) else 'none'}")
+    if list(out.schedule.data) != list(out2.schedule.data):
+        return "different data choices"
+    if sig is None and base.ram != again.ram:
+        return "guest RAM differs at the end"
+    return ""
 
 
 # -- shrinking and certification ---------------------------------------------------------------

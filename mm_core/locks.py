@@ -6,7 +6,7 @@ lock hand-offs are visible to strategies and to the cycle model.
 """
 from __future__ import annotations
 
-from emu.sched import traps
+from emu.sched import footprint, traps
 
 
 class SpinLock:
@@ -104,9 +104,11 @@ class WaitQueue:
         self.events = 0
 
     def post(self) -> None:
+        footprint.touch(footprint.lock_key(self))
         self.events += 1
 
     def try_acquire(self, task: object, mode: str = "w") -> bool:
+        footprint.touch(footprint.lock_key(self))
         if self.events:
             self.events = 0
             return True
@@ -124,12 +126,14 @@ class Completion:
         self.done = False
 
     def complete(self) -> None:
+        footprint.touch(footprint.lock_key(self))
         self.done = True
 
     def post(self) -> None:
-        self.done = True
+        self.complete()
 
     def try_acquire(self, task: object, mode: str = "w") -> bool:
+        footprint.touch(footprint.lock_key(self), False)
         return self.done
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SHIFT, PAGE_SIZE
 from emu.physmem import PhysMem
+from emu.sched import footprint
 
 MAX_ORDER = 10
 PAGE_POISON = 0x6B          # the byte a freed page is filled with (mm/debug: PAGE_POISON_PATTERN-like)
@@ -89,6 +90,7 @@ class PageAllocator:
                     pfn_range: tuple[int, int] | None = None) -> Page:
         """alloc_pages(gfp, order): the lowest free block of 2^order pages; ``pfn_range``
         (one NUMA node's frames, __alloc_pages_node() without fallback) limits the search."""
+        footprint.touch(footprint.ALLOC)
         for o in range(order, MAX_ORDER + 1):
             area = self.free_area[o]
             if pfn_range is not None:
@@ -120,6 +122,7 @@ class PageAllocator:
 
     def free_pages(self, page: Page) -> None:
         """__free_pages(): poison, then merge with free buddies."""
+        footprint.touch(footprint.ALLOC)
         if self.pages.get(page.pfn) is not page:
             raise RuntimeError(f"freeing pfn {page.pfn:#x} that is not allocated (double free?)")
         if self.on_free is not None:

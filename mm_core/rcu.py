@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from emu.sched import traps
+from emu.sched import footprint, traps
 from mm_core.locks import Completion, WaitQueue
 
 GP_POLL_CYCLES = 1000        # how often the gp kthread re-checks readers (simulated cycles)
@@ -63,6 +63,7 @@ async def rcu_read_lock(k) -> None:
     """rcu_read_lock(): enter (or nest) a read-side critical section."""
     task = await traps.current_task()
     rcu = k.rcu
+    footprint.touch(footprint.RCU, False)      # readers commute; a grace period does not
     rcu.readers[task] = rcu.readers.get(task, 0) + 1
     await traps.sched_point("rcu_read_lock", task)
 
@@ -71,6 +72,7 @@ async def rcu_read_unlock(k) -> None:
     """rcu_read_unlock(): leaving the outermost section is a quiescent state."""
     task = await traps.current_task()
     rcu = k.rcu
+    footprint.touch(footprint.RCU, False)
     depth = rcu.readers.get(task, 0)
     if depth <= 0:
         raise RcuError(f"rcu_read_unlock() without rcu_read_lock() in {task!r}")
@@ -85,6 +87,7 @@ async def rcu_read_unlock(k) -> None:
 def call_rcu(k, fn: Callable[[], None], what: str = "") -> None:
     """call_rcu(): run ``fn`` after a grace period that starts after now. Never sleeps;
     the rcu_gp kthread notices the queued callback at its next scheduling point."""
+    footprint.touch(footprint.RCU)
     k.rcu.callbacks.append((k.rcu.started, fn, what))
     k.rcu.wq.post()
     k.stats["call_rcu"] += 1
@@ -108,6 +111,7 @@ async def rcu_gp_kthread(k) -> None:
     every reader of the snapshot has passed a quiescent state, run the callbacks."""
     rcu = k.rcu
     while True:
+        footprint.touch(footprint.RCU)
         if not rcu.callbacks:
             await traps.wait(rcu.wq)
             continue
@@ -116,6 +120,7 @@ async def rcu_gp_kthread(k) -> None:
         snapshot = {t: rcu.quiescent.get(t, 0) for t, n in rcu.readers.items() if n}
         while any(rcu.readers.get(t, 0) and rcu.quiescent.get(t, 0) == q for t, q in snapshot.items()):
             await traps.sleep(GP_POLL_CYCLES)
+            footprint.touch(footprint.RCU)
         rcu.completed = gp
         k.stats["rcu_grace_periods"] += 1
         rcu._invoke_upto(gp)

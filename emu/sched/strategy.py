@@ -37,6 +37,9 @@ class Strategy:
     def describe(self) -> str:
         return self.name
 
+    def attach(self, sc: object) -> None:
+        """Called with the scenario before its run (DPOR instruments the world here)."""
+
 
 class RoundRobin(Strategy):
     name = "round-robin"
