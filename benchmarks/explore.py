@@ -5,6 +5,7 @@
     python benchmarks/explore.py --full-clean [--clean-budget N]     # only the clean check
     python benchmarks/explore.py --throughput [--scenarios A,B]      # only section 1
     python benchmarks/explore.py --profile SCENARIO [--budget N]     # cProfile, top functions
+    python benchmarks/explore.py --dpor [--dpor-budget N] [--dpor-seconds T]   # only section 5
 
 Sections (the default run does 1-3; --full-clean does only 4):
 
@@ -28,6 +29,16 @@ Sections (the default run does 1-3; --full-clean does only 4):
                  for every scenario, plus the scenario under the bug's kernel for each bug
                  that needs another one (retract-vs-reader under 6.4 for
                  retract_without_mmap_lock, ...). Target: no finding.
+
+  5 dpor         (--dpor only) every scenario's fixed twin under DPOR (emu/sched/dpor.py) until
+                 it has run every trace class or spent --dpor-budget executions (default
+                 20000) or --dpor-seconds (default 60): executions, seconds, whether it
+                 finished ("exhausted"), against bounded DFS with <= 1 and <= 2 preemptions
+                 under the same caps (which cover less); every (scenario, bug) pair under
+                 DPOR: found or not, executions and seconds to the finding; and the
+                 commutation audit (5 random schedules each: adjacent independent steps
+                 swapped, the run must not change). Target: every bug found, every audit
+                 clean, and an exhausted twin means no finding in any interleaving.
 
 Bugs run under kernel 6.6, except those in emu.scenarios.BUG_KERNELS (retract_without_mmap_lock:
 6.4 rules + lockless retraction; move_ptes_without_pmd_same: 6.13).
@@ -440,6 +451,61 @@ def print_clean(rows: list[dict[str, Any]], budget: int) -> None:
     print()
 
 
+# -- 5. DPOR ---------------------------------------------------------------------------------
+
+def dpor_section(scenarios: list[str], budget: int, seconds: float) -> dict[str, Any]:
+    from emu.sched.dpor import Dpor
+    twins_rows, bug_rows, audit_rows = [], [], []
+    for name in scenarios:
+        spec = SCENARIOS[name]
+        search = Dpor()
+        r = ex.explore_dpor(spec, budget, seconds, ARCH, spec.kernel, (), search=search)
+        row = {"scenario": name, "kernel": spec.kernel, "executions": r.schedules, "seconds": r.seconds,
+               "exhausted": r.exhausted, "sleep_blocked": search.blocked,
+               "finding": None if r.outcome is None else r.outcome.finding.signature}
+        for bound in (1, 2):
+            d = ex.explore_dfs(spec, bound, budget, seconds, ARCH, spec.kernel, ())
+            row[f"dfs{bound}"] = d.schedules
+            row[f"dfs{bound}_done"] = d.schedules < budget and d.seconds <= seconds and d.outcome is None
+        twins_rows.append(row)
+        log(f"dpor {name}: {r.schedules} executions, exhausted={r.exhausted}")
+        a = ex.audit_commutation(spec, runs=5, seed=0, arch=ARCH, kernel=spec.kernel)
+        audit_rows.append({"scenario": name, "runs": a.runs, "pairs": a.pairs, "problems": a.problems[:3],
+                           "clean": not a.problems})
+    for name, bug, kernel in pairs(scenarios):
+        r = ex.explore_dpor(SCENARIOS[name], budget, seconds, ARCH, kernel, (bug,))
+        bug_rows.append({"scenario": name, "bug": bug, "kernel": kernel, "found": r.outcome is not None,
+                         "executions": r.schedules, "seconds": r.seconds, "exhausted": r.exhausted,
+                         "signature": None if r.outcome is None else r.outcome.finding.signature})
+        log(f"dpor {name} {bug}: {'found' if r.outcome else 'MISSED'} after {r.schedules}")
+    return {"budget": budget, "seconds": seconds, "twins": twins_rows, "bugs": bug_rows, "audit": audit_rows}
+
+
+def print_dpor(out: dict[str, Any]) -> None:
+    print(f"5. DPOR: fixed twins until exhausted (caps: {out['budget']} executions, {out['seconds']:.0f} s "
+          "each), against bounded DFS under the same caps")
+    print(f"{'scenario':<30} {'kernel':<6} {'dpor':>7} {'secs':>6} {'done':>5} {'blocked':>7} "
+          f"{'dfs<=1':>8} {'dfs<=2':>8}  result")
+    for r in out["twins"]:
+        dfs = [f"{r[f'dfs{b}']}{'' if r[f'dfs{b}_done'] else '+'}" for b in (1, 2)]
+        print(f"{r['scenario']:<30} {r['kernel']:<6} {r['executions']:>7} {r['seconds']:>6.1f} "
+              f"{'yes' if r['exhausted'] else 'no':>5} {r['sleep_blocked']:>7} {dfs[0]:>8} {dfs[1]:>8}  "
+              f"{r['finding'] or 'clean'}")
+    print("  (dfs N+ = the cap ran out first)")
+    print()
+    print(f"{'scenario':<30} {'bug':<48} {'kernel':<6} {'execs':>6} {'secs':>6}  result")
+    for r in out["bugs"]:
+        res = r["signature"] if r["found"] else "MISSED (exhausted)" if r["exhausted"] else "not found (cap)"
+        print(f"{r['scenario']:<30} {r['bug']:<48} {r['kernel']:<6} {r['executions']:>6} "
+              f"{r['seconds']:>6.2f}  {res}")
+    print()
+    print(f"{'scenario':<30} {'runs':>4} {'pairs':>6}  commutation audit")
+    for r in out["audit"]:
+        print(f"{r['scenario']:<30} {r['runs']:>4} {r['pairs']:>6}  "
+              f"{'clean' if r['clean'] else 'PROBLEMS: ' + '; '.join(r['problems'])}")
+    print()
+
+
 # -- summary --------------------------------------------------------------------------------
 
 def targets(out: dict[str, Any]) -> list[str]:
@@ -470,6 +536,17 @@ def targets(out: dict[str, Any]) -> list[str]:
         ok = r["clean"] and r["schedules"] >= out["config"]["clean_budget"]
         lines.append(f"clean for {r['schedules']} {r['scenario']} ({r['kernel']}): "
                      + ("MET" if ok else "NOT MET"))
+    dpor = out.get("dpor")
+    if dpor:
+        found = sum(r["found"] for r in dpor["bugs"])
+        lines.append(f"dpor finds every injected bug: {found}/{len(dpor['bugs'])} "
+                     + ("MET" if found == len(dpor["bugs"]) else "NOT MET"))
+        clean = sum(r["clean"] for r in dpor["audit"])
+        lines.append(f"commutation audit clean: {clean}/{len(dpor['audit'])} "
+                     + ("MET" if clean == len(dpor["audit"]) else "NOT MET"))
+        done = [r for r in dpor["twins"] if r["exhausted"]]
+        lines.append(f"dpor exhausted {len(done)}/{len(dpor['twins'])} fixed twins within the caps; "
+                     f"findings in exhausted twins: {sum(1 for r in done if r['finding'])}")
     return lines
 
 
@@ -521,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--det-seed", type=int, default=0, help="seed of the determinism check (default 0)")
     ap.add_argument("--full-clean", action="store_true", help="only section 4: every fixed twin, full budget")
     ap.add_argument("--throughput", action="store_true", help="only section 1: schedules/s, time by phase")
+    ap.add_argument("--dpor", action="store_true", help="only section 5: DPOR against bounded DFS")
+    ap.add_argument("--dpor-budget", type=int, default=20_000, help="--dpor: executions per search")
+    ap.add_argument("--dpor-seconds", type=float, default=60.0, help="--dpor: seconds per search")
     ap.add_argument("--profile", metavar="SCENARIO",
                     help="only cProfile --budget (200) schedules of one scenario")
     args = ap.parse_args(argv)
@@ -553,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.full_clean:
         out["clean"] = full_clean(scenarios, args.clean_budget)
+    elif args.dpor:
+        out["dpor"] = dpor_section(scenarios, args.dpor_budget, args.dpor_seconds)
     else:
         out["throughput"] = throughput(scenarios, budget, split_budget, args.workers)
         if not args.throughput:
@@ -575,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if args.full_clean:
         print_clean(out["clean"], args.clean_budget)
+    elif args.dpor:
+        print_dpor(out["dpor"])
     else:
         print_throughput(out["throughput"], budget)
         if not args.throughput:

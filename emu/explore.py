@@ -379,11 +379,25 @@ def explore_dpor(spec: ScenarioSpec, budget: int, seconds: float | None, arch: s
 
 def _tracked_classes() -> list[type]:
     """The model objects whose attributes DPOR's footprints follow (footprint.tracking)."""
-    from mm_core import ksm, mm, page_alloc, pgalloc, rmap, shmem, swapfile, userfaultfd, vmscan
+    from mm_core import (
+        hmm,
+        khugepaged,
+        ksm,
+        mm,
+        mmu_notifier,
+        page_alloc,
+        pgalloc,
+        rmap,
+        shmem,
+        swapfile,
+        userfaultfd,
+        vmscan,
+    )
     return [page_alloc.Page, mm.VMA, mm.MMStruct, pgalloc.PageTable, pgalloc.FragPage, shmem.AddressSpace,
             shmem.ShmemInode, swapfile.SwapInfo, rmap.AnonVma, userfaultfd.UserfaultfdCtx,
             userfaultfd.UffdWaitQueue, userfaultfd.UffdFdWaitQueue, userfaultfd.UffdEventWaitQueue,
-            ksm.RmapItem, ksm.StableNode, ksm.KsmMmSlot, ksm.Ksm, vmscan.LruGenFolio]
+            ksm.RmapItem, ksm.StableNode, ksm.KsmMmSlot, ksm.Ksm, vmscan.LruGenFolio, khugepaged.Khugepaged,
+            mmu_notifier.MmuNotifierSubscriptions, mmu_notifier.MmuIntervalNotifier, hmm.Dmirror]
 
 
 def _dpor_loop(spec, budget, seconds, arch, kernel, inject, progress, search, result, t0) -> None:

@@ -79,6 +79,9 @@ _DYNAMIC_POINTS = frozenset({"pt_read", "pt_write", "hw_walk", "rcu_read_lock", 
 def lock_key(lock: Any) -> tuple:
     """A lock or wait queue by name: the same in every execution of a world, where an
     id() is not (two that share a name only add a dependency)."""
+    folio = getattr(lock, "folio", None)        # PG_locked: the folio's own
+    if folio is not None:
+        return ("lock", "folio", folio.pfn)
     return ("lock", type(lock).__name__, getattr(lock, "name", ""))
 
 
