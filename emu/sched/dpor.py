@@ -1,13 +1,15 @@
-"""Dynamic partial-order reduction (Flanagan and Godefroid, POPL'05) with sleep sets,
-stateless: every execution runs the world from its start, following a prefix of
-recorded decisions, then the default policy (keep the current task, else the lowest
-tid). After each execution the trace is scanned for races: two dependent steps of
-different tasks that no other step orders (vector clocks over step footprints, see
-footprint.py). Each race adds the later task (or, when it was not runnable there, every
-task that was) to the backtrack set of the earlier step's decision point. The next
-execution branches at the deepest point with an unexplored backtrack choice. Sleep sets
-keep a task out of a branch where running it would only repeat a sibling's trace; an
-execution whose every runnable task sleeps is abandoned (``SleepSetBlocked``).
+"""Dynamic partial-order reduction: source-DPOR (Abdulla, Aronis, Jonsson and Sagonas,
+POPL'14) with sleep sets, stateless: every execution runs the world from its start,
+following a prefix of recorded decisions, then the default policy (keep the current
+task, else the lowest tid). After each execution the trace is scanned for races: two
+dependent steps of different tasks that no other step orders (vector clocks over step
+footprints, see footprint.py). For each race, a task that can start the reversed order
+(an *initial* of it) goes into the backtrack set of the earlier step's decision point,
+unless one already is there or sleeps there; when an initial could not run there, every
+task that could is tried. The next execution branches at the deepest point with an
+unexplored backtrack choice. Sleep sets keep a task out of a branch where running it
+would only repeat a sibling's trace; an execution whose every runnable task sleeps is
+abandoned (``SleepSetBlocked``).
 
 Data choices (``choose`` traps: khugepaged's address, a spurious trylock failure, a
 quantum length) are decision points too, and every value is explored. When the search
