@@ -170,7 +170,9 @@ def _dismantle(sc: Scenario, world: World) -> None:
     (machine, kernel and scheduler refer to each other), so reference counting frees it now:
     left to the cycle collector, dead worlds cost ~10% of a small schedule."""
     k = sc.kernel
-    for obj in (*sc.sched.tasks, k.san, k.alloc, k.rcu, k, sc.sched, sc.machine, world, sc):
+    # a shmem inode and its address_space refer to each other too
+    files = [obj for f in world.files for obj in (f, getattr(f, "mapping", None)) if hasattr(obj, "__dict__")]
+    for obj in (*sc.sched.tasks, *files, k.san, k.alloc, k.rcu, k, sc.sched, sc.machine, world, sc):
         vars(obj).clear()
 
 

@@ -17,8 +17,16 @@ World, taken before any task ran. What pickle cannot copy is handled here:
   function over the same code and module globals, with its cells copied;
 - classes, module-level functions, code, modules, module globals, enum members, the arch
   and the kernel profile (immutable), the ``run_sync`` caller (API_TASK) and the strategy:
-  shared, not copied (the strategy is the new schedule's). Each goes into the pickle as an
-  index into a table of them, so a restore imports nothing by name.
+  shared, not copied (the strategy is the new schedule's). Each goes into the pickle as a
+  memo index (below), so a restore imports nothing by name.
+
+The pickle is written twice: the first pass finds the shared objects (a table of them),
+the second starts with them, the reconstructors below and the strings of the first pass
+(attribute names, interned) already in the pickler's memo, so each is one memo get. A
+restore starts its unpickler from a copy of a memo holding the same objects at the same
+indices: most of a restore's cost was making those strings and table references again.
+The memo writes of the pickle are made explicit (a protocol-4 MEMOIZE numbers from the
+memo's length, which a copied memo does not set).
 
 A world that cannot be copied exactly is refused (``take`` returns None) and the caller
 builds fresh: guest RAM handed out untracked (``PhysMem.view``, Unicorn vCPUs), a task
@@ -33,6 +41,8 @@ import inspect
 import io
 import operator
 import pickle
+import pickletools
+import struct
 import sys
 import types
 from typing import Any
@@ -91,10 +101,28 @@ def _runs(pages: dict) -> list[tuple[int, int, Any]]:
     return [tuple(run) for run in runs]
 
 
+_RUN_KEYS: dict[tuple[int, int], dict] = {}     # (first, count) -> its indices, as dict keys
+
+
+def _run_keys(first: int, count: int) -> dict:
+    """The indices of a run as a dict's keys: dict.fromkeys() of a dict sizes the result
+    once and reuses the keys' hashes (a range takes twice as long, with every index made
+    again)."""
+    keys = _RUN_KEYS.get((first, count))
+    if keys is None:
+        keys = _RUN_KEYS[first, count] = dict.fromkeys(range(first, first + count))
+    return keys
+
+
 def _set_address_space(mapping: AddressSpace, state: dict) -> None:
-    pages: dict = {}
-    for first, count, folio in state["i_pages"]:
-        pages.update(dict.fromkeys(range(first, first + count), folio))
+    runs = state["i_pages"]
+    if len(runs) == 1:                  # the common case (one PMD-order folio): no second copy
+        first, count, folio = runs[0]
+        pages = dict.fromkeys(_run_keys(first, count), folio)
+    else:
+        pages = {}
+        for first, count, folio in runs:
+            pages.update(dict.fromkeys(_run_keys(first, count), folio))
     vars(mapping).update(state)
     mapping.i_pages = pages
 
@@ -190,8 +218,9 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-_BY_NAME = {id(f) for f in (operator.getitem, _make_cell, _set_cell, _make_function, _make_coroutine,
-                             _make_counter, _set_address_space, copyreg.__newobj__)}
+_RECONSTRUCTORS = (operator.getitem, _make_cell, _set_cell, _make_function, _make_coroutine, _make_counter,
+                   _set_address_space, copyreg.__newobj__)
+_BY_NAME = {id(f) for f in _RECONSTRUCTORS}
 _loading: list = []         # the table of the snapshot being restored
 
 
@@ -208,13 +237,80 @@ class _Unpickler(pickle.Unpickler):
         return self.outside[key]
 
 
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
+
+
+def _seed(table: list, data: bytes) -> list:
+    """What the second pass starts with in its memo: the shared objects, the
+    reconstructors, and every string the first pass wrote (interned: an attribute name is
+    the interned string itself, so the pickler finds it by identity)."""
+    seed = list(dict.fromkeys([*table, *_RECONSTRUCTORS], None))
+    seen = {id(obj) for obj in seed}
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _STRINGS:
+            s = sys.intern(arg)
+            if id(s) not in seen:
+                seen.add(id(s))
+                seed.append(s)
+    return seed
+
+
+def _explicit_puts(data: bytes, first: int) -> bytes:
+    """The pickle with each MEMOIZE that a later get reads as a PUT of its index (the
+    pickler numbered them from ``first``, after the seeded memo), the others dropped, and
+    everything after PROTO in one frame (without frames the unpickler reads its file
+    opcode by opcode)."""
+    ops = list(pickletools.genops(data))
+    used = {arg for op, arg, _ in ops if op.name in ("BINGET", "LONG_BINGET", "GET")}
+    if ops[0][0].name != "PROTO":
+        raise NotSnapshotable("a pickle without PROTO")
+    head, out = data[:ops[1][2]], bytearray()
+    index = first
+    for j, (op, _, pos) in enumerate(ops[1:], 1):
+        end = ops[j + 1][2] if j + 1 < len(ops) else len(data)
+        if op.name == "FRAME":
+            continue
+        if op.name == "MEMOIZE":
+            if index in used:
+                out += (pickle.BINPUT + bytes([index])) if index < 256 else \
+                    (pickle.LONG_BINPUT + struct.pack("<I", index))
+            index += 1
+            continue
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            raise NotSnapshotable("a pickle with explicit memo indices")
+        out += data[pos:end]
+    return head + pickle.FRAME + struct.pack("<Q", len(out)) + bytes(out)
+
+
+class _SeedLoader(pickle.Unpickler):
+    def __init__(self, seed: list) -> None:
+        # each object of the seed put into the memo at its index: BININT i, BINPERSID,
+        # LONG_BINPUT i, POP
+        stream = b"".join(pickle.BININT + struct.pack("<i", i) + pickle.BINPERSID + pickle.LONG_BINPUT
+                          + struct.pack("<I", i) + pickle.POP for i in range(len(seed)))
+        super().__init__(io.BytesIO(stream + pickle.NONE + pickle.STOP))
+        self.seed = seed
+
+    def persistent_load(self, i: int) -> Any:
+        return self.seed[i]
+
+
+def _seeded_memo(seed: list) -> Any:
+    """An unpickler memo (a proxy: assigning it to another unpickler copies it in C) with
+    ``seed[i]`` at index i. (Assigning a dict to ``Unpickler.memo`` loses it in 3.11.)"""
+    loader = _SeedLoader(seed)
+    loader.load()
+    return loader.memo
+
+
 class Snapshot:
     """A built world, to be restored any number of times."""
 
-    def __init__(self, data: bytes, table: list, ram: RamTemplate) -> None:
+    def __init__(self, data: bytes, table: list, ram: RamTemplate, seed: list) -> None:
         self.data = data
         self.table = table
         self.ram = ram          # guest RAM as built
+        self.memo = _seeded_memo(seed)
 
     @classmethod
     def take(cls, sc: Any, world: Any, strategy: Any) -> Snapshot | None:
@@ -226,20 +322,28 @@ class Snapshot:
         outside = {id(ram): "ram", id(strategy): "strategy", id(API_TASK): "api",
                    id(_table_ref): "table"}
         table: list = []
-        buf = io.BytesIO()
         try:
+            buf = io.BytesIO()
             _Pickler(buf, outside, table).dump((sc, world))
+            seed = _seed(table, buf.getvalue())
+            buf = io.BytesIO()
+            pickler = _Pickler(buf, outside, table)
+            pickler.memo = {id(obj): (i, obj) for i, obj in enumerate(seed)}
+            pickler.dump((sc, world))
+            data = _explicit_puts(buf.getvalue(), len(seed))
         except Exception:           # NotSnapshotable, or something pickle cannot take
             return None
-        return cls(buf.getvalue(), table, RamTemplate.of(ram))
+        return cls(data, table, RamTemplate.of(ram), seed)
 
     def restore(self, strategy: Any) -> tuple[Any, Any]:
         """A fresh copy of the world, scheduled by ``strategy``."""
         ram = PhysMem(self.ram.size, self.ram.big_endian, prefault=False, template=self.ram)
         outside = {"ram": ram, "strategy": strategy, "api": API_TASK, "table": _table_ref}
         _loading.append(self.table)
+        unpickler = _Unpickler(io.BytesIO(self.data), outside)
+        unpickler.memo = self.memo
         try:
-            sc, world = _Unpickler(io.BytesIO(self.data), outside).load()
+            sc, world = unpickler.load()
         finally:
             _loading.pop()
         sc.sched.strategy = strategy

@@ -564,7 +564,10 @@ async def gup_pgd_range(k, mm, addr: int, end: int, flags: int, pages: list) -> 
             lo = nxt
         return True
 
-    await down(mm.pgd, 0, addr, end)
+    try:
+        await down(mm.pgd, 0, addr, end)
+    finally:
+        down = None     # it reaches itself through its closure: a cycle only the collector frees
 
 
 async def lockless_pages_from_mm(k, mm, start: int, end: int, gup_flags: int, pages: list) -> int:

@@ -785,8 +785,11 @@ async def for_each_pmd(k, mm: MMStruct, start: int, end: int):
                         yield item
             addr = nxt
 
-    async for item in down(mm.pgd, 0, start, end):
-        yield item
+    try:
+        async for item in down(mm.pgd, 0, start, end):
+            yield item
+    finally:
+        down = None     # it reaches itself through its closure: a cycle only the collector frees
 
 
 # zap_flags_t (include/linux/mm_types.h) and struct zap_details (mm/memory.c, 6.6)
@@ -1071,7 +1074,10 @@ async def free_pgtables(k, mm: MMStruct, start: int, end: int) -> None:
                     child.note(k, "detached by free_pgtables")
                     pgtable.pte_free(k, child)
 
-    await down(mm.pgd, 0, start, end)
+    try:
+        await down(mm.pgd, 0, start, end)
+    finally:
+        down = None     # it reaches itself through its closure: a cycle only the collector frees
 
 
 async def exit_mm(k, mm: MMStruct) -> None:

@@ -27,6 +27,10 @@ class PageUse(enum.Enum):
     FILE = "file"
     SHMEM = "shmem"
 
+    # members are singletons: hash by identity, a C slot (Enum.__hash__ is Python code, and
+    # the allocator's counters and mm_counter() hash a use on every allocation and free)
+    __hash__ = object.__hash__
+
 
 class OutOfMemory(Exception):
     """No free block of the requested order (the guest's -ENOMEM / OOM)."""

@@ -2,6 +2,7 @@
 (mm/filemap.c's address_space), the file rmap (i_mmap) and truncation."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from emu.arch import PAGE_SHIFT
@@ -83,11 +84,19 @@ def folio_nr_pages(folio: Page, mapping: AddressSpace) -> int:
     return max(1, folio.nr_pages >> (mapping.host.page_shift - PAGE_SHIFT))
 
 
+@functools.lru_cache(maxsize=64)
+def _indices(first: int, n: int) -> tuple[int, ...]:
+    return tuple(range(first, first + n))
+
+
 def delete_from_page_cache(k, folio: Page) -> None:
     mapping = folio.mapping
     pages, span = mapping.i_pages, range(folio.index, folio.index + folio_nr_pages(folio, mapping))
-    if len(pages) == len(span) and list(map(pages.get, span)).count(folio) == len(span):
-        pages.clear()                  # the folio was the whole cache (a Page equals only itself)
+    n = len(span)
+    # the folio was the whole cache, in index order (a Page equals only itself): three C
+    # passes instead of a get per index
+    if len(pages) == n and list(pages.values()).count(folio) == n and tuple(pages) == _indices(span.start, n):
+        pages.clear()
     else:
         for i in span:
             if pages.get(i) is folio:
