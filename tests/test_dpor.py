@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu.explore import BoundedDFS, audit_commutation, explore, explore_dfs, explore_dpor, get_spec
+from emu.explore import BoundedDFS, audit_commutation, explore, explore_dfs, explore_dpor, get_spec, replay
 from emu.sched import footprint, traps
 from emu.sched.dpor import Dpor, SleepSetBlocked
 from emu.sched.loop import Scheduler
@@ -214,3 +214,28 @@ def test_cli_dpor():
     assert found["signature"].startswith("UAF") and found["found_by"] == "dpor"
     r = emu("explore", "retract-vs-zap", "--strategy", "dpor")
     assert r.returncode == 0 and "every interleaving" in r.stdout
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
+def test_dpor_on_every_arch(arch):
+    spec = get_spec("retract-vs-zap")
+    clean = explore_dpor(spec, 3000, None, arch, "6.6", ())
+    assert clean.exhausted and clean.outcome is None
+    found = explore_dpor(spec, 3000, None, arch, "6.6", ("walker_ignores_map_failure",))
+    assert found.outcome.finding.signature.startswith("UAF:pagetable")
+
+
+def test_dpor_is_deterministic_and_replayable():
+    spec = get_spec("mremap-vs-retract")
+    a = explore_dpor(spec, 3000, None, "x86_64", "6.6", ("move_normal_pmd_without_recheck",))
+    b = explore_dpor(spec, 3000, None, "x86_64", "6.6", ("move_normal_pmd_without_recheck",))
+    assert (a.schedules, a.outcome.schedule.encode()) == (b.schedules, b.outcome.schedule.encode())
+    again = replay(a.outcome.schedule)
+    assert again.finding.signature == a.outcome.finding.signature
+
+
+def test_every_interleaving_of_the_6_6_rules_is_clean_and_6_4_lockless_retraction_is_not():
+    spec = get_spec("retract-vs-reader")
+    assert explore_dpor(spec, 3000, None, "x86_64", "6.6", ()).exhausted
+    old = explore_dpor(spec, 3000, None, "x86_64", "6.4", ("retract_without_mmap_lock",))
+    assert old.outcome is not None and old.outcome.finding.signature.startswith("UAF")
