@@ -156,7 +156,6 @@ class DporRun(Strategy):
         self.sleep: dict[int, Footprint] = {}
         self._pending_sleep: dict[int, Footprint] | None = None
         self._node: Node | None = None
-        self._blocked_on: dict[int, tuple] = {}
 
     # -- decisions ------------------------------------------------------------------------
     def _decide(self, kind: str, options: tuple[int, ...], default: int, label: str) -> Node:
