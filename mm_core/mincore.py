@@ -9,37 +9,46 @@ from __future__ import annotations
 
 from emu.arch import Kind
 from emu.sched import traps
-from mm_core import huge_memory, pagewalk, pgtable, shmem, swapfile
+from mm_core import huge_memory, pagewalk, pgtable, swapfile
 from mm_core.locks import mmap_read_lock, mmap_read_unlock
 from mm_core.mmap import EINVAL, ENOMEM
 from mm_core.swapops import pte_none_mostly
 
 
-def _cached(walk: pagewalk.MmWalk, addr: int) -> int:
-    """mincore_page(): for a file VMA, whether the page cache holds the page; for a
-    swapped-out shmem page (a swap entry at the index), filemap_get_incore_folio() asks
-    the swap cache (under get_swap_device()): 1 if an uptodate folio is there (e.g. read
-    by MADV_WILLNEED's shmem_swapin_range())."""
+def _cached(walk: pagewalk.MmWalk, addr: int, end: int) -> list[int]:
+    """mincore_page() of each page in [addr, end): for a file
+    VMA, whether the page cache holds the page; for a swapped-out shmem page (a swap entry
+    at the index), filemap_get_incore_folio() asks the swap cache (under
+    get_swap_device()): 1 if an uptodate folio is there (e.g. read by MADV_WILLNEED's
+    shmem_swapin_range())."""
     vma, k = walk.vma, walk.k
+    n = (end - addr) >> k.page_shift
     if vma.file is None:
-        return 0
-    index = vma.pgoff + ((addr - vma.start) >> k.page_shift)
+        return [0] * n
+    first = vma.pgoff + ((addr - vma.start) >> k.page_shift)
     mapping = vma.file.mapping
-    if shmem.filemap_get_folio(mapping, index) is not None:
-        return 1
-    off = mapping.swap_entries.get(index)
+    cached = list(map(mapping.i_pages.__contains__, range(first, first + n)))
+    if all(cached):
+        return [1] * n
     si = k.swap_info
-    if off is None or si is None or not si.live:
-        return 0
-    folio = si.cache.get(off)
-    return 1 if folio is not None and folio.extra.get("uptodate") else 0
+    out = []
+    for index, hit in zip(range(first, first + n), cached, strict=True):
+        off = None if hit else mapping.swap_entries.get(index)
+        if hit:
+            out.append(1)
+        elif off is None or si is None or not si.live:
+            out.append(0)
+        else:
+            folio = si.cache.get(off)
+            out.append(1 if folio is not None and folio.extra.get("uptodate") else 0)
+    return out
 
 
 async def mincore_unmapped_range(addr: int, end: int, walk: pagewalk.MmWalk) -> int:
     """The pte_hole callback: no table, so ask the page cache."""
     vec, start = walk.private
-    for a in range(addr, end, walk.k.page_size):
-        vec[(a - start) >> walk.k.page_shift] = _cached(walk, a)
+    first = (addr - start) >> walk.k.page_shift
+    vec[first:first + ((end - addr) >> walk.k.page_shift)] = _cached(walk, addr, end)
     return 0
 
 
@@ -64,12 +73,17 @@ async def mincore_pte_range(pmdp: int, addr: int, end: int, walk: pagewalk.MmWal
         walk.action = pagewalk.ACTION_AGAIN
         return 0
     ptep, ptl = locked
-    for a in range(addr, end, k.page_size):
-        ent = arch.decode(arch.pte_level, await pgtable.get_raw(k, ptep + ((a - addr) >> k.page_shift) * 8))
-        if ent.kind is Kind.LEAF:
+    raws = await pgtable.get_raws_locked(k, ptep, (end - addr) >> k.page_shift)
+    cached = None                                     # the page cache's answers, asked once
+    empty = arch.empty_value(arch.pte_level)
+    for i, (a, raw) in enumerate(zip(range(addr, end, k.page_size), raws, strict=True)):
+        ent = None if raw == empty else arch.decode(arch.pte_level, raw)
+        if ent is not None and ent.kind is Kind.LEAF:
             vec[(a - start) >> k.page_shift] = 1
-        elif pte_none_mostly(ent):                    # none, or a marker: ask the page cache
-            vec[(a - start) >> k.page_shift] = _cached(walk, a)
+        elif ent is None or pte_none_mostly(ent):     # none, or a marker: ask the page cache
+            if cached is None:
+                cached = _cached(walk, addr, end)
+            vec[(a - start) >> k.page_shift] = cached[i]
         elif swapfile.is_swap_pte(ent):              # mincore_page(swap_address_space(entry))
             si = swapfile.swap_info_get(k, ent)
             folio = si.cache.get(ent.swp_offset) if si is not None else None
