@@ -370,6 +370,9 @@ def explore_dpor(spec: ScenarioSpec, budget: int, seconds: float | None, arch: s
     with ``exhausted`` set means every interleaving of the scenario (every data choice
     too) was covered. Pays on the small kernel-task scenarios; a guest quantum depends on
     everything, so guest scenarios gain little over plain DFS."""
+    if spec.prefault or spec.cpus > 1:
+        raise ExploreError(f"{spec.name} runs a guest program: every guest quantum depends on every "
+                           "other step, so DPOR would only be a slow DFS (use the portfolio or dfs[:N])")
     result = ExploreResult(spec.name)
     search = search or Dpor()
     t0 = time.perf_counter()

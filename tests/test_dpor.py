@@ -214,6 +214,8 @@ def test_cli_dpor():
     assert found["signature"].startswith("UAF") and found["found_by"] == "dpor"
     r = emu("explore", "retract-vs-zap", "--strategy", "dpor")
     assert r.returncode == 0 and "every interleaving" in r.stdout
+    r = emu("explore", "guest-collapse-race", "--strategy", "dpor")
+    assert r.returncode == 2 and "guest program" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "arm64", "s390x", "ppc64"])
