@@ -83,7 +83,7 @@ PHASES = ("world", "run", "teardown", "close", "other")
 
 # the small scenarios: kernel tasks only, one vCPU, no prefaulted RAM (a guest-program scenario
 # such as guest-collapse-race runs a whole ELF on several vCPUs, ~1 s a schedule)
-SMALL = [name for name, spec in SCENARIOS.items() if spec.cpus == 1 and not spec.prefault]
+SMALL = [name for name, spec in SCENARIOS.items() if not spec.guest]
 
 
 # bugs that exist only under another kernel profile than 6.6 (emu.scenarios.BUG_KERNELS when

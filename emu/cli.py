@@ -270,10 +270,8 @@ def explore_cmd(scenario: str | None, list_: bool, strategy: str, budget: int, s
             make_strategy(strategy)
         if arch not in plugins.arches():
             raise ex.ExploreError(f"unknown arch {arch!r}")
-        if strategy == "dpor" and (spec.prefault or spec.cpus > 1):
-            raise ex.ExploreError(f"--strategy dpor searches kernel-task scenarios; {scenario} runs a "
-                                  "guest program, whose quanta depend on every other step (use the "
-                                  "portfolio or dfs)")
+        if strategy == "dpor":
+            ex.check_dpor(spec)
     except (ex.ExploreError, ValueError) as err:
         raise UsageError(str(err)) from None
     if workers < 1:

@@ -361,6 +361,14 @@ def explore_dfs(spec: ScenarioSpec, max_bound: int, budget: int, seconds: float 
     return result
 
 
+def check_dpor(spec: ScenarioSpec) -> None:
+    """DPOR is offered for kernel-task scenarios only (ExploreError otherwise)."""
+    if spec.guest:
+        raise ExploreError(f"--strategy dpor searches kernel-task scenarios; {spec.name} runs a guest "
+                           "program, whose quanta depend on every other step, so DPOR would only be a "
+                           "slow DFS (use the portfolio or dfs[:N])")
+
+
 @_frozen_heap()
 def explore_dpor(spec: ScenarioSpec, budget: int, seconds: float | None, arch: str, kernel: str,
                  inject: tuple[str, ...], progress: Callable[[int], None] | None = None,
@@ -368,16 +376,31 @@ def explore_dpor(spec: ScenarioSpec, budget: int, seconds: float | None, arch: s
     """Systematic search with dynamic partial-order reduction (emu/sched/dpor.py): one
     execution per Mazurkiewicz trace at most, with no preemption bound. A clean result
     with ``exhausted`` set means every interleaving of the scenario (every data choice
-    too) was covered. Pays on the small kernel-task scenarios; a guest quantum depends on
-    everything, so guest scenarios gain little over plain DFS."""
-    if spec.prefault or spec.cpus > 1:
-        raise ExploreError(f"{spec.name} runs a guest program: every guest quantum depends on every "
-                           "other step, so DPOR would only be a slow DFS (use the portfolio or dfs[:N])")
+    too) was covered. Kernel-task scenarios only (check_dpor)."""
+    check_dpor(spec)
     result = ExploreResult(spec.name)
     search = search or Dpor()
     t0 = time.perf_counter()
     with footprint.tracking(_tracked_classes()):
-        _dpor_loop(spec, budget, seconds, arch, kernel, inject, progress, search, result, t0)
+        while result.schedules < budget and (seconds is None or time.perf_counter() - t0 <= seconds):
+            run = search.execution()
+            if run is None:
+                result.exhausted = True
+                break
+            try:
+                out = execute(spec, run, arch, kernel, inject)
+            except SleepSetBlocked:
+                out = None              # a sibling already ran every trace this one could
+                search.blocked += 1
+            search.finish(run)
+            result.schedules += 1
+            if progress is not None:
+                progress(result.schedules)
+            if out is not None and out.finding is not None:
+                out.schedule.strategy = "dpor"
+                result.outcome = result.original = out
+                result.found_by, result.found_after = "dpor", result.schedules
+                break
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -394,7 +417,6 @@ def _tracked_classes() -> list[type]:
         pgalloc,
         rmap,
         shmem,
-        swapfile,
         userfaultfd,
         vmscan,
     )
@@ -403,30 +425,6 @@ def _tracked_classes() -> list[type]:
             userfaultfd.UffdWaitQueue, userfaultfd.UffdFdWaitQueue, userfaultfd.UffdEventWaitQueue,
             ksm.RmapItem, ksm.StableNode, ksm.KsmMmSlot, ksm.Ksm, vmscan.LruGenFolio, khugepaged.Khugepaged,
             mmu_notifier.MmuNotifierSubscriptions, mmu_notifier.MmuIntervalNotifier, hmm.Dmirror]
-
-
-def _dpor_loop(spec, budget, seconds, arch, kernel, inject, progress, search, result, t0) -> None:
-    while True:
-        if result.schedules >= budget or (seconds is not None and time.perf_counter() - t0 > seconds):
-            break
-        run = search.execution()
-        if run is None:
-            result.exhausted = True
-            break
-        try:
-            out = execute(spec, run, arch, kernel, inject)
-        except SleepSetBlocked:
-            out = None                  # a sibling already ran every trace this one could
-            search.blocked += 1
-        search.finish(run)
-        result.schedules += 1
-        if progress is not None:
-            progress(result.schedules)
-        if out is not None and out.finding is not None:
-            out.schedule.strategy = "dpor"
-            result.outcome = result.original = out
-            result.found_by, result.found_after = "dpor", result.schedules
-            break
 
 
 @dataclass

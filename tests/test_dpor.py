@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -56,28 +57,14 @@ class _ToyScenario:
 
     def __init__(self, sched) -> None:
         self.sched = sched
-
-
-def _record(toy, steps):
-    sc = _ToyScenario(toy.sched)
-    inner = toy.sched.step
-
-    def step(task):
-        fp = footprint.of_event(task.pending)
-        footprint.ACTIVE = fp
-        try:
-            inner(task)
-        finally:
-            footprint.ACTIVE = None
-            steps.append((task.tid, fp))
-    sc.sched.step = step
+        self.kernel = types.SimpleNamespace(physmem=None)
 
 
 def dpor_outcomes(program):
     search, outcomes = Dpor(), set()
     while (run := search.execution()) is not None:
         toy = _Toy(program, run)
-        _record(toy, run.steps)
+        run.attach(_ToyScenario(toy.sched))
         try:
             toy.sched.run()
             outcomes.add(toy.outcome())

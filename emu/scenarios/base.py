@@ -46,6 +46,11 @@ class ScenarioSpec:
     kernel: str = "6.6"             # the profile it runs under unless told otherwise (emu explore
                                     # without --kernel; a 6.14 PT_RECLAIM race needs 6.14)
 
+    @property
+    def guest(self) -> bool:
+        """Does it run a guest program (vCPUs, prefaulted RAM) rather than kernel tasks?"""
+        return self.prefault or self.cpus > 1
+
 
 SCENARIOS: dict[str, ScenarioSpec] = {}
 

@@ -49,7 +49,6 @@ class Node:
     backtrack: set[int] = field(default_factory=set)
     sleep: dict[int, Footprint] = field(default_factory=dict)      # at entry to the node
     explored: dict[int, Footprint] = field(default_factory=dict)   # tid -> its step's footprint
-    label: str = ""
 
 
 class Dpor:
@@ -167,7 +166,7 @@ class DporRun(Strategy):
                 raise Divergence(f"DPOR execution diverged at decision {i}: expected a {node.kind} "
                                  f"point, got a {kind} point ({label})")
             return node
-        node = Node(kind, options, default, label=label)
+        node = Node(kind, options, default)
         node.done.add(default)
         path.append(node)
         return node
