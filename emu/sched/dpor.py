@@ -166,8 +166,7 @@ class DporRun(Strategy):
                 raise Divergence(f"DPOR execution diverged at decision {i}: expected a {node.kind} "
                                  f"point, got a {kind} point ({label})")
             return node
-        node = Node(kind, options, default)
-        node.done.add(default)
+        node = Node(kind, options, default, done={default}, backtrack={default})
         path.append(node)
         return node
 
@@ -181,8 +180,6 @@ class DporRun(Strategy):
         node = self._decide("pick", tids, default, "")
         node.step = step
         node.sleep = dict(self.sleep)
-        if node.kind == "pick" and node.backtrack == set() and self.decisions > self.replayed:
-            node.backtrack.add(default)
         for t in runnable:
             if t.tid == node.chosen:
                 # the child's sleep set: what slept here, and the siblings already explored,
@@ -209,7 +206,7 @@ class DporRun(Strategy):
         if tid == node.chosen:
             # kept for the siblings' sleep sets, which another execution will compare: an
             # object first numbered in this step may get another number there
-            node.explored[tid] = footprint.for_sibling(fp, self.bases[-1] if self.bases else 0)
+            node.explored[tid] = footprint.for_sibling(fp, self.bases[-1])
         self.sleep = {t: f for t, f in (self._pending_sleep or {}).items()
                       if t != tid and not footprint.dependent_sibling(f, fp)}
         self._pending_sleep = None
@@ -217,9 +214,6 @@ class DporRun(Strategy):
     # -- recording --------------------------------------------------------------------------
     def attach(self, sc: Any) -> None:
         record_steps(sc, self.steps, self.bases)
-
-    def describe(self) -> str:
-        return "dpor"
 
 
 def record_steps(sc: Any, steps: list[tuple[int, Footprint]], bases: list[int] | None = None) -> None:
